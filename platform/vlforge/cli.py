@@ -1,0 +1,183 @@
+"""The ``vlforge`` command.
+
+    vlforge data build-corpus [--out data/corpus] [--set n_scenes=500]
+    vlforge data ingest IMAGES_DIR CAPTIONS.csv|.jsonl --out DIR
+    vlforge data ls URI              # a shard set, local or s3://
+    vlforge data verify URI          # sizes and sha256 against the manifest
+    vlforge data upload DIR s3://bucket/prefix
+    vlforge data stream URI          # stream it through Ray Data and print what arrives
+
+Run ``vlforge <command> --help`` for each command's options. S3 endpoints come
+from ``--s3-endpoint`` or ``VLFORGE_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL``; keys only
+from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from vlforge import config as C
+
+
+def _storage(args) -> C.StorageConfig:
+    return C.StorageConfig(s3_endpoint_url=getattr(args, "s3_endpoint", None))
+
+
+def cmd_build_corpus(args) -> int:
+    from vlforge.data.corpus import build_corpus
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"out={args.out}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = C.load(C.CorpusConfig, args.config, overrides)
+    summary = build_corpus(cfg)
+    print(json.dumps(summary["counts"], indent=1))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from vlforge.data.ingest import ingest
+
+    report = ingest(args.images, args.captions, args.out, samples_per_shard=args.samples_per_shard,
+                    image_col=args.image_col, caption_col=args.caption_col, split=args.split, strict=args.strict,
+                    progress=print)
+    print(f"wrote {report.written} samples in {len(report.manifest.shards)} shard(s) to {args.out}")
+    if report.skipped:
+        print(f"skipped {sum(report.skipped.values())}: {report.skipped}")
+        for line in report.examples:
+            print(f"  {line}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from vlforge.data.shards import list_shards, shard_set_summary
+
+    summary = shard_set_summary(args.uri, _storage(args))
+    for uri in list_shards(args.uri, _storage(args)):
+        print(uri)
+    print(f"{summary['shards']} shard(s), {summary['samples'] if summary['samples'] is not None else '?'} samples"
+          + (f", {summary['bytes'] / 1e6:.1f} MB" if summary["bytes"] else ""))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from vlforge.data.shards import verify
+
+    problems = verify(args.uri, _storage(args))
+    for p in problems:
+        print(p)
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_upload(args) -> int:
+    from vlforge.data.storage import upload_dir
+
+    n = upload_dir(args.local, args.dest, _storage(args))
+    print(f"uploaded {n} files to {args.dest}")
+    return 0
+
+
+def cmd_stream(args) -> int:
+    from vlforge.data.pipeline import Counters, build_dataset
+    from vlforge.runtime import init_ray
+
+    cfg = C.load(C.DataConfig, args.config, [f"shards={args.uri}", *(args.set or [])])
+    if args.s3_endpoint:
+        cfg.storage.s3_endpoint_url = args.s3_endpoint
+    init_ray(num_train_workers=0)
+    ds, counters = build_dataset(cfg, train=False)
+    t0, n, batches = time.perf_counter(), 0, 0
+    for batch in ds.iter_torch_batches(batch_size=cfg.batch_size):
+        if batches == 0:
+            shapes = {k: f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in batch.items()}
+            print("batch:", json.dumps(shapes))
+        n += len(batch["sample_id"])
+        batches += 1
+        if args.limit and n >= args.limit:
+            break
+    dt = time.perf_counter() - t0
+    counts = counters.snapshot()
+    print(f"{n} samples in {batches} batches, {dt:.1f}s ({n / max(dt, 1e-9):.0f} samples/s)")
+    print(f"read {counts.get('read', 0)}, kept {counts.get('ok', 0)}, skipped {Counters.skipped(counts) or 0}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlforge", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run 'vlforge COMMAND --help' for details.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="shard sets: build the corpus, ingest, list, verify, upload, stream",
+                          description="Shard sets in the WebDataset / img2dataset layout with a manifest.json.")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    def s3(sp):
+        sp.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: $VLFORGE_S3_ENDPOINT / $AWS_ENDPOINT_URL)")
+
+    b = dsub.add_parser("build-corpus", help="render the built-in emoji-scene corpus (offline, deterministic)",
+                        description="Render the built-in corpus from OpenMoji artwork (CC BY-SA 4.0). "
+                                    "Config keys: see CorpusConfig in vlforge/config.py.")
+    b.add_argument("--config", help="YAML file with CorpusConfig keys")
+    b.add_argument("--out", help="output directory (default data/corpus)")
+    b.add_argument("--seed", type=int, help="random seed (default 0)")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
+    b.set_defaults(fn=cmd_build_corpus)
+
+    i = dsub.add_parser("ingest", help="a folder of images + CSV/JSONL captions -> shards",
+                        description="Write shards from a folder of images and a CSV, TSV or JSONL file of captions.")
+    i.add_argument("images", help="folder with the image files")
+    i.add_argument("captions", help="CSV/TSV/JSONL with an image column and a caption column")
+    i.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+    i.add_argument("--samples-per-shard", type=int, default=1000)
+    i.add_argument("--image-col", help="column naming the image file (default: image/file/filename/path)")
+    i.add_argument("--caption-col", help="column holding the caption (default: caption/text)")
+    i.add_argument("--split", default="train", help="split written to metadata when a row has none")
+    i.add_argument("--strict", action="store_true", help="fail instead of skipping bad rows")
+    i.set_defaults(fn=cmd_ingest)
+
+    ls = dsub.add_parser("ls", help="list the shards of a set (local or s3://)")
+    ls.add_argument("uri")
+    s3(ls)
+    ls.set_defaults(fn=cmd_ls)
+
+    v = dsub.add_parser("verify", help="check shards against the manifest's sizes and sha256")
+    v.add_argument("uri")
+    s3(v)
+    v.set_defaults(fn=cmd_verify)
+
+    u = dsub.add_parser("upload", help="copy a local shard tree to s3://")
+    u.add_argument("local")
+    u.add_argument("dest")
+    s3(u)
+    u.set_defaults(fn=cmd_upload)
+
+    st = dsub.add_parser("stream", help="stream a shard set through the Ray Data pipeline and report",
+                         description="Decode a shard set with the training pipeline on a local Ray "
+                                     "(or RAY_ADDRESS) and print batch shapes, throughput and skip counts.")
+    st.add_argument("uri")
+    st.add_argument("--config", help="YAML file with DataConfig keys")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a DataConfig key; repeatable")
+    st.add_argument("--limit", type=int, default=0, help="stop after this many samples (0 = all)")
+    s3(st)
+    st.set_defaults(fn=cmd_stream)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (C.ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"vlforge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

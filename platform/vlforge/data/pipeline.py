@@ -1,0 +1,462 @@
+"""Ray Data pipelines: WebDataset shards -> decoded, tokenised batches for Ray Train.
+
+    ds, counters = build_dataset(DataConfig(shards="s3://bucket/corpus/scenes/train"))
+    trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=ExactSplit(), ...)
+    # in the worker loop:
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=64):
+        batch["pixel_values"]    # [B, 3, H, W] float32, normalised
+        batch["input_ids"]       # [B, T] int64; batch["attention_mask"] [B, T]
+    counters.snapshot()          # {"read": ..., "ok": ..., "skipped.corrupt_image": ...}
+
+Reading uses Ray Data's WebDataset datasource (file listing, S3 through s3fs,
+file shuffling, tar member grouping). Its stock ``_read_stream`` fails the whole
+read when a tar member is truncated and builds columns from whatever suffixes a
+sample has; ``ShardDatasource`` keeps Ray's tar iteration and grouping but stops
+cleanly at a truncated member (marking that sample) and emits a fixed set of raw
+byte columns, so every block has one schema. Decoding happens in ``map_batches``
+(``decode_batch``): image decode + resize + normalise + light augmentation,
+tokenisation, task fields. Bad samples are dropped there and counted by reason
+in a ``DataCounters`` actor whose totals reach the caller.
+
+Reasons: ``truncated_member`` (shard ends inside this sample's tar member),
+``corrupt_tar`` (an unparseable tar header; the rest of that shard is lost),
+``missing_image``, ``missing_caption``, ``bad_json``, ``missing_field`` (e.g. a
+VQA sample without an answer), ``corrupt_image``, ``truncated_image``.
+
+CPU plan on small machines: Train workers hold their CPUs for the whole run, and
+Ray Data can only schedule decode tasks on what is left. Locally, ``init_ray``
+declares ``num_train_workers * worker_cpus + data_cpus`` logical CPUs (at least
+the core count for data), so decode tasks always have slots and nothing waits
+forever; the OS time-shares the real cores. On a cluster, Train workers ask for
+GPUs and a few CPUs, and decode tasks run on the CPU-only data nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
+from vlforge.data.shards import IMAGE_EXTS, list_shards, read_manifest, verify
+from vlforge.data.storage import arrow_filesystem, filesystem_for
+
+if TYPE_CHECKING:
+    import ray.data
+
+RAW_COLUMNS = ("key", "url", "image", "image_2", "text", "json", "error")
+SKIP_REASONS = (
+    "truncated_member", "corrupt_tar", "missing_image", "missing_caption", "bad_json", "missing_field",
+    "corrupt_image", "truncated_image",
+)
+TASK_KINDS = ("captions", "vqa", "nlvr")
+READ_CHUNK_ROWS = 128
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _members(stream) -> Iterator[dict]:
+    """Tar members as ``{"fname", "data"}`` (what Ray's grouping takes), tolerating damage.
+
+    A member whose data is cut off ends the stream with a ``KEY.__error__`` entry
+    (``truncated_member``), so that sample is marked and every sample before it
+    survives. A header that cannot be parsed (bad checksum, garbage) ends the stream
+    with a ``corrupt_tar`` entry: the rest of that shard is unreadable. (tarfile
+    ends a stream whose last header is cut off silently; that sample then lacks
+    members and is counted by what it lacks.)
+    """
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        members = iter(tar)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        yield {"fname": "__corrupt__.__error__", "data": f"corrupt_tar: {exc}".encode()}
+        return
+    while True:
+        try:
+            info = next(members)
+        except StopIteration:
+            return
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            yield {"fname": "__corrupt__.__error__", "data": f"corrupt_tar: {exc}".encode()}
+            return
+        if not info.isreg():
+            continue
+        try:
+            data = tar.extractfile(info).read()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            head, _, name = info.name.rpartition("/")
+            key = name.split(".", 1)[0]
+            yield {"fname": f"{head + '/' if head else ''}{key}.__error__", "data": f"truncated_member: {exc}".encode()}
+            return
+        yield {"fname": info.name, "data": data}
+
+
+def _row(sample: dict[str, Any], url: str) -> dict[str, Any]:
+    image = image_2 = text = meta = error = None
+    for suffix, value in sample.items():
+        if suffix.startswith("__"):
+            if suffix == "__error__":
+                error = value.decode("utf-8", "replace")
+            continue
+        parts = suffix.lower().split(".")
+        if parts[-1] in IMAGE_EXTS:
+            if len(parts) == 1:
+                image = value
+            elif parts[0] in ("right", "2", "image2", "img2"):
+                image_2 = value
+        elif parts == ["txt"] or parts == ["text"] or parts == ["caption"]:
+            text = value
+        elif parts == ["json"]:
+            meta = value
+    return {"key": sample["__key__"], "url": url, "image": image, "image_2": image_2, "text": text,
+            "json": meta, "error": error}
+
+
+def _datasource_class():
+    from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource, _group_by_keys
+
+    class ShardDatasource(WebDatasetDatasource):
+        """Ray's WebDataset datasource, emitting ``RAW_COLUMNS`` and surviving truncated shards."""
+
+        def _read_stream(self, stream, path: str):
+            import pyarrow as pa
+
+            files = _members(stream)
+            rows = []
+            for sample in _group_by_keys(files, meta=dict(__url__=path)):
+                rows.append(_row(sample, path))
+                if len(rows) >= getattr(self, "chunk_rows", READ_CHUNK_ROWS):
+                    yield _to_table(pa, rows)
+                    rows = []
+            if rows:
+                yield _to_table(pa, rows)
+
+    return ShardDatasource
+
+
+def _to_table(pa, rows: list[dict]):
+    return pa.table({
+        "key": pa.array([r["key"] for r in rows], pa.string()),
+        "url": pa.array([r["url"] for r in rows], pa.string()),
+        "image": pa.array([r["image"] for r in rows], pa.binary()),
+        "image_2": pa.array([r["image_2"] for r in rows], pa.binary()),
+        "text": pa.array([r["text"] for r in rows], pa.binary()),
+        "json": pa.array([r["json"] for r in rows], pa.binary()),
+        "error": pa.array([r["error"] for r in rows], pa.string()),
+    })
+
+
+def read_raw(uri: str, storage: StorageConfig | None = None, shuffle_seed: int | None = None,
+             verify_sha256: bool = False, chunk_rows: int = 128, **read_args) -> "ray.data.Dataset":
+    """One row per sample with raw byte columns (``RAW_COLUMNS``), from local or ``s3://`` shards."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    paths = list_shards(uri, storage)
+    if verify_sha256:
+        problems = verify(uri, storage)
+        if problems:
+            raise ValueError(f"{uri}: shards do not match the manifest: " + "; ".join(problems[:5]))
+    fs, _ = arrow_filesystem(uri, storage)
+    if fs is not None:
+        paths = [p.split("://", 1)[1] for p in paths]
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    source = _datasource_class()(paths, filesystem=fs, shuffle=shuffle, file_extensions=["tar"])
+    source.chunk_rows = chunk_rows
+    # One read task per shard: Ray would otherwise split small shard sets into more
+    # blocks, and a split read cannot fuse with the decode step that follows it.
+    read_args.setdefault("override_num_blocks", len(paths))
+    return ray.data.read_datasource(source, **read_args)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """JPEG/PNG/WebP bytes -> ``[size, size, 3]`` uint8 (JPEG decoded at reduced scale when possible)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (size, size))
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _image_error(exc: Exception) -> str:
+    msg = str(exc).lower()
+    return "truncated_image" if "truncat" in msg or isinstance(exc, EOFError) else "corrupt_image"
+
+
+def sample_id(key: str) -> int:
+    """A stable non-negative int64 per sample key."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def augment(images: np.ndarray, cfg: ImageConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random translation (edge padding) and brightness. No flips: captions name left and right."""
+    b, h, w, _ = images.shape
+    out = np.empty_like(images)
+    pad = int(round(cfg.max_shift * h))
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge") if pad else images
+    for i in range(b):
+        dy, dx = (rng.integers(0, 2 * pad + 1, size=2) if pad else (0, 0))
+        out[i] = padded[i, dy:dy + h, dx:dx + w]
+    if cfg.brightness > 0:
+        factor = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness, size=(b, 1, 1, 1))
+        out = np.clip(out.astype(np.float32) * factor, 0, 255).astype(np.uint8)
+    return out
+
+
+def normalise(images: np.ndarray, cfg: ImageConfig) -> np.ndarray:
+    """``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float32."""
+    mean = np.asarray(cfg.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(cfg.std, np.float32).reshape(1, 3, 1, 1)
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    return (x - mean) / std
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(name: str, max_length: int, lowercase: bool):
+    from vlforge.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(TokenizerConfig(name=name, max_length=max_length, lowercase=lowercase))
+
+
+def _as_bytes(v: Any) -> bytes | None:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return bytes(v)
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer: TokenizerConfig,
+                 task: str = "captions", answers: list[str] | None = None, train: bool = True,
+                 counters=None) -> dict[str, np.ndarray]:
+    """Raw rows -> the batch contract; bad rows are dropped and counted by reason."""
+    n = len(batch["key"])
+    size = image.size
+    answer_index = {a: i for i, a in enumerate(answers or [])}
+    imgs, imgs2, texts, keys, labels, answer_ids = [], [], [], [], [], []
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    for i in range(n):
+        error = batch["error"][i]
+        if error is not None:
+            reason = str(error).split(":", 1)[0]
+            skip(reason if reason in SKIP_REASONS else "truncated_member")
+            continue
+        img_bytes = _as_bytes(batch["image"][i])
+        if img_bytes is None:
+            skip("missing_image")
+            continue
+        text_bytes = _as_bytes(batch["text"][i])
+        try:
+            text = text_bytes.decode("utf-8").strip() if text_bytes is not None else ""
+        except UnicodeDecodeError:
+            text = ""
+        if not text:
+            skip("missing_caption")
+            continue
+        meta: dict[str, Any] = {}
+        json_bytes = _as_bytes(batch["json"][i])
+        if json_bytes is not None:
+            try:
+                meta = json.loads(json_bytes)
+                if not isinstance(meta, dict):
+                    raise ValueError("not an object")
+            except (ValueError, UnicodeDecodeError):
+                skip("bad_json")
+                continue
+        if task == "vqa" and "answer" not in meta:
+            skip("missing_field")
+            continue
+        if task == "nlvr" and ("label" not in meta or _as_bytes(batch["image_2"][i]) is None):
+            skip("missing_field")
+            continue
+        try:
+            arr = decode_image(img_bytes, size)
+            arr2 = decode_image(_as_bytes(batch["image_2"][i]), size) if task == "nlvr" else None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
+            skip(_image_error(exc))
+            continue
+        imgs.append(arr)
+        if arr2 is not None:
+            imgs2.append(arr2)
+        texts.append(text)
+        keys.append(str(batch["key"][i]))
+        if task == "vqa":
+            answer_ids.append(answer_index.get(str(meta["answer"]), -100))
+        if task == "nlvr":
+            labels.append(int(bool(meta["label"])))
+
+    tok = _tokenizer(tokenizer.name, tokenizer.max_length, tokenizer.lowercase)
+    rng = np.random.default_rng()
+    stack = np.stack(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)
+    if train and image.augment and len(imgs):
+        stack = augment(stack, image, rng)
+    out = {"pixel_values": normalise(stack, image), **tok(texts),
+           "sample_id": np.array([sample_id(k) for k in keys], dtype=np.int64)}
+    if task == "nlvr":
+        stack2 = np.stack(imgs2) if imgs2 else np.zeros((0, size, size, 3), np.uint8)
+        if train and image.augment and len(imgs2):
+            stack2 = augment(stack2, image, rng)
+        out["pixel_values_2"] = normalise(stack2, image)
+        out["label"] = np.array(labels, dtype=np.int64)
+    if task == "vqa":
+        out["answer_id"] = np.array(answer_ids, dtype=np.int64)
+    if counters is not None:
+        import ray
+
+        ray.get(counters.add.remote({"read": n, "ok": len(keys), **{f"skipped.{k}": v for k, v in skipped.items()}}))
+    return out
+
+
+# ----------------------------------------------------------------------------- counters
+
+
+def _counters_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class DataCounters:
+        """Samples read / kept / skipped by reason, summed over every decode task."""
+
+        def __init__(self):
+            self.counts: dict[str, int] = {}
+
+        def add(self, delta: dict[str, int]) -> None:
+            for k, v in delta.items():
+                self.counts[k] = self.counts.get(k, 0) + int(v)
+
+        def get(self) -> dict[str, int]:
+            return dict(self.counts)
+
+        def reset(self) -> None:
+            self.counts = {}
+
+    return DataCounters
+
+
+class Counters:
+    """Driver-side handle on the counters actor (picklable: pass it to Train workers)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def snapshot(self) -> dict[str, int]:
+        import ray
+
+        return ray.get(self.handle.get.remote())
+
+    def reset(self) -> None:
+        import ray
+
+        ray.get(self.handle.reset.remote())
+
+    @staticmethod
+    def skipped(counts: dict[str, int]) -> dict[str, int]:
+        return {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("skipped.")}
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def detect_task(uri: str, storage: StorageConfig | None = None) -> str:
+    """The batch kind of a shard set: from its manifest (``params.task``), else captions."""
+    manifest = read_manifest(uri, storage) if not uri.endswith(".tar") and "*" not in uri else None
+    task = (manifest.params.get("task") if manifest else None) or "captions"
+    return {"concepts": "captions", "scenes": "captions"}.get(task, task)
+
+
+def find_answers(uri: str, storage: StorageConfig | None = None) -> list[str] | None:
+    """The VQA answer vocabulary: ``answers.json`` beside the shard set or one level up."""
+    fs, path = filesystem_for(uri, storage)
+    for candidate in (f"{path}/answers.json", f"{path.rsplit('/', 1)[0]}/answers.json",
+                      f"{path.rsplit('/', 2)[0]}/answers.json"):
+        if fs.exists(candidate):
+            with fs.open(candidate, "rb") as f:
+                return json.loads(f.read())
+    return None
+
+
+def build_dataset(cfg: DataConfig, *, train: bool = True, task: str | None = None,
+                  counters: Counters | None = None) -> tuple["ray.data.Dataset", Counters]:
+    """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to."""
+    import ray
+
+    if counters is None:
+        counters = Counters(_counters_class().remote())
+    task = task or detect_task(cfg.shards, cfg.storage)
+    if task not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {task!r}; expected one of {TASK_KINDS}")
+    answers = find_answers(cfg.shards, cfg.storage) if task == "vqa" else None
+    if task == "vqa" and not answers:
+        raise FileNotFoundError(f"{cfg.shards}: VQA shards need an answers.json beside them (or one level up)")
+    _tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_length, cfg.tokenizer.lowercase)  # fail fast on a bad name
+    raw = read_raw(cfg.shards, cfg.storage, shuffle_seed=cfg.seed if (train and cfg.shuffle_files) else None,
+                   verify_sha256=cfg.verify_sha256, chunk_rows=cfg.decode_batch_size, num_cpus=cfg.decode_cpus)
+    # batch_size=None: decode whole read blocks, which lets Ray fuse read + decode
+    # into one task per shard (Ray will not fuse a row-count-changing read with a
+    # batch_size-bound map). Block size is set by the reader's chunking instead.
+    ds = raw.map_batches(
+        decode_batch,
+        batch_size=None,
+        batch_format="numpy",
+        fn_kwargs=dict(image=cfg.image, tokenizer=cfg.tokenizer, task=task, answers=answers, train=train,
+                       counters=counters.handle),
+        num_cpus=cfg.decode_cpus,
+        concurrency=cfg.decode_concurrency,
+        zero_copy_batch=True,
+    )
+    del ray
+    return ds, counters
+
+
+def exact_split_config(**kwargs):
+    """A ``ray.train.DataConfig`` whose per-worker splits cover every sample exactly once.
+
+    Ray Train's default splits with ``equal=True``, which may drop up to
+    ``world_size - 1`` rows per epoch to even the shards out. Loops that use this
+    config must tolerate workers getting batch counts that differ by one.
+    """
+    from ray.train import DataConfig as RayDataConfig
+
+    class ExactSplit(RayDataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):
+            output = [{} for _ in range(world_size)]
+            split_names = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                if ds.name is None:
+                    ds.set_name(name)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                if name in split_names:
+                    for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                        output[i][name] = split
+                else:
+                    for i in range(world_size):
+                        output[i][name] = ds.iterator()
+            return output
+
+    return ExactSplit(**kwargs)
+
+
+def storage_env() -> dict[str, str]:
+    """The non-secret S3 settings to forward to Ray workers (a runtime_env's env_vars)."""
+    from vlforge.config import S3_ENDPOINT_ENV
+
+    names = S3_ENDPOINT_ENV + ("AWS_DEFAULT_REGION", "AWS_REGION")
+    return {k: os.environ[k] for k in names if os.environ.get(k)}

@@ -1,0 +1,96 @@
+"""Storage: one interface over local paths and ``s3://`` URIs (fsspec / s3fs).
+
+Credentials are never passed in code or config: s3fs (botocore) reads
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` or the
+machine's identity. The endpoint of an S3-compatible server comes from
+``StorageConfig.s3_endpoint_url`` or the first of ``VLFORGE_S3_ENDPOINT``,
+``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``.
+
+    fs, path = filesystem_for("s3://bucket/corpus/scenes/train")
+    upload_dir("data/corpus", "s3://bucket/corpus")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vlforge.config import S3_ENDPOINT_ENV, StorageConfig
+
+if TYPE_CHECKING:
+    import fsspec
+    import pyarrow.fs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def s3_endpoint(cfg: StorageConfig | None = None) -> str | None:
+    if cfg is not None and cfg.s3_endpoint_url:
+        return cfg.s3_endpoint_url
+    for name in S3_ENDPOINT_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple["fsspec.AbstractFileSystem", str]:
+    """(fsspec filesystem, path within it) for a local path or a URI."""
+    if uri.startswith("s3://"):
+        import s3fs
+
+        cfg = cfg or StorageConfig()
+        client_kwargs = {}
+        if cfg.s3_region:
+            client_kwargs["region_name"] = cfg.s3_region
+        fs = s3fs.S3FileSystem(
+            anon=cfg.anonymous,
+            endpoint_url=s3_endpoint(cfg),
+            client_kwargs=client_kwargs,
+            skip_instance_cache=True,
+        )
+        return fs, uri[len("s3://") :].rstrip("/")
+    if is_remote(uri):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs, path
+    from fsspec.implementations.local import LocalFileSystem
+
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return LocalFileSystem(), str(Path(path).resolve())
+
+
+def arrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple["pyarrow.fs.FileSystem | None", str]:
+    """(pyarrow filesystem for Ray Data, path within it); (None, local path) for local files."""
+    if not is_remote(uri):
+        return None, filesystem_for(uri, cfg)[1]
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem_for(uri, cfg)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def upload_dir(local_dir: str | os.PathLike, dest_uri: str, cfg: StorageConfig | None = None) -> int:
+    """Copy a local directory tree to ``dest_uri``; returns the number of files."""
+    fs, dest = filesystem_for(dest_uri, cfg)
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    n = 0
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        target = f"{dest}/{rel}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(f), target)
+        n += 1
+    return n

