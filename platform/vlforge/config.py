@@ -317,7 +317,7 @@ class TokenizerConfig:
     directory holding one, or a hub name (needs network)."""
 
     name: str = "minilm"
-    max_length: int = 40
+    max_length: int = 32  # = vlmo_small max_text_len
     lowercase: bool = True  # for vocab.txt files
 
 
@@ -367,3 +367,166 @@ class DataDemoConfig:
     def __post_init__(self):
         if self.num_workers < 1 or self.epochs < 1:
             raise ValueError("num_workers and epochs must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking. ``tracking_uri`` None: ``MLFLOW_TRACKING_URI`` if set, else a local
+    SQLite store ``sqlite:///<cwd>/mlflow.db`` with artifacts under ``./mlruns``.
+    Credentials (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` / ``_TOKEN``) only from the environment."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "vlforge"
+    run_name: str | None = None
+    log_every: int = 1  # steps between metric logs
+    buffer_dir: str = "out/mlflow_buffer"  # metrics kept here while the server is unreachable
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+# ---- training configs
+
+OBJECTIVES_BY_METHOD: dict[str, tuple[str, ...]] = {
+    "vlmo": ("mim", "mlm_text", "itc", "itm", "mlm"),
+    "frozen": ("caption",),
+}
+
+
+@dataclass
+class OptimizerConfig:
+    """A torch optimizer over the stage's trainable parameters (``param_groups``)."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up (``torch.optim.lr_scheduler.LinearLR``) then ``kind`` over the remaining steps."""
+
+    kind: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio (cosine / linear)
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What the DeepSpeed engine gets; ``overrides`` is merged last into the generated JSON config."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO >= 1 only; compiles cpu_adam on first use
+    grad_accum: int = 1
+    clip_grad: float = 1.0  # 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO-Offload partitions the optimizer)")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.clip_grad < 0:
+            raise ValueError("clip_grad must be >= 0")
+
+
+@dataclass
+class StageConfig:
+    """One training stage: objectives and weights, what trains, how long, on which data, from where.
+
+    ``init``: ``previous`` (module weights of the stage before; the first stage starts fresh),
+    ``fresh`` (the model's own initialisation), or a path/URI of a Ray Train checkpoint
+    directory, a DeepSpeed checkpoint or an export (``model.safetensors``)."""
+
+    name: str
+    objectives: dict[str, float]
+    trainable: list[str] = field(default_factory=lambda: ["*"])
+    steps: int = 100
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig | None = None  # None: the run's ``data``
+    init: str = "previous"
+
+    def __post_init__(self):
+        if not re.match(r"^[A-Za-z0-9_.-]+$", self.name):
+            raise ValueError(f"stage name {self.name!r} may hold only letters, digits, '_', '-', '.'")
+        if self.steps < 1:
+            raise ValueError(f"stage {self.name}: steps must be >= 1")
+        if not self.objectives or not any(self.objectives.values()):
+            raise ValueError(f"stage {self.name}: needs at least one objective with a non-zero weight")
+        if not self.trainable:
+            raise ValueError(f"stage {self.name}: trainable must list at least one pattern")
+        if self.schedule.warmup_steps >= self.steps and self.schedule.warmup_steps:
+            raise ValueError(f"stage {self.name}: warmup_steps ({self.schedule.warmup_steps}) must be < steps")
+
+
+@dataclass
+class DebugConfig:
+    """Test hooks. ``fail_at_step``: rank ``fail_rank`` raises once at that global step (the
+    ``fail_marker`` file makes it raise only the first time). ``probe_outputs``: at the end,
+    write the engine's outputs on a fixed seeded batch to ``<run dir>/probe_outputs.pt``."""
+
+    fail_at_step: int | None = None
+    fail_rank: int = 1
+    fail_marker: str | None = None
+    probe_outputs: bool = False
+
+
+@dataclass
+class TrainRunConfig:
+    """A training run: a method, a model and a list of stages, run by Ray Train + DeepSpeed."""
+
+    method: Literal["vlmo", "frozen"] = "vlmo"
+    model: str = "vlmo_debug"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    stages: list[StageConfig] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    corpus: CorpusConfig | None = None  # build this corpus first when its directory is absent
+    name: str | None = None  # Ray Train run name; the same name resumes; None = method-model-<random>
+    storage_path: str = "out/ray_results"
+    num_workers: int = 2
+    worker_cpus: float = 1.0
+    use_gpu: bool = False
+    checkpoint_every: int = 0  # optimizer steps; 0 = only at stage ends
+    max_failures: int = 1
+    progress_every: int = 10  # steps between progress lines (rank 0)
+    seed: int = 0
+    export: bool = True  # fp32 safetensors + config under <storage_path>/<name>/export
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    keep_checkpoints: int = 3  # newest checkpoints kept in storage
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("stages: a run needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")
+        known = OBJECTIVES_BY_METHOD[self.method]
+        for s in self.stages:
+            unknown = sorted(set(s.objectives) - set(known))
+            if unknown:
+                raise ValueError(f"stage {s.name}: unknown objectives {unknown} for method "
+                                 f"{self.method!r}; known: {list(known)}")
+        if self.num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        if self.checkpoint_every < 0 or self.progress_every < 0 or self.max_failures < -1:
+            raise ValueError("checkpoint_every, progress_every must be >= 0 and max_failures >= -1")
+        if self.name is not None and not re.match(r"^[A-Za-z0-9_.-]+$", self.name):
+            raise ValueError(f"name {self.name!r} may hold only letters, digits, '_', '-', '.'")

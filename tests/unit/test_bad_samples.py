@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from vlforge.config import ImageConfig, TokenizerConfig
-from vlforge.data.pipeline import RAW_COLUMNS, _datasource_class, decode_batch, sample_id
+from vlforge.data.pipeline import RAW_COLUMNS, decode_batch, read_stream, sample_id
 
 pytestmark = pytest.mark.unit
 
@@ -27,15 +27,16 @@ class FakeCounters:
 
 
 @pytest.fixture(autouse=True)
-def _no_ray_get(monkeypatch):
+def _no_ray(monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "get", lambda x: x)
+    yield
+    assert not ray.is_initialized(), "a unit test started Ray"
 
 
 def read_rows(path: Path) -> dict[str, list]:
-    source = _datasource_class()([str(path)], file_extensions=["tar"])
-    tables = list(source._read_stream(pa.input_stream(str(path)), str(path)))
+    tables = list(read_stream(pa.input_stream(str(path)), str(path)))
     table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in RAW_COLUMNS})
     return {c: table[c].to_pylist() for c in RAW_COLUMNS}
 

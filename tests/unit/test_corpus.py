@@ -132,5 +132,9 @@ def test_relation_is_unambiguous_in_every_scene():
 
 
 @pytest.mark.skipif(noto_font_path() is None, reason="Noto Color Emoji font not installed (fonts-noto-color-emoji)")
-def test_second_style(corpus):
-    assert (corpus / "scenes" / "test_style2" / "manifest.json").exists()
+def test_second_style_repeats_test_specs_in_other_art(corpus):
+    for split in ("test", "heldout"):
+        a, b = _load(corpus, "scenes", split), _load(corpus, "scenes", f"{split}_style2")
+        assert [s["text"] for s in a] == [s["text"] for s in b] and a
+        assert all(x["meta"]["style"] == "openmoji" and y["meta"]["style"] == "noto" for x, y in zip(a, b))
+        assert all(x["jpg"] != y["jpg"] for x, y in zip(a, b))

@@ -49,6 +49,7 @@ from vlforge.data.shards import IMAGE_EXTS, list_shards, read_manifest, verify
 from vlforge.data.storage import arrow_filesystem, filesystem_for
 
 if TYPE_CHECKING:
+    import pyarrow
     import ray.data
 
 RAW_COLUMNS = ("key", "url", "image", "image_2", "text", "json", "error")
@@ -120,24 +121,31 @@ def _row(sample: dict[str, Any], url: str) -> dict[str, Any]:
             "json": meta, "error": error}
 
 
+def read_stream(stream, path: str, chunk_rows: int = READ_CHUNK_ROWS) -> Iterator["pyarrow.Table"]:
+    """One shard's samples as pyarrow tables of ``RAW_COLUMNS``, ``chunk_rows`` rows each."""
+    import pyarrow as pa
+    from ray.data._internal.datasource.webdataset_datasource import _group_by_keys
+
+    rows = []
+    for sample in _group_by_keys(_members(stream), meta=dict(__url__=path)):
+        rows.append(_row(sample, path))
+        if len(rows) >= chunk_rows:
+            yield _to_table(pa, rows)
+            rows = []
+    if rows:
+        yield _to_table(pa, rows)
+
+
 def _datasource_class():
-    from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource, _group_by_keys
+    from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
 
     class ShardDatasource(WebDatasetDatasource):
-        """Ray's WebDataset datasource, emitting ``RAW_COLUMNS`` and surviving truncated shards."""
+        """Ray's WebDataset datasource, emitting ``RAW_COLUMNS`` and surviving damaged shards."""
+
+        chunk_rows = READ_CHUNK_ROWS
 
         def _read_stream(self, stream, path: str):
-            import pyarrow as pa
-
-            files = _members(stream)
-            rows = []
-            for sample in _group_by_keys(files, meta=dict(__url__=path)):
-                rows.append(_row(sample, path))
-                if len(rows) >= getattr(self, "chunk_rows", READ_CHUNK_ROWS):
-                    yield _to_table(pa, rows)
-                    rows = []
-            if rows:
-                yield _to_table(pa, rows)
+            yield from read_stream(stream, path, self.chunk_rows)
 
     return ShardDatasource
 

