@@ -325,7 +325,9 @@ def test_loss_curve_png_logged(cfg, tmp_path):
     tags = client.get_run(run_id).data.tags
     for key in ("python", "torch", "ray", "deepspeed", "mlflow", "transformers", "vlforge", "git_commit", "hostname"):
         assert tags[f"vlforge.env.{key}"], key
-    assert "vlforge.env.ray.nodes" not in tags
+    import ray
+
+    assert ("vlforge.env.ray.nodes" in tags) == ray.is_initialized()
 
 
 class _Flaky:

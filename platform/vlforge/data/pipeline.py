@@ -309,25 +309,29 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
         if task == "nlvr":
             labels.append(int(bool(meta["label"])))
 
+    if counters is not None:
+        import ray
+
+        ray.get(counters.add.remote({"read": n, "ok": len(keys), **{f"skipped.{k}": v for k, v in skipped.items()}}))
+    if not keys:
+        # A block with no usable row: zero-length tensor columns would not convert to
+        # Arrow tensors (Ray falls back to pickled objects and the schemas then differ).
+        return {}
     tok = _tokenizer(tokenizer.name, tokenizer.max_length, tokenizer.lowercase)
     rng = np.random.default_rng()
-    stack = np.stack(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)
-    if train and image.augment and len(imgs):
+    stack = np.stack(imgs)
+    if train and image.augment:
         stack = augment(stack, image, rng)
     out = {"pixel_values": normalise(stack, image), **tok(texts),
            "sample_id": np.array([sample_id(k) for k in keys], dtype=np.int64)}
     if task == "nlvr":
-        stack2 = np.stack(imgs2) if imgs2 else np.zeros((0, size, size, 3), np.uint8)
-        if train and image.augment and len(imgs2):
+        stack2 = np.stack(imgs2)
+        if train and image.augment:
             stack2 = augment(stack2, image, rng)
         out["pixel_values_2"] = normalise(stack2, image)
         out["label"] = np.array(labels, dtype=np.int64)
     if task == "vqa":
         out["answer_id"] = np.array(answer_ids, dtype=np.int64)
-    if counters is not None:
-        import ray
-
-        ray.get(counters.add.remote({"read": n, "ok": len(keys), **{f"skipped.{k}": v for k, v in skipped.items()}}))
     return out
 
 
