@@ -280,14 +280,17 @@ class _Planner:
                                   [SceneSpec(bg, [obj])], {"concept": name}))
         return out
 
+    def random_scene(self, split: str) -> tuple[list[str], list[Obj], str]:
+        """2 or 3 concepts allowed in ``split``, their placements, and a background colour."""
+        names = self.pick(split, self.rng.choice((2, 3)))
+        return names, place(self.rng, names), self.background()
+
     def scenes(self, n: int) -> list[Sample]:
         out = []
         for split, count in self.split_counts(n).items():
             for i in range(count):
-                k = self.rng.choice((2, 3))
-                names = self.pick(split, k)
-                objs = place(self.rng, names)
-                bg = self.background()
+                names, objs, bg = self.random_scene(split)
+                k = len(names)
                 parts = [f"{with_article(objs[0].name)} {relation(objs[0], objs[1])} {with_article(objs[1].name)}"]
                 if k == 3:
                     anchor = self.rng.choice((0, 1))
@@ -302,10 +305,8 @@ class _Planner:
         kinds = ("relation", "relation", "color", "count", "exists")
         for split, count in self.split_counts(n).items():
             for i in range(count):
-                k = self.rng.choice((2, 3))
-                names = self.pick(split, k)
-                objs = place(self.rng, names)
-                bg = self.background()
+                names, objs, bg = self.random_scene(split)
+                k = len(names)
                 kind = kinds[i % len(kinds)]
                 if kind == "relation":
                     q, a = self._relation_question(objs)

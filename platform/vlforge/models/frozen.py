@@ -31,7 +31,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from vlforge.models.lm import CaptionTokenizer, LMConfig, build_lm, freeze
+from vlforge.models.lm import CaptionTokenizer, LMConfig, freeze, vision_and_lm
 from vlforge.models.registry import register_model
 from vlforge.models.vision import VisionConfig, VisionTower, override, vision_config
 from vlforge.objectives.captioning import caption_labels, caption_loss, scored_tokens
@@ -69,11 +69,8 @@ class Frozen(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.vision = vision if vision is not None else VisionTower.from_config(config.vision)
-        if lm is None:
-            lm, tokenizer = build_lm(config.lm)
-        if tokenizer is None:
-            raise ValueError("pass the tokenizer that goes with the LM")
+        vision, lm, tokenizer = vision_and_lm(config.vision, config.lm, vision, lm, tokenizer)
+        self.vision = vision
         self.lm = freeze(lm)
         self.tokenizer = tokenizer
         lm_dim = self.lm.get_input_embeddings().embedding_dim

@@ -294,3 +294,15 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def vision_and_lm(vision_cfg, lm_cfg: "LMConfig", vision=None, lm=None, tokenizer=None):
+    """The (vision tower, causal LM, tokenizer) of an image-to-text model: given ones, else built."""
+    from vlforge.models.vision import VisionTower
+
+    vision = vision if vision is not None else VisionTower.from_config(vision_cfg)
+    if lm is None:
+        lm, tokenizer = build_lm(lm_cfg)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer that goes with the LM")
+    return vision, lm, tokenizer
