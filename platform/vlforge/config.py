@@ -432,6 +432,7 @@ class DeepSpeedConfig:
     grad_accum: int = 1
     clip_grad: float = 1.0  # 0 = off
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    universal_resume: bool = False  # resuming on another worker count: convert to a universal checkpoint first
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

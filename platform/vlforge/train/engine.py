@@ -1,0 +1,215 @@
+"""DeepSpeed engine for one stage: JSON config from the typed config, torch optimizer and schedule.
+
+    ds = deepspeed_config(cfg.deepspeed, micro_batch=cfg.data.batch_size, world_size=2, clip=..., on_gpu=False)
+    engine = build_engine(task.module, stage, cfg.deepspeed, micro_batch, world_size, on_gpu)
+
+The optimizer is a torch optimizer over the trainable parameters only
+(``vlforge.models.trainable.param_groups``), passed to ``deepspeed.initialize``
+as an object: naming an Adam optimizer in the DeepSpeed config would compile
+``fused_adam`` (about 55 s on CPU). With ``offload_optimizer`` DeepSpeed's
+``DeepSpeedCPUAdam`` is used instead (it compiles ``cpu_adam`` once). The
+schedule is a torch scheduler (``LinearLR`` warm-up, then cosine / linear /
+constant) that the engine steps once per optimizer step and saves in its
+checkpoints. ``DeepSpeedConfig.overrides`` is merged last, recursively.
+
+DeepSpeed is imported only inside functions: the driver never needs it.
+C++ ops compile once per machine into ``extensions_dir()``; to do it ahead of any run::
+
+    python -m vlforge.train.engine prebuild [--cpu-adam]
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from vlforge.config import DeepSpeedConfig, OptimizerConfig, ScheduleConfig, StageConfig
+
+
+def extensions_dir() -> str:
+    """Where DeepSpeed's C++ ops compile to once per machine (``VLFORGE_TORCH_EXTENSIONS_DIR``
+    or ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/vlforge/torch_extensions``)."""
+    return (os.environ.get("VLFORGE_TORCH_EXTENSIONS_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+            or str(Path.home() / ".cache" / "vlforge" / "torch_extensions"))
+
+
+def prepare_env(on_gpu: bool) -> None:
+    """Environment DeepSpeed reads at import: the CPU accelerator without a GPU, the op cache."""
+    if not on_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+
+
+def merge(base: dict, extra: Mapping) -> dict:
+    """Recursive dict merge; values in ``extra`` win."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_precision(cfg: DeepSpeedConfig, on_gpu: bool) -> str:
+    return ("bf16" if on_gpu else "fp32") if cfg.precision == "auto" else cfg.precision
+
+
+def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch: int, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON config (a dict) for ``cfg``; ``cfg.overrides`` merged last."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if cfg.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": micro_batch * cfg.grad_accum * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": resolve_precision(cfg, on_gpu) == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.clip_grad > 0:
+        ds["gradient_clipping"] = cfg.clip_grad
+    return merge(ds, cfg.overrides)
+
+
+def make_optimizer(params: list[dict], cfg: OptimizerConfig, offload: bool) -> torch.optim.Optimizer:
+    """A torch optimizer (or DeepSpeedCPUAdam when the optimizer state is offloaded)."""
+    groups = [g for g in params if g["params"]]
+    if not groups:
+        raise ValueError("no trainable parameters")
+    if offload:
+        if cfg.name == "sgd":
+            raise ValueError("offload_optimizer supports adam/adamw only")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=cfg.name == "adamw")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def make_schedule(optimizer, cfg: ScheduleConfig, steps: int):
+    """Warm-up (``LinearLR`` from ~0) then constant / cosine / linear decay to ``lr * min_lr_ratio``."""
+    from torch.optim import lr_scheduler as sched
+
+    rest = max(1, steps - cfg.warmup_steps)
+    if cfg.kind == "cosine":
+        base = [g["lr"] for g in optimizer.param_groups]
+        main = sched.CosineAnnealingLR(optimizer, T_max=rest, eta_min=min(base) * cfg.min_lr_ratio)
+    elif cfg.kind == "linear":
+        main = sched.LinearLR(optimizer, start_factor=1.0, end_factor=max(cfg.min_lr_ratio, 1e-8), total_iters=rest)
+    else:
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if not cfg.warmup_steps:
+        return main
+    warm = sched.LinearLR(optimizer, start_factor=1.0 / (cfg.warmup_steps + 1), end_factor=1.0,
+                          total_iters=cfg.warmup_steps)
+    return sched.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup_steps])
+
+
+def lift_scalars(module: nn.Module) -> list[str]:
+    """Give 0-dim parameters (VLMo's ``heads.itc.logit_scale``) shape [1], in place.
+
+    DeepSpeed views every parameter as bytes to broadcast it at start-up (ZeRO 0-2) and to
+    partition it (ZeRO-3), which fails for 0-dim tensors. Broadcasting keeps the maths the
+    same; ``fit_shapes`` restores the model's shapes when weights leave the engine."""
+    lifted = []
+    for name, p in module.named_parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+            lifted.append(name)
+    return lifted
+
+
+def fit_shapes(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """``sd`` with each tensor reshaped to ``module``'s shape where only the shape differs (same numel)."""
+    ref = module.state_dict()
+    out = {}
+    for k, v in sd.items():
+        want = ref[k].shape if k in ref else v.shape
+        out[k] = v.reshape(want) if v.shape != want and v.numel() == ref[k].numel() else v
+    return out
+
+
+def build_engine(module: nn.Module, stage: StageConfig, cfg: DeepSpeedConfig, *, micro_batch: int,
+                 world_size: int, on_gpu: bool, extra: Mapping | None = None):
+    """``deepspeed.initialize`` over ``module`` with the stage's optimizer and schedule; returns the engine.
+    ``extra`` is merged into the DeepSpeed config after everything else (the loop's resume settings)."""
+    import deepspeed
+
+    from vlforge.models.trainable import param_groups
+
+    lift_scalars(module)
+    ds = merge(deepspeed_config(cfg, micro_batch=micro_batch, world_size=world_size, on_gpu=on_gpu), extra or {})
+    optimizer = make_optimizer(param_groups(module, stage.optimizer.weight_decay), stage.optimizer,
+                               cfg.offload_optimizer)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: make_schedule(opt, stage.schedule, stage.steps),
+        config=ds,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def _gather_full(param: torch.Tensor, zero_stage: int) -> torch.Tensor:
+    if zero_stage == 3 and hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.data.detach().float().cpu().clone()
+    return param.detach().float().cpu().clone()
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The module's complete fp32 weights on every rank (a collective: all ranks must call it).
+
+    Trainable parameters come from the optimizer's fp32 master copy (``safe_get_full_fp32_param``)
+    when DeepSpeed keeps one, frozen ones from the module (gathered under ZeRO-3); buffers as they are."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        out[name] = full.detach().float().cpu().clone() if full is not None else _gather_full(p, zero_stage)
+    for name, b in engine.module.named_buffers():
+        out[name] = b.detach().cpu().clone()
+    return out
+
+
+def prebuild_ops(cpu_adam: bool = False) -> list[str]:
+    """Compile DeepSpeed's CPU ops into ``extensions_dir()`` once (``shm_comm``, and ``cpu_adam`` for
+    optimizer offload), so that no training run pays for it:
+    ``python -m vlforge.train.engine prebuild [--cpu-adam]``."""
+    prepare_env(on_gpu=False)
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    for name in ("ShareMemCommBuilder",) + (("CPUAdamBuilder",) if cpu_adam else ()):
+        get_accelerator().create_op_builder(name).load()
+        built.append(name)
+    return built
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["prebuild"]:
+        sys.exit("usage: python -m vlforge.train.engine prebuild [--cpu-adam]")
+    print("built", prebuild_ops("--cpu-adam" in sys.argv), "in", extensions_dir())

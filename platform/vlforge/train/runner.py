@@ -1,0 +1,231 @@
+"""Driver side of a training run: validate, build data, start Ray Train, export.
+
+    from vlforge.config import TrainRunConfig, load
+    result = run_training(load(TrainRunConfig, "jobs/configs/vlmo_stagewise_smoke.yaml"))
+    print(result.summary())
+
+Everything that can be checked without a cluster is checked first
+(``validate``): objective names, ZeRO settings, trainable patterns against the
+model's parameter names (the model is built on the meta device), image size and
+tokenizer length against the model. Then paths are made absolute on the driver
+(storage, shards, MLflow store and buffer), the corpus is built if the config
+asks for it and it is absent, one Ray Data pipeline per stage is built, and one
+Ray Train run (``RunConfig(name, storage_path)``; the same name resumes it) runs
+``vlforge.train.loop.train_fn_per_worker`` on ``num_workers`` workers with
+``FailureConfig(max_failures)``. The final checkpoint is exported to
+``<storage_path>/<name>/export`` (``vlforge.train.export``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from vlforge.config import ConfigError, DataConfig, TrainRunConfig, to_dict
+
+
+def validate(cfg: TrainRunConfig) -> None:
+    """Raise ``ConfigError`` for settings that cannot work, before any Ray resource is taken."""
+    from vlforge.train.tasks import model_sizes
+
+    try:
+        sizes = model_sizes(cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"model {cfg.model!r} with overrides {cfg.model_overrides}: {exc}") from None
+    names = sizes["param_names"]
+    for s in cfg.stages:
+        unmatched = [p for p in s.trainable if not any(fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ConfigError(f"stage {s.name}: trainable patterns match no parameter of {cfg.model}: {unmatched}")
+        data = s.data or cfg.data
+        if data.image.size != sizes["img_size"]:
+            raise ConfigError(f"stage {s.name}: data image.size {data.image.size} != {cfg.model} img_size "
+                              f"{sizes['img_size']}; set data.image.size={sizes['img_size']}")
+        if sizes["max_text_len"] is not None and data.tokenizer.max_length != sizes["max_text_len"]:
+            raise ConfigError(f"stage {s.name}: data tokenizer.max_length {data.tokenizer.max_length} != "
+                              f"{cfg.model} max_text_len {sizes['max_text_len']}; set "
+                              f"data.tokenizer.max_length={sizes['max_text_len']}")
+        if s.init not in ("previous", "fresh") and "://" not in s.init and not Path(s.init).exists():
+            raise ConfigError(f"stage {s.name}: init path {s.init} does not exist")
+    if cfg.debug.fail_at_step is not None and cfg.debug.fail_rank >= cfg.num_workers:
+        raise ConfigError(f"debug.fail_rank {cfg.debug.fail_rank} >= num_workers {cfg.num_workers}")
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _absolute_data(data: DataConfig) -> DataConfig:
+    return dataclasses.replace(data, shards=_abs(data.shards))
+
+
+def resolve(cfg: TrainRunConfig) -> TrainRunConfig:
+    """Paths absolute and the MLflow store fixed on the driver (workers run elsewhere / in other dirs)."""
+    from vlforge.tracking import resolve_tracking_uri
+
+    tracking = dataclasses.replace(cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking),
+                                   buffer_dir=os.path.abspath(cfg.tracking.buffer_dir))
+    stages = [dataclasses.replace(s, data=_absolute_data(s.data) if s.data else None,
+                                  init=s.init if s.init in ("previous", "fresh") else _abs(s.init))
+              for s in cfg.stages]
+    name = cfg.name or f"{cfg.method}-{cfg.model}-{uuid.uuid4().hex[:8]}"
+    return dataclasses.replace(cfg, tracking=tracking, stages=stages, data=_absolute_data(cfg.data),
+                               storage_path=_abs(cfg.storage_path), name=name)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint directory of a run on local storage (by its global step), or None."""
+    from vlforge.train.checkpoint import STATE_FILE, read_state
+
+    found = [(read_state(d)["global_step"], d.stat().st_mtime, d) for d in run_dir.glob("checkpoint_*")
+             if (d / STATE_FILE).exists()]
+    return max(found)[2] if found else None
+
+
+def check_existing_run(cfg: TrainRunConfig) -> None:
+    """When ``cfg.name`` already has checkpoints (a resume), check they fit this config before starting."""
+    if "://" in cfg.storage_path:
+        return
+    last = latest_checkpoint(Path(cfg.storage_path) / cfg.name)
+    if last is None:
+        return
+    from vlforge.train.checkpoint import CheckpointMismatch, check_resumable, read_state
+
+    state = read_state(last)
+    resized = state["world_size"] != cfg.num_workers and state["zero_stage"] > 0
+    try:
+        check_resumable(state, cfg.num_workers, cfg.deepspeed.zero_stage, universal=cfg.deepspeed.universal_resume)
+    except CheckpointMismatch as exc:
+        raise CheckpointMismatch(f"run {cfg.name} ({last}): {exc}") from None
+    if resized:
+        from vlforge.train.checkpoint import convert_to_universal
+
+        print(f"run {cfg.name}: checkpoint {last.name} has {state['world_size']} workers' shards, this run "
+              f"{cfg.num_workers}: converting it to a DeepSpeed universal checkpoint", flush=True)
+        convert_to_universal(last)
+    names = [s.name for s in cfg.stages]
+    if state["stage"] not in names or names.index(state["stage"]) != state["stage_index"]:
+        raise CheckpointMismatch(f"run {cfg.name}: its checkpoint is at stage {state['stage']!r} (index "
+                                 f"{state['stage_index']}), which this config's stages {names} do not have there")
+
+
+def _prepare_local_mlflow(cfg: TrainRunConfig) -> None:
+    """A local SQLite store gets its experiment from the driver, with artifacts in ``mlruns/<experiment>``
+    beside the database file (``./mlruns`` for the default ``./mlflow.db``), not in a worker's directory."""
+    uri = cfg.tracking.tracking_uri or ""
+    if not cfg.tracking.enabled or not uri.startswith("sqlite:///"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(cfg.tracking.experiment) is None:
+        db = Path(uri.removeprefix("sqlite:///"))
+        where = db.parent / "mlruns" / cfg.tracking.experiment
+        client.create_experiment(cfg.tracking.experiment, artifact_location=where.as_uri())
+
+
+@dataclass
+class TrainResult:
+    name: str
+    seconds: float
+    checkpoint: str | None
+    export_dir: str | None
+    state: dict[str, Any] = field(default_factory=dict)  # vlforge_state.json of the final checkpoint
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def losses(self, stage: str) -> list[tuple[int, float]]:
+        return [tuple(p) for p in self.state.get("history", {}).get(f"{stage}/loss", [])]
+
+    def summary(self) -> str:
+        lines = [f"run {self.name}: {self.seconds:.0f}s, checkpoint {self.checkpoint}"]
+        for key, points in self.state.get("history", {}).items():
+            if points:
+                first, last = points[0][1], points[-1][1]
+                lines.append(f"  {key}: {first:.4f} -> {last:.4f} over {len(points)} steps")
+        for r in self.state.get("resumes", []):
+            lines.append(f"  resumed {r['stage']} at step {r['step']}: weights match {r['weights_match']}, "
+                         f"steps redone {r['lost_steps']}")
+        if self.export_dir:
+            lines.append(f"  export: {self.export_dir}")
+        return "\n".join(lines)
+
+
+def run_training(cfg: TrainRunConfig, *, init_ray: bool = True) -> TrainResult:
+    """Validate, then run all stages of ``cfg`` on Ray Train; returns paths and the loss history."""
+    validate(cfg)
+    cfg = resolve(cfg)
+    if cfg.corpus is not None:
+        from vlforge.data.corpus import ensure_corpus
+
+        ensure_corpus(cfg.corpus)
+    if cfg.keep_checkpoints < 0:
+        raise ConfigError("keep_checkpoints must be >= 0 (0 = keep all)")
+    for s in cfg.stages:
+        shards = (s.data or cfg.data).shards
+        if "://" not in shards and not Path(shards).exists():
+            raise ConfigError(f"stage {s.name}: shard set {shards} does not exist")
+    check_existing_run(cfg)
+    _prepare_local_mlflow(cfg)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vlforge.data.pipeline import build_dataset
+    from vlforge.runtime import init_ray as start_ray
+
+    if init_ray:
+        start_ray(num_train_workers=cfg.num_workers, worker_cpus=cfg.worker_cpus)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints progress lines instead
+    datasets, counters = {}, None
+    for s in cfg.stages:
+        datasets[s.name], counters = build_dataset(s.data or cfg.data, train=True, counters=counters)
+    run_dir = Path(cfg.storage_path) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": cfg.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config={"cfg": to_dict(cfg), "run_name": cfg.name, "counters": counters.handle,
+                           "progress_file": str(run_dir / "progress_step"),
+                           "probe_file": str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        datasets=datasets,
+        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.error:
+        raise result.error
+    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+    state: dict[str, Any] = {}
+    export_dir = None
+    if ckpt_path and os.path.exists(ckpt_path):
+        from vlforge.train.checkpoint import read_state
+
+        state = read_state(ckpt_path)
+        if cfg.export:
+            from vlforge.train.export import export_checkpoint
+
+            export_dir = str(export_checkpoint(ckpt_path, run_dir / "export", cfg))
+    (run_dir / "summary.json").write_text(json.dumps({"checkpoint": ckpt_path, "export": export_dir,
+                                                      "seconds": seconds}))
+    return TrainResult(cfg.name, seconds, ckpt_path, export_dir, state, dict(result.metrics or {}))
+
+
+def _loop(config: dict[str, Any]) -> None:
+    from vlforge.train.loop import train_fn_per_worker
+
+    train_fn_per_worker(config)
