@@ -329,6 +329,9 @@ class ImageConfig:
     augment: bool = True  # small random translation + brightness; never flips (captions say left/right)
     max_shift: float = 0.06  # fraction of the image side
     brightness: float = 0.1
+    # false: decode tasks ship uint8 pixels (4x fewer bytes through the object store) and the
+    # consumer normalises them (vlforge.data.pipeline.finish_pixels; the training loop does).
+    normalize: bool = True
 
 
 @dataclass

@@ -114,3 +114,17 @@ def test_fuzzed_shards_never_crash(bad_shards, tmp_path):
         assert counts["read"] == counts["ok"] + skipped
         total_read += counts["read"]
     assert total_read > 0
+
+
+def test_uint8_pixels_normalised_by_consumer_match_decode_side(bad_shards):
+    import torch
+
+    from vlforge.data.pipeline import finish_pixels
+
+    path = sorted(bad_shards["dir"].glob("shard-0000*.tar"))[0]
+    batch = {k: np.array(v, dtype=object) for k, v in read_rows(path).items()}
+    cfgs = [ImageConfig(size=32, augment=False), ImageConfig(size=32, augment=False, normalize=False)]
+    floats, uint8 = (decode_batch(batch, image=c, tokenizer=TokenizerConfig(max_length=8)) for c in cfgs)
+    assert uint8["pixel_values"].dtype == np.uint8 and floats["pixel_values"].dtype == np.float32
+    done = finish_pixels({"pixel_values": torch.from_numpy(uint8["pixel_values"])}, cfgs[1])
+    assert torch.allclose(done["pixel_values"], torch.from_numpy(floats["pixel_values"]), atol=1e-6)

@@ -226,11 +226,26 @@ def augment(images: np.ndarray, cfg: ImageConfig, rng: np.random.Generator) -> n
 
 
 def normalise(images: np.ndarray, cfg: ImageConfig) -> np.ndarray:
-    """``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float32."""
+    """``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float32 (uint8 when ``cfg.normalize`` is off)."""
+    chw = images.transpose(0, 3, 1, 2)  # [B, 3, H, W]
+    if not cfg.normalize:
+        return np.ascontiguousarray(chw)
     mean = np.asarray(cfg.mean, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(cfg.std, np.float32).reshape(1, 3, 1, 1)
-    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    return (x - mean) / std
+    return (chw.astype(np.float32) / 255.0 - mean) / std
+
+
+def finish_pixels(batch: dict, cfg: ImageConfig) -> dict:
+    """Normalise uint8 ``pixel_values`` / ``pixel_values_2`` torch tensors on the consumer's device."""
+    import torch
+
+    for key in ("pixel_values", "pixel_values_2"):
+        x = batch.get(key)
+        if x is not None and x.dtype == torch.uint8:
+            mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
+            batch[key] = (x.float() / 255.0 - mean) / std
+    return batch
 
 
 @lru_cache(maxsize=4)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from vlforge.config import StageConfig, TrainRunConfig, from_dict
+from vlforge.data.pipeline import finish_pixels
 
 
 def _weights_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -299,6 +300,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 if not _all_true(batch is not None):
                     break
                 consumed += 1
+                batch = finish_pixels(batch, data_cfg.image)
                 if bf16:
                     batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
                 torch.manual_seed(cfg.seed * 1_000_003 + global_step * 1009 + micro * 31 + rank)
