@@ -251,7 +251,7 @@ def main(argv=None) -> int:
 
     from vlforge.runtime import init_ray
 
-    init_ray(num_train_workers=args.workers)
+    init_ray(num_train_workers=args.workers, log_to_driver=False)
     out = tempfile.mkdtemp(prefix="bench-train-")
     print(f"model {args.model}, task VLMo stage 3 (itc + itm + 0.25 mlm), {args.workers} workers x batch "
           f"{args.batch}, warm-up {args.warmup}, timed {args.steps} steps, {'GPU bf16' if args.gpu else 'CPU fp32'}")
