@@ -93,24 +93,11 @@ def model_sizes(cfg: TrainRunConfig) -> dict[str, Any]:
 
 
 def _frozen_skeleton(cfg: TrainRunConfig) -> nn.Module:
-    """The configured Frozen model on the meta device with its pretrained LM replaced by the tiny
-    random one (loading weights under meta is refused): vision and prefix names and sizes are
+    """The configured Frozen model on the meta device with its LM swapped for the tiny random one
+    (loading pretrained weights under meta is refused): vision and prefix names and sizes are
     exact, ``lm.*`` names are only representative."""
-    import contextlib
-    from unittest import mock
-
-    import vlforge.models.frozen as frozen_mod
-    import vlforge.models.lm as lm_mod
     from vlforge.models import create_model
+    from vlforge.models.lm import LMConfig
 
-    tiny = lm_mod.build_lm
-
-    def stand_in(_config):
-        return tiny(lm_mod.LMConfig())
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.device("meta"))
-        for module in (lm_mod, frozen_mod):
-            if hasattr(module, "build_lm"):
-                stack.enter_context(mock.patch.object(module, "build_lm", stand_in))
-        return create_model(cfg.model, **cfg.model_overrides)
+    with torch.device("meta"):
+        return create_model(cfg.model, **{**cfg.model_overrides, "lm": LMConfig()})
