@@ -11,25 +11,13 @@ logs to MLflow, exports fp32 safetensors, and prints per-stage first/last losses
 
 from __future__ import annotations
 
-import argparse
 import sys
-
-from vlforge import config as C
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="jobs/configs/vlmo_stagewise_smoke.yaml", help="TrainRunConfig YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = p.parse_args(argv)
-    cfg = C.load(C.TrainRunConfig, args.config, args.set)
+    from vlforge.train.runner import job_main
 
-    from vlforge.train.runner import run_training
-
-    result = run_training(cfg)
-    print(result.summary())
-    return 0
+    return job_main(__doc__, "jobs/configs/vlmo_stagewise_smoke.yaml", argv)
 
 
 if __name__ == "__main__":

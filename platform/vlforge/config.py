@@ -56,19 +56,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``a.b=v`` overrides to a nested mapping (in place; returns it)."""
+    """Apply ``a.b=v`` overrides to a nested mapping (in place; returns it).
+
+    A numeric part indexes a list that is already there: ``stages.1.steps=100``.
+    """
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(path[: i + 1])
-                raise ConfigError(f"override {text!r}: {where} is a {type(child).__name__}, not a mapping")
-            node = child
-        node[path[-1]] = value
+        node: Any = raw
+        for i, part in enumerate(path):
+            where = ".".join(path[: i + 1])
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {text!r}: {where}: index out of range (list of {len(node)})")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[:i])} is a {type(node).__name__}, not a mapping")
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return raw
 
 

@@ -103,3 +103,12 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("inner:\n  lr: 3e-4\n")
     assert load(Outer, p).inner.lr == 3e-4
+
+
+def test_override_indexes_lists():
+    raw = apply_overrides({"stages": [{"lr": 1.0}, {"lr": 2.0}]}, ["stages.1.lr=0.5", "stages.0.steps=3"])
+    assert raw == {"stages": [{"lr": 1.0, "steps": 3}, {"lr": 0.5}]}
+    with pytest.raises(ConfigError, match=r"stages\.2: index out of range \(list of 2\)"):
+        apply_overrides(raw, ["stages.2.lr=1"])
+    with pytest.raises(ConfigError, match="index out of range"):
+        apply_overrides(raw, ["stages.x.lr=1"])

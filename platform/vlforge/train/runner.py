@@ -229,3 +229,26 @@ def _loop(config: dict[str, Any]) -> None:
     from vlforge.train.loop import train_fn_per_worker
 
     train_fn_per_worker(config)
+
+
+def job_main(doc: str, default_config: str, argv=None) -> int:
+    """The body of a training job script: ``--config`` / ``--set``, run, print the summary."""
+    import argparse
+    import sys
+
+    from vlforge.config import load
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=default_config, help="TrainRunConfig YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = p.parse_args(argv)
+    try:
+        cfg = load(TrainRunConfig, args.config, args.set)
+        validate(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_training(cfg)
+    print(result.summary())
+    return 0
