@@ -33,7 +33,7 @@ def make_single_process(shards: list[str], cfg):
     """One epoch of the single-process loop: tarfile read + ``decode_batch`` in this process."""
     import torch
 
-    from vlforge.data.pipeline import RAW_COLUMNS, decode_batch, detect_task, finish_pixels
+    from vlforge.data.pipeline import RAW_COLUMNS, decode_batch, detect_task, finish_pixels, raw_row
     from vlforge.data.shards import iter_samples
 
     task = detect_task(cfg.shards, cfg.storage)
@@ -48,9 +48,7 @@ def make_single_process(shards: list[str], cfg):
         n, chunk = 0, []
         for shard in shards:
             for s in iter_samples(shard, cfg.storage):
-                chunk.append({"key": s["__key__"], "url": shard, "image": s.get("jpg") or s.get("png"),
-                              "image_2": s.get("right.jpg"), "text": s.get("txt"), "json": s.get("json"),
-                              "error": None})
+                chunk.append(raw_row(s, shard))
                 if len(chunk) == cfg.decode_batch_size:
                     n += decode(chunk)
                     chunk = []

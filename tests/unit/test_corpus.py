@@ -1,5 +1,4 @@
 import json
-import random
 from collections import Counter
 from pathlib import Path
 

@@ -36,10 +36,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -100,7 +98,8 @@ def _members(stream) -> Iterator[dict]:
         yield {"fname": info.name, "data": data}
 
 
-def _row(sample: dict[str, Any], url: str) -> dict[str, Any]:
+def raw_row(sample: dict[str, Any], url: str) -> dict[str, Any]:
+    """A grouped sample (``{"__key__", suffix: bytes}``) as one row of ``RAW_COLUMNS``."""
     image = image_2 = text = meta = error = None
     for suffix, value in sample.items():
         if suffix.startswith("__"):
@@ -128,7 +127,7 @@ def read_stream(stream, path: str, chunk_rows: int = READ_CHUNK_ROWS) -> Iterato
 
     rows = []
     for sample in _group_by_keys(_members(stream), meta=dict(__url__=path)):
-        rows.append(_row(sample, path))
+        rows.append(raw_row(sample, path))
         if len(rows) >= chunk_rows:
             yield _to_table(pa, rows)
             rows = []
@@ -421,8 +420,6 @@ def find_answers(uri: str, storage: StorageConfig | None = None) -> list[str] | 
 def build_dataset(cfg: DataConfig, *, train: bool = True, task: str | None = None,
                   counters: Counters | None = None) -> tuple["ray.data.Dataset", Counters]:
     """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to."""
-    import ray
-
     if counters is None:
         counters = Counters(_counters_class().remote())
     task = task or detect_task(cfg.shards, cfg.storage)
@@ -447,7 +444,6 @@ def build_dataset(cfg: DataConfig, *, train: bool = True, task: str | None = Non
         concurrency=cfg.decode_concurrency,
         zero_copy_batch=True,
     )
-    del ray
     return ds, counters
 
 
@@ -479,11 +475,3 @@ def exact_split_config(**kwargs):
             return output
 
     return ExactSplit(**kwargs)
-
-
-def storage_env() -> dict[str, str]:
-    """The non-secret S3 settings to forward to Ray workers (a runtime_env's env_vars)."""
-    from vlforge.config import S3_ENDPOINT_ENV
-
-    names = S3_ENDPOINT_ENV + ("AWS_DEFAULT_REGION", "AWS_REGION")
-    return {k: os.environ[k] for k in names if os.environ.get(k)}

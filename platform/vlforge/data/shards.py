@@ -22,13 +22,12 @@ import hashlib
 import io
 import json
 import tarfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from vlforge.config import StorageConfig
-from vlforge.data.storage import filesystem_for, is_remote, join
+from vlforge.data.storage import filesystem_for, is_remote
 
 MANIFEST = "manifest.json"
 FORMAT = "vlforge-shards/1"
@@ -267,11 +266,7 @@ def shard_set_summary(uri: str, storage: StorageConfig | None = None) -> dict[st
     }
 
 
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 __all__ = [
-    "MANIFEST", "Manifest", "ShardInfo", "ShardWriter", "iter_samples", "join", "list_shards",
+    "MANIFEST", "Manifest", "ShardInfo", "ShardWriter", "iter_samples", "list_shards",
     "read_manifest", "shard_set_summary", "verify",
 ]

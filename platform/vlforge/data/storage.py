@@ -73,13 +73,6 @@ def arrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple["pyarr
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
-def join(base: str, *parts: str) -> str:
-    out = base.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
-
-
 def upload_dir(local_dir: str | os.PathLike, dest_uri: str, cfg: StorageConfig | None = None) -> int:
     """Copy a local directory tree to ``dest_uri``; returns the number of files."""
     fs, dest = filesystem_for(dest_uri, cfg)
