@@ -206,7 +206,8 @@ def from_dict(cls: type[T], raw: Mapping | None, overrides: Sequence[str] = ()) 
 
 
 def load(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """Read YAML at ``path`` (or start from defaults when None) into ``cls``."""
+    """Read YAML at ``path`` (or start from defaults when None) into ``cls``. Top-level keys
+    named ``x-...`` are dropped: they hold YAML anchors (``&data``) that the config reuses."""
     raw: dict = {}
     if path is not None:
         text = Path(path).read_text()
@@ -216,6 +217,8 @@ def load(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequenc
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+        # Top-level ``x-*`` keys only hold YAML anchors for reuse (as in docker compose files).
+        raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}
     try:
         return from_dict(cls, raw, overrides)
     except ConfigError as exc:
@@ -405,7 +408,10 @@ class TrackingConfig:
 OBJECTIVES_BY_METHOD: dict[str, tuple[str, ...]] = {
     "vlmo": ("mim", "mlm_text", "itc", "itm", "mlm"),
     "frozen": ("caption",),
+    "fusion": ("hard",),  # fine-tuning the fusion teacher on a downstream task
+    "distill": ("soft", "attn", "hard", "itc"),  # DistillationTask's loss weights
 }
+PAIR_TASKS = ("itm", "vqa", "nlvr2")
 
 
 @dataclass
@@ -467,8 +473,14 @@ class StageConfig:
     """One training stage: objectives and weights, what trains, how long, on which data, from where.
 
     ``init``: ``previous`` (module weights of the stage before; the first stage starts fresh),
-    ``fresh`` (the model's own initialisation), or a path/URI of a Ray Train checkpoint
-    directory, a DeepSpeed checkpoint or an export (``model.safetensors``)."""
+    ``fresh`` (the model's own initialisation), ``stage:<name>`` (the weights an earlier stage of
+    this run ended with), or a path/URI of a Ray Train checkpoint directory, a DeepSpeed
+    checkpoint or a model directory (``model.safetensors``). A VLMo's weights load into the
+    encoder of a fusion/distill model (its task heads start fresh).
+
+    ``task``, ``teacher``, ``temperature``: the ``fusion`` and ``distill`` methods only. ``task`` is
+    ``itm`` (image-text pairs), ``vqa`` or ``nlvr2``; ``teacher`` is the model directory of the
+    frozen teacher (a VLMo or a fine-tuned fusion model) for ``distill`` stages."""
 
     name: str
     objectives: dict[str, float]
@@ -478,6 +490,10 @@ class StageConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig | None = None  # None: the run's ``data``
     init: str = "previous"
+    task: str | None = None
+    teacher: str | None = None
+    temperature: float = 1.0
+
 
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9_.-]+$", self.name):
@@ -490,6 +506,12 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: trainable must list at least one pattern")
         if self.schedule.warmup_steps >= self.steps and self.schedule.warmup_steps:
             raise ValueError(f"stage {self.name}: warmup_steps ({self.schedule.warmup_steps}) must be < steps")
+        if self.task is not None and self.task not in PAIR_TASKS:
+            raise ValueError(f"stage {self.name}: task must be one of {list(PAIR_TASKS)}, got {self.task!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"stage {self.name}: temperature must be > 0")
+        if self.init.startswith("stage:") and not self.init[6:]:
+            raise ValueError(f"stage {self.name}: init 'stage:' needs a stage name")
 
 
 @dataclass
@@ -508,7 +530,7 @@ class DebugConfig:
 class TrainRunConfig:
     """A training run: a method, a model and a list of stages, run by Ray Train + DeepSpeed."""
 
-    method: Literal["vlmo", "frozen"] = "vlmo"
+    method: Literal["vlmo", "frozen", "fusion", "distill"] = "vlmo"
     model: str = "vlmo_debug"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=list)
@@ -528,6 +550,8 @@ class TrainRunConfig:
     export: bool = True  # fp32 safetensors + config under <storage_path>/<name>/export
     debug: DebugConfig = field(default_factory=DebugConfig)
     keep_checkpoints: int = 3  # newest checkpoints kept in storage
+    num_answers: int = 0  # fusion/distill: VQA answer vocabulary size (0 = no VQA head)
+    stage_exports: bool = False  # also write each stage's final weights to <storage_path>/<name>/stages/<stage>
 
     def __post_init__(self):
         if not self.stages:
@@ -547,3 +571,130 @@ class TrainRunConfig:
             raise ValueError("checkpoint_every, progress_every must be >= 0 and max_failures >= -1")
         if self.name is not None and not re.match(r"^[A-Za-z0-9_.-]+$", self.name):
             raise ValueError(f"name {self.name!r} may hold only letters, digits, '_', '-', '.'")
+        for i, s in enumerate(self.stages):
+            pair = self.method in ("fusion", "distill")
+            if pair and s.task is None:
+                raise ValueError(f"stage {s.name}: method {self.method!r} needs a task ({list(PAIR_TASKS)})")
+            if not pair and (s.task is not None or s.teacher is not None):
+                raise ValueError(f"stage {s.name}: task/teacher are for methods 'fusion' and 'distill' only")
+            if self.method == "distill" and (s.objectives.get("soft") or s.objectives.get("attn")) and not s.teacher:
+                raise ValueError(f"stage {s.name}: soft/attn distillation needs a teacher model directory")
+            if self.method == "fusion" and s.task == "itm":
+                raise ValueError(f"stage {s.name}: method 'fusion' fine-tunes vqa or nlvr2; itm is VLMo pretraining")
+            if s.objectives.get("itc") and self.method == "distill" and s.task != "itm":
+                raise ValueError(f"stage {s.name}: the itc term exists only for task 'itm'")
+            if s.task == "vqa" and self.num_answers < 1:
+                raise ValueError(f"stage {s.name}: task vqa needs num_answers > 0 (the size of answers.json)")
+            if s.init.startswith("stage:") and s.init[6:] not in [t.name for t in self.stages[:i]]:
+                raise ValueError(f"stage {s.name}: init {s.init!r} names no earlier stage of this run")
+
+
+# ---- the two-stage distillation job (jobs/two_stage.py)
+
+ABLATIONS = ("soft_only", "hard_only")
+
+
+@dataclass
+class TeacherConfig:
+    """The fusion teacher: VLMo pretraining stages (method ``vlmo``), then one fine-tuning stage per
+    downstream task (method ``fusion``, each starting from the pretrained weights). ``checkpoint``:
+    a teacher directory of an earlier job (``pretrain/`` and one model directory per fine-tuning
+    stage) to reuse instead of training one."""
+
+    model: str = "vlmo_small"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    pretrain: list[StageConfig] = field(default_factory=list)
+    finetune: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class StudentConfig:
+    """The dual-encoder student's stages (method ``distill``). A stage's ``teacher`` names the
+    teacher model: ``pretrain`` (the pretrained VLMo) or a teacher fine-tuning stage's name."""
+
+    model: str = "vlmo_small"
+    model_overrides: dict[str, Any] = field(default_factory=lambda: {"vl_layers": 0})
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the driver after training. Sets are ``<data_root>/<set>/<split>``; ``test``
+    holds concept pairs never seen together in training (held-out combinations), reported apart
+    from ``val``."""
+
+    data_root: str = "data/corpus"
+    splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    max_samples: int = 300  # per set and split
+    batch_size: int = 64
+    rerank_k: int = 16  # teacher retrieval: ITC top-k re-scored by the fusion ITM head
+    latency: bool = True
+    latency_ns: list[int] = field(default_factory=lambda: [100, 300, 1000])
+    max_teacher_pairs: int = 20000  # larger N: time this many fusion pairs and extrapolate
+
+    def __post_init__(self):
+        if not self.splits or self.max_samples < 2 or self.batch_size < 1 or self.rerank_k < 1:
+            raise ValueError("eval: splits must be non-empty, max_samples >= 2, batch_size and rerank_k >= 1")
+        if any(n < 1 for n in self.latency_ns):
+            raise ValueError("eval.latency_ns must be positive")
+
+
+@dataclass
+class RegisterConfig:
+    """Registration of the distilled student (the retrieval model: embed images, embed texts,
+    score pairs) as a new version of ``model_name``, with the evaluation figures as tags."""
+
+    enabled: bool = True
+    model_name: str = "vlforge-dual-encoder"
+    alias: str = "challenger"
+
+
+@dataclass
+class TwoStageConfig:
+    """``jobs/two_stage.py``: teacher (pretrain + fine-tune), student distillation in two stages
+    (pretraining distillation, then fine-tuning distillation per task), the ablations, evaluation,
+    registration. Runs are named ``<name>.teacher-pretrain``, ``<name>.teacher-finetune`` and
+    ``<name>.student-<variant>``; a finished run is reused and an unfinished one resumes when the
+    job is started again with the same ``name``."""
+
+    name: str | None = None  # None: two-stage-<random>
+    seed: int = 0
+    corpus: CorpusConfig | None = field(default_factory=CorpusConfig)  # built when absent
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    ablations: list[str] = field(default_factory=lambda: ["soft_only"])
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="two_stage"))
+    storage_path: str = "out/two_stage"
+    num_workers: int = 2
+    worker_cpus: float = 1.0
+    use_gpu: bool = False
+    checkpoint_every: int = 0
+    max_failures: int = 1
+    progress_every: int = 10
+
+    def __post_init__(self):
+        bad = sorted(set(self.ablations) - set(ABLATIONS))
+        if bad:
+            raise ValueError(f"ablations: unknown {bad}; known: {list(ABLATIONS)}")
+        if self.name is not None and not re.match(r"^[A-Za-z0-9_-]+$", self.name):
+            raise ValueError(f"name {self.name!r} may hold only letters, digits, '_', '-'")
+        if not self.student.stages:
+            raise ValueError("student.stages: at least one stage")
+        if not self.teacher.checkpoint and not self.teacher.pretrain:
+            raise ValueError("teacher: give pretrain stages or a checkpoint to reuse")
+        ft = [s.name for s in self.teacher.finetune]
+        for s in self.teacher.finetune:
+            if s.task not in ("vqa", "nlvr2"):
+                raise ValueError(f"teacher.finetune stage {s.name}: task must be vqa or nlvr2")
+        for s in self.student.stages:
+            if s.task is None:
+                raise ValueError(f"student stage {s.name}: needs a task ({list(PAIR_TASKS)})")
+            if s.teacher is not None and s.teacher != "pretrain" and s.teacher not in ft:
+                raise ValueError(f"student stage {s.name}: teacher {s.teacher!r} is neither 'pretrain' nor a "
+                                 f"teacher.finetune stage ({ft})")
+            if s.task in ("vqa", "nlvr2") and s.teacher == "pretrain":
+                raise ValueError(f"student stage {s.name}: task {s.task} needs a fine-tuned teacher")

@@ -59,7 +59,8 @@ from vlforge.objectives.distillation import (
 from vlforge.objectives.itc import contrastive_logits, itc_loss_from_logits
 from vlforge.objectives.itm import sample_hard_negatives
 
-__all__ = ["TASKS", "PairOutput", "FusionTeacher", "DualEncoderStudent", "DistillationTask", "fusion_qk", "dual_qk"]
+__all__ = ["TASKS", "PairOutput", "FusionTeacher", "DualEncoderStudent", "DistillationTask", "FusionFinetuneTask",
+           "fusion_qk", "dual_qk", "as_teacher", "task_targets"]
 
 TASKS = ("itm", "vqa", "nlvr2")
 
@@ -206,7 +207,7 @@ class DistillationTask(nn.Module):
     def __init__(
         self,
         student: DualEncoderStudent,
-        teacher: FusionTeacher,
+        teacher: FusionTeacher | None,
         task: str,
         weights: dict[str, float],
         temperature: float = 1.0,
@@ -223,17 +224,21 @@ class DistillationTask(nn.Module):
         self.weights = {k: float(v) for k, v in weights.items() if v}
         if not self.weights:
             raise ValueError("no loss term has a non-zero weight")
+        if teacher is None and {"soft", "attn"} & set(self.weights):
+            raise ValueError("soft/attn distillation needs a teacher")
         self.student = student
         self.teacher = teacher
         self.task = task
         self.temperature = temperature
         self.gather = gather
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
 
     def train(self, mode: bool = True) -> "DistillationTask":
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -309,3 +314,36 @@ class DistillationTask(nn.Module):
         if "hard" in w:
             terms["hard"] = F.cross_entropy(s_logits, itm_labels)
         return terms
+
+
+def as_teacher(model: nn.Module) -> FusionTeacher:
+    """A pretrained VLMo (retrieval / ITM teacher) or an already fine-tuned ``FusionTeacher``."""
+    if isinstance(model, FusionTeacher):
+        return model
+    if isinstance(model, VLMo):
+        return FusionTeacher(model)
+    raise TypeError(f"a teacher must be a VLMo or a FusionTeacher, got {type(model).__name__}")
+
+
+def task_targets(task: str, batch: dict[str, Tensor]) -> Tensor:
+    """Ground-truth class ids of a ``vqa`` (``answer_id``, -100 = not in the vocabulary) or ``nlvr2`` batch."""
+    return batch["answer_id"] if task == "vqa" else batch["label"]
+
+
+class FusionFinetuneTask(nn.Module):
+    """Fine-tunes a ``FusionTeacher`` on ``vqa`` or ``nlvr2`` with cross-entropy on the ground truth."""
+
+    def __init__(self, model: FusionTeacher, task: str, weight: float = 1.0) -> None:
+        super().__init__()
+        if task not in ("vqa", "nlvr2"):
+            raise ValueError(f"fusion fine-tuning is for vqa or nlvr2, got {task!r}")
+        _check_task(task, model.heads)
+        self.model, self.task, self.weight = model, task, weight
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = self.model(self.task, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                         batch.get("pixel_values_2"))
+        target = task_targets(self.task, batch)
+        hard = F.cross_entropy(out.logits, target, ignore_index=-100)
+        acc = (out.logits.argmax(-1) == target).float().mean()
+        return {"loss": self.weight * hard, "hard": hard.detach(), "acc": acc.detach()}

@@ -98,8 +98,10 @@ def load(engine, directory: str | os.PathLike, universal: bool = False) -> dict[
 
 
 def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    if prefix and sd and all(k.startswith(prefix) for k in sd):
-        return {k[len(prefix):]: v for k, v in sd.items()}
+    """The entries under ``prefix`` (others, such as a distillation task's ``teacher.*``, dropped),
+    with the prefix removed; ``sd`` unchanged when no key has the prefix (an export)."""
+    if prefix and any(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
 

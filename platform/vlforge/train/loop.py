@@ -83,6 +83,28 @@ def _mean_across(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], rank: int = 0, what: str = "") -> None:
+    """Load a stage's starting weights. Weights of the model itself load strictly; a VLMo's weights
+    load into the ``encoder`` of a fusion/distill model, whose heads (and, for a dual-encoder
+    student, the teacher's VL experts it does not have) are reported and left as initialised."""
+    from vlforge.train.engine import fit_shapes
+
+    own = model.state_dict()
+    if hasattr(model, "encoder") and not any(k in own for k in weights):
+        weights = {f"encoder.{k}": v for k, v in weights.items()}
+        weights = {k: v for k, v in fit_shapes({k: v for k, v in weights.items() if k in own}, model).items()}
+        if not weights:
+            raise ValueError(f"{what}: no weight matches the model's encoder")
+        missing = sorted(k for k in own if k not in weights)
+        result = model.load_state_dict(weights, strict=False)
+        if rank == 0:
+            heads = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing if not k.startswith("encoder.")})
+            print(f"init {what}: encoder weights loaded ({len(weights)} tensors); starting fresh: "
+                  f"{', '.join(heads) or '-'} ({len(result.missing_keys)} tensors)", flush=True)
+        return
+    model.load_state_dict(fit_shapes(weights, model), strict=True)
+
+
 def _maybe_fail(cfg: TrainRunConfig, rank: int, global_step: int) -> None:
     f = cfg.debug
     if f.fail_at_step is None or global_step != f.fail_at_step or rank != f.fail_rank:
@@ -176,7 +198,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from vlforge.tracking import ConfigChangedError, make_tracker
     from vlforge.train import checkpoint as ckpt_io
     from vlforge.train.engine import build_engine, fit_shapes, full_state_dict, resolve_precision
-    from vlforge.train.tasks import build_task, create
+    from vlforge.train.tasks import build_task, create, task_prefix
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -223,6 +245,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             start_index += 1
     handoff: dict[str, torch.Tensor] | None = None
     micro_batch = None
+    prefix = task_prefix(cfg.method)
+    referenced = {s.init[6:] for s in cfg.stages if s.init.startswith("stage:")}
 
     for si in range(start_index, len(cfg.stages)):
         stage = cfg.stages[si]
@@ -234,11 +258,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if not resume_here:
             weights = None
             if stage.init == "previous" and si > 0:
-                weights = handoff if handoff is not None else ckpt_io.module_weights(restored_dir)
+                weights = handoff if handoff is not None else ckpt_io.module_weights(restored_dir, prefix)
+            elif stage.init.startswith("stage:"):
+                weights = ckpt_io.module_weights(os.path.join(config["stage_dir"], stage.init[6:]))
             elif stage.init not in ("previous", "fresh"):
                 weights = ckpt_io.module_weights(stage.init)
             if weights is not None:
-                model.load_state_dict(fit_shapes(weights, model), strict=True)
+                load_init(model, weights, rank, f"{stage.name} from {stage.init}")
         handoff = None
         task = build_task(cfg, stage, model, gather=world > 1)
         set_trainable(task.model, stage.trainable)
@@ -331,6 +357,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 _maybe_fail(cfg, rank, global_step)
             epoch += 1
         handoff = _strip(full_state_dict(engine, cfg.deepspeed.zero_stage), task.prefix)
+        if rank == 0 and config.get("stage_dir") and (cfg.stage_exports or stage.name in referenced):
+            from vlforge.models.io import save_model_dir
+            from vlforge.train.tasks import model_spec
+
+            save_model_dir(fit_shapes(handoff, task.model), model_spec(cfg),
+                           os.path.join(config["stage_dir"], stage.name), {"stage": stage.name})
         if config.get("probe_file") and si == len(cfg.stages) - 1:
             _save_probe(engine, task, config["probe_file"], rank, device)
         tracker.log_loss_curve(history)

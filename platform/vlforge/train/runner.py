@@ -31,8 +31,9 @@ from typing import Any
 from vlforge.config import ConfigError, DataConfig, TrainRunConfig, to_dict
 
 
-def validate(cfg: TrainRunConfig) -> None:
-    """Raise ``ConfigError`` for settings that cannot work, before any Ray resource is taken."""
+def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
+    """Raise ``ConfigError`` for settings that cannot work, before any Ray resource is taken.
+    ``check_paths=False`` skips init and teacher paths (a workflow whose earlier runs make them)."""
     from vlforge.train.tasks import model_sizes
 
     try:
@@ -52,8 +53,22 @@ def validate(cfg: TrainRunConfig) -> None:
             raise ConfigError(f"stage {s.name}: data tokenizer.max_length {data.tokenizer.max_length} != "
                               f"{cfg.model} max_text_len {sizes['max_text_len']}; set "
                               f"data.tokenizer.max_length={sizes['max_text_len']}")
-        if s.init not in ("previous", "fresh") and "://" not in s.init and not Path(s.init).exists():
+        if (check_paths and s.init not in ("previous", "fresh") and not s.init.startswith("stage:")
+                and "://" not in s.init and not Path(s.init).exists()):
             raise ConfigError(f"stage {s.name}: init path {s.init} does not exist")
+        if check_paths and s.teacher and "://" not in s.teacher:
+            from vlforge.models.io import read_spec
+
+            try:
+                spec = read_spec(s.teacher)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"stage {s.name}: teacher {exc}") from None
+            if s.task in ("vqa", "nlvr2") and spec.get("method") != "fusion":
+                raise ConfigError(f"stage {s.name}: task {s.task} needs a fine-tuned fusion teacher "
+                                  f"(method 'fusion'), {s.teacher} is a {spec.get('method')!r} model")
+            if s.task == "vqa" and spec.get("num_answers") != cfg.num_answers:
+                raise ConfigError(f"stage {s.name}: teacher has {spec.get('num_answers')} VQA answers, "
+                                  f"this run num_answers={cfg.num_answers}")
     if cfg.debug.fail_at_step is not None and cfg.debug.fail_rank >= cfg.num_workers:
         raise ConfigError(f"debug.fail_rank {cfg.debug.fail_rank} >= num_workers {cfg.num_workers}")
 
@@ -73,7 +88,9 @@ def resolve(cfg: TrainRunConfig) -> TrainRunConfig:
     tracking = dataclasses.replace(cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking),
                                    buffer_dir=os.path.abspath(cfg.tracking.buffer_dir))
     stages = [dataclasses.replace(s, data=_absolute_data(s.data) if s.data else None,
-                                  init=s.init if s.init in ("previous", "fresh") else _abs(s.init))
+                                  init=s.init if s.init in ("previous", "fresh") or s.init.startswith("stage:")
+                                  else _abs(s.init),
+                                  teacher=_abs(s.teacher) if s.teacher else None)
               for s in cfg.stages]
     name = cfg.name or f"{cfg.method}-{cfg.model}-{uuid.uuid4().hex[:8]}"
     return dataclasses.replace(cfg, tracking=tracking, stages=stages, data=_absolute_data(cfg.data),
@@ -116,19 +133,19 @@ def check_existing_run(cfg: TrainRunConfig) -> None:
                                  f"{state['stage_index']}), which this config's stages {names} do not have there")
 
 
-def _prepare_local_mlflow(cfg: TrainRunConfig) -> None:
+def prepare_local_mlflow(tracking) -> None:
     """A local SQLite store gets its experiment from the driver, with artifacts in ``mlruns/<experiment>``
     beside the database file (``./mlruns`` for the default ``./mlflow.db``), not in a worker's directory."""
-    uri = cfg.tracking.tracking_uri or ""
-    if not cfg.tracking.enabled or not uri.startswith("sqlite:///"):
+    uri = tracking.tracking_uri or ""
+    if not tracking.enabled or not uri.startswith("sqlite:///"):
         return
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    if client.get_experiment_by_name(cfg.tracking.experiment) is None:
+    if client.get_experiment_by_name(tracking.experiment) is None:
         db = Path(uri.removeprefix("sqlite:///"))
-        where = db.parent / "mlruns" / cfg.tracking.experiment
-        client.create_experiment(cfg.tracking.experiment, artifact_location=where.as_uri())
+        where = db.parent / "mlruns" / tracking.experiment
+        client.create_experiment(tracking.experiment, artifact_location=where.as_uri())
 
 
 @dataclass
@@ -172,7 +189,7 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True) -> TrainResult:
         if "://" not in shards and not Path(shards).exists():
             raise ConfigError(f"stage {s.name}: shard set {shards} does not exist")
     check_existing_run(cfg)
-    _prepare_local_mlflow(cfg)
+    prepare_local_mlflow(cfg.tracking)
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -194,7 +211,7 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True) -> TrainResult:
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"cfg": to_dict(cfg), "run_name": cfg.name, "counters": counters.handle,
-                           "progress_file": str(run_dir / "progress_step"),
+                           "progress_file": str(run_dir / "progress_step"), "stage_dir": str(run_dir / "stages"),
                            "probe_file": str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),

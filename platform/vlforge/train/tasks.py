@@ -10,6 +10,11 @@ is where it sits inside ``task.module`` (``"model."`` for VLMo's task wrapper).
 Methods:
 
 * ``vlmo``: ``VLMoPretrainTask`` with the stage's objective weights.
+* ``fusion``: a ``FusionTeacher`` fine-tuned on the stage's ``task`` (``vqa`` / ``nlvr2``) with
+  cross-entropy (objective ``hard``).
+* ``distill``: a ``DualEncoderStudent`` taught by the frozen teacher in ``stage.teacher`` (a model
+  directory: a pretrained VLMo for ``itm``, a fine-tuned fusion model for ``vqa`` / ``nlvr2``) with
+  the stage's loss weights (``soft``, ``attn``, ``hard``, ``itc``; ``DistillationTask``).
 * ``frozen``: the Frozen model (objective ``caption``). The data pipeline gives BERT
   WordPiece ids; ``FrozenCaptionTask`` decodes them back to text with the pipeline's
   tokenizer (lower-cased, as the BERT uncased vocabulary is) and re-tokenises with the
@@ -56,10 +61,32 @@ class FrozenCaptionTask(nn.Module):
         return {**out, "loss": self.weight * out["loss"]}
 
 
-def create(cfg: TrainRunConfig) -> nn.Module:
-    from vlforge.models import create_model
+def task_prefix(method: str) -> str:
+    """Where the trained model sits inside the task module (its checkpoint keys start with it)."""
+    return "student." if method == "distill" else "model."
 
-    return create_model(cfg.model, **cfg.model_overrides)
+
+def model_spec(cfg: TrainRunConfig) -> dict[str, Any]:
+    """The ``model.json`` spec of the run's model (``vlforge.models.io``)."""
+    spec: dict[str, Any] = {"model": cfg.model, "overrides": dict(cfg.model_overrides), "method": cfg.method}
+    if cfg.method in ("fusion", "distill"):
+        spec["num_answers"] = cfg.num_answers
+    return spec
+
+
+def create(cfg: TrainRunConfig) -> nn.Module:
+    from vlforge.models.io import build_from_spec
+
+    return build_from_spec(model_spec(cfg))
+
+
+def load_teacher(path: str) -> nn.Module:
+    """The frozen teacher of a distill stage from its model directory (local path or URI)."""
+    from vlforge.models.distill import as_teacher
+    from vlforge.models.io import load_model_dir
+    from vlforge.train.checkpoint import _local
+
+    return as_teacher(load_model_dir(_local(path)))
 
 
 def build_task(cfg: TrainRunConfig, stage: StageConfig, model: nn.Module | None = None,
@@ -73,6 +100,16 @@ def build_task(cfg: TrainRunConfig, stage: StageConfig, model: nn.Module | None 
     if cfg.method == "frozen":
         data = stage.data or cfg.data
         return TrainTask(FrozenCaptionTask(model, data, stage.objectives.get("caption", 1.0)), model, "model.")
+    if cfg.method == "fusion":
+        from vlforge.models.distill import FusionFinetuneTask
+
+        return TrainTask(FusionFinetuneTask(model, stage.task, stage.objectives.get("hard", 1.0)), model, "model.")
+    if cfg.method == "distill":
+        from vlforge.models.distill import DistillationTask
+
+        teacher = load_teacher(stage.teacher) if stage.teacher else None
+        task = DistillationTask(model, teacher, stage.task, dict(stage.objectives), stage.temperature, gather=gather)
+        return TrainTask(task, model, "student.")
     raise ValueError(f"unknown method {cfg.method!r}")
 
 
@@ -85,9 +122,11 @@ def model_sizes(cfg: TrainRunConfig) -> dict[str, Any]:
         model = _frozen_skeleton(cfg)
     else:
         with torch.device("meta"):
-            model = create_model(cfg.model, **cfg.model_overrides)
+            model = create(cfg)
     names = [n for n, _ in model.named_parameters()]
-    if cfg.method == "vlmo":
+    if cfg.method in ("fusion", "distill"):
+        model = model.encoder
+    if cfg.method in ("vlmo", "fusion", "distill"):
         return {"img_size": model.config.img_size, "max_text_len": model.config.max_text_len, "param_names": names}
     return {"img_size": model.config.vision.img_size, "max_text_len": None, "param_names": names}
 

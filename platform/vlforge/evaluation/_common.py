@@ -1,0 +1,79 @@
+"""Helpers shared by the evaluation modules: the VLMo inside a pair model, eval mode, batching."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from vlforge.models.vlmo import VLMo
+
+
+def encoder_of(model: nn.Module) -> VLMo:
+    """The VLMo of a ``FusionTeacher`` / ``DualEncoderStudent`` (``.encoder``), or ``model`` itself."""
+    enc = getattr(model, "encoder", model)
+    if not isinstance(enc, VLMo):
+        raise TypeError(f"expected a VLMo or a model with a VLMo .encoder, got {type(model).__name__}")
+    return enc
+
+
+def device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels, so that wall-clock timings include them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` and ``torch.no_grad()`` for the block; the training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def image_embeddings(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:
+    """Normalised ITC image embeddings [Ni, E] on the encoder's device (no grad, caller's mode)."""
+    dev = device_of(enc)
+    parts = [enc.image_embedding(enc.encode_image(pixel_values[s].to(dev)))
+             for s in chunks(len(pixel_values), batch_size)]
+    return torch.cat(parts)  # [Ni, E]
+
+
+def text_embeddings(enc: VLMo, input_ids: Tensor, attention_mask: Tensor, batch_size: int) -> Tensor:
+    """Normalised ITC text embeddings [Nt, E] on the encoder's device (no grad, caller's mode)."""
+    dev = device_of(enc)
+    parts = [enc.text_embedding(enc.encode_text(input_ids[s].to(dev), attention_mask[s].to(dev)))
+             for s in chunks(len(input_ids), batch_size)]
+    return torch.cat(parts)  # [Nt, E]
+
+
+def itm_probs(enc: VLMo, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+              image_idx: Tensor, text_idx: Tensor, batch_size: int) -> Tensor:
+    """Fusion ITM match probability (softmax class 1) of the pairs (image_idx[p], text_idx[p]): [P]."""
+    dev = device_of(enc)
+    out = []
+    for s in chunks(len(image_idx), batch_size):
+        i, t = image_idx[s], text_idx[s]
+        fused = enc.forward_fusion(pixel_values[i].to(dev), input_ids[t].to(dev), attention_mask[t].to(dev))
+        out.append(enc.itm_logits(fused).softmax(dim=-1)[:, 1])  # [b]
+    if not out:
+        return torch.empty(0, device=dev)
+    return torch.cat(out)  # [P]

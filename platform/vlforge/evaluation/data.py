@@ -1,0 +1,104 @@
+"""Evaluation sets: a whole shard set decoded in file order into one batch of tensors.
+
+    data = DataConfig(image=ImageConfig(size=64))
+    test = load_eval_set("data/corpus/scenes/test", data)              # captions
+    vqa = load_eval_set("s3://bucket/corpus/vqa/test", data, max_samples=500)
+    test["pixel_values"]   # [N, 3, H, W] float32, normalised
+    test["input_ids"]      # [N, T] int64; "attention_mask" [N, T]; "sample_id" [N]
+    vqa["answer_id"]       # [N] (-100: answer not in answers.json); nlvr: "pixel_values_2", "label"
+
+Reading is single-process on the driver (``iter_samples`` over ``list_shards``, no
+Ray), so the order is the shards' order and then the samples' order inside each
+shard, and two loads give identical tensors. Decoding is the training pipeline's
+``decode_batch`` with ``train=False``: no augmentation, and bad samples are dropped
+the same way (they do not count towards ``max_samples``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlforge.config import DataConfig
+from vlforge.data.pipeline import (
+    RAW_COLUMNS,
+    TASK_KINDS,
+    decode_batch,
+    detect_task,
+    find_answers,
+    finish_pixels,
+    raw_row,
+)
+from vlforge.data.shards import iter_samples, list_shards
+
+__all__ = ["load_eval_set"]
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Raw rows -> ``RAW_COLUMNS`` as object arrays (bytes stay bytes, missing stays None)."""
+    out = {}
+    for name in RAW_COLUMNS:
+        col = np.empty(len(rows), dtype=object)
+        col[:] = [r[name] for r in rows]
+        out[name] = col
+    return out
+
+
+def load_eval_set(shards: str, data: DataConfig, task: str | None = None,
+                  max_samples: int | None = None) -> dict[str, Tensor]:
+    """Decode the shard set ``shards`` (local path, manifest, glob or ``s3://`` URI) into one batch.
+
+    ``data`` supplies the image, tokenizer and storage settings (``data.shards`` is
+    not used). ``task`` is "captions", "vqa" or "nlvr"; None reads it from the
+    manifest. Stops after ``max_samples`` usable samples.
+    """
+    task = task or detect_task(shards, data.storage)
+    if task not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {task!r}; expected one of {TASK_KINDS}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    answers = find_answers(shards, data.storage) if task == "vqa" else None
+    if task == "vqa" and not answers:
+        raise FileNotFoundError(f"{shards}: VQA shards need an answers.json beside them (or one level up)")
+
+    parts: list[dict[str, np.ndarray]] = []
+    kept = 0
+    rows: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal kept, rows
+        if rows:
+            out = decode_batch(_columns(rows), image=data.image, tokenizer=data.tokenizer, task=task,
+                               answers=answers, train=False)
+            if out:
+                parts.append(out)
+                kept += len(out["input_ids"])
+        rows = []
+
+    def full() -> bool:
+        return max_samples is not None and kept >= max_samples
+
+    for url in list_shards(shards, data.storage):
+        for sample in iter_samples(url, data.storage):
+            rows.append(raw_row(sample, url))
+            # Near the limit, decode smaller chunks so that few rows are decoded only to be dropped.
+            want = data.decode_batch_size
+            if max_samples is not None:
+                want = min(want, max_samples - kept)
+            if len(rows) >= want:
+                flush()
+                if full():
+                    break
+        if full():
+            break
+    flush()
+    if not parts:
+        raise ValueError(f"{shards}: no usable {task} samples")
+
+    batch = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+    if max_samples is not None:
+        batch = {k: v[:max_samples] for k, v in batch.items()}
+    return finish_pixels(batch, data.image)

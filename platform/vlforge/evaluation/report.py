@@ -1,0 +1,145 @@
+"""Evaluation reports: fixed-width text tables, bar charts of metrics, latency plots.
+
+    print(format_table(rows, ["model", "i2t_r1", "t2i_r1", "rmean"], title="retrieval, scenes/test"))
+    plot_results(rows, ["i2t_r1", "t2i_r1", "acc"], "out/results.png")    # one bar group per metric
+    plot_latency(latency_rows, "out/latency.png")                        # log-log time vs N
+    mean, std = mean_std([71.0, 73.5, 72.0])                              # over seeds
+
+Plots draw on a ``matplotlib.figure.Figure`` with the Agg canvas, never through
+pyplot, so they work without a display and leave pyplot's global state alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["format_table", "mean_std", "plot_latency", "plot_results"]
+
+MISSING = "-"
+LATENCY_SERIES = (
+    ("teacher_s", "fusion teacher (ITM on all pairs)"),
+    ("student_s", "dual-encoder student"),
+    ("student_cached_s", "student, cached image embeddings"),
+)
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _decimals(values: list[Any]) -> int:
+    """3 decimals for a column of small floats (seconds, ratios below 10), 1 for larger ones (percent)."""
+    floats = [abs(v) for v in values if isinstance(v, float) and math.isfinite(v)]
+    return 1 if floats and max(floats) >= 10 else 3
+
+
+def _cell(v: Any, decimals: int) -> str:
+    if _is_missing(v):
+        return MISSING
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != 0 and math.isfinite(v) and abs(v) < 10 ** -decimals:
+            return f"{v:.2e}"
+        return f"{v:.{decimals}f}"
+    return str(v)
+
+
+def format_table(rows: list[dict], columns: list[str], title: str | None = None) -> str:
+    """Rows as a fixed-width table; numbers right-aligned, text left-aligned, missing values as ``-``.
+
+    Floats get 1 decimal in a column whose largest float is >= 10, else 3 (tiny
+    non-zero values in scientific notation).
+    """
+    numeric = {c: all(_is_missing(r.get(c)) or isinstance(r.get(c), (int, float)) for r in rows) for c in columns}
+    cells = []
+    for c in columns:
+        d = _decimals([r.get(c) for r in rows])
+        cells.append([_cell(r.get(c), d) for r in rows])
+    widths = [max([len(c)] + [len(x) for x in col]) for c, col in zip(columns, cells)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if numeric[c] else v.ljust(w) for c, v, w in zip(columns, values, widths)]
+        return "  ".join(parts).rstrip()
+
+    out = [title] if title else []
+    out.append(line(columns))
+    out.append("  ".join("-" * w for w in widths))
+    out.extend(line([col[i] for col in cells]) for i in range(len(rows)))
+    return "\n".join(out)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    return out
+
+
+def plot_results(rows: list[dict], metrics: list[str], path: str | os.PathLike, label_key: str = "model") -> Path:
+    """Grouped bar chart PNG: one group per metric, one bar per row (labelled by ``row[label_key]``)."""
+    if not rows or not metrics:
+        raise ValueError("plot_results needs at least one row and one metric")
+    fig = _figure(max(5.0, 1.2 * len(metrics) * max(1, len(rows)) / 2 + 2), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(metrics))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        heights = [np.nan if _is_missing(row.get(m)) else float(row[m]) for m in metrics]
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), heights, width, label=str(row.get(label_key, f"row {i}")))
+        ax.bar_label(bars, labels=["" if math.isnan(h) else f"{h:.1f}" for h in heights], fontsize=7)
+    ax.set_xticks(x, metrics)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_latency(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Retrieval time against N on log-log axes, one line per method; extrapolated teacher points hollow."""
+    if not rows:
+        raise ValueError("plot_latency needs at least one row")
+    rows = sorted(rows, key=lambda r: r["n"])
+    fig = _figure(6.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, label in LATENCY_SERIES:
+        pts = [(r["n"], r[key]) for r in rows if not _is_missing(r.get(key)) and r[key] > 0]
+        if not pts:
+            continue
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if key == "teacher_s":
+            extra = [(r["n"], r[key]) for r in rows if r.get("teacher_extrapolated") and r.get(key)]
+            if extra:
+                ax.plot([p[0] for p in extra], [p[1] for p in extra], "o", markersize=9, markerfacecolor="white",
+                        color=line.get_color(), label="teacher, extrapolated")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("N images = N texts")
+    ax.set_ylabel("seconds to score N x N")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
+    if not values:
+        raise ValueError("mean_std of no values")
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), std

@@ -1,0 +1,365 @@
+"""Log a trained dual-encoder student to MLflow as a pyfunc model and register it.
+
+    from vlforge.tracking.registry import log_and_register, load_by_alias
+
+    version = log_and_register("out/student", cfg.data, model_name="vlforge-student",
+                               tags={"stage": "distill", "data": cfg.data.shards})
+    print(version.name, version.version, version.alias)        # vlforge-student 3 challenger
+    model = load_by_alias("vlforge-student", "challenger")
+    model.predict(pd.DataFrame({"image": [png_bytes], "text": ["a llama"]}))   # score, match_prob
+
+``prepare_serving_dir`` turns a model directory (``vlforge.models.io.save_model_dir``, method
+``distill``) into everything the model needs offline: the safetensors weights and spec, the
+tokenizer as ``tokenizer.json`` and the image / text preprocessing as ``preprocess.json``.
+``log_and_register`` logs it with MLflow 3's "models from code" (the pyfunc is
+``vlforge/tracking/pyfunc_model.py``; nothing is pickled), registers a new version, tags it,
+points an alias at it and waits until it is READY. Stages are deprecated in MLflow 3:
+promotion moves aliases (``challenger`` -> ``champion``) and sets tags.
+
+The serving environment needs the pinned requirements logged with the model (torch,
+safetensors, tokenizers, numpy, pillow, pandas) and the ``vlforge`` package itself, which is
+not on PyPI: install it there (wheel, checkout or the project's container image).
+
+Tracking URI: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else the local
+``sqlite:///<cwd>/mlflow.db`` (``vlforge.tracking.resolve_tracking_uri``). Credentials
+(``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` / ``_TOKEN``) come only from the environment;
+tag values are masked with the tracker's redaction helpers before they are sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from vlforge.config import DataConfig, TrackingConfig
+from vlforge.models.io import SPEC_FILE, WEIGHTS_FILE, read_spec
+from vlforge.tracking.mlflow_tracker import redact, resolve_tracking_uri
+from vlforge.tracking.pyfunc_model import (
+    ARTIFACT_KEY,
+    AUTO,
+    PREPROCESS_FILE,
+    TOKENIZER_FILE,
+)
+
+log = logging.getLogger("vlforge.tracking")
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_ARTIFACT_NAME = "model"
+SERVING_PACKAGES = ("torch", "safetensors", "tokenizers", "numpy", "pillow", "pandas")
+READY_TIMEOUT_S = 300.0
+
+__all__ = [
+    "RegisteredVersion",
+    "load_by_alias",
+    "log_and_register",
+    "model_signature",
+    "prepare_serving_dir",
+    "serving_requirements",
+]
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A registered model version: ``model_uri`` is ``models:/<name>/<version>``."""
+
+    name: str
+    version: str
+    alias: str
+    model_uri: str
+    run_id: str
+    source: str = ""  # the logged model the version points at (``models:/m-...``)
+
+
+# ----------------------------------------------------------------------------- serving directory
+
+
+def _model_sizes(spec: dict[str, Any]) -> tuple[int, int, int]:
+    """(img_size, max_text_len, vocab_size) of the encoder a spec builds (on the meta device: no memory)."""
+    import torch
+
+    from vlforge.models.io import build_from_spec
+
+    with torch.device("meta"):
+        model = build_from_spec(spec)
+    cfg = model.encoder.config
+    return int(cfg.img_size), int(cfg.max_text_len), int(cfg.vocab_size)
+
+
+def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir: str | os.PathLike) -> Path:
+    """Copy a ``distill`` model directory into ``out_dir`` with ``tokenizer.json`` and ``preprocess.json``.
+
+    Checks that the image size and tokenizer fit the model (image size = the model's, max
+    length <= its text positions, vocabulary <= its embedding table). Returns ``out_dir``.
+    """
+    from vlforge.data.tokenizer import load_tokenizer
+
+    src, out = Path(model_dir), Path(out_dir)
+    spec = read_spec(src)
+    if spec.get("method") != "distill":
+        raise ValueError(f"{src}: serving needs a distilled dual-encoder student (method 'distill'), "
+                         f"got method {spec.get('method', 'vlmo')!r}")
+    if not (src / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{src}: no {WEIGHTS_FILE}")
+    img_size, max_text_len, vocab_size = _model_sizes(spec)
+    if data.image.size != img_size:
+        raise ValueError(f"data.image.size is {data.image.size} but model {spec['model']!r} takes {img_size}px images")
+    if data.tokenizer.max_length > max_text_len:
+        raise ValueError(f"tokenizer.max_length {data.tokenizer.max_length} exceeds the model's "
+                         f"{max_text_len} text positions")
+
+    tok = load_tokenizer(data.tokenizer)
+    backend = tok.backend
+    if backend is None:
+        backend = getattr(tok.hf, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(
+                f"tokenizer {data.tokenizer.name!r} is a transformers tokenizer without a `tokenizers` "
+                "backend (a slow tokenizer), so it cannot be saved as tokenizer.json for serving; use "
+                "tokenizer.name=minilm, a tokenizer.json / vocab.txt path, or a fast tokenizer"
+            )
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {data.tokenizer.name!r} has {tok.vocab_size} tokens but the model's "
+                         f"embedding table has {vocab_size}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != src.resolve():
+        for name in (WEIGHTS_FILE, SPEC_FILE):
+            shutil.copy2(src / name, out / name)
+    backend.save(str(out / TOKENIZER_FILE))
+    preprocess = {
+        "image": {"size": int(data.image.size), "mean": [float(x) for x in data.image.mean],
+                  "std": [float(x) for x in data.image.std]},
+        "tokenizer": {"max_length": int(data.tokenizer.max_length), "lowercase": bool(data.tokenizer.lowercase)},
+    }
+    (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=1, sort_keys=True))
+    return out
+
+
+# ----------------------------------------------------------------------------- model definition
+
+
+def serving_requirements() -> list[str]:
+    """Pinned pip requirements of the pyfunc (local version labels such as ``+cpu`` dropped)."""
+    reqs = []
+    for pkg in SERVING_PACKAGES:
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError as exc:
+            raise RuntimeError(f"{pkg} is not installed; the serving model needs it") from exc
+        reqs.append(f"{pkg}=={version.split('+')[0]}")
+    return reqs
+
+
+def model_signature():
+    """Inputs ``image`` (binary) and ``text`` (string), both optional; param ``mode``; the four outputs."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import (
+        Array,
+        ColSpec,
+        DataType,
+        ParamSchema,
+        ParamSpec,
+        Schema,
+    )
+
+    inputs = Schema([ColSpec(DataType.binary, "image", required=False),
+                     ColSpec(DataType.string, "text", required=False)])
+    outputs = Schema([ColSpec(Array(DataType.float), "image_embedding", required=False),
+                      ColSpec(Array(DataType.float), "text_embedding", required=False),
+                      ColSpec(DataType.float, "score", required=False),
+                      ColSpec(DataType.float, "match_prob", required=False)])
+    params = ParamSchema([ParamSpec("mode", DataType.string, AUTO)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _input_example(size: int):
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 96, 64)).save(buf, format="PNG")
+    return pd.DataFrame({"image": [buf.getvalue()], "text": ["a photo"]})
+
+
+# ----------------------------------------------------------------------------- MLflow plumbing
+
+
+@contextlib.contextmanager
+def _use_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a block; restore the previous URI and
+    ``MLFLOW_TRACKING_URI`` exactly afterwards (``mlflow.set_tracking_uri`` rewrites the variable)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before = tracking_utils._tracking_uri
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+def _experiment_id(client, name: str, artifact_location: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage != "active":
+            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or pick another name")
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as exc:  # created concurrently
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        log.debug("experiment %s appeared while creating it: %s", name, exc)
+        return exp.experiment_id
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _wait_ready(client, name: str, version: str, timeout_s: float):
+    from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
+
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        mv = client.get_model_version(name, version)
+        status = ModelVersionStatus.from_string(mv.status) if isinstance(mv.status, str) else mv.status
+        if status == ModelVersionStatus.READY:
+            return mv
+        if status == ModelVersionStatus.FAILED_REGISTRATION:
+            raise RuntimeError(f"model version {name}/{version} failed to register: {mv.status_message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"model version {name}/{version} not READY after {timeout_s:.0f}s "
+                               f"(status {mv.status})")
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def _version_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    return {str(k): v for k, v in redact({str(k): str(v) for k, v in tags.items()}).items()}
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def log_and_register(
+    model_dir: str | os.PathLike,
+    data: DataConfig,
+    *,
+    model_name: str,
+    tags: Mapping[str, Any],
+    alias: str = "challenger",
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "vlforge",
+    artifact_location: str | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> RegisteredVersion:
+    """Log ``model_dir`` as a pyfunc into ``run_id`` (or a new run in ``experiment``), register a
+    new version of ``model_name``, tag it, point ``alias`` at it and wait until it is READY.
+
+    A run created here is ended FINISHED (FAILED when logging fails); a given run is left as it
+    is. ``artifact_location`` applies only when the experiment does not exist yet.
+    """
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri, experiment=experiment))
+    # The fluent API (Model.log) and, with a database store, the registry itself resolve logged
+    # models through the global tracking URI, so all of it runs with the URI pointed at ``uri``.
+    with _use_tracking_uri(uri):
+        client = MlflowClient(tracking_uri=uri)
+        own_run = run_id is None
+        if own_run:
+            exp_id = _experiment_id(client, experiment, artifact_location)
+            run = client.create_run(exp_id, run_name=f"register-{model_name}",
+                                    tags={"vlforge.kind": "model-registration"})
+            run_id = run.info.run_id
+        else:
+            run = client.get_run(run_id)  # fails early on an unknown run
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="vlforge-serving-") as tmp:
+                serving = prepare_serving_dir(model_dir, data, Path(tmp) / ARTIFACT_KEY)
+                # Model.log(run_id=...) without an active fluent run would create the LoggedModel
+                # in the default experiment (artifacts under ./mlruns/0); create it in the run's
+                # experiment here and hand it over. No fluent run is started, so a given run's
+                # status is left alone.
+                logged = client.create_logged_model(
+                    run.info.experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id,
+                    params={k: str(v) for k, v in run.data.params.items()} or None,
+                )
+                info = Model.log(
+                    artifact_path=None,
+                    name=MODEL_ARTIFACT_NAME,
+                    flavor=mlflow.pyfunc,
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={ARTIFACT_KEY: str(serving)},
+                    signature=model_signature(),
+                    input_example=(_input_example(data.image.size), {"mode": AUTO}),
+                    pip_requirements=serving_requirements(),
+                    flavor_name="pyfunc.ModelFromCode",
+                )
+        except BaseException:
+            if own_run:
+                client.set_terminated(run_id, "FAILED")
+            raise
+        if own_run:
+            client.set_terminated(run_id, "FINISHED")
+
+        _ensure_registered_model(client, model_name)
+        mv = client.create_model_version(model_name, source=info.model_uri, run_id=run_id,
+                                         tags=_version_tags(tags), model_id=info.model_id,
+                                         await_creation_for=0)
+        mv = _wait_ready(client, model_name, str(mv.version), ready_timeout_s)
+        client.set_registered_model_alias(model_name, alias, mv.version)
+    log.info("registered %s version %s (alias %s) from run %s", model_name, mv.version, alias, run_id)
+    return RegisteredVersion(name=model_name, version=str(mv.version), alias=alias,
+                             model_uri=f"models:/{model_name}/{mv.version}", run_id=run_id,
+                             source=info.model_uri)
+
+
+def load_by_alias(model_name: str, alias: str, tracking_uri: str | None = None):
+    """The pyfunc of ``models:/<model_name>@<alias>`` (``vlforge`` must be importable)."""
+    import mlflow
+
+    uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
+    with _use_tracking_uri(uri):
+        return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")

@@ -1,0 +1,435 @@
+"""Two-stage distillation, end to end: the body of ``jobs/two_stage.py``.
+
+    from vlforge.config import TwoStageConfig, load
+    result = run_two_stage(load(TwoStageConfig, "jobs/configs/two_stage_smoke.yaml"))
+    print(result.table)
+
+Steps, each a Ray Train run on the same Ray cluster (``vlforge.train.runner``):
+
+1. ``<name>.teacher-pretrain``: the VLMo fusion teacher's pretraining stages (skipped when
+   ``teacher.checkpoint`` names the teacher directory of an earlier job).
+2. ``<name>.teacher-finetune``: one fine-tuning stage per downstream task (``vqa``, ``nlvr2``),
+   each starting from the pretrained teacher; each stage's weights are kept.
+3. ``<name>.student-<variant>``: the dual-encoder student's stages: pretraining distillation
+   (``itm`` on image-text pairs: ITC, soft ITM labels, cross-modal attention), then fine-tuning
+   distillation per task. ``distilled`` uses the configured weights; the ablations are the same
+   stages with ``attn`` off (``soft_only``) or with ground-truth labels only (``hard_only``).
+4. Evaluation on the driver (``vlforge.evaluation``): retrieval R@1/5/10 both ways, true/false
+   reasoning and VQA accuracy per model and split (``test`` = held-out concept combinations),
+   and latency of scoring N texts against N images.
+5. Registration of the distilled student (``vlforge.tracking.registry``) with the figures as tags.
+
+Everything lands under ``<storage_path>/<name>/``: ``teacher/`` (model directories ``pretrain``
+and one per fine-tuning stage; reusable as ``teacher.checkpoint``), ``results.json``,
+``results.txt``, ``results.png``, ``latency.png``. Started again with the same ``name``, finished
+runs are reused and an interrupted one resumes from its last checkpoint. One MLflow parent run
+(``<name>``) holds the results; every training run is its child.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from vlforge.config import (
+    ConfigError,
+    DataConfig,
+    StageConfig,
+    TrainRunConfig,
+    TwoStageConfig,
+    dump_yaml,
+)
+
+TASK_SETS = {"itm": "scenes", "nlvr2": "nlvr", "vqa": "vqa"}  # the corpus set each task is evaluated on
+
+
+@dataclass
+class Plan:
+    """The Ray Train runs of a job, in order, and where their models land."""
+
+    name: str
+    root: Path
+    teacher_dir: Path
+    runs: dict[str, TrainRunConfig]  # key: "teacher-pretrain", "teacher-finetune", "student-<variant>"
+    variants: list[str]
+    num_answers: int
+
+    def run_dir(self, key: str) -> Path:
+        cfg = self.runs[key]
+        return Path(cfg.storage_path) / cfg.name
+
+    def student_model(self, variant: str, task: str) -> Path | None:
+        """The model directory of the student's last stage for ``task`` (None when no stage has it)."""
+        stages = [s.name for s in self.runs[f"student-{variant}"].stages if s.task == task]
+        return self.run_dir(f"student-{variant}") / "stages" / stages[-1] if stages else None
+
+
+@dataclass
+class TwoStageResult:
+    name: str
+    root: str
+    rows: list[dict[str, Any]]
+    latency: list[dict[str, Any]]
+    table: str
+    seconds: dict[str, float]
+    registered: dict[str, Any] | None = None
+    parent_run_id: str | None = None
+    artifacts: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [self.table, "", f"job {self.name}: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items())]
+        if self.registered:
+            r = self.registered
+            lines.append(f"registered {r['name']} version {r['version']} as @{r['alias']} ({r['model_uri']})")
+        lines.append(f"results: {self.root}")
+        return "\n".join(lines)
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def variant_weights(objectives: dict[str, float], variant: str) -> dict[str, float]:
+    """A student stage's loss weights for an ablation variant."""
+    w = dict(objectives)
+    if variant == "soft_only":
+        w.pop("attn", None)
+        if not w.get("soft") and not w.get("hard"):
+            w["soft"] = 1.0
+    elif variant == "hard_only":
+        w.pop("attn", None)
+        w.pop("soft", None)
+        w["hard"] = w.get("hard") or 1.0
+    return {k: v for k, v in w.items() if v}
+
+
+def _num_answers(cfg: TwoStageConfig) -> int:
+    from vlforge.data.pipeline import find_answers
+
+    stages = [*cfg.teacher.finetune, *cfg.student.stages]
+    for s in stages:
+        if s.task == "vqa" and s.data is not None:
+            answers = find_answers(_abs(s.data.shards), s.data.storage)
+            if not answers:
+                raise ConfigError(f"stage {s.name}: no answers.json beside {s.data.shards}")
+            return len(answers)
+    if any(s.task == "vqa" for s in stages):
+        raise ConfigError("a vqa stage needs its own data (shards) to find answers.json")
+    return 0
+
+
+def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
+    """The runs of the job; every run's config is checked (paths made by earlier runs excepted)."""
+    from vlforge.train.runner import validate
+
+    name = cfg.name or f"two-stage-{uuid.uuid4().hex[:8]}"
+    storage = _abs(cfg.storage_path)
+    root = Path(storage) / name
+    teacher_dir = Path(_abs(cfg.teacher.checkpoint)) if cfg.teacher.checkpoint else root / "teacher"
+    for s in [*cfg.teacher.pretrain, *cfg.teacher.finetune, *cfg.student.stages]:
+        if s.data is None:
+            raise ConfigError(f"stage {s.name}: give its data (shards, image, tokenizer, batch size)")
+    num_answers = _num_answers(cfg)
+    common = dict(deepspeed=cfg.deepspeed, storage_path=storage, num_workers=cfg.num_workers,
+                  worker_cpus=cfg.worker_cpus, use_gpu=cfg.use_gpu, checkpoint_every=cfg.checkpoint_every,
+                  max_failures=cfg.max_failures, progress_every=cfg.progress_every, seed=cfg.seed, corpus=None)
+
+    def make(key: str, **kw) -> TrainRunConfig:
+        tracking = dataclasses.replace(cfg.tracking, run_name=f"{name}.{key}")
+        run = TrainRunConfig(name=f"{name}.{key}", tracking=tracking, data=kw["stages"][0].data, **common, **kw)
+        validate(run, check_paths=False)
+        return run
+
+    runs: dict[str, TrainRunConfig] = {}
+    if not cfg.teacher.checkpoint:
+        runs["teacher-pretrain"] = make("teacher-pretrain", method="vlmo", model=cfg.teacher.model,
+                                        model_overrides=cfg.teacher.model_overrides,
+                                        stages=list(cfg.teacher.pretrain), export=True)
+        if cfg.teacher.finetune:
+            stages = [dataclasses.replace(s, init=str(teacher_dir / "pretrain")) for s in cfg.teacher.finetune]
+            runs["teacher-finetune"] = make("teacher-finetune", method="fusion", model=cfg.teacher.model,
+                                            model_overrides=cfg.teacher.model_overrides, stages=stages,
+                                            export=False, stage_exports=True, num_answers=num_answers)
+    variants = ["distilled", *(cfg.ablations if ablations else [])]
+    for v in variants:
+        stages = [dataclasses.replace(s, objectives=variant_weights(s.objectives, v),
+                                      teacher=str(teacher_dir / s.teacher) if s.teacher else None)
+                  for s in cfg.student.stages]
+        if v == "hard_only":
+            stages = [dataclasses.replace(s, teacher=None) for s in stages]
+        runs[f"student-{v}"] = make(f"student-{v}", method="distill", model=cfg.student.model,
+                                    model_overrides=cfg.student.model_overrides, stages=stages, export=False,
+                                    stage_exports=True, num_answers=num_answers)
+    return Plan(name, root, teacher_dir, runs, variants, num_answers)
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").exists()
+
+
+def _teacher_models(p: Plan, cfg: TwoStageConfig) -> dict[str, Path]:
+    """task -> the teacher's model directory evaluated on it."""
+    models = {"itm": p.teacher_dir / "pretrain"}
+    for s in cfg.teacher.finetune:
+        models[s.task] = p.teacher_dir / s.name
+    return models
+
+
+def _check_teacher_dir(p: Plan, cfg: TwoStageConfig) -> None:
+    needed = {"pretrain"} | {s.teacher for s in cfg.student.stages if s.teacher}
+    missing = [n for n in sorted(needed) if not (p.teacher_dir / n / "model.json").exists()]
+    if missing:
+        raise ConfigError(f"teacher.checkpoint {p.teacher_dir}: missing model directories {missing} "
+                          f"(a teacher directory holds pretrain/ and one directory per fine-tuning stage)")
+
+
+def train_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Run (or reuse, or resume) every training run of the plan; seconds per run."""
+    from vlforge.train.runner import run_training
+
+    seconds: dict[str, float] = {}
+    for key, run in p.runs.items():
+        run_dir = p.run_dir(key)
+        if _finished(run_dir) and (key != "teacher-pretrain" or (p.teacher_dir / "pretrain").exists()):
+            log(f"== {run.name}: finished earlier, reusing {run_dir}")
+            continue
+        log(f"== {run.name}: {run.method} {run.model}, stages "
+            + ", ".join(f"{s.name}({s.task or ''} {s.steps} steps {s.objectives})" for s in run.stages))
+        t0 = time.perf_counter()
+        result = run_training(run, init_ray=False)
+        seconds[key] = time.perf_counter() - t0
+        for line in result.summary().splitlines()[1:]:
+            log(line)
+        if key == "teacher-pretrain":
+            if not result.export_dir:
+                raise RuntimeError(f"{run.name}: no export was written")
+            shutil.copytree(result.export_dir, p.teacher_dir / "pretrain", dirs_exist_ok=True)
+        elif key == "teacher-finetune":
+            for s in run.stages:
+                shutil.copytree(run_dir / "stages" / s.name, p.teacher_dir / s.name, dirs_exist_ok=True)
+        if key == "teacher-finetune" or (key == "teacher-pretrain" and "teacher-finetune" not in p.runs):
+            _check_teacher_dir(p, cfg)
+    return seconds
+
+
+def _eval_data(cfg: TwoStageConfig) -> DataConfig:
+    first = cfg.student.stages[0].data
+    return dataclasses.replace(first, image=dataclasses.replace(first.image, augment=False))
+
+
+def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """One row per model and split: retrieval recalls, nlvr2 and vqa accuracy."""
+    import torch
+
+    from vlforge.evaluation import accuracy, evaluate_retrieval, load_eval_set
+    from vlforge.models.distill import as_teacher
+    from vlforge.models.io import load_model_dir
+
+    data = _eval_data(cfg)
+    tasks = sorted({s.task for s in cfg.student.stages})
+    models: dict[str, dict[str, Path]] = {"teacher": _teacher_models(p, cfg)}
+    for v in p.variants:
+        models[f"student-{v}"] = {t: d for t in tasks if (d := p.student_model(v, t)) is not None}
+    rows = []
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for split in cfg.eval.splits:
+        sets = {}
+        for t in tasks:
+            uri = f"{_abs(cfg.eval.data_root).rstrip('/')}/{TASK_SETS[t]}/{split}"
+            sets[t] = load_eval_set(uri, dataclasses.replace(data, shards=uri), max_samples=cfg.eval.max_samples)
+        for label, dirs in models.items():
+            row: dict[str, Any] = {"model": label, "split": split}
+            for t in tasks:
+                if t not in dirs:
+                    continue
+                model = load_model_dir(dirs[t])
+                if t == "itm":
+                    kind = "teacher" if label == "teacher" else "student"
+                    model = as_teacher(model) if kind == "teacher" else model
+                    row.update(evaluate_retrieval(model, sets[t], kind, rerank_k=cfg.eval.rerank_k,
+                                                  batch_size=cfg.eval.batch_size))
+                else:
+                    row[f"{t}_acc"] = accuracy(model, t, sets[t], batch_size=cfg.eval.batch_size)["acc"]
+            rows.append(row)
+            log(f"   eval {label} {split}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
+                                                        if isinstance(v, float)))
+    return rows
+
+
+def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
+    from vlforge.evaluation import latency_table, load_eval_set
+    from vlforge.models.distill import as_teacher
+    from vlforge.models.io import load_model_dir
+
+    student_dir = p.student_model("distilled", "itm")
+    if student_dir is None:
+        return []
+    uri = f"{_abs(cfg.eval.data_root).rstrip('/')}/scenes/{cfg.eval.splits[-1]}"
+    data = dataclasses.replace(_eval_data(cfg), shards=uri)
+    s = load_eval_set(uri, data, max_samples=max(cfg.eval.latency_ns))
+    teacher = as_teacher(load_model_dir(p.teacher_dir / "pretrain"))
+    student = load_model_dir(student_dir)
+    return latency_table(teacher, student, s["pixel_values"], s["input_ids"], s["attention_mask"],
+                         ns=tuple(cfg.eval.latency_ns), max_teacher_pairs=cfg.eval.max_teacher_pairs,
+                         batch_size=cfg.eval.batch_size)
+
+
+RESULT_COLUMNS = ["model", "split", "nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10",
+                  "t2i_r1", "t2i_r5", "t2i_r10", "rmean"]
+LATENCY_COLUMNS = ["n", "teacher_s", "teacher_extrapolated", "student_s", "student_cached_s", "speedup",
+                   "speedup_cached"]
+
+
+def report(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> str:
+    from vlforge.evaluation import format_table, growth
+
+    present = [c for c in RESULT_COLUMNS if any(c in r for r in rows)]
+    text = format_table(rows, present, title="Evaluation (percent; test = held-out concept combinations)")
+    if latency:
+        text += "\n\n" + format_table(latency, LATENCY_COLUMNS,
+                                      title="Latency: score N texts against N images (seconds)")
+        grow = {k: growth(latency, k) for k in ("teacher_s", "student_s", "student_cached_s")}
+        text += "\ngrowth (log-log slope of time vs N): " + ", ".join(f"{k} {v:.2f}" for k, v in grow.items())
+    return text
+
+
+def _registration_tags(rows: list[dict[str, Any]], p: Plan, cfg: TwoStageConfig) -> dict[str, str]:
+    tags = {"vlforge.job": p.name, "vlforge.teacher": str(p.teacher_dir), "vlforge.seed": str(cfg.seed)}
+    for r in rows:
+        if r["model"] == "student-distilled":
+            for k, v in r.items():
+                if isinstance(v, float):
+                    tags[f"eval.{r['split']}.{k}"] = f"{v:.2f}"
+    return tags
+
+
+def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool = True,
+                  log: Callable[[str], None] = print) -> TwoStageResult:
+    """Train, evaluate, register; see the module docstring."""
+    from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
+    from vlforge.train.runner import prepare_local_mlflow
+
+    t_start = time.perf_counter()
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking),
+        buffer_dir=os.path.abspath(cfg.tracking.buffer_dir)))
+    p = plan(cfg, ablations=ablations)
+    if cfg.teacher.checkpoint:
+        _check_teacher_dir(p, cfg)
+    if cfg.corpus is not None:
+        from vlforge.data.corpus import ensure_corpus
+
+        ensure_corpus(dataclasses.replace(cfg.corpus, out=_abs(cfg.corpus.out)), progress=log)
+        p = plan(dataclasses.replace(cfg, name=p.name), ablations=ablations)
+    p.root.mkdir(parents=True, exist_ok=True)
+    (p.root / "config.yaml").write_text(dump_yaml(cfg))
+
+    prepare_local_mlflow(cfg.tracking)
+    tracker = make_tracker(cfg.tracking, 0)
+    parent = tracker.start(run_key=p.name, run_name=p.name) if cfg.tracking.enabled else None
+    try:
+        tracker.log_config(cfg)
+    except ConfigChangedError as exc:
+        log(f"WARNING: job {p.name} continues with a changed config; its MLflow run keeps the first values: {exc}")
+        tracker.set_tags({"vlforge.config_changed_on_resume": "true"})
+    if parent:
+        from vlforge.tracking.mlflow_tracker import PARENT_TAG
+
+        for key, run in p.runs.items():
+            p.runs[key] = dataclasses.replace(run, tracking=dataclasses.replace(
+                run.tracking, tags={**run.tracking.tags, PARENT_TAG: parent}))
+    status = "FAILED"
+    try:
+        if init_ray:
+            from vlforge.runtime import init_ray as start_ray
+
+            start_ray(num_train_workers=cfg.num_workers, worker_cpus=cfg.worker_cpus)
+        seconds = {"train": 0.0}
+        t0 = time.perf_counter()
+        train_all(cfg, p, log)
+        seconds["train"] = time.perf_counter() - t0
+
+        log("== evaluation")
+        t0 = time.perf_counter()
+        rows = evaluate_all(cfg, p, log)
+        seconds["eval"] = time.perf_counter() - t0
+        latency: list[dict[str, Any]] = []
+        if cfg.eval.latency:
+            log("== latency")
+            t0 = time.perf_counter()
+            latency = measure_latency(cfg, p)
+            seconds["latency"] = time.perf_counter() - t0
+        table = report(rows, latency)
+        artifacts = _write_results(p, rows, latency, table)
+        for path in artifacts:
+            tracker.log_artifact(path, "results")
+        for r in rows:
+            tracker.log_metrics({f"{r['model']}/{r['split']}/{k}": v for k, v in r.items()
+                                 if isinstance(v, float)}, step=0)
+        if parent:
+            _log_table(cfg, parent, rows, latency)
+
+        registered = None
+        student_dir = p.student_model("distilled", "itm")
+        if cfg.register.enabled and parent and student_dir is not None:
+            log("== registration")
+            t0 = time.perf_counter()
+            from vlforge.tracking.registry import log_and_register, prepare_serving_dir
+
+            serving = prepare_serving_dir(student_dir, _eval_data(cfg), p.root / "serving")
+            version = log_and_register(serving, _eval_data(cfg), model_name=cfg.register.model_name,
+                                       tags=_registration_tags(rows, p, cfg), alias=cfg.register.alias,
+                                       run_id=parent, tracking_uri=cfg.tracking.tracking_uri,
+                                       experiment=cfg.tracking.experiment)
+            registered = dataclasses.asdict(version)
+            seconds["register"] = time.perf_counter() - t0
+        elif cfg.register.enabled and not parent:
+            log("registration skipped: tracking is disabled")
+        seconds["total"] = time.perf_counter() - t_start
+        tracker.log_metrics({f"seconds/{k}": v for k, v in seconds.items()}, step=0)
+        status = "FINISHED"
+        result = TwoStageResult(p.name, str(p.root), rows, latency, table, seconds, registered, parent, artifacts)
+        (p.root / "summary.txt").write_text(result.summary() + "\n")
+        return result
+    finally:
+        report_ = tracker.end(status)
+        if report_ is not None and not report_.complete:
+            log(f"MLflow: {report_.summary()}")
+
+
+def _write_results(p: Plan, rows, latency, table: str) -> list[str]:
+    from vlforge.evaluation import plot_latency, plot_results
+
+    (p.root / "results.json").write_text(json.dumps({"rows": rows, "latency": latency}, indent=1))
+    (p.root / "results.txt").write_text(table + "\n")
+    out = [str(p.root / "results.json"), str(p.root / "results.txt")]
+    metrics = [m for m in ("nlvr2_acc", "vqa_acc", "rmean") if any(m in r for r in rows)]
+    labelled = [{**r, "label": f"{r['model']} ({r['split']})"} for r in rows]
+    out.append(str(plot_results(labelled, metrics, p.root / "results.png", label_key="label")))
+    if latency:
+        out.append(str(plot_latency(latency, p.root / "latency.png")))
+    return out
+
+
+def _log_table(cfg: TwoStageConfig, run_id: str, rows, latency) -> None:
+    """The results as MLflow tables (shown in the run's artifact view); best effort."""
+    import logging
+
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(cfg.tracking.tracking_uri)
+        cols = sorted({k for r in rows for k in r})
+        client.log_table(run_id, {c: [r.get(c) for r in rows] for c in cols}, "results/results_table.json")
+        if latency:
+            lcols = sorted({k for r in latency for k in r})
+            client.log_table(run_id, {c: [r.get(c) for r in latency] for c in lcols}, "results/latency_table.json")
+    except Exception as exc:  # noqa: BLE001 - the files above already hold the same figures
+        logging.getLogger("vlforge").warning("could not log the results table to MLflow: %s", exc)
