@@ -101,3 +101,75 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
     yield server
     server.stop()
+
+
+class RayHead:
+    """``ray start --head --block`` in its own process group, dashboard (job server) on 127.0.0.1.
+
+    Stopped by killing that process group, never with ``ray stop`` (which would also stop
+    the test session's own local Ray)."""
+
+    def __init__(self, tmp: Path, num_cpus: int = 4):
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.num_cpus = num_cpus
+        self.log_path = tmp / "ray_head.log"
+        self.proc: subprocess.Popen | None = None
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env.pop("RAY_ADDRESS", None)
+
+    def start(self, timeout: float = 120.0) -> "RayHead":
+        ray_cli = Path(sys.executable).parent / "ray"
+        self.proc = subprocess.Popen(
+            [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+             f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats"],
+            env=self.env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start --head exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2):
+                    return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"Ray head's job server not up in {timeout}s:\n{self.log_tail()}")
+
+    def submit(self, entrypoint: list[str], working_dir: Path, timeout: float) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir ... -- <entrypoint>``; waits for the job and returns its output."""
+        ray_cli = Path(sys.executable).parent / "ray"
+        return subprocess.run([str(ray_cli), "job", "submit", "--address", self.address, "--working-dir",
+                               str(working_dir), "--", *entrypoint],
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # what the head left running in its group
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    head = RayHead(tmp_path).start()
+    yield head
+    head.stop()

@@ -51,16 +51,17 @@ def _cell(v: Any, decimals: int) -> str:
     return str(v)
 
 
-def format_table(rows: list[dict], columns: list[str], title: str | None = None) -> str:
+def format_table(rows: list[dict], columns: list[str], title: str | None = None,
+                 decimals: int | None = None) -> str:
     """Rows as a fixed-width table; numbers right-aligned, text left-aligned, missing values as ``-``.
 
-    Floats get 1 decimal in a column whose largest float is >= 10, else 3 (tiny
-    non-zero values in scientific notation).
+    Floats get ``decimals`` decimals, or when None 1 in a column whose largest float is
+    >= 10 and 3 otherwise (tiny non-zero values in scientific notation).
     """
     numeric = {c: all(_is_missing(r.get(c)) or isinstance(r.get(c), (int, float)) for r in rows) for c in columns}
     cells = []
     for c in columns:
-        d = _decimals([r.get(c) for r in rows])
+        d = decimals if decimals is not None else _decimals([r.get(c) for r in rows])
         cells.append([_cell(r.get(c), d) for r in rows])
     widths = [max([len(c)] + [len(x) for x in col]) for c, col in zip(columns, cells)]
 

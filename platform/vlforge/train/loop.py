@@ -90,7 +90,7 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], rank: in
     from vlforge.train.engine import fit_shapes
 
     own = model.state_dict()
-    if hasattr(model, "encoder") and not any(k in own for k in weights):
+    if hasattr(model, "encoder") and not any(k.startswith("encoder.") for k in weights):
         weights = {f"encoder.{k}": v for k, v in weights.items()}
         weights = {k: v for k, v in fit_shapes({k: v for k, v in weights.items() if k in own}, model).items()}
         if not weights:
@@ -190,6 +190,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     cfg = from_dict(TrainRunConfig, config["cfg"])
     prepare_env(cfg.use_gpu)
+    import warnings
+
+    # DeepSpeed's ZeRO collectives call a torch API deprecated in torch 2.13, once per step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
     import ray.train
     import torch.distributed as dist

@@ -110,6 +110,40 @@ def variant_weights(objectives: dict[str, float], variant: str) -> dict[str, flo
     return {k: v for k, v in w.items() if v}
 
 
+def _shards(cfg: TwoStageConfig, shards: str) -> str:
+    if "://" in shards or os.path.isabs(shards):
+        return shards
+    return _abs(f"{cfg.data_root.rstrip('/')}/{shards}")
+
+
+def resolve_stages(cfg: TwoStageConfig, stages: list[StageConfig]) -> list[StageConfig]:
+    """Stages with data under ``data_root`` and ``max_steps`` applied."""
+    out = []
+    for s in stages:
+        if s.data is None:
+            raise ConfigError(f"stage {s.name}: give its data (shards, image, tokenizer, batch size)")
+        s = dataclasses.replace(s, data=dataclasses.replace(s.data, shards=_shards(cfg, s.data.shards)))
+        if cfg.max_steps and s.steps > cfg.max_steps:
+            warm = min(s.schedule.warmup_steps, cfg.max_steps - 1)
+            s = dataclasses.replace(s, steps=cfg.max_steps, schedule=dataclasses.replace(s.schedule, warmup_steps=warm))
+        out.append(s)
+    return out
+
+
+def resolved(cfg: TwoStageConfig) -> TwoStageConfig:
+    return dataclasses.replace(
+        cfg, teacher=dataclasses.replace(cfg.teacher, pretrain=resolve_stages(cfg, cfg.teacher.pretrain),
+                                         finetune=resolve_stages(cfg, cfg.teacher.finetune)),
+        student=dataclasses.replace(cfg.student, stages=resolve_stages(cfg, cfg.student.stages)))
+
+
+def _corpus_pending(cfg: TwoStageConfig) -> bool:
+    """The job will build the built-in corpus at ``data_root`` (local, absent)."""
+    from vlforge.data.corpus import corpus_exists
+
+    return cfg.corpus is not None and "://" not in cfg.data_root and not corpus_exists(_abs(cfg.data_root))
+
+
 def _num_answers(cfg: TwoStageConfig) -> int:
     from vlforge.data.pipeline import find_answers
 
@@ -117,6 +151,8 @@ def _num_answers(cfg: TwoStageConfig) -> int:
     for s in stages:
         if s.task == "vqa" and s.data is not None:
             answers = find_answers(_abs(s.data.shards), s.data.storage)
+            if not answers and _corpus_pending(cfg):
+                return 1  # placeholder for checking configs; the job plans again once the corpus is built
             if not answers:
                 raise ConfigError(f"stage {s.name}: no answers.json beside {s.data.shards}")
             return len(answers)
@@ -129,13 +165,12 @@ def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     """The runs of the job; every run's config is checked (paths made by earlier runs excepted)."""
     from vlforge.train.runner import validate
 
+    cfg = resolved(cfg)
+
     name = cfg.name or f"two-stage-{uuid.uuid4().hex[:8]}"
     storage = _abs(cfg.storage_path)
     root = Path(storage) / name
     teacher_dir = Path(_abs(cfg.teacher.checkpoint)) if cfg.teacher.checkpoint else root / "teacher"
-    for s in [*cfg.teacher.pretrain, *cfg.teacher.finetune, *cfg.student.stages]:
-        if s.data is None:
-            raise ConfigError(f"stage {s.name}: give its data (shards, image, tokenizer, batch size)")
     num_answers = _num_answers(cfg)
     common = dict(deepspeed=cfg.deepspeed, storage_path=storage, num_workers=cfg.num_workers,
                   worker_cpus=cfg.worker_cpus, use_gpu=cfg.use_gpu, checkpoint_every=cfg.checkpoint_every,
@@ -242,7 +277,7 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
     for split in cfg.eval.splits:
         sets = {}
         for t in tasks:
-            uri = f"{_abs(cfg.eval.data_root).rstrip('/')}/{TASK_SETS[t]}/{split}"
+            uri = _shards(cfg, f"{TASK_SETS[t]}/{split}")
             sets[t] = load_eval_set(uri, dataclasses.replace(data, shards=uri), max_samples=cfg.eval.max_samples)
         for label, dirs in models.items():
             row: dict[str, Any] = {"model": label, "split": split}
@@ -271,7 +306,7 @@ def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
     student_dir = p.student_model("distilled", "itm")
     if student_dir is None:
         return []
-    uri = f"{_abs(cfg.eval.data_root).rstrip('/')}/scenes/{cfg.eval.splits[-1]}"
+    uri = _shards(cfg, f"scenes/{cfg.eval.splits[-1]}")
     data = dataclasses.replace(_eval_data(cfg), shards=uri)
     s = load_eval_set(uri, data, max_samples=max(cfg.eval.latency_ns))
     teacher = as_teacher(load_model_dir(p.teacher_dir / "pretrain"))
@@ -291,7 +326,8 @@ def report(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> str:
     from vlforge.evaluation import format_table, growth
 
     present = [c for c in RESULT_COLUMNS if any(c in r for r in rows)]
-    text = format_table(rows, present, title="Evaluation (percent; test = held-out concept combinations)")
+    text = format_table(rows, present, title="Evaluation (percent; test = held-out concept combinations)",
+                        decimals=1)
     if latency:
         text += "\n\n" + format_table(latency, LATENCY_COLUMNS,
                                       title="Latency: score N texts against N images (seconds)")
@@ -326,7 +362,8 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
     if cfg.corpus is not None:
         from vlforge.data.corpus import ensure_corpus
 
-        ensure_corpus(dataclasses.replace(cfg.corpus, out=_abs(cfg.corpus.out)), progress=log)
+        if "://" not in cfg.data_root:
+            ensure_corpus(dataclasses.replace(cfg.corpus, out=_abs(cfg.data_root)), progress=log)
         p = plan(dataclasses.replace(cfg, name=p.name), ablations=ablations)
     p.root.mkdir(parents=True, exist_ok=True)
     (p.root / "config.yaml").write_text(dump_yaml(cfg))
@@ -351,9 +388,8 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
             from vlforge.runtime import init_ray as start_ray
 
             start_ray(num_train_workers=cfg.num_workers, worker_cpus=cfg.worker_cpus)
-        seconds = {"train": 0.0}
         t0 = time.perf_counter()
-        train_all(cfg, p, log)
+        seconds = {f"train {k}": v for k, v in train_all(cfg, p, log).items()}
         seconds["train"] = time.perf_counter() - t0
 
         log("== evaluation")

@@ -1,0 +1,258 @@
+"""The two-stage job's wiring without Ray: its config, the plan of runs, the fusion/distill methods,
+loading a VLMo into the pair models, and model directories."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlforge.config import ConfigError, TrainRunConfig, TwoStageConfig, from_dict, load
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "jobs" / "configs" / "two_stage_smoke.yaml"
+
+
+def _smoke_raw() -> dict:
+    raw = yaml.safe_load(SMOKE.read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("x-")}
+
+
+def _cfg(corpus, *overrides: str) -> TwoStageConfig:
+    return load(TwoStageConfig, SMOKE, [f"data_root={corpus}", "corpus=null", *overrides])
+
+
+def test_smoke_config_loads_and_anchors_expand():
+    cfg = load(TwoStageConfig, SMOKE)
+    assert [s.task for s in cfg.student.stages] == ["itm", "itm", "nlvr2", "vqa"]
+    assert cfg.student.stages[0].data.image.size == 64 and cfg.student.stages[0].data.batch_size == 16
+    assert cfg.student.stages[2].init == "stage:retrieval" and cfg.student.stages[2].teacher == "nlvr2"
+    assert {s.task for s in cfg.teacher.finetune} == {"nlvr2", "vqa"}
+    assert cfg.ablations == ["soft_only"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ablations": ["no_such"]}, "ablations: unknown"),
+    ({"bogus": 1}, "unknown key bogus"),
+    ({"max_steps": -1}, "max_steps"),
+    ({"name": "has space"}, "may hold only"),
+])
+def test_bad_two_stage_configs_fail_clearly(change, message):
+    raw = _smoke_raw()
+    raw.update(change)
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TwoStageConfig, raw)
+
+
+def test_student_teacher_must_name_a_teacher_model():
+    raw = _smoke_raw()
+    raw["student"]["stages"][2]["teacher"] = "nlvr3"
+    with pytest.raises(ConfigError, match="neither 'pretrain' nor a teacher.finetune stage"):
+        from_dict(TwoStageConfig, raw)
+    raw = _smoke_raw()
+    raw["student"]["stages"][3]["teacher"] = "pretrain"
+    with pytest.raises(ConfigError, match="needs a fine-tuned teacher"):
+        from_dict(TwoStageConfig, raw)
+
+
+def test_variant_weights():
+    from vlforge.workflows.two_stage import variant_weights
+
+    w = {"itc": 1.0, "soft": 1.0, "attn": 2.0}
+    assert variant_weights(w, "distilled") == w
+    assert variant_weights(w, "soft_only") == {"itc": 1.0, "soft": 1.0}
+    assert variant_weights(w, "hard_only") == {"itc": 1.0, "hard": 1.0}
+    assert variant_weights({"soft": 1.0, "attn": 1.0}, "hard_only") == {"hard": 1.0}
+
+
+def test_plan_builds_every_run(corpus, tmp_path):
+    import json
+
+    from vlforge.workflows.two_stage import plan
+
+    cfg = _cfg(corpus, "name=job1", f"storage_path={tmp_path}", "max_steps=3",
+               "ablations=[soft_only,hard_only]")
+    p = plan(cfg)
+    assert list(p.runs) == ["teacher-pretrain", "teacher-finetune", "student-distilled", "student-soft_only",
+                            "student-hard_only"]
+    assert p.num_answers == len(json.loads((corpus / "answers.json").read_text()))
+    assert all(s.steps == 3 and s.schedule.warmup_steps < 3 for r in p.runs.values() for s in r.stages)
+    assert all(Path(s.data.shards).is_relative_to(corpus) for r in p.runs.values() for s in r.stages)
+    ft = p.runs["teacher-finetune"]
+    assert ft.method == "fusion" and ft.stage_exports and ft.num_answers == p.num_answers
+    assert all(s.init == str(tmp_path / "job1" / "teacher" / "pretrain") for s in ft.stages)
+    distilled = p.runs["student-distilled"]
+    assert distilled.method == "distill" and distilled.name == "job1.student-distilled"
+    assert distilled.stages[2].teacher == str(tmp_path / "job1" / "teacher" / "nlvr2")
+    assert distilled.stages[0].objectives == {"itc": 1.0, "soft": 1.0, "attn": 1.0}
+    assert all("attn" not in s.objectives for s in p.runs["student-soft_only"].stages)
+    hard = p.runs["student-hard_only"]
+    assert all(s.teacher is None and set(s.objectives) <= {"itc", "hard"} for s in hard.stages)
+    assert p.student_model("distilled", "vqa") == tmp_path / "job1.student-distilled" / "stages" / "vqa"
+    assert list(plan(cfg, ablations=False).runs)[-1] == "student-distilled"
+
+
+def test_plan_with_a_teacher_checkpoint_trains_only_students(corpus, tmp_path):
+    from vlforge.workflows.two_stage import plan
+
+    p = plan(_cfg(corpus, f"teacher.checkpoint={tmp_path / 'teacher'}"), ablations=False)
+    assert list(p.runs) == ["student-distilled"]
+    assert p.runs["student-distilled"].stages[3].teacher == str(tmp_path / "teacher" / "vqa")
+
+
+def test_missing_answers_are_a_config_error(corpus, tmp_path):
+    import shutil
+
+    from vlforge.workflows.two_stage import plan
+
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    (root / "answers.json").unlink()
+    with pytest.raises(ConfigError, match="answers.json"):
+        plan(_cfg(root))
+
+
+def _train_raw(method: str, **stage) -> dict:
+    s = {"name": "a", "objectives": {"hard": 1.0}, "steps": 2, "task": "nlvr2", **stage}
+    return {"method": method, "model": "vlmo_debug", "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
+            "stages": [s]}
+
+
+@pytest.mark.parametrize("method, stage, extra, message", [
+    ("distill", {"objectives": {"soft": 1.0}}, {}, "needs a teacher model directory"),
+    ("fusion", {"task": "itm"}, {}, "fine-tunes vqa or nlvr2"),
+    ("distill", {"task": None}, {}, "needs a task"),
+    ("vlmo", {"objectives": {"itc": 1.0}, "task": "itm"}, {}, "methods 'fusion' and 'distill' only"),
+    ("distill", {"task": "vqa"}, {}, "num_answers"),
+    ("distill", {"init": "stage:b"}, {}, "names no earlier stage"),
+    ("distill", {"objectives": {"itc": 1.0}}, {}, "only for task 'itm'"),
+    ("distill", {"task": "xyz"}, {}, "task must be one of"),
+])
+def test_pair_method_stage_errors(method, stage, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TrainRunConfig, {**_train_raw(method, **stage), **extra})
+
+
+def test_validate_checks_the_teachers_kind(tmp_path):
+    from vlforge.models.io import build_from_spec, save_model_dir
+    from vlforge.train.runner import validate
+
+    vlmo = build_from_spec({"model": "vlmo_debug"})
+    save_model_dir(vlmo.state_dict(), {"model": "vlmo_debug", "method": "vlmo"}, tmp_path / "pre")
+    raw = _train_raw("distill", objectives={"soft": 1.0}, teacher=str(tmp_path / "pre"))
+    raw["model_overrides"] = {"vl_layers": 0}
+    with pytest.raises(ConfigError, match="needs a fine-tuned fusion teacher"):
+        validate(from_dict(TrainRunConfig, raw))
+    validate(from_dict(TrainRunConfig, raw), check_paths=False)
+    raw["stages"][0]["teacher"] = str(tmp_path / "absent")
+    with pytest.raises(ConfigError, match="not a model directory"):
+        validate(from_dict(TrainRunConfig, raw))
+
+
+def test_model_directory_round_trip(tmp_path):
+    from vlforge.models.io import build_from_spec, load_model_dir, save_model_dir
+
+    spec = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}, "num_answers": 5}
+    torch.manual_seed(0)
+    model = build_from_spec(spec).eval()
+    save_model_dir(model.state_dict(), spec, tmp_path / "m")
+    loaded = load_model_dir(tmp_path / "m")
+    assert type(loaded).__name__ == "DualEncoderStudent" and "vqa" in loaded.heads
+    pv, ids = torch.randn(2, 3, 32, 32), torch.randint(1000, 2000, (2, 16))
+    am = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(model("vqa", pv, ids, am).logits, loaded("vqa", pv, ids, am).logits)
+    assert not list((tmp_path / "m").glob("*.pt")) and not list((tmp_path / "m").glob("*.pkl"))
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        load_model_dir(tmp_path)
+
+
+def test_vlmo_weights_load_into_the_pair_models(capsys):
+    from vlforge.models.io import build_from_spec
+    from vlforge.train.loop import load_init
+
+    torch.manual_seed(0)
+    vlmo = build_from_spec({"model": "vlmo_debug"})
+    sd = vlmo.state_dict()
+    teacher = build_from_spec({"model": "vlmo_debug", "method": "fusion", "num_answers": 7})
+    heads_before = copy.deepcopy(teacher.heads.state_dict())
+    load_init(teacher, sd, what="t")
+    for k, v in sd.items():
+        assert torch.equal(teacher.encoder.state_dict()[k], v)
+    assert all(torch.equal(v, teacher.heads.state_dict()[k]) for k, v in heads_before.items())
+    assert "heads" in capsys.readouterr().out
+
+    student = build_from_spec({"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}})
+    load_init(student, sd, what="s")  # the teacher's VL experts have no place in the dual encoder
+    own = student.encoder.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items() if k in own)
+    assert any(".experts.vl." in k for k in sd) and not any(".experts.vl." in k for k in own)
+
+    again = build_from_spec({"model": "vlmo_debug", "method": "fusion", "num_answers": 7})
+    load_init(again, teacher.state_dict())  # a model's own weights load strictly
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in teacher.state_dict().items())
+    with pytest.raises(ValueError, match="no weight matches"):
+        load_init(build_from_spec({"model": "vlmo_debug", "method": "fusion"}), {"x": torch.zeros(1)})
+
+
+def _pair_batch(b: int = 4, answers: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (b, 16), generator=g)
+    return {"pixel_values": torch.randn(b, 3, 32, 32, generator=g), "pixel_values_2": torch.randn(b, 3, 32, 32, generator=g),
+            "input_ids": ids, "attention_mask": torch.ones_like(ids), "label": torch.tensor([0, 1] * (b // 2)),
+            "answer_id": torch.tensor([1, 2, -100, 3][:b]), "sample_id": torch.arange(b)}
+
+
+def test_fusion_finetune_task_trains_the_head_and_ignores_unknown_answers():
+    from vlforge.models.distill import FusionFinetuneTask
+    from vlforge.models.io import build_from_spec
+
+    torch.manual_seed(0)
+    model = build_from_spec({"model": "vlmo_debug", "method": "fusion", "num_answers": 7})
+    batch = _pair_batch()
+    for task in ("vqa", "nlvr2"):
+        t = FusionFinetuneTask(model, task)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        first = None
+        for _ in range(15):
+            out = t(batch)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            first = first if first is not None else float(out["loss"])
+        assert torch.isfinite(out["loss"]) and float(out["loss"]) < first
+    with pytest.raises(ValueError, match="vqa or nlvr2"):
+        FusionFinetuneTask(model, "itm")
+
+
+def test_hard_label_distillation_needs_no_teacher():
+    from vlforge.models.distill import DistillationTask
+    from vlforge.models.io import build_from_spec
+
+    student = build_from_spec({"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}})
+    out = DistillationTask(student, None, "itm", {"itc": 1.0, "hard": 1.0}, gather=False)(_pair_batch())
+    assert set(out) == {"loss", "itc", "hard"} and torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillationTask(student, None, "itm", {"soft": 1.0}, gather=False)
+
+
+def test_job_rejects_bad_configs_before_starting_ray(capsys):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import two_stage
+    finally:
+        sys.path.pop(0)
+    assert two_stage.main(["--set", "ablations=[nope]"]) == 2
+    assert "ablations: unknown" in capsys.readouterr().err
+    assert two_stage.main(["--set", "student.stages.0.bogus=1"]) == 2
+    assert "student.stages[0].bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        two_stage.main(["--help"])
+    assert exc.value.code == 0
+    assert "--no-ablation" in capsys.readouterr().out
