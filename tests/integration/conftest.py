@@ -124,7 +124,10 @@ class RayHead:
         self.proc = subprocess.Popen(
             [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
              f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats"],
+             f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats",
+             # Agents default to fixed ports that the session's own local Ray already holds.
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
             env=self.env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -141,9 +144,15 @@ class RayHead:
     def submit(self, entrypoint: list[str], working_dir: Path, timeout: float) -> subprocess.CompletedProcess:
         """``ray job submit --working-dir ... -- <entrypoint>``; waits for the job and returns its output."""
         ray_cli = Path(sys.executable).parent / "ray"
-        return subprocess.run([str(ray_cli), "job", "submit", "--address", self.address, "--working-dir",
-                               str(working_dir), "--", *entrypoint],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        cmd = [str(ray_cli), "job", "submit", "--address", self.address, "--working-dir", str(working_dir), "--",
+               *entrypoint]
+        deadline = time.monotonic() + 60
+        while True:
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+            # The job server answers before the node's job agent is up; the job was not accepted then.
+            if "No available agent" not in done.stderr or time.monotonic() > deadline:
+                return done
+            time.sleep(2)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -163,6 +172,13 @@ class RayHead:
         except ProcessLookupError:
             pass
         self.proc = None
+        # `ray start` records its address here, and a later plain `ray.init()` would try to join it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        try:
+            if current.read_text().strip().endswith(f":{self.gcs_port}"):
+                current.unlink()
+        except OSError:
+            pass
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

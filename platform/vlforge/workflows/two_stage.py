@@ -331,8 +331,10 @@ def report(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> str:
     if latency:
         text += "\n\n" + format_table(latency, LATENCY_COLUMNS,
                                       title="Latency: score N texts against N images (seconds)")
-        grow = {k: growth(latency, k) for k in ("teacher_s", "student_s", "student_cached_s")}
-        text += "\ngrowth (log-log slope of time vs N): " + ", ".join(f"{k} {v:.2f}" for k, v in grow.items())
+        if len({r["n"] for r in latency}) > 1:
+            grow = {k: growth(latency, k) for k in ("teacher_s", "student_s", "student_cached_s")}
+            text += "\ngrowth (log-log slope of time vs N; 2 = quadratic, 1 = linear): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in grow.items())
     return text
 
 
