@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from vlforge.config import ConfigError, TrainRunConfig, TwoStageConfig, from_dict, load
 
 pytestmark = pytest.mark.unit
@@ -256,3 +255,37 @@ def test_job_rejects_bad_configs_before_starting_ray(capsys):
         two_stage.main(["--help"])
     assert exc.value.code == 0
     assert "--no-ablation" in capsys.readouterr().out
+
+
+def test_full_size_config_plans_gpu_zero3_runs_from_s3(monkeypatch):
+    import vlforge.workflows.two_stage as ts
+
+    cfg = load(TwoStageConfig, REPO / "jobs" / "configs" / "two_stage.yaml")
+    monkeypatch.setattr(ts, "_num_answers", lambda cfg: 276)  # answers.json lives in the bucket
+    p = ts.plan(cfg)
+    assert list(p.runs) == ["teacher-pretrain", "teacher-finetune", "student-distilled", "student-soft_only",
+                            "student-hard_only"]
+    for run in p.runs.values():
+        assert run.use_gpu and run.deepspeed.zero_stage == 3 and run.num_workers == 8
+        assert run.model == "vlmo_base" and run.tracking.tracking_uri is None  # MLFLOW_TRACKING_URI decides
+        assert all(s.data.shards.startswith("s3://vlforge-data/corpus/") for s in run.stages)
+        assert all(s.data.image.size == 224 and s.data.tokenizer.max_length == 40 for s in run.stages)
+
+
+def test_vqa_soft_labels_follow_the_teachers_training():
+    from vlforge.models.distill import DistillationTask
+    from vlforge.models.io import build_from_spec
+    from vlforge.objectives.distillation import soft_label_bce, soft_label_kl
+
+    torch.manual_seed(0)
+    student = build_from_spec({"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0},
+                               "num_answers": 7}).eval()
+    teacher = build_from_spec({"model": "vlmo_debug", "method": "fusion", "num_answers": 7}).eval()
+    batch = _pair_batch()
+    args = ("vqa", batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        s_logits, t_logits = student(*args).logits, teacher(*args).logits
+        single = DistillationTask(student, teacher, "vqa", {"soft": 1.0}, temperature=2.0)(batch)["soft"]
+        multi = DistillationTask(student, teacher, "vqa", {"soft": 1.0}, multilabel_vqa=True)(batch)["soft"]
+    assert torch.allclose(single, soft_label_kl(s_logits, t_logits, 2.0))
+    assert torch.allclose(multi, soft_label_bce(s_logits, t_logits))

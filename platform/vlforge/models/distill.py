@@ -198,6 +198,11 @@ class DualEncoderStudent(nn.Module):
 class DistillationTask(nn.Module):
     """Student + frozen teacher + weighted objectives; ``forward(batch) -> {"loss", <terms>}``.
 
+    VQA soft labels follow how the teacher was trained: softmax KL for a single-answer
+    teacher (cross-entropy on ``answer_id``, the built-in corpus), or, with
+    ``multilabel_vqa=True``, BCE against the teacher's sigmoid scores (VQAv2-style
+    multi-answer targets, as VLMo and DiDE train it).
+
     The teacher's parameters have ``requires_grad=False``, it runs under ``no_grad``, and
     it stays in eval mode whatever ``train()`` is called on the task.
     """
@@ -212,6 +217,7 @@ class DistillationTask(nn.Module):
         weights: dict[str, float],
         temperature: float = 1.0,
         gather: bool = True,
+        multilabel_vqa: bool = False,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -231,6 +237,7 @@ class DistillationTask(nn.Module):
         self.task = task
         self.temperature = temperature
         self.gather = gather
+        self.multilabel_vqa = multilabel_vqa
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -263,7 +270,7 @@ class DistillationTask(nn.Module):
             if "soft" in w:
                 terms["soft"] = (
                     soft_label_bce(s.logits, t.logits)
-                    if task == "vqa"
+                    if task == "vqa" and self.multilabel_vqa
                     else soft_label_kl(s.logits, t.logits, self.temperature)
                 )
             if "attn" in w:
