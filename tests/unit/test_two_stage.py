@@ -289,3 +289,21 @@ def test_vqa_soft_labels_follow_the_teachers_training():
         multi = DistillationTask(student, teacher, "vqa", {"soft": 1.0}, multilabel_vqa=True)(batch)["soft"]
     assert torch.allclose(single, soft_label_kl(s_logits, t_logits, 2.0))
     assert torch.allclose(multi, soft_label_bce(s_logits, t_logits))
+
+
+def test_seeds_table_averages_results(tmp_path, capsys):
+    import json
+
+    for i, acc in enumerate((50.0, 60.0)):
+        (tmp_path / f"s{i}").mkdir()
+        rows = [{"model": "teacher", "split": "test", "nlvr2_acc": acc, "rmean": 10.0}]
+        (tmp_path / f"s{i}" / "results.json").write_text(json.dumps({"rows": rows, "latency": []}))
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import seeds_table
+    finally:
+        sys.path.pop(0)
+    assert seeds_table.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--metrics", "nlvr2_acc", "rmean"]) == 0
+    out = capsys.readouterr().out
+    assert "55.0 ± 7.1 (2)" in out and "10.0 ± 0.0 (2)" in out
+    assert seeds_table.main([str(tmp_path / "absent")]) == 2
