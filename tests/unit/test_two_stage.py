@@ -307,3 +307,25 @@ def test_seeds_table_averages_results(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "55.0 ± 7.1 (2)" in out and "10.0 ± 0.0 (2)" in out
     assert seeds_table.main([str(tmp_path / "absent")]) == 2
+
+
+def test_finished_runs_are_reused_and_the_teacher_directory_refilled(corpus, tmp_path):
+    from vlforge.models.io import build_from_spec, save_model_dir
+    from vlforge.workflows.two_stage import plan, train_all
+
+    cfg = _cfg(corpus, "name=done", f"storage_path={tmp_path}")
+    p = plan(cfg)
+    vlmo = build_from_spec({"model": "vlmo_small"})
+    save_model_dir(vlmo.state_dict(), {"model": "vlmo_small", "method": "vlmo"},
+                   p.run_dir("teacher-pretrain") / "export")
+    fusion_spec = {"model": "vlmo_small", "method": "fusion", "num_answers": p.num_answers}
+    for stage in ("nlvr2", "vqa"):
+        save_model_dir(build_from_spec(fusion_spec).state_dict(), fusion_spec,
+                       p.run_dir("teacher-finetune") / "stages" / stage)
+    for key in p.runs:
+        p.run_dir(key).mkdir(parents=True, exist_ok=True)
+        (p.run_dir(key) / "summary.json").write_text("{}")
+    logged: list[str] = []
+    assert train_all(cfg, p, logged.append) == {}  # nothing trained
+    assert sum("finished earlier" in line for line in logged) == len(p.runs)
+    assert {d.name for d in p.teacher_dir.iterdir()} == {"pretrain", "nlvr2", "vqa"}

@@ -233,20 +233,21 @@ def train_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = print) 
     seconds: dict[str, float] = {}
     for key, run in p.runs.items():
         run_dir = p.run_dir(key)
-        if _finished(run_dir) and (key != "teacher-pretrain" or (p.teacher_dir / "pretrain").exists()):
+        if _finished(run_dir):
             log(f"== {run.name}: finished earlier, reusing {run_dir}")
-            continue
-        log(f"== {run.name}: {run.method} {run.model}, stages "
-            + ", ".join(f"{s.name}({s.task or ''} {s.steps} steps {s.objectives})" for s in run.stages))
-        t0 = time.perf_counter()
-        result = run_training(run, init_ray=False)
-        seconds[key] = time.perf_counter() - t0
-        for line in result.summary().splitlines()[1:]:
-            log(line)
+        else:
+            log(f"== {run.name}: {run.method} {run.model}, stages "
+                + ", ".join(f"{s.name}({s.task or ''} {s.steps} steps {s.objectives})" for s in run.stages))
+            t0 = time.perf_counter()
+            result = run_training(run, init_ray=False)
+            seconds[key] = time.perf_counter() - t0
+            for line in result.summary().splitlines()[1:]:
+                log(line)
+        # The teacher directory gets its model directories (again, when an earlier job stopped before this).
         if key == "teacher-pretrain":
-            if not result.export_dir:
-                raise RuntimeError(f"{run.name}: no export was written")
-            shutil.copytree(result.export_dir, p.teacher_dir / "pretrain", dirs_exist_ok=True)
+            if not (run_dir / "export" / "model.json").exists():
+                raise RuntimeError(f"{run.name}: no export was written under {run_dir / 'export'}")
+            shutil.copytree(run_dir / "export", p.teacher_dir / "pretrain", dirs_exist_ok=True)
         elif key == "teacher-finetune":
             for s in run.stages:
                 shutil.copytree(run_dir / "stages" / s.name, p.teacher_dir / s.name, dirs_exist_ok=True)
