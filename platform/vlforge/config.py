@@ -510,8 +510,13 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: task must be one of {list(PAIR_TASKS)}, got {self.task!r}")
         if self.temperature <= 0:
             raise ValueError(f"stage {self.name}: temperature must be > 0")
-        if self.init.startswith("stage:") and not self.init[6:]:
+        if self.init.startswith("stage:") and not self.init_stage:
             raise ValueError(f"stage {self.name}: init 'stage:' needs a stage name")
+
+    @property
+    def init_stage(self) -> str | None:
+        """The earlier stage named by ``init: stage:<name>``, else None."""
+        return self.init.removeprefix("stage:") if self.init.startswith("stage:") else None
 
 
 @dataclass
@@ -585,7 +590,7 @@ class TrainRunConfig:
                 raise ValueError(f"stage {s.name}: the itc term exists only for task 'itm'")
             if s.task == "vqa" and self.num_answers < 1:
                 raise ValueError(f"stage {s.name}: task vqa needs num_answers > 0 (the size of answers.json)")
-            if s.init.startswith("stage:") and s.init[6:] not in [t.name for t in self.stages[:i]]:
+            if s.init_stage is not None and s.init_stage not in [t.name for t in self.stages[:i]]:
                 raise ValueError(f"stage {s.name}: init {s.init!r} names no earlier stage of this run")
 
 

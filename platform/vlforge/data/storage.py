@@ -27,6 +27,11 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (driver side, before workers in other directories read it); URIs as they are."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def s3_endpoint(cfg: StorageConfig | None = None) -> str | None:
     if cfg is not None and cfg.s3_endpoint_url:
         return cfg.s3_endpoint_url

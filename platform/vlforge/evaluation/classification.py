@@ -19,19 +19,19 @@ from typing import Literal
 from torch import Tensor, nn
 
 from vlforge.evaluation._common import chunks, device_of, eval_mode
+from vlforge.models.distill import TARGET_KEYS
 
 __all__ = ["accuracy"]
 
-_TARGETS = {"nlvr2": "label", "vqa": "answer_id"}
 
 
 def accuracy(model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str, Tensor],
              batch_size: int = 64) -> dict[str, float]:
     """``{"acc": percent correct, "n": samples}`` of ``model``'s argmax predictions on ``eval_set``."""
     task = "nlvr2" if task == "nlvr" else task
-    if task not in _TARGETS:
-        raise ValueError(f"task must be one of {tuple(_TARGETS)}, got {task!r}")
-    target_key = _TARGETS[task]
+    if task not in TARGET_KEYS:
+        raise ValueError(f"task must be one of {tuple(TARGET_KEYS)}, got {task!r}")
+    target_key = TARGET_KEYS[task]
     missing = [k for k in ("pixel_values", "input_ids", "attention_mask", target_key) if k not in eval_set]
     if task == "nlvr2" and "pixel_values_2" not in eval_set:
         missing.append("pixel_values_2")

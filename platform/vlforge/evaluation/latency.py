@@ -69,8 +69,7 @@ def _teacher_rows(enc: VLMo, pv: Tensor, ids: Tensor, am: Tensor, rows: int, bat
 
 
 def _student(enc: VLMo, pv: Tensor, ids: Tensor, am: Tensor, batch_size: int) -> Tensor:
-    img = image_embeddings(enc, pv, batch_size)  # [N, E]
-    return img @ text_embeddings(enc, ids, am, batch_size).t()  # [N, N]
+    return _student_cached(enc, image_embeddings(enc, pv, batch_size), ids, am, batch_size)  # [N, N]
 
 
 def _student_cached(enc: VLMo, img: Tensor, ids: Tensor, am: Tensor, batch_size: int) -> Tensor:

@@ -60,9 +60,10 @@ from vlforge.objectives.itc import contrastive_logits, itc_loss_from_logits
 from vlforge.objectives.itm import sample_hard_negatives
 
 __all__ = ["TASKS", "PairOutput", "FusionTeacher", "DualEncoderStudent", "DistillationTask", "FusionFinetuneTask",
-           "fusion_qk", "dual_qk", "as_teacher", "task_targets"]
+           "fusion_qk", "dual_qk", "as_teacher", "task_targets", "TARGET_KEYS"]
 
 TASKS = ("itm", "vqa", "nlvr2")
+TARGET_KEYS = {"nlvr2": "label", "vqa": "answer_id"}  # the batch field holding each task's class ids
 
 
 def _classifier(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -334,7 +335,7 @@ def as_teacher(model: nn.Module) -> FusionTeacher:
 
 def task_targets(task: str, batch: dict[str, Tensor]) -> Tensor:
     """Ground-truth class ids of a ``vqa`` (``answer_id``, -100 = not in the vocabulary) or ``nlvr2`` batch."""
-    return batch["answer_id"] if task == "vqa" else batch["label"]
+    return batch[TARGET_KEYS[task]]
 
 
 class FusionFinetuneTask(nn.Module):

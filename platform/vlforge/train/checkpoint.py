@@ -97,7 +97,7 @@ def load(engine, directory: str | os.PathLike, universal: bool = False) -> dict[
     return client["vlforge"] if client and "vlforge" in client else read_state(directory)
 
 
-def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under ``prefix`` (others, such as a distillation task's ``teacher.*``, dropped),
     with the prefix removed; ``sd`` unchanged when no key has the prefix (an export)."""
     if prefix and any(k.startswith(prefix) for k in sd):
@@ -122,7 +122,7 @@ def module_weights(path: str | os.PathLike, prefix: str = "model.") -> dict[str,
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
-    return _strip({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, prefix)
+    return strip_prefix({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, prefix)
 
 
 def _local(uri: str) -> str:

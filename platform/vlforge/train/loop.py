@@ -48,10 +48,6 @@ def _weights_digest(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
 def _checkpoint_dir(ckpt) -> tuple[str, bool]:
     """A local directory holding ``ckpt`` and whether it is a temporary download."""
     import pyarrow.fs
@@ -89,18 +85,16 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], rank: in
     student, the teacher's VL experts it does not have) are reported and left as initialised."""
     from vlforge.train.engine import fit_shapes
 
-    own = model.state_dict()
     if hasattr(model, "encoder") and not any(k.startswith("encoder.") for k in weights):
-        weights = {f"encoder.{k}": v for k, v in weights.items()}
-        weights = {k: v for k, v in fit_shapes({k: v for k, v in weights.items() if k in own}, model).items()}
+        own = model.state_dict()
+        weights = fit_shapes({f"encoder.{k}": v for k, v in weights.items() if f"encoder.{k}" in own}, model)
         if not weights:
             raise ValueError(f"{what}: no weight matches the model's encoder")
-        missing = sorted(k for k in own if k not in weights)
-        result = model.load_state_dict(weights, strict=False)
+        missing = model.load_state_dict(weights, strict=False).missing_keys
         if rank == 0:
-            heads = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing if not k.startswith("encoder.")})
+            heads = sorted({".".join(k.split(".")[:2]) for k in missing if not k.startswith("encoder.")})
             print(f"init {what}: encoder weights loaded ({len(weights)} tensors); starting fresh: "
-                  f"{', '.join(heads) or '-'} ({len(result.missing_keys)} tensors)", flush=True)
+                  f"{', '.join(heads) or '-'} ({len(missing)} tensors)", flush=True)
         return
     model.load_state_dict(fit_shapes(weights, model), strict=True)
 
@@ -250,7 +244,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     handoff: dict[str, torch.Tensor] | None = None
     micro_batch = None
     prefix = task_prefix(cfg.method)
-    referenced = {s.init[6:] for s in cfg.stages if s.init.startswith("stage:")}
+    referenced = {s.init_stage for s in cfg.stages if s.init_stage}
 
     for si in range(start_index, len(cfg.stages)):
         stage = cfg.stages[si]
@@ -263,8 +257,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             weights = None
             if stage.init == "previous" and si > 0:
                 weights = handoff if handoff is not None else ckpt_io.module_weights(restored_dir, prefix)
-            elif stage.init.startswith("stage:"):
-                weights = ckpt_io.module_weights(os.path.join(config["stage_dir"], stage.init[6:]))
+            elif stage.init_stage:
+                weights = ckpt_io.module_weights(os.path.join(config["stage_dir"], stage.init_stage))
             elif stage.init not in ("previous", "fresh"):
                 weights = ckpt_io.module_weights(stage.init)
             if weights is not None:
@@ -360,7 +354,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     save(consumed)
                 _maybe_fail(cfg, rank, global_step)
             epoch += 1
-        handoff = _strip(full_state_dict(engine, cfg.deepspeed.zero_stage), task.prefix)
+        handoff = ckpt_io.strip_prefix(full_state_dict(engine, cfg.deepspeed.zero_stage), task.prefix)
         if rank == 0 and config.get("stage_dir") and (cfg.stage_exports or stage.name in referenced):
             from vlforge.models.io import save_model_dir
             from vlforge.train.tasks import model_spec

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vlforge.config import ConfigError, DataConfig, TrainRunConfig, to_dict
+from vlforge.data.storage import absolute
 
 
 def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
@@ -53,7 +54,7 @@ def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"stage {s.name}: data tokenizer.max_length {data.tokenizer.max_length} != "
                               f"{cfg.model} max_text_len {sizes['max_text_len']}; set "
                               f"data.tokenizer.max_length={sizes['max_text_len']}")
-        if (check_paths and s.init not in ("previous", "fresh") and not s.init.startswith("stage:")
+        if (check_paths and s.init not in ("previous", "fresh") and not s.init_stage
                 and "://" not in s.init and not Path(s.init).exists()):
             raise ConfigError(f"stage {s.name}: init path {s.init} does not exist")
         if check_paths and s.teacher and "://" not in s.teacher:
@@ -73,12 +74,8 @@ def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"debug.fail_rank {cfg.debug.fail_rank} >= num_workers {cfg.num_workers}")
 
 
-def _abs(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def _absolute_data(data: DataConfig) -> DataConfig:
-    return dataclasses.replace(data, shards=_abs(data.shards))
+    return dataclasses.replace(data, shards=absolute(data.shards))
 
 
 def resolve(cfg: TrainRunConfig) -> TrainRunConfig:
@@ -88,13 +85,13 @@ def resolve(cfg: TrainRunConfig) -> TrainRunConfig:
     tracking = dataclasses.replace(cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking),
                                    buffer_dir=os.path.abspath(cfg.tracking.buffer_dir))
     stages = [dataclasses.replace(s, data=_absolute_data(s.data) if s.data else None,
-                                  init=s.init if s.init in ("previous", "fresh") or s.init.startswith("stage:")
-                                  else _abs(s.init),
-                                  teacher=_abs(s.teacher) if s.teacher else None)
+                                  init=s.init if s.init in ("previous", "fresh") or s.init_stage
+                                  else absolute(s.init),
+                                  teacher=absolute(s.teacher) if s.teacher else None)
               for s in cfg.stages]
     name = cfg.name or f"{cfg.method}-{cfg.model}-{uuid.uuid4().hex[:8]}"
     return dataclasses.replace(cfg, tracking=tracking, stages=stages, data=_absolute_data(cfg.data),
-                               storage_path=_abs(cfg.storage_path), name=name)
+                               storage_path=absolute(cfg.storage_path), name=name)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

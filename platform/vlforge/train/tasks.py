@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vlforge.config import DataConfig, StageConfig, TrainRunConfig
+from vlforge.models.io import PAIR_METHODS
 
 
 @dataclass
@@ -69,7 +70,7 @@ def task_prefix(method: str) -> str:
 def model_spec(cfg: TrainRunConfig) -> dict[str, Any]:
     """The ``model.json`` spec of the run's model (``vlforge.models.io``)."""
     spec: dict[str, Any] = {"model": cfg.model, "overrides": dict(cfg.model_overrides), "method": cfg.method}
-    if cfg.method in ("fusion", "distill"):
+    if cfg.method in PAIR_METHODS:
         spec["num_answers"] = cfg.num_answers
     return spec
 
@@ -93,40 +94,39 @@ def build_task(cfg: TrainRunConfig, stage: StageConfig, model: nn.Module | None 
                gather: bool = True) -> TrainTask:
     """The stage's task around ``model`` (a fresh one from the registry when None)."""
     model = model if model is not None else create(cfg)
+    prefix = task_prefix(cfg.method)
     if cfg.method == "vlmo":
         from vlforge.models.vlmo import VLMoPretrainTask
 
-        return TrainTask(VLMoPretrainTask(model, dict(stage.objectives), gather=gather), model, "model.")
+        return TrainTask(VLMoPretrainTask(model, dict(stage.objectives), gather=gather), model, prefix)
     if cfg.method == "frozen":
         data = stage.data or cfg.data
-        return TrainTask(FrozenCaptionTask(model, data, stage.objectives.get("caption", 1.0)), model, "model.")
+        return TrainTask(FrozenCaptionTask(model, data, stage.objectives.get("caption", 1.0)), model, prefix)
     if cfg.method == "fusion":
         from vlforge.models.distill import FusionFinetuneTask
 
-        return TrainTask(FusionFinetuneTask(model, stage.task, stage.objectives.get("hard", 1.0)), model, "model.")
+        return TrainTask(FusionFinetuneTask(model, stage.task, stage.objectives.get("hard", 1.0)), model, prefix)
     if cfg.method == "distill":
         from vlforge.models.distill import DistillationTask
 
         teacher = load_teacher(stage.teacher) if stage.teacher else None
         task = DistillationTask(model, teacher, stage.task, dict(stage.objectives), stage.temperature, gather=gather)
-        return TrainTask(task, model, "student.")
+        return TrainTask(task, model, prefix)
     raise ValueError(f"unknown method {cfg.method!r}")
 
 
 def model_sizes(cfg: TrainRunConfig) -> dict[str, Any]:
     """``{"img_size", "max_text_len" (or None), "param_names"}`` of the configured model, built on
     the meta device (no memory, no weights), for validation before any Ray resource is taken."""
-    from vlforge.models import create_model
-
     if cfg.method == "frozen":
         model = _frozen_skeleton(cfg)
     else:
         with torch.device("meta"):
             model = create(cfg)
     names = [n for n, _ in model.named_parameters()]
-    if cfg.method in ("fusion", "distill"):
+    if cfg.method in PAIR_METHODS:
         model = model.encoder
-    if cfg.method in ("vlmo", "fusion", "distill"):
+    if cfg.method == "vlmo" or cfg.method in PAIR_METHODS:
         return {"img_size": model.config.img_size, "max_text_len": model.config.max_text_len, "param_names": names}
     return {"img_size": model.config.vision.img_size, "max_text_len": None, "param_names": names}
 

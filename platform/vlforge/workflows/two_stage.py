@@ -47,6 +47,7 @@ from vlforge.config import (
     TwoStageConfig,
     dump_yaml,
 )
+from vlforge.data.storage import absolute
 
 TASK_SETS = {"itm": "scenes", "nlvr2": "nlvr", "vqa": "vqa"}  # the corpus set each task is evaluated on
 
@@ -93,10 +94,6 @@ class TwoStageResult:
         return "\n".join(lines)
 
 
-def _abs(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def variant_weights(objectives: dict[str, float], variant: str) -> dict[str, float]:
     """A student stage's loss weights for an ablation variant."""
     w = dict(objectives)
@@ -114,7 +111,7 @@ def variant_weights(objectives: dict[str, float], variant: str) -> dict[str, flo
 def _shards(cfg: TwoStageConfig, shards: str) -> str:
     if "://" in shards or os.path.isabs(shards):
         return shards
-    return _abs(f"{cfg.data_root.rstrip('/')}/{shards}")
+    return absolute(f"{cfg.data_root.rstrip('/')}/{shards}")
 
 
 def resolve_stages(cfg: TwoStageConfig, stages: list[StageConfig]) -> list[StageConfig]:
@@ -142,23 +139,20 @@ def _corpus_pending(cfg: TwoStageConfig) -> bool:
     """The job will build the built-in corpus at ``data_root`` (local, absent)."""
     from vlforge.data.corpus import corpus_exists
 
-    return cfg.corpus is not None and "://" not in cfg.data_root and not corpus_exists(_abs(cfg.data_root))
+    return cfg.corpus is not None and "://" not in cfg.data_root and not corpus_exists(absolute(cfg.data_root))
 
 
 def _num_answers(cfg: TwoStageConfig) -> int:
     from vlforge.data.pipeline import find_answers
 
-    stages = [*cfg.teacher.finetune, *cfg.student.stages]
-    for s in stages:
-        if s.task == "vqa" and s.data is not None:
-            answers = find_answers(_abs(s.data.shards), s.data.storage)
+    for s in [*cfg.teacher.finetune, *cfg.student.stages]:  # resolved: every stage has its data
+        if s.task == "vqa":
+            answers = find_answers(s.data.shards, s.data.storage)
             if not answers and _corpus_pending(cfg):
                 return 1  # placeholder for checking configs; the job plans again once the corpus is built
             if not answers:
                 raise ConfigError(f"stage {s.name}: no answers.json beside {s.data.shards}")
             return len(answers)
-    if any(s.task == "vqa" for s in stages):
-        raise ConfigError("a vqa stage needs its own data (shards) to find answers.json")
     return 0
 
 
@@ -169,9 +163,9 @@ def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     cfg = resolved(cfg)
 
     name = cfg.name or f"two-stage-{uuid.uuid4().hex[:8]}"
-    storage = _abs(cfg.storage_path)
+    storage = absolute(cfg.storage_path)
     root = Path(storage) / name
-    teacher_dir = Path(_abs(cfg.teacher.checkpoint)) if cfg.teacher.checkpoint else root / "teacher"
+    teacher_dir = Path(absolute(cfg.teacher.checkpoint)) if cfg.teacher.checkpoint else root / "teacher"
     num_answers = _num_answers(cfg)
     common = dict(deepspeed=cfg.deepspeed, storage_path=storage, num_workers=cfg.num_workers,
                   worker_cpus=cfg.worker_cpus, use_gpu=cfg.use_gpu, checkpoint_every=cfg.checkpoint_every,
@@ -196,10 +190,9 @@ def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     variants = ["distilled", *(cfg.ablations if ablations else [])]
     for v in variants:
         stages = [dataclasses.replace(s, objectives=variant_weights(s.objectives, v),
-                                      teacher=str(teacher_dir / s.teacher) if s.teacher else None)
+                                      teacher=str(teacher_dir / s.teacher) if s.teacher and v != "hard_only"
+                                      else None)
                   for s in cfg.student.stages]
-        if v == "hard_only":
-            stages = [dataclasses.replace(s, teacher=None) for s in stages]
         runs[f"student-{v}"] = make(f"student-{v}", method="distill", model=cfg.student.model,
                                     model_overrides=cfg.student.model_overrides, stages=stages, export=False,
                                     stage_exports=True, num_answers=num_answers)
@@ -266,7 +259,6 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
     import torch
 
     from vlforge.evaluation import accuracy, evaluate_retrieval, load_eval_set
-    from vlforge.models.distill import as_teacher
     from vlforge.models.io import load_model_dir
 
     data = _eval_data(cfg)
@@ -281,6 +273,8 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
         for t in tasks:
             uri = _shards(cfg, f"{TASK_SETS[t]}/{split}")
             sets[t] = load_eval_set(uri, dataclasses.replace(data, shards=uri), max_samples=cfg.eval.max_samples)
+        # One model in memory at a time (full-size sets and models would not all fit); loading a
+        # model directory costs little next to evaluating it.
         for label, dirs in models.items():
             row: dict[str, Any] = {"model": label, "split": split}
             for t in tasks:
@@ -289,7 +283,6 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
                 model = load_model_dir(dirs[t])
                 if t == "itm":
                     kind = "teacher" if label == "teacher" else "student"
-                    model = as_teacher(model) if kind == "teacher" else model
                     row.update(evaluate_retrieval(model, sets[t], kind, rerank_k=cfg.eval.rerank_k,
                                                   batch_size=cfg.eval.batch_size))
                 else:
@@ -363,12 +356,13 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
     p = plan(cfg, ablations=ablations)
     if cfg.teacher.checkpoint:
         _check_teacher_dir(p, cfg)
-    if cfg.corpus is not None:
+    if cfg.corpus is not None and "://" not in cfg.data_root:
         from vlforge.data.corpus import ensure_corpus
 
-        if "://" not in cfg.data_root:
-            ensure_corpus(dataclasses.replace(cfg.corpus, out=_abs(cfg.data_root)), progress=log)
-        p = plan(dataclasses.replace(cfg, name=p.name), ablations=ablations)
+        pending = _corpus_pending(cfg)
+        ensure_corpus(dataclasses.replace(cfg.corpus, out=absolute(cfg.data_root)), progress=log)
+        if pending:  # the first plan's answer count was a placeholder
+            p = plan(dataclasses.replace(cfg, name=p.name), ablations=ablations)
     p.root.mkdir(parents=True, exist_ok=True)
     (p.root / "config.yaml").write_text(dump_yaml(cfg))
 
