@@ -6,6 +6,7 @@
     vlforge data verify URI          # sizes and sha256 against the manifest
     vlforge data upload DIR s3://bucket/prefix
     vlforge data stream URI          # stream it through Ray Data and print what arrives
+    vlforge sweep sweeps/distill_weights_smoke.yaml [--set search.num_samples=8]
 
 Run ``vlforge <command> --help`` for each command's options. S3 endpoints come
 from ``--s3-endpoint`` or ``VLFORGE_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL``; keys only
@@ -108,6 +109,20 @@ def cmd_stream(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from vlforge.tune import load_sweep, make_plan, run_sweep
+
+    sweep = load_sweep(args.file, args.set or [])
+    if args.check:
+        plan = make_plan(sweep)
+        print(f"sweep {sweep.name}: ok; shared runs {[r.name for r in plan.shared] or '-'}, "
+              f"{plan.max_reports} reports per full trial, results under {plan.root}")
+        return 0
+    result = run_sweep(sweep)
+    print(result.summary(), flush=True)
+    return 130 if result.interrupted else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlforge", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -167,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=0, help="stop after this many samples (0 = all)")
     s3(st)
     st.set_defaults(fn=cmd_stream)
+
+    sw = sub.add_parser("sweep", help="run (or resume) a Ray Tune sweep defined by a file in sweeps/",
+                        description="Run the sweep a file in sweeps/ defines: a base experiment, a search "
+                                    "space over its config keys, a search algorithm (random, grid, optuna), "
+                                    "a scheduler (ASHA), a metric, a budget and per-trial resources. Shared "
+                                    "runs (a teacher, stages before the trial's) train once; each trial is a "
+                                    "Ray Train run reporting the validation metric to Tune. Started again "
+                                    "with the same name, a sweep resumes: finished trials are kept.",
+                        epilog="Results: <storage_path>/<name>/{results.txt,results.json,best_config.yaml,"
+                               "metric_vs_params.png}, and an MLflow parent run with one child run per trial.")
+    sw.add_argument("file", help="sweep YAML (see vlforge.config.SweepConfig)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a sweep key, e.g. --set search.num_samples=8 (repeatable)")
+    sw.add_argument("--check", action="store_true", help="check the file and every swept key, then stop")
+    sw.set_defaults(fn=cmd_sweep)
     return p
 
 

@@ -112,6 +112,18 @@ def _maybe_fail(cfg: TrainRunConfig, rank: int, global_step: int) -> None:
     raise RuntimeError(f"injected failure on rank {rank} at global step {global_step} (debug.fail_at_step)")
 
 
+def _validate(validator, cfg: TrainRunConfig, weights: dict[str, torch.Tensor], device) -> dict[str, float]:
+    """``validator(model)`` on a copy of the current weights (whole, also under ZeRO-3), in fp32."""
+    from vlforge.train.engine import fit_shapes
+    from vlforge.train.tasks import create
+
+    model = create(cfg)
+    model.load_state_dict(fit_shapes({k: v.float() for k, v in weights.items()}, model), strict=True)
+    out = validator(model.to(device))
+    del model
+    return out
+
+
 def _read_progress(path: str | None) -> int | None:
     try:
         return int(open(path).read()) if path else None
@@ -207,6 +219,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     bf16 = resolve_precision(cfg.deepspeed, cfg.use_gpu) == "bf16"
     run_name = config["run_name"]
     counters = config.get("counters")
+    validator = config.get("validator")
 
     tracker = make_tracker(cfg.tracking, rank)
     tracker.start(run_name)
@@ -298,7 +311,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                   "zero_stage": cfg.deepspeed.zero_stage, "history": history, "executed_steps": executed,
                   "resumes": resumes, "weights_digest": _weights_digest(sd)}
             metrics = {"stage": stage.name, "step": step, "global_step": global_step,
-                       "loss": history[f"{stage.name}/loss"][-1][1] if history.get(f"{stage.name}/loss") else None}
+                       "loss": history[f"{stage.name}/loss"][-1][1] if history.get(f"{stage.name}/loss") else None,
+                       "final_report": si == len(cfg.stages) - 1 and step == stage.steps}
+            if validator is not None and rank == 0:
+                metrics.update(_validate(validator, cfg, ckpt_io.strip_prefix(sd, task.prefix), device))
+                tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")}, global_step)
             with tempfile.TemporaryDirectory(prefix="vlforge-ckpt-") as tmp:
                 ckpt_io.save(engine, tmp, st, rank)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

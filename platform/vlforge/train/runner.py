@@ -171,8 +171,14 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def run_training(cfg: TrainRunConfig, *, init_ray: bool = True) -> TrainResult:
-    """Validate, then run all stages of ``cfg`` on Ray Train; returns paths and the loss history."""
+def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any = None,
+                 callbacks: list | None = None) -> TrainResult:
+    """Validate, then run all stages of ``cfg`` on Ray Train; returns paths and the loss history.
+
+    ``validator``: a picklable callable ``model -> {name: value}`` that rank 0 runs on the current
+    weights at every report (``vlforge.evaluation.validation.RetrievalValidator``); its figures
+    join the reported metrics and the MLflow run. ``callbacks``: Ray Train callbacks for the run
+    (a sweep passes ``TuneReportCallback()``)."""
     validate(cfg)
     cfg = resolve(cfg)
     if cfg.corpus is not None:
@@ -209,14 +215,16 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True) -> TrainResult:
         _loop,
         train_loop_config={"cfg": to_dict(cfg), "run_name": cfg.name, "counters": counters.handle,
                            "progress_file": str(run_dir / "progress_step"), "stage_dir": str(run_dir / "stages"),
-                           "probe_file": str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None},
+                           "probe_file": str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None,
+                           "validator": validator},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets=datasets,
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
+                             callbacks=list(callbacks or [])),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
