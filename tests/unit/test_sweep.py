@@ -214,3 +214,20 @@ def test_searchers_limit_concurrency_themselves():
     assert isinstance(gen, BasicVariantGenerator) and gen.max_concurrent == 3
     tpe = search_algorithm(from_dict(SweepConfig, {**raw, "search": {"algorithm": "optuna"}}), 2)
     assert isinstance(tpe, ConcurrencyLimiter) and tpe.max_concurrent == 2
+
+
+def test_a_sweep_started_again_with_another_file_is_refused_and_no_secret_is_written(tmp_path, corpus, monkeypatch):
+    from vlforge.tune import load_sweep, make_plan
+    from vlforge.tune.sweep import _check_same_sweep
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-secret")
+    text = DISTILL.replace('tracking: {tracking_uri: "sqlite:///OUT/mlflow.db"}',
+                           'tracking: {tracking_uri: "https://me:hunter2-secret@mlflow.example"}')
+    plan = make_plan(load_sweep(_sweep(tmp_path, corpus, text)))
+    _check_same_sweep(plan)
+    _check_same_sweep(plan)  # the same sweep again: a resume
+    saved = (plan.root / "sweep.yaml").read_text()
+    assert "hunter2" not in saved and "mlflow.example" in saved
+    changed = make_plan(load_sweep(_sweep(tmp_path, corpus, text.replace("report_every: 10", "report_every: 5"))))
+    with pytest.raises(ConfigError, match="started with another configuration"):
+        _check_same_sweep(changed)

@@ -240,6 +240,18 @@ def _reports(run: TrainRunConfig, every: int) -> int:
     return sum(len({*range(every, s.steps + 1, every), s.steps}) for s in run.stages)
 
 
+def _resolved_experiment(sweep: SweepConfig, params: dict[str, Any] | None = None):
+    """``load_experiment`` with its paths made absolute here, on the driver (trials run elsewhere)."""
+    exp = load_experiment(sweep, params)
+    if isinstance(exp, TwoStageConfig):
+        checkpoint = absolute(exp.teacher.checkpoint) if exp.teacher.checkpoint else None
+        return dataclasses.replace(exp, data_root=absolute(exp.data_root), storage_path=absolute(exp.storage_path),
+                                   teacher=dataclasses.replace(exp.teacher, checkpoint=checkpoint))
+    from vlforge.train.runner import resolve
+
+    return resolve(exp)
+
+
 def make_plan(sweep: SweepConfig) -> SweepPlan:
     """Resolve the sweep on the driver and check every swept key before any resource is taken."""
     from vlforge.tracking import resolve_tracking_uri
@@ -247,44 +259,24 @@ def make_plan(sweep: SweepConfig) -> SweepPlan:
     tracking = dataclasses.replace(sweep.tracking, tracking_uri=resolve_tracking_uri(sweep.tracking),
                                    buffer_dir=os.path.abspath(sweep.tracking.buffer_dir))
     sweep = dataclasses.replace(sweep, tracking=tracking, storage_path=absolute(sweep.storage_path))
-    exp = load_experiment(sweep)
-    if isinstance(exp, TwoStageConfig):
-        if sweep.job != "two_stage":
-            raise ConfigError("job two_stage needs a TwoStageConfig experiment")
-        exp = dataclasses.replace(exp, data_root=absolute(exp.data_root), storage_path=absolute(exp.storage_path),
-                                  teacher=dataclasses.replace(exp.teacher, checkpoint=absolute(exp.teacher.checkpoint)
-                                                              if exp.teacher.checkpoint else None))
-        shards = sweep.validation.shards
-        val = shards if "://" in shards or os.path.isabs(shards) else absolute(f"{exp.data_root.rstrip('/')}/{shards}")
+    exp = _resolved_experiment(sweep)
+    shards = sweep.validation.shards
+    if isinstance(exp, TwoStageConfig) and "://" not in shards and not os.path.isabs(shards):
+        val = absolute(f"{exp.data_root.rstrip('/')}/{shards}")
     else:
-        from vlforge.train.runner import resolve
-
-        exp = resolve(exp)
-        val = absolute(sweep.validation.shards)
-    root = Path(sweep.storage_path) / sweep.name
-    p = SweepPlan(sweep, root, to_dict(exp), [], val, 0)
+        val = absolute(shards)
+    p = SweepPlan(sweep, Path(sweep.storage_path) / sweep.name, to_dict(exp), [], val, 0)
     if isinstance(exp, TwoStageConfig) and exp.corpus is not None:
         from vlforge.data.corpus import corpus_exists
 
         if "://" not in exp.data_root and not corpus_exists(exp.data_root):
             return p  # the corpus is built first (run_sweep), then the plan is made again
     p.shared = _shared_runs(p, exp)
-    trial = p.trial_run({})
-    p.max_reports = _reports(trial, sweep.report_every)
+    p.max_reports = _reports(p.trial_run({}), sweep.report_every)
     base = [_comparable(r) for r in p.shared]
     for key, space in sweep.space.items():
-        for value in {_value_text(space.example()): space.example(),
-                      _value_text(_other_example(space)): _other_example(space)}.values():
-            changed = load_experiment(sweep, {key: value})
-            if isinstance(changed, TwoStageConfig):
-                changed = dataclasses.replace(changed, data_root=exp.data_root, storage_path=exp.storage_path,
-                                              teacher=dataclasses.replace(changed.teacher,
-                                                                          checkpoint=exp.teacher.checkpoint))
-            else:
-                from vlforge.train.runner import resolve
-
-                changed = resolve(changed)
-            if [_comparable(r) for r in _shared_runs(p, changed)] != base:
+        for value in {_value_text(v): v for v in (space.example(), _other_example(space))}.values():
+            if [_comparable(r) for r in _shared_runs(p, _resolved_experiment(sweep, {key: value}))] != base:
                 raise ConfigError(f"sweep {sweep.name}: space key {key} changes a shared run (the teacher or "
                                   f"the stages before {sweep.trial_stages or 'the trial'}), which is trained once "
                                   f"per sweep; sweep keys of the trial stages only")
@@ -528,9 +520,16 @@ def _train_shared(plan: SweepPlan, log: Callable[[str], None]) -> None:
                                 dirs_exist_ok=True)
 
 
+def _safe_yaml(cfg: Any) -> str:
+    """``dump_yaml`` with URL passwords and secret environment values masked (files outlive the run)."""
+    from vlforge.tracking.mlflow_tracker import redact_text, secret_env_values
+
+    return redact_text(dump_yaml(cfg), secret_env_values())
+
+
 def _check_same_sweep(plan: SweepPlan) -> None:
     saved = plan.root / "sweep.yaml"
-    now = dump_yaml(plan.sweep)
+    now = _safe_yaml(plan.sweep)
     if saved.exists() and saved.read_text() != now:
         import difflib
 
@@ -696,7 +695,7 @@ def write_best_config(plan: SweepPlan, params: dict[str, Any], best: dict[str, A
               f"({plan.sweep.mode}).\n# Base experiment {plan.sweep.experiment}\n# with "
               + " ".join(f"--set {o}" for o in [*plan.sweep.set, *param_overrides(params)]) + "\n")
     out = plan.root / "best_config.yaml"
-    out.write_text(header + dump_yaml(cfg))
+    out.write_text(header + _safe_yaml(cfg))
     return out
 
 
@@ -705,6 +704,7 @@ def plot_metric_vs_params(rows: list[dict[str, Any]], sweep: SweepConfig, path: 
     trials that ran to the end are filled, early-stopped ones hollow."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     keys = list(sweep.space)
     fig = Figure(figsize=(4.0 * len(keys), 3.4), dpi=100)
@@ -721,7 +721,9 @@ def plot_metric_vs_params(rows: list[dict[str, Any]], sweep: SweepConfig, path: 
             ax.scatter(xs if numeric else [str(x) for x in xs], ys, label=status.replace("_", " "), **style)
         if sweep.space[key].type == "loguniform":
             ax.set_xscale("log")
-        ax.set_xlabel(key, fontsize=8)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        paths = key.split(",")
+        ax.set_xlabel(paths[0] + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""), fontsize=8)
         ax.set_ylabel(sweep.metric)
         ax.grid(alpha=0.3)
         if i == 0:
