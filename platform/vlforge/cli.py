@@ -7,6 +7,7 @@
     vlforge data upload DIR s3://bucket/prefix
     vlforge data stream URI          # stream it through Ray Data and print what arrives
     vlforge sweep sweeps/distill_weights_smoke.yaml [--set search.num_samples=8]
+    vlforge promote [--dry-run] [--rollback]   # challenger -> champion, gated on a fresh evaluation
 
 Run ``vlforge <command> --help`` for each command's options. S3 endpoints come
 from ``--s3-endpoint`` or ``VLFORGE_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL``; keys only
@@ -197,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a sweep key, e.g. --set search.num_samples=8 (repeatable)")
     sw.add_argument("--check", action="store_true", help="check the file and every swept key, then stop")
     sw.set_defaults(fn=cmd_sweep)
+
+    from vlforge.tracking.promotion import add_arguments, run as run_promote
+
+    pr = sub.add_parser("promote", help="promote a registered model's challenger to champion, gated on evaluation",
+                        description="Re-evaluate the challenger and the champion of a registered model on a fixed "
+                                    "evaluation set; move the champion alias only when the declared metrics improve "
+                                    "by their margins and no guarded metric gets worse. Exit 1 when refused.")
+    add_arguments(pr, None)
+    pr.set_defaults(fn=run_promote)
     return p
 
 

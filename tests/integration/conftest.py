@@ -28,12 +28,14 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, tmp: Path, port: int | None = None):
+    def __init__(self, tmp: Path, port: int | None = None, artifacts: str | None = None,
+                 env: dict[str, str] | None = None):
         self.tmp = tmp
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.backend = f"sqlite:///{tmp / 'mlflow.db'}"
-        self.artifacts = tmp / "artifacts"
+        self.artifacts = artifacts or tmp / "artifacts"  # a local directory or s3://bucket/prefix
+        self.env = env or {}
         self.log_path = tmp / "mlflow-server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -45,7 +47,7 @@ class MlflowServer:
             return False
 
     def start(self, timeout: float = 90.0) -> "MlflowServer":
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         env.pop("MLFLOW_TRACKING_URI", None)
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
                "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
@@ -99,6 +101,18 @@ class MlflowServer:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_s3_server(s3_server, tmp_path_factory):
+    """A real ``mlflow server`` whose artifacts live in a bucket of the S3-compatible test server
+    (served through the tracking server: clients need no S3 settings)."""
+    bucket = s3_server.new_bucket()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_s3_server"), artifacts=f"s3://{bucket}/mlartifacts",
+                          env={"MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}).start()
+    server.bucket = bucket
     yield server
     server.stop()
 

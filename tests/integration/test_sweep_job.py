@@ -95,6 +95,20 @@ def test_asha_stops_a_trailing_trial_and_the_rest_finish(asha_sweep):
         assert (runs / f"{asha_sweep['name']}.{r['trial_id']}" / "summary.json").exists() == (r["status"] == "finished")
 
 
+def test_stopped_trials_leave_nothing_running(asha_sweep, ray_local):
+    """Tune ended the stopped trials' actors and with them their Train runs: every CPU is free again."""
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        free, total = ray_local.available_resources().get("CPU", 0), ray_local.cluster_resources()["CPU"]
+        live = [p for p in placement_group_table().values() if p["state"] != "REMOVED"]
+        if free == total and not live:
+            break
+        time.sleep(2)
+    assert free == total and not live, (free, total, live)
+
+
 def test_mlflow_has_the_parent_and_one_child_per_trial(asha_sweep):
     client, runs = _children(asha_sweep["uri"], asha_sweep["experiment"])
     parent = [r for r in runs if r.data.tags.get("vlforge.sweep.role") == "parent"]

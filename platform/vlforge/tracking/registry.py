@@ -8,6 +8,10 @@
     model = load_by_alias("vlforge-student", "challenger")
     model.predict(pd.DataFrame({"image": [png_bytes], "text": ["a llama"]}))   # score, match_prob
 
+    student = load_torch_by_alias("vlforge-student", "champion")   # the torch module, eval mode
+    serving = download_serving_dir("vlforge-student", "champion")  # model.json, model.safetensors,
+                                                                   # tokenizer.json, preprocess.json
+
 ``prepare_serving_dir`` turns a model directory (``vlforge.models.io.save_model_dir``, method
 ``distill``) into everything the model needs offline: the safetensors weights and spec, the
 tokenizer as ``tokenizer.json`` and the image / text preprocessing as ``preprocess.json``.
@@ -15,6 +19,11 @@ tokenizer as ``tokenizer.json`` and the image / text preprocessing as ``preproce
 ``vlforge/tracking/pyfunc_model.py``; nothing is pickled), registers a new version, tags it,
 points an alias at it and waits until it is READY. Stages are deprecated in MLflow 3:
 promotion moves aliases (``challenger`` -> ``champion``) and sets tags.
+
+``load_torch_by_alias`` / ``download_serving_dir`` skip the pyfunc: they download the
+version's artifacts and read the serving directory with ``vlforge.models.io`` (safetensors
+weights, never a pickle), for batch jobs that batch and place the model themselves
+(``vlforge.workflows.embed``). ``resolve_alias`` pins an alias to its current version.
 
 The serving environment needs the pinned requirements logged with the model (torch,
 safetensors, tokenizers, numpy, pillow, pandas) and the ``vlforge`` package itself, which is
@@ -39,9 +48,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vlforge.config import DataConfig, TrackingConfig
+from vlforge.config import DataConfig, ImageConfig, TokenizerConfig, TrackingConfig
 from vlforge.models.io import SPEC_FILE, WEIGHTS_FILE, read_spec
 from vlforge.tracking.mlflow_tracker import redact, resolve_tracking_uri
 from vlforge.tracking.pyfunc_model import (
@@ -50,6 +59,9 @@ from vlforge.tracking.pyfunc_model import (
     PREPROCESS_FILE,
     TOKENIZER_FILE,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger("vlforge.tracking")
 
@@ -60,10 +72,14 @@ READY_TIMEOUT_S = 300.0
 
 __all__ = [
     "RegisteredVersion",
+    "download_serving_dir",
     "load_by_alias",
+    "load_torch_by_alias",
     "log_and_register",
     "model_signature",
     "prepare_serving_dir",
+    "resolve_alias",
+    "serving_preprocessing",
     "serving_requirements",
 ]
 
@@ -143,6 +159,22 @@ def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir:
     }
     (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=1, sort_keys=True))
     return out
+
+
+def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, TokenizerConfig]:
+    """The image and tokenizer settings a serving directory's ``preprocess.json`` records (no
+    augmentation; the tokenizer is the directory's ``tokenizer.json``), as the pyfunc applies them."""
+    directory = Path(serving_dir)
+    path = directory / PREPROCESS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {PREPROCESS_FILE} (not a serving directory)")
+    pre = json.loads(path.read_text())
+    img, tok = pre["image"], pre["tokenizer"]
+    image = ImageConfig(size=int(img["size"]), mean=tuple(float(x) for x in img["mean"]),
+                        std=tuple(float(x) for x in img["std"]), augment=False, normalize=True)
+    tokenizer = TokenizerConfig(name=str(directory / TOKENIZER_FILE), max_length=int(tok["max_length"]),
+                                lowercase=bool(tok.get("lowercase", True)))
+    return image, tokenizer
 
 
 # ----------------------------------------------------------------------------- model definition
@@ -363,3 +395,97 @@ def load_by_alias(model_name: str, alias: str, tracking_uri: str | None = None):
     uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
     with _use_tracking_uri(uri):
         return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
+
+
+def resolve_alias(model_name: str, alias: str, tracking_uri: str | None = None) -> RegisteredVersion:
+    """The version ``alias`` points at now; LookupError naming the model and alias when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
+    with _use_tracking_uri(uri):
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            mv = client.get_model_version_by_alias(model_name, alias)
+        except MlflowException as exc:
+            # Stores differ in the error code of a missing alias; ask about the model instead.
+            try:
+                aliases = sorted(client.get_registered_model(model_name).aliases)
+            except MlflowException as inner:
+                if inner.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise exc from None
+                raise LookupError(f"no registered model {model_name!r} at {uri}") from exc
+            if alias in aliases:
+                raise
+            raise LookupError(f"registered model {model_name!r} has no alias {alias!r} "
+                              f"(its aliases: {aliases or 'none'}) at {uri}") from exc
+    return RegisteredVersion(name=model_name, version=str(mv.version), alias=alias,
+                             model_uri=f"models:/{model_name}/{mv.version}", run_id=mv.run_id or "",
+                             source=mv.source or "")
+
+
+def _serving_subdir(root: Path) -> Path:
+    """The serving directory inside a downloaded pyfunc: the artifact ``ARTIFACT_KEY`` of its MLmodel."""
+    import yaml
+
+    rel = f"artifacts/{ARTIFACT_KEY}"
+    mlmodel = root / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        rel = ((flavor.get("artifacts") or {}).get(ARTIFACT_KEY) or {}).get("path", rel)
+    serving = root / rel
+    missing = [n for n in (SPEC_FILE, WEIGHTS_FILE, TOKENIZER_FILE, PREPROCESS_FILE) if not (serving / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root}: not a vlforge serving model: {serving} lacks {missing} "
+                                "(was it registered with vlforge.tracking.registry.log_and_register?)")
+    return serving
+
+
+def download_serving_dir(model_name: str, alias: str, tracking_uri: str | None = None,
+                         dst: str | os.PathLike | None = None, *, version: str | None = None) -> Path:
+    """Download ``models:/<model_name>@<alias>`` into ``dst`` (a new temporary directory when None,
+    left for the caller) and return its serving directory: ``model.json``, ``model.safetensors``,
+    ``tokenizer.json``, ``preprocess.json``.
+
+    ``version`` downloads that version number instead of following the alias (a batch job
+    resolves the alias once with ``resolve_alias``, so every worker loads the same version).
+    """
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
+    if version is None:
+        version = resolve_alias(model_name, alias, uri).version
+    model_uri = f"models:/{model_name}/{version}"
+    if dst is None:
+        target = Path(tempfile.mkdtemp(prefix="vlforge-model-"))
+    else:
+        target = Path(dst)
+        target.mkdir(parents=True, exist_ok=True)
+    with _use_tracking_uri(uri):
+        try:
+            root = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target),
+                                                       tracking_uri=uri)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise LookupError(f"{model_uri} (alias {alias!r}) not found at {uri}: {exc.message}") from exc
+    return _serving_subdir(Path(root))
+
+
+def load_torch_by_alias(model_name: str, alias: str, tracking_uri: str | None = None,
+                        dst: str | os.PathLike | None = None) -> nn.Module:
+    """The torch module of ``models:/<model_name>@<alias>`` on the CPU, in eval mode (safetensors only).
+
+    The artifacts go to ``dst`` (a temporary directory, removed after loading, when None).
+    """
+    import tempfile
+
+    from vlforge.models.io import load_model_dir
+
+    if dst is not None:
+        return load_model_dir(download_serving_dir(model_name, alias, tracking_uri, dst)).eval()
+    with tempfile.TemporaryDirectory(prefix="vlforge-model-") as tmp:
+        return load_model_dir(download_serving_dir(model_name, alias, tracking_uri, tmp)).eval()
