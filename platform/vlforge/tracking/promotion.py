@@ -86,7 +86,7 @@ class Decision:
                                             f"{self.champion or '-'} on {self.eval_set}", decimals=2))
         elif self.metrics.get("challenger"):
             lines.append(f"{self.model_name} version {self.challenger} on {self.eval_set}: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in self.metrics["challenger"].items()))
+                f"{k} {v:.2f}" for k, v in self.metrics["challenger"].items() if not k.startswith("n_")))
         lines.append(f"{'DRY RUN: would be ' if self.dry_run else ''}{self.action}: {self.reason}")
         return "\n".join(lines)
 
@@ -355,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
                        ("tracking.tracking_uri", args.tracking_uri)):
         if value:
             overrides.append(f"{key}={json.dumps(str(value))}")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
     try:
         cfg = load(PromoteConfig, args.config, overrides)
         d = (rollback if args.rollback else promote)(cfg, dry_run=args.dry_run)

