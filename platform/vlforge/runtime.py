@@ -33,19 +33,13 @@ def init_ray(num_train_workers: int = 2, worker_cpus: float = 1.0, data_cpus: in
     if address:
         return ray.init(address=address, logging_level=logging_level, **kwargs)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-    runtime_env.setdefault("worker_process_setup_hook", "vlforge.runtime.quiet_local_workers")
+    # The dashboard serves the state API, which Ray Train's placement-group cleaner asks whether a
+    # run's controller is alive: without it, the workers' CPUs of a run whose controller was killed
+    # (a trial that Tune stopped early) stay reserved until Ray shuts down. Bound to 127.0.0.1.
     return ray.init(
         num_cpus=local_cpus(num_train_workers, worker_cpus, data_cpus),
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         logging_level=logging_level,
-        runtime_env=runtime_env,
         **kwargs,
     )
-
-
-def quiet_local_workers() -> None:
-    """Worker setup on a local Ray without a dashboard: Ray Train's placement-group cleaner asks the
-    state API (served by the dashboard) about its controller every second and logs a warning each
-    time it is unavailable; without a dashboard it always is."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

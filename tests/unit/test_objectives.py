@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -52,16 +51,11 @@ def test_itc_is_low_for_aligned_pairs_and_high_for_shuffled():
     assert itc_loss(img, img.roll(1, dims=0), scale) > 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _itc_worker(rank: int, world: int, port: int) -> None:
+def _itc_worker(rank: int, world: int, store: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: a free TCP port picked before the spawn can be taken by then.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         b, e = 4, 8
         img_all, txt_all = _unit(world * b, e, seed=11), _unit(world * b, e, seed=12)
@@ -103,10 +97,10 @@ def _itc_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def test_itc_gathered_over_two_gloo_ranks_equals_single_process():
+def test_itc_gathered_over_two_gloo_ranks_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_itc_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_itc_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
 
 
 # ----------------------------------------------------------------------------- ITM
