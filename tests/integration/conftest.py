@@ -99,6 +99,21 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
+def load_job():
+    """``load_job("sweep")``: the script ``jobs/sweep.py`` as a module, to call its ``main([...])``."""
+    jobs = str(Path(__file__).resolve().parents[2] / "jobs")
+
+    def load(name: str):
+        sys.path.insert(0, jobs)
+        try:
+            return __import__(name)
+        finally:
+            sys.path.pop(0)
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
     yield server

@@ -5,7 +5,6 @@ it through Ray Data into Parquet that matches embeddings computed directly."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import uuid
 from pathlib import Path
@@ -29,13 +28,6 @@ def _png(color) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _embed_job():
-    spec = importlib.util.spec_from_file_location("vlforge_jobs_embed", REPO / "jobs" / "embed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +84,7 @@ def test_torch_by_alias_matches_registered_module(registered, tmp_path):
         download_serving_dir(f"{name}-missing", "champion", tracking_uri=uri)
 
 
-def test_embed_job_writes_matching_parquet(registered, ray_local, corpus, tmp_path, capsys):
+def test_embed_job_writes_matching_parquet(registered, ray_local, corpus, tmp_path, capsys, load_job):
     import pyarrow.parquet as pq
     from vlforge.data.pipeline import sample_id
     from vlforge.data.shards import read_manifest
@@ -100,7 +92,7 @@ def test_embed_job_writes_matching_parquet(registered, ray_local, corpus, tmp_pa
     from vlforge.evaluation.data import load_eval_set
     from vlforge.models.io import load_model_dir
 
-    job = _embed_job()
+    job = load_job("embed")
     name, uri = registered["name"], registered["uri"]
     shards, out = corpus / "scenes" / "val", tmp_path / "emb"
     rc = job.main(["--model", name, "--alias", "champion", str(shards), "--out", str(out),

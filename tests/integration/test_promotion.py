@@ -88,26 +88,18 @@ def _args(server, corpus, name: str, *more: str) -> list[str]:
             "--set", "eval.max_samples=200", *more]
 
 
-def _promote_job():
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        import promote
-    finally:
-        sys.path.pop(0)
-    return promote
-
-
 def _champion(server, name: str) -> str:
     from mlflow import MlflowClient
 
     return str(MlflowClient(server.uri).get_model_version_by_alias(name, "champion").version)
 
 
-def test_first_champion_promotion_refusal_dry_run_and_rollback(mlflow_s3_server, corpus, models, model_name, capsys):
+def test_first_champion_promotion_refusal_dry_run_and_rollback(mlflow_s3_server, corpus, models, model_name, capsys,
+                                                               load_job):
     from mlflow import MlflowClient
     from vlforge.tracking.promotion import HISTORY_TAG
 
-    server, name, job = mlflow_s3_server, model_name, _promote_job()
+    server, name, job = mlflow_s3_server, model_name, load_job("promote")
     client = MlflowClient(server.uri)
 
     assert _register(server, name, models["weak0"]) == "1"
@@ -153,7 +145,7 @@ def test_first_champion_promotion_refusal_dry_run_and_rollback(mlflow_s3_server,
     assert any(p.endswith("model.safetensors") for p in fs.find(f"{server.bucket}/mlartifacts"))
 
 
-def test_the_champion_loaded_by_alias_scores_like_its_module(mlflow_s3_server, corpus, models, model_name):
+def test_the_champion_loaded_by_alias_scores_like_its_module(mlflow_s3_server, corpus, models, model_name, load_job):
     import numpy as np
     import pandas as pd
     from vlforge.evaluation import load_eval_set
@@ -163,7 +155,7 @@ def test_the_champion_loaded_by_alias_scores_like_its_module(mlflow_s3_server, c
 
     server, name = mlflow_s3_server, model_name
     _register(server, name, models["trained"])
-    assert _promote_job().main(_args(server, corpus, name)) == 0
+    assert load_job("promote").main(_args(server, corpus, name)) == 0
     pyfunc = load_by_alias(name, "champion", tracking_uri=server.uri)
     from vlforge.data.shards import iter_samples, list_shards
 
@@ -177,7 +169,7 @@ def test_the_champion_loaded_by_alias_scores_like_its_module(mlflow_s3_server, c
     np.testing.assert_allclose(out["score"].to_numpy(), direct, atol=1e-4)
 
 
-def test_concurrent_promotions_cannot_both_win(mlflow_s3_server, corpus, models, model_name):
+def test_concurrent_promotions_cannot_both_win(mlflow_s3_server, corpus, models, model_name, load_job):
     """Two promotions of equally good challengers start together against the same weak champion.
     The lock serialises them: the first wins, the second is then judged against the new champion
     (its twin: no gain) and refused. Without the lock both would win against version 1."""
@@ -185,7 +177,7 @@ def test_concurrent_promotions_cannot_both_win(mlflow_s3_server, corpus, models,
 
     server, name = mlflow_s3_server, model_name
     _register(server, name, models["weak0"])
-    assert _promote_job().main(_args(server, corpus, name)) == 0
+    assert load_job("promote").main(_args(server, corpus, name)) == 0
     a, b = _register(server, name, models["trained"]), _register(server, name, models["trained"])
     procs = [subprocess.Popen([sys.executable, str(REPO / "jobs" / "promote.py"),
                                *_args(server, corpus, name, "--challenger", v)],

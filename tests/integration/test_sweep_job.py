@@ -32,15 +32,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job():
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        import sweep
-    finally:
-        sys.path.pop(0)
-    return sweep
-
-
 def _children(uri: str, experiment: str) -> tuple[object, list]:
     from mlflow.tracking import MlflowClient
 
@@ -173,7 +164,7 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float, seen: list
 
 
 def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, ray_head, corpus, mlflow_server,
-                                                                        tmp_path):
+                                                                        tmp_path, load_job):
     name, experiment = f"resume-{uuid.uuid4().hex[:6]}", f"sweeps-{uuid.uuid4().hex[:6]}"
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
@@ -218,7 +209,7 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(ray_loca
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        code = _job().main([str(path)])
+        code = load_job("sweep").main([str(path)])
     finally:
         os.chdir(cwd)
     assert code == 0

@@ -6,7 +6,6 @@ while the vision tower and prefix train; the export loads into the single-device
 
 from __future__ import annotations
 
-import sys
 import uuid
 from pathlib import Path
 
@@ -19,15 +18,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job(name: str):
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
-
-
-def test_frozen_lm_job_keeps_lm_frozen(ray_local, corpus, tmp_path, capsys):
+def test_frozen_lm_job_keeps_lm_frozen(ray_local, corpus, tmp_path, capsys, load_job):
     from vlforge.models import create_model
     from vlforge.train.export import load_export
 
@@ -44,7 +35,7 @@ def test_frozen_lm_job_keeps_lm_frozen(ray_local, corpus, tmp_path, capsys):
     path = tmp_path / "frozen.yaml"
     path.write_text(yaml.safe_dump(raw))
 
-    assert _job("frozen_lm").main(["--config", str(path)]) == 0
+    assert load_job("frozen_lm").main(["--config", str(path)]) == 0
     printed = capsys.readouterr().out
     assert f"run {name}" in printed and "caption/loss" in printed
 

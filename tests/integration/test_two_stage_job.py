@@ -15,15 +15,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job():
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        import two_stage
-    finally:
-        sys.path.pop(0)
-    return two_stage
-
-
 def _args(corpus: Path, out: Path, name: str, uri: str, model: str, *more: str) -> list[str]:
     sets = [f"data_root={corpus}", "corpus=null", "max_steps=2", "eval.max_samples=24", "eval.latency_ns=[8,16]",
             "eval.max_teacher_pairs=100", f"storage_path={out}", f"name={name}", f"tracking.tracking_uri={uri}",
@@ -40,10 +31,10 @@ def _pair(corpus: Path) -> tuple[bytes, str]:
 
 
 @pytest.fixture(scope="module")
-def smoke_job(ray_local, corpus, mlflow_server, tmp_path_factory):
+def smoke_job(ray_local, corpus, mlflow_server, tmp_path_factory, load_job):
     out = tmp_path_factory.mktemp("two_stage")
     name, model = f"ts-{uuid.uuid4().hex[:6]}", f"dual-{uuid.uuid4().hex[:6]}"
-    job = _job()
+    job = load_job("two_stage")
     code = job.main(_args(corpus, out, name, mlflow_server.uri, model))
     return {"code": code, "out": out, "name": name, "model": model, "root": out / name}
 
@@ -91,12 +82,13 @@ def test_smoke_job_trains_evaluates_and_registers(smoke_job, corpus, mlflow_serv
     assert scored["match_prob"].between(0, 1).all()
 
 
-def test_teacher_is_reused_and_a_second_version_registered(smoke_job, corpus, mlflow_server, tmp_path, capsys):
+def test_teacher_is_reused_and_a_second_version_registered(smoke_job, corpus, mlflow_server, tmp_path, capsys,
+                                                           load_job):
     from mlflow.tracking import MlflowClient
 
     assert smoke_job["code"] == 0
     name = f"ts-{uuid.uuid4().hex[:6]}"
-    code = _job().main([*_args(corpus, tmp_path, name, mlflow_server.uri, smoke_job["model"],
+    code = load_job("two_stage").main([*_args(corpus, tmp_path, name, mlflow_server.uri, smoke_job["model"],
                                f"teacher.checkpoint={smoke_job['root'] / 'teacher'}", "eval.latency=false"),
                         "--no-ablation"])
     assert code == 0

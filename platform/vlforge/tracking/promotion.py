@@ -104,23 +104,24 @@ def _missing(exc: Exception) -> bool:
     return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
-def resolve_version(client, name: str, ref: str):
-    """A model version from an alias or a version number."""
+def resolve_version(client, name: str, ref: str) -> str:
+    """The version number of an alias (``vlforge.tracking.registry.resolve_alias``) or of a version."""
     from mlflow.exceptions import MlflowException
 
+    if not str(ref).isdigit():
+        from vlforge.tracking.registry import resolve_alias
+
+        return resolve_alias(name, ref, client.tracking_uri).version
     try:
-        if str(ref).isdigit():
-            return client.get_model_version(name, str(ref))
-        return client.get_model_version_by_alias(name, ref)
+        return str(client.get_model_version(name, str(ref)).version)
     except MlflowException as exc:
         if not _missing(exc):
             raise
         try:
-            aliases = client.get_registered_model(name).aliases
+            client.get_registered_model(name)
         except MlflowException:
             raise PromotionError(f"no registered model {name!r}") from None
-        raise PromotionError(f"model {name!r} has no {'version' if str(ref).isdigit() else 'alias'} {ref!r} "
-                             f"(aliases: {aliases or 'none'})") from None
+        raise PromotionError(f"model {name!r} has no version {ref!r}") from None
 
 
 def champion_version(client, name: str, alias: str):
@@ -267,7 +268,7 @@ def promote(cfg: PromoteConfig, *, dry_run: bool = False, log: Callable[[str], N
                                                                     cfg.stale_lock_s, log)
     with guard:
         champion = champion_version(client, name, cfg.champion_alias)
-        d = Decision(name, UNCHANGED, str(challenger.version), str(champion.version) if champion else None, "",
+        d = Decision(name, UNCHANGED, challenger, str(champion.version) if champion else None, "",
                      dry_run=dry_run, time=_now(), eval_set=eval_set)
         if champion is not None and str(champion.version) == d.challenger:
             d.reason = f"version {d.challenger} is already @{cfg.champion_alias}"

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -467,13 +466,13 @@ class SweepResult:
         return "\n".join(lines)
 
 
-def _local_cpus(plan: SweepPlan) -> tuple[int, int]:
-    """(logical CPUs for a local Ray, CPUs reserved for Ray Data)."""
+def _local_cpus(plan: SweepPlan) -> tuple[float, int]:
+    """(CPUs for the trials, or the largest shared run; CPUs reserved for Ray Data) of a local Ray."""
     res = plan.sweep.resources
     data = res.data_cpus if res.data_cpus is not None else max(2, os.cpu_count() or 1)
     trials = plan.sweep.search.max_concurrent * res.per_trial()
     shared = max([r.num_workers * r.worker_cpus for r in plan.shared], default=0.0)
-    return int(math.ceil(max(trials, shared) + data)), data
+    return max(trials, shared), data
 
 
 def _concurrency(plan: SweepPlan, log: Callable[[str], None]) -> int:
@@ -494,30 +493,16 @@ def _concurrency(plan: SweepPlan, log: Callable[[str], None]) -> int:
 
 
 def _train_shared(plan: SweepPlan, log: Callable[[str], None]) -> None:
-    from vlforge.train.runner import run_training
+    """Train (or reuse) the shared runs, and fill the two-stage teacher directory the trials read."""
+    from vlforge.workflows.two_stage import fill_teacher_dir, train_or_reuse
 
+    teacher_dir = plan.runs_dir / plan.name / "teacher"  # the two-stage plan's teacher_dir
     for run in plan.shared:
         tags = {**run.tracking.tags, SWEEP_TAG: plan.name, ROLE_TAG: "shared",
                 **({_parent_tag(): plan.parent_run_id} if plan.parent_run_id else {})}
         run = dataclasses.replace(run, tracking=dataclasses.replace(run.tracking, tags=tags))
-        run_dir = Path(run.storage_path) / run.name
-        if (run_dir / "summary.json").exists():
-            log(f"== shared run {run.name}: finished earlier, reusing {run_dir}")
-        else:
-            log(f"== shared run {run.name}: {run.method} {run.model}, stages "
-                + ", ".join(f"{s.name}({s.steps} steps)" for s in run.stages))
-            run_training(run, init_ray=False)
-        if run.name.endswith(".teacher-pretrain"):
-            import shutil
-
-            teacher = plan.runs_dir / plan.name / "teacher"
-            shutil.copytree(run_dir / "export", teacher / "pretrain", dirs_exist_ok=True)
-        elif run.name.endswith(".teacher-finetune"):
-            import shutil
-
-            for s in run.stages:
-                shutil.copytree(run_dir / "stages" / s.name, plan.runs_dir / plan.name / "teacher" / s.name,
-                                dirs_exist_ok=True)
+        train_or_reuse(run, log)
+        fill_teacher_dir(run.name.removeprefix(f"{plan.name}."), run, teacher_dir)
 
 
 def _safe_yaml(cfg: Any) -> str:
@@ -566,13 +551,13 @@ def run_sweep(sweep: SweepConfig, *, init_ray: bool = True, log: Callable[[str],
     sweep = plan.sweep
 
     if init_ray and not ray.is_initialized():
-        from vlforge.runtime import init_ray as start_ray
+        from vlforge.runtime import init_ray as start_ray, local_cpus
 
-        cpus, data = _local_cpus(plan)
+        train, data = _local_cpus(plan)
         if not os.environ.get("RAY_ADDRESS"):
-            log(f"local Ray: {cpus} logical CPUs ({sweep.search.max_concurrent} trials x "
+            log(f"local Ray: {local_cpus(1, train, data)} logical CPUs ({sweep.search.max_concurrent} trials x "
                 f"{sweep.resources.per_trial():g} + {data} for Ray Data)")
-        start_ray(num_train_workers=1, worker_cpus=cpus - data, data_cpus=data)
+        start_ray(num_train_workers=1, worker_cpus=train, data_cpus=data)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     prepare_local_mlflow(sweep.tracking)

@@ -219,31 +219,46 @@ def _check_teacher_dir(p: Plan, cfg: TwoStageConfig) -> None:
                           f"(a teacher directory holds pretrain/ and one directory per fine-tuning stage)")
 
 
-def train_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Run (or reuse, or resume) every training run of the plan; seconds per run."""
+def train_or_reuse(run: TrainRunConfig, log: Callable[[str], None] = print) -> float | None:
+    """Run ``run`` unless it finished earlier (its ``summary.json``; an unfinished one resumes from
+    its checkpoint); the seconds it trained, None when it was reused."""
     from vlforge.train.runner import run_training
 
+    run_dir = Path(run.storage_path) / run.name
+    if _finished(run_dir):
+        log(f"== {run.name}: finished earlier, reusing {run_dir}")
+        return None
+    log(f"== {run.name}: {run.method} {run.model}, stages "
+        + ", ".join(f"{s.name}({s.task or ''} {s.steps} steps {s.objectives})" for s in run.stages))
+    t0 = time.perf_counter()
+    result = run_training(run, init_ray=False)
+    for line in result.summary().splitlines()[1:]:
+        log(line)
+    return time.perf_counter() - t0
+
+
+def fill_teacher_dir(key: str, run: TrainRunConfig, teacher_dir: Path) -> None:
+    """Copy the model directories of a teacher run (``key`` ``teacher-pretrain`` / ``teacher-finetune``)
+    into the teacher directory; other keys are left alone. Done again on reuse, for a job that
+    stopped before copying."""
+    run_dir = Path(run.storage_path) / run.name
+    if key == "teacher-pretrain":
+        if not (run_dir / "export" / "model.json").exists():
+            raise RuntimeError(f"{run.name}: no export was written under {run_dir / 'export'}")
+        shutil.copytree(run_dir / "export", teacher_dir / "pretrain", dirs_exist_ok=True)
+    elif key == "teacher-finetune":
+        for s in run.stages:
+            shutil.copytree(run_dir / "stages" / s.name, teacher_dir / s.name, dirs_exist_ok=True)
+
+
+def train_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Run (or reuse, or resume) every training run of the plan; seconds per run."""
     seconds: dict[str, float] = {}
     for key, run in p.runs.items():
-        run_dir = p.run_dir(key)
-        if _finished(run_dir):
-            log(f"== {run.name}: finished earlier, reusing {run_dir}")
-        else:
-            log(f"== {run.name}: {run.method} {run.model}, stages "
-                + ", ".join(f"{s.name}({s.task or ''} {s.steps} steps {s.objectives})" for s in run.stages))
-            t0 = time.perf_counter()
-            result = run_training(run, init_ray=False)
-            seconds[key] = time.perf_counter() - t0
-            for line in result.summary().splitlines()[1:]:
-                log(line)
-        # The teacher directory gets its model directories (again, when an earlier job stopped before this).
-        if key == "teacher-pretrain":
-            if not (run_dir / "export" / "model.json").exists():
-                raise RuntimeError(f"{run.name}: no export was written under {run_dir / 'export'}")
-            shutil.copytree(run_dir / "export", p.teacher_dir / "pretrain", dirs_exist_ok=True)
-        elif key == "teacher-finetune":
-            for s in run.stages:
-                shutil.copytree(run_dir / "stages" / s.name, p.teacher_dir / s.name, dirs_exist_ok=True)
+        took = train_or_reuse(run, log)
+        if took is not None:
+            seconds[key] = took
+        fill_teacher_dir(key, run, p.teacher_dir)
         if key == "teacher-finetune" or (key == "teacher-pretrain" and "teacher-finetune" not in p.runs):
             _check_teacher_dir(p, cfg)
     return seconds
