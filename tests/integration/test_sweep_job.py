@@ -4,7 +4,8 @@
    The scheduling metric is the weighted training loss and the swept weight is the ITC term's
    (about log(batch) = 2.8 at these steps), 0.1 or 10: the loss of a weight-10 trial is larger by
    some 25, far beyond batch noise, so which trials trail is known before they run and the test
-   can demand that ASHA stops one. (An attention-KL weight would not do: that term is small here
+   can demand that ASHA stops one. Whichever of the first two trials reports first, a weight-10
+   trial meets a weight-0.1 trial's loss at the rung, so at least one of them is stopped. (An attention-KL weight would not do: that term is small here
    and the other terms' noise decides. The figure a real sweep ranks by, ``val_rmean``, is
    reported and tracked as well.)
 2. A VLMo stage-3 sweep run by ``jobs/sweep.py`` in a subprocess against a ``ray start --head``
@@ -54,7 +55,10 @@ def asha_sweep(ray_local, corpus, mlflow_server, tmp_path_factory):
         "trial_stages": ["pretrain"],
         "space": {"student.stages.0.objectives.itc": {"type": "grid", "values": [0.1, 10.0]}},
         "search": {"algorithm": "grid", "num_samples": 2, "max_concurrent": 2},
-        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        # One rung that decides (1 report); the other is at max_t = 3, the final report, which
+        # FinishingASHA lets through. With reduction_factor 2 a second rung at 2 reports would
+        # pit the two weight-0.1 trials against each other and stop one of them by batch noise.
+        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 3},
         "metric": "loss", "mode": "min", "report_every": 2,
         "resources": {"num_workers": 1, "worker_cpus": 0.5, "trial_cpus": 0.01},
         "validation": {"shards": "scenes/val", "max_samples": 24},
