@@ -45,9 +45,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load(TwoStageConfig, args.config, args.set)
-        from vlforge.workflows.two_stage import plan
+        from vlforge.workflows.two_stage import preflight
 
-        plan(cfg, ablations=not args.no_ablation)
+        # Config, ZeRO settings, shard sets and storage are checked here, before Ray starts or joins a cluster.
+        preflight(cfg, ablations=not args.no_ablation)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

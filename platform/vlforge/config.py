@@ -293,6 +293,15 @@ class StorageConfig:
     s3_endpoint_url: str | None = None  # None: the first of VLFORGE_S3_ENDPOINT, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL
     s3_region: str | None = None
     anonymous: bool = False
+    # botocore "standard" retries (exponential backoff, connection errors included): with 10 attempts
+    # reads ride out about a minute of an S3 server restarting. Pre-flight checks use 2.
+    max_attempts: int = 10
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+
+    def __post_init__(self):
+        if self.max_attempts < 1 or self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("storage: max_attempts must be >= 1 and the timeouts > 0")
 
 
 @dataclass
@@ -412,6 +421,7 @@ OBJECTIVES_BY_METHOD: dict[str, tuple[str, ...]] = {
     "distill": ("soft", "attn", "hard", "itc"),  # DistillationTask's loss weights
 }
 PAIR_TASKS = ("itm", "vqa", "nlvr2")
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 @dataclass
@@ -548,6 +558,7 @@ class TrainRunConfig:
     num_workers: int = 2
     worker_cpus: float = 1.0
     use_gpu: bool = False
+    placement_strategy: PlacementStrategy = "PACK"  # Ray placement of the workers; STRICT_SPREAD: one per node
     checkpoint_every: int = 0  # optimizer steps; 0 = only at stage ends
     max_failures: int = 1
     progress_every: int = 10  # steps between progress lines (rank 0)
@@ -678,6 +689,7 @@ class TwoStageConfig:
     num_workers: int = 2
     worker_cpus: float = 1.0
     use_gpu: bool = False
+    placement_strategy: PlacementStrategy = "PACK"  # of each run's Train workers; STRICT_SPREAD: one per node
     checkpoint_every: int = 0
     max_failures: int = 1
     progress_every: int = 10

@@ -3,7 +3,10 @@
     init_ray(num_train_workers=2)
 
 Inside ``ray job submit`` (``RAY_ADDRESS`` is set) this connects to the cluster and
-leaves its resources alone. On a laptop it starts a local Ray whose logical CPU
+leaves its resources alone. Without ``RAY_ADDRESS`` it always starts a Ray of its own
+(``address="local"``), also when a ``ray start`` cluster runs on the machine (plain
+``ray.init()`` would join that one and then refuse the CPU count); ``RAY_ADDRESS=auto``
+joins it. On a laptop the local Ray's logical CPU
 count leaves room for Ray Data next to the Train workers (see
 ``vlforge.data.pipeline`` for the plan): ``num_train_workers * worker_cpus``
 for Train plus ``max(2, cores)`` for data.
@@ -37,6 +40,7 @@ def init_ray(num_train_workers: int = 2, worker_cpus: float = 1.0, data_cpus: in
     # run's controller is alive: without it, the workers' CPUs of a run whose controller was killed
     # (a trial that Tune stopped early) stay reserved until Ray shuts down. Bound to 127.0.0.1.
     return ray.init(
+        address="local",
         num_cpus=local_cpus(num_train_workers, worker_cpus, data_cpus),
         include_dashboard=True,
         dashboard_host="127.0.0.1",

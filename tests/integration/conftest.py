@@ -1,13 +1,18 @@
-"""Integration fixtures: a real MLflow tracking server on 127.0.0.1.
+"""Integration fixtures: a real MLflow tracking server and real Ray clusters on 127.0.0.1.
 
 ``mlflow_server`` (session) runs ``mlflow server`` with a SQLite backend and served
 artifacts in a temporary directory, with job execution off (otherwise it starts about
 ten extra processes). Tests may ``stop()`` and ``restart()`` it: it comes back on the same
 port with the same backend, the way a restarted tracking server would.
+
+``ray_head`` is a one-node cluster from ``ray start --head``; ``ray_cluster`` (module) is a
+multi-node one on this machine: a head and two more nodes, each a ``ray start`` of its own
+(its own raylet, object store and workers) that a test can kill like a failed machine.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -120,6 +125,15 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture
+def own_mlflow_server(tmp_path):
+    """A tracking server of the test's own, for tests that stop it (an outage) while others may log."""
+    (tmp_path / "own_mlflow").mkdir()
+    server = MlflowServer(tmp_path / "own_mlflow").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def mlflow_s3_server(s3_server, tmp_path_factory):
     """A real ``mlflow server`` whose artifacts live in a bucket of the S3-compatible test server
@@ -138,8 +152,9 @@ class RayHead:
     Stopped by killing that process group, never with ``ray stop`` (which would also stop
     the test session's own local Ray)."""
 
-    def __init__(self, tmp: Path, num_cpus: int = 4):
+    def __init__(self, tmp: Path, num_cpus: int = 4, system_env: dict[str, str] | None = None):
         self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.num_cpus = num_cpus
         self.log_path = tmp / "ray_head.log"
@@ -147,6 +162,7 @@ class RayHead:
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)
+        self.system_env = system_env or {}
 
     def start(self, timeout: float = 120.0) -> "RayHead":
         ray_cli = Path(sys.executable).parent / "ray"
@@ -156,14 +172,17 @@ class RayHead:
              f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats",
              # Agents default to fixed ports that the session's own local Ray already holds.
              f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-            env=self.env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--resources={json.dumps({'vlforge_head': 1})}"],
+            env={**self.env, **self.system_env}, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start --head exited {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.address}/api/version", timeout=2):
+                    self._forget_current_cluster()
                     return self
             except (urllib.error.URLError, OSError):
                 time.sleep(1)
@@ -201,6 +220,9 @@ class RayHead:
         except ProcessLookupError:
             pass
         self.proc = None
+        self._forget_current_cluster()
+
+    def _forget_current_cluster(self) -> None:
         # `ray start` records its address here, and a later plain `ray.init()` would try to join it.
         current = Path("/tmp/ray/ray_current_cluster")
         try:
@@ -211,6 +233,98 @@ class RayHead:
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+class RayNode:
+    """One more node of a ``RayHead``'s cluster: ``ray start --address=<head> --block`` in its own
+    process group, tagged with the custom resource ``vlforge_node_<i>`` so tests can tell nodes apart.
+    ``kill()`` SIGKILLs the group (raylet, object store, workers): a machine that died."""
+
+    def __init__(self, head: RayHead, index: int, num_cpus: int):
+        self.head, self.index, self.num_cpus = head, index, num_cpus
+        self.resource = f"vlforge_node_{index}"
+        self.log_path = head.log_path.with_name(f"ray_node_{index}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> "RayNode":
+        ray_cli = Path(sys.executable).parent / "ray"
+        self.proc = subprocess.Popen(
+            [str(ray_cli), "start", f"--address={self.head.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={self.num_cpus}", "--disable-usage-stats", f"--resources={json.dumps({self.resource: 1})}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
+            env={**self.head.env, **self.head.system_env}, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start (node {self.index}) exited {self.proc.returncode}:\n"
+                                   + self.log_path.read_text(errors="replace")[-3000:])
+            if self.node_id() is not None:
+                return self
+            time.sleep(1)
+        raise RuntimeError(f"node {self.index} did not join the cluster in {timeout}s")
+
+    def node_id(self) -> str | None:
+        """This node's id while the head lists it alive."""
+        from ray.util.state import list_nodes
+
+        for n in list_nodes(address=self.head.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
+            if self.resource in (n.resources_total or {}):
+                return n.node_id
+        return None
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.proc = None
+
+
+class RayCluster:
+    """A multi-node Ray cluster on this machine: a ``RayHead`` and ``RayNode``s. The head notices a
+    dead node within a few seconds (health checks every 0.5 s, 3 misses) instead of Ray's default ~30 s."""
+
+    HEALTH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
+              "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+
+    def __init__(self, tmp: Path, head_cpus: int, node_cpus: list[int]):
+        self.head = RayHead(tmp, num_cpus=head_cpus, system_env=self.HEALTH)
+        self.nodes = [RayNode(self.head, i + 1, c) for i, c in enumerate(node_cpus)]
+
+    def start(self) -> "RayCluster":
+        self.head.start()
+        try:
+            for n in self.nodes:
+                n.start()
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.head.gcs_address
+
+    def node_of(self, node_id: str) -> RayNode | None:
+        return next((n for n in self.nodes if n.proc is not None and n.node_id() == node_id), None)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.kill()
+        self.head.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """Head (2 CPUs) + two nodes (1 CPU each), all on 127.0.0.1."""
+    cluster = RayCluster(tmp_path_factory.mktemp("ray_cluster"), head_cpus=2, node_cpus=[1, 1]).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -381,6 +381,17 @@ class Counters:
     def __init__(self, handle):
         self.handle = handle
 
+    @classmethod
+    def create(cls) -> "Counters":
+        """A new counters actor on the driver's node: the node a job cannot lose without ending. (Placed
+        anywhere, it could land on a worker node; when that node died every decode task failed on
+        its ``add`` and no restart of the Train run could get past it.)"""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return cls(_counters_class().options(scheduling_strategy=here).remote())
+
     def snapshot(self) -> dict[str, int]:
         import ray
 
@@ -421,7 +432,7 @@ def build_dataset(cfg: DataConfig, *, train: bool = True, task: str | None = Non
                   counters: Counters | None = None) -> tuple["ray.data.Dataset", Counters]:
     """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to."""
     if counters is None:
-        counters = Counters(_counters_class().remote())
+        counters = Counters.create()
     task = task or detect_task(cfg.shards, cfg.storage)
     if task not in TASK_KINDS:
         raise ValueError(f"unknown task kind {task!r}; expected one of {TASK_KINDS}")

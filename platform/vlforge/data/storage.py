@@ -4,9 +4,12 @@ Credentials are never passed in code or config: s3fs (botocore) reads
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` or the
 machine's identity. The endpoint of an S3-compatible server comes from
 ``StorageConfig.s3_endpoint_url`` or the first of ``VLFORGE_S3_ENDPOINT``,
-``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``.
+``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``. Requests are retried with botocore's
+"standard" exponential backoff (``StorageConfig.max_attempts``), connection errors
+included, so reads ride out a restarting server.
 
     fs, path = filesystem_for("s3://bucket/corpus/scenes/train")
+    check_reachable("s3://bucket/corpus/scenes/train")   # fast, clear error before any work starts
     upload_dir("data/corpus", "s3://bucket/corpus")
 """
 
@@ -54,8 +57,11 @@ def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple["fsspec.
             anon=cfg.anonymous,
             endpoint_url=s3_endpoint(cfg),
             client_kwargs=client_kwargs,
+            config_kwargs={"retries": {"max_attempts": cfg.max_attempts, "mode": "standard"},
+                           "connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s},
             skip_instance_cache=True,
         )
+        fs.retries = cfg.max_attempts  # s3fs's own retry loop (dropped connections mid-read)
         return fs, uri[len("s3://") :].rstrip("/")
     if is_remote(uri):
         import fsspec
@@ -92,3 +98,33 @@ def upload_dir(local_dir: str | os.PathLike, dest_uri: str, cfg: StorageConfig |
         fs.put_file(str(f), target)
         n += 1
     return n
+
+
+class StorageUnreachable(ConnectionError):
+    """The storage behind a URI cannot be reached or does not let us in (endpoint down, no bucket,
+    bad credentials)."""
+
+
+def check_reachable(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Fail fast (two attempts, 5 s connect timeout) when ``uri``'s storage is unreachable, with
+    the endpoint and the cause in the message. Local paths: nothing to check here."""
+    if not uri.startswith("s3://"):
+        return
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg or StorageConfig(), max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0)
+    fs, path = filesystem_for(uri, cfg)
+    bucket = path.split("/", 1)[0]
+    where = s3_endpoint(cfg) or "AWS S3"
+    try:
+        fs.ls(bucket, refresh=True)
+    except FileNotFoundError:
+        raise StorageUnreachable(f"{uri}: bucket {bucket!r} does not exist at {where}") from None
+    except PermissionError as exc:
+        raise StorageUnreachable(f"{uri}: access to bucket {bucket!r} at {where} denied ({exc}); "
+                                 "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+    except Exception as exc:  # botocore / aiohttp connection errors have no common base worth naming
+        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise StorageUnreachable(f"{uri}: no S3 credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                                     "or give the machine an identity") from None
+        raise StorageUnreachable(f"{uri}: S3 endpoint {where} unreachable: {type(exc).__name__}: {exc}") from None

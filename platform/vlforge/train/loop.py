@@ -229,8 +229,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         print(f"WARNING: run {run_name} resumes with a changed config; MLflow keeps the first values: {exc}",
               flush=True)
         tracker.set_tags({"vlforge.config_changed_on_resume": "true"})
-    tracker.log_environment({"cluster_workers": world, "zero_stage": cfg.deepspeed.zero_stage,
-                             "precision": "bf16" if bf16 else "fp32"})
+    nodes: list[str | None] = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if rank == 0 and world > 1:
+        print(f"[{run_name}] {world} workers on {len(set(nodes))} node(s): "
+              + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(nodes)), flush=True)
+    tracker.log_environment({"cluster_workers": world, "cluster_nodes": len(set(nodes)),
+                             "zero_stage": cfg.deepspeed.zero_stage, "precision": "bf16" if bf16 else "fp32"})
 
     restored = ray.train.get_checkpoint()
     state: dict[str, Any] | None = None
@@ -384,4 +390,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         del engine
         dist.barrier()
 
-    tracker.end("FINISHED")
+    delivery = tracker.end("FINISHED")
+    if rank == 0 and cfg.tracking.enabled:
+        print(f"[{run_name}] MLflow: {delivery.summary()}", flush=True)

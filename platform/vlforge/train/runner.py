@@ -74,6 +74,24 @@ def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"debug.fail_rank {cfg.debug.fail_rank} >= num_workers {cfg.num_workers}")
 
 
+def check_data(uses: list[tuple[str, DataConfig]]) -> None:
+    """Every shard set named (``(who uses it, its data config)``) is reachable and complete, checked
+    once per set before any Ray resource is taken: ``ConfigError`` naming the user otherwise."""
+    from vlforge.data.shards import list_shards
+    from vlforge.data.storage import StorageUnreachable, check_reachable
+
+    seen: set[str] = set()
+    for who, data in uses:
+        if data.shards in seen:
+            continue
+        seen.add(data.shards)
+        try:
+            check_reachable(data.shards, data.storage)
+            list_shards(data.shards, data.storage)
+        except (StorageUnreachable, FileNotFoundError) as exc:
+            raise ConfigError(f"{who}: {exc}") from None
+
+
 def _absolute_data(data: DataConfig) -> DataConfig:
     return dataclasses.replace(data, shards=absolute(data.shards))
 
@@ -187,10 +205,7 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any =
         ensure_corpus(cfg.corpus)
     if cfg.keep_checkpoints < 0:
         raise ConfigError("keep_checkpoints must be >= 0 (0 = keep all)")
-    for s in cfg.stages:
-        shards = (s.data or cfg.data).shards
-        if "://" not in shards and not Path(shards).exists():
-            raise ConfigError(f"stage {s.name}: shard set {shards} does not exist")
+    check_data([(f"stage {s.name}", s.data or cfg.data) for s in cfg.stages])
     check_existing_run(cfg)
     prepare_local_mlflow(cfg.tracking)
 
@@ -218,7 +233,7 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any =
                            "probe_file": str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None,
                            "validator": validator},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets=datasets,
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,

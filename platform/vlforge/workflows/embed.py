@@ -214,7 +214,7 @@ def embed_shards(
     import ray
     import ray.data
 
-    from vlforge.data.pipeline import Counters, _counters_class, read_raw
+    from vlforge.data.pipeline import Counters, read_raw
     from vlforge.data.shards import list_shards, read_manifest
     from vlforge.tracking.mlflow_tracker import resolve_tracking_uri
     from vlforge.tracking.registry import resolve_alias
@@ -235,7 +235,7 @@ def embed_shards(
     version = resolve_alias(model_name, alias, uri)
 
     started = time.monotonic()
-    counters = Counters(_counters_class().remote())
+    counters = Counters.create()
     raw = read_raw(shards, storage, chunk_rows=batch_size)
     ds = raw.map_batches(
         Embedder,

@@ -135,6 +135,21 @@ def resolved(cfg: TwoStageConfig) -> TwoStageConfig:
         student=dataclasses.replace(cfg.student, stages=resolve_stages(cfg, cfg.student.stages)))
 
 
+def _check_data_root(cfg: TwoStageConfig) -> None:
+    """``data_root`` exists (or is the corpus the job builds) and its storage answers: ``ConfigError``
+    in a few seconds instead of a long retry or a traceback later."""
+    from vlforge.data.storage import StorageUnreachable, check_reachable
+
+    if "://" in cfg.data_root:
+        try:
+            check_reachable(cfg.data_root)
+        except StorageUnreachable as exc:
+            raise ConfigError(f"data_root: {exc}") from None
+    elif cfg.corpus is None and not os.path.isdir(cfg.data_root):
+        raise ConfigError(f"data_root {absolute(cfg.data_root)} does not exist (corpus is null, so the job "
+                          "does not build it there)")
+
+
 def _corpus_pending(cfg: TwoStageConfig) -> bool:
     """The job will build the built-in corpus at ``data_root`` (local, absent)."""
     from vlforge.data.corpus import corpus_exists
@@ -168,7 +183,8 @@ def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     teacher_dir = Path(absolute(cfg.teacher.checkpoint)) if cfg.teacher.checkpoint else root / "teacher"
     num_answers = _num_answers(cfg)
     common = dict(deepspeed=cfg.deepspeed, storage_path=storage, num_workers=cfg.num_workers,
-                  worker_cpus=cfg.worker_cpus, use_gpu=cfg.use_gpu, checkpoint_every=cfg.checkpoint_every,
+                  worker_cpus=cfg.worker_cpus, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
+                  checkpoint_every=cfg.checkpoint_every,
                   max_failures=cfg.max_failures, progress_every=cfg.progress_every, seed=cfg.seed, corpus=None)
 
     def make(key: str, **kw) -> TrainRunConfig:
@@ -197,6 +213,33 @@ def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
                                     model_overrides=cfg.student.model_overrides, stages=stages, export=False,
                                     stage_exports=True, num_answers=num_answers)
     return Plan(name, root, teacher_dir, runs, variants, num_answers)
+
+
+def preflight(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
+    """The job's plan, after every check that needs storage but no Ray, so a bad job fails before
+    it takes cluster resources: ``data_root`` exists or answers, every shard set of every run is
+    there and complete (skipped while the built-in corpus is still to be built), a teacher to
+    reuse is complete, and an ``s3://`` storage path's bucket exists. ``ConfigError`` otherwise."""
+    _check_data_root(cfg)
+    p = plan(cfg, ablations=ablations)
+    _check_storage(cfg, p)
+    return p
+
+
+def _check_storage(cfg: TwoStageConfig, p: Plan) -> None:
+    from vlforge.data.storage import StorageUnreachable, check_reachable
+    from vlforge.train.runner import check_data
+
+    if cfg.teacher.checkpoint:
+        _check_teacher_dir(p, cfg)
+    if not _corpus_pending(cfg):
+        check_data([(f"run {key}, stage {s.name}", s.data or run.data)
+                    for key, run in p.runs.items() for s in run.stages])
+    if cfg.storage_path.startswith("s3://"):
+        try:
+            check_reachable(cfg.storage_path)
+        except StorageUnreachable as exc:
+            raise ConfigError(f"storage_path: {exc}") from None
 
 
 def _finished(run_dir: Path) -> bool:
@@ -368,6 +411,7 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
         cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking),
         buffer_dir=os.path.abspath(cfg.tracking.buffer_dir)))
+    _check_data_root(cfg)
     p = plan(cfg, ablations=ablations)
     if cfg.teacher.checkpoint:
         _check_teacher_dir(p, cfg)
@@ -378,6 +422,7 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
         ensure_corpus(dataclasses.replace(cfg.corpus, out=absolute(cfg.data_root)), progress=log)
         if pending:  # the first plan's answer count was a placeholder
             p = plan(dataclasses.replace(cfg, name=p.name), ablations=ablations)
+    _check_storage(cfg, p)
     p.root.mkdir(parents=True, exist_ok=True)
     (p.root / "config.yaml").write_text(dump_yaml(cfg))
 
