@@ -7,6 +7,7 @@
 - ``ray_local``: one local Ray for the session with 4 logical CPUs (2 Train workers
   + 2 for Ray Data on this 2-core machine; see vlforge.data.pipeline).
 - ``corpus``: a small built-in corpus built once per session.
+- ``seeded_s3_server``: an S3 server that can be killed and restarted with its objects.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Until something listens on 127.0.0.1:``port``; ``proc``, the server, must not exit meanwhile."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for port {port} exited with {proc.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -78,6 +82,53 @@ class S3Server:
         name = f"vlforge-{uuid.uuid4().hex[:10]}"
         self.fs().mkdir(name)
         return name
+
+
+class SeededS3Server:
+    """``tests/integration/seeded_s3_server.py`` on one port: ``kill()`` it and ``start()`` it again,
+    and clients see an S3 server that restarted with the same objects (``src`` under ``prefix``).
+    Each start logs to its own file in ``logs`` (werkzeug's access log: one line per request)."""
+
+    def __init__(self, tmp: Path, bucket: str, prefix: str, src: Path):
+        self.tmp, self.bucket, self.prefix, self.src = tmp, bucket, prefix, src
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.logs: list[Path] = []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "SeededS3Server":
+        log = self.tmp / f"seeded-s3-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "integration" / "seeded_s3_server.py"), "--port", str(self.port),
+             "--bucket", self.bucket, "--prefix", self.prefix, "--src", str(self.src)],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.port, timeout, self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.kill()
+            raise RuntimeError(f"seeded S3 server: {exc}\n{log.read_text(errors='replace')[-2000:]}") from None
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def seeded_s3_server(tmp_path):
+    """``make(bucket, prefix, src)`` -> a started ``SeededS3Server``; killed at the end of the test."""
+    made: list[SeededS3Server] = []
+
+    def make(bucket: str, prefix: str, src: Path) -> SeededS3Server:
+        made.append(SeededS3Server(tmp_path, bucket, prefix, src).start())
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job_env(cluster_address: str) -> dict[str, str]:
-    import os
-
-    env = {**os.environ, "RAY_ADDRESS": cluster_address, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
+def _job_env(cluster) -> dict[str, str]:
+    """A driver's environment for ``cluster``: the head's (venv on PATH, auth off) plus its address."""
+    return {**cluster.head.env, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def _two_stage_args(corpus: Path, out: Path, name: str, uri: str, model: str, *more: str) -> list[str]:
@@ -74,7 +71,7 @@ def test_two_stage_job_across_nodes_survives_a_node_kill(ray_cluster, corpus, ml
         "eval.max_teacher_pairs=100")
     log_path = tmp_path / "job.log"
     job = subprocess.Popen([sys.executable, "jobs/two_stage.py", "--no-ablation", *args], cwd=REPO,
-                           env=_job_env(ray_cluster.address), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+                           env=_job_env(ray_cluster), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     teacher = tmp_path / f"{name}.teacher-pretrain"
     killed: dict = {}
     try:
@@ -125,70 +122,40 @@ def test_two_stage_job_across_nodes_survives_a_node_kill(ray_cluster, corpus, ml
 # ---------------------------------------------------------------------------- 2. S3 server restarts
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_seeded(port: int, bucket: str, prefix: str, src: Path, log: Path, timeout: float = 60.0):
-    import socket
-
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("seeded_s3_server.py")), "--port", str(port),
-                             "--bucket", bucket, "--prefix", prefix, "--src", str(src)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"seeded S3 server exited {proc.returncode}: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError(f"seeded S3 server not up in {timeout}s")
-
-
-def test_s3_restart_while_shards_are_read(ray_local, corpus, tmp_path):
+def test_s3_restart_while_shards_are_read(ray_local, corpus, seeded_s3_server):
     from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
     from vlforge.data.pipeline import build_dataset, sample_id
     from vlforge.data.shards import iter_samples, list_shards
 
     local = corpus / "scenes" / "train"
     expected = sorted(sample_id(s["__key__"]) for sh in list_shards(str(local)) for s in iter_samples(sh))
-    port, bucket = _free_port(), f"restart-{uuid.uuid4().hex[:6]}"
-    logs = [tmp_path / "s3-before.log", tmp_path / "s3-after.log"]
-    procs = [_start_seeded(port, bucket, "scenes/train", local, logs[0])]
-    cfg = DataConfig(shards=f"s3://{bucket}/scenes/train", storage=StorageConfig(s3_endpoint_url=f"http://127.0.0.1:{port}"),
+    bucket = f"restart-{uuid.uuid4().hex[:6]}"
+    server = seeded_s3_server(bucket, "scenes/train", local)
+    cfg = DataConfig(shards=f"s3://{bucket}/scenes/train", storage=StorageConfig(s3_endpoint_url=server.endpoint),
                      batch_size=16, decode_batch_size=32, image=ImageConfig(size=32),
                      tokenizer=TokenizerConfig(max_length=24), decode_concurrency=1)
     down_s = 4.0
-    try:
-        ds, counters = build_dataset(cfg, train=True)  # lists the shards and reads the manifest: server up
-        procs[0].kill()
-        procs[0].wait(10)
-        t_down = time.monotonic()
-        restarted: dict = {}
+    ds, counters = build_dataset(cfg, train=True)  # lists the shards and reads the manifest: server up
+    server.kill()
+    t_down = time.monotonic()
+    restarted: dict = {}
 
-        def restart() -> None:
-            time.sleep(down_s)
-            restarted["t0"] = time.monotonic()
-            procs.append(_start_seeded(port, bucket, "scenes/train", local, logs[1]))
-            restarted["t1"] = time.monotonic()
+    def restart() -> None:
+        time.sleep(down_s)
+        restarted["t0"] = time.monotonic()
+        server.start()
+        restarted["t1"] = time.monotonic()
 
-        timer = threading.Thread(target=restart, daemon=True)
-        timer.start()
-        got, first_batch_t = [], None
-        for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
-            first_batch_t = first_batch_t or time.monotonic()
-            got.extend(int(i) for i in batch["sample_id"])
-        timer.join(60)
-        epoch_s = time.monotonic() - t_down
-    finally:
-        for p in procs:
-            p.kill()
+    timer = threading.Thread(target=restart, daemon=True)
+    timer.start()
+    got, first_batch_t = [], None
+    for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        first_batch_t = first_batch_t or time.monotonic()
+        got.extend(int(i) for i in batch["sample_id"])
+    timer.join(60)
+    epoch_s = time.monotonic() - t_down
+    logs = server.logs
+
     def shard_gets(log: Path) -> list[str]:  # werkzeug's access log, ANSI colours and all
         return [line for line in log.read_text(errors="replace").splitlines() if "GET /" in line and ".tar " in line]
 
@@ -283,7 +250,7 @@ def test_bad_config_fails_before_the_cluster_is_touched(ray_cluster, corpus, tmp
 
     from ray.util.state import list_jobs, list_placement_groups
 
-    env = _job_env(ray_cluster.address)
+    env = _job_env(ray_cluster)
     env["VLFORGE_S3_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port
     sets = [f"data_root={corpus}", *sets]
     sets = [s.format(tmp=tmp_path) for s in sets]

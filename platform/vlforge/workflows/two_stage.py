@@ -222,6 +222,8 @@ def preflight(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     reuse is complete, and an ``s3://`` storage path's bucket exists. ``ConfigError`` otherwise."""
     _check_data_root(cfg)
     p = plan(cfg, ablations=ablations)
+    if cfg.teacher.checkpoint:
+        _check_teacher_dir(p, cfg)
     _check_storage(cfg, p)
     return p
 
@@ -230,8 +232,6 @@ def _check_storage(cfg: TwoStageConfig, p: Plan) -> None:
     from vlforge.data.storage import StorageUnreachable, check_reachable
     from vlforge.train.runner import check_data
 
-    if cfg.teacher.checkpoint:
-        _check_teacher_dir(p, cfg)
     if not _corpus_pending(cfg):
         check_data([(f"run {key}, stage {s.name}", s.data or run.data)
                     for key, run in p.runs.items() for s in run.stages])
