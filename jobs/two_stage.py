@@ -19,7 +19,9 @@ registered with alias `challenger`.
 
 With nothing set up it starts a local Ray, builds the corpus under data/corpus when absent
 and logs to ./mlflow.db; RAY_ADDRESS and MLFLOW_TRACKING_URI (or tracking.tracking_uri)
-point it at a cluster and a tracking server.
+point it at a cluster and a tracking server. Under `ray job submit --working-dir .` the
+working directory is a temporary copy that Ray deletes, so relative paths (corpus, results,
+./mlflow.db, ./mlruns) resolve under $VLFORGE_HOME instead (default ~/vlforge; printed).
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ def main(argv=None) -> int:
                    help="override a config key, e.g. --set student.stages.0.steps=100 (repeatable)")
     p.add_argument("--no-ablation", action="store_true", help="train only the distilled student")
     args = p.parse_args(argv)
+    from vlforge.runtime import persistent_workdir
+
+    config = str(Path(args.config).resolve())
+    persistent_workdir()
     try:
-        cfg = load(TwoStageConfig, args.config, args.set)
+        cfg = load(TwoStageConfig, config, args.set)
         from vlforge.workflows.two_stage import preflight
 
         # Config, ZeRO settings, shard sets and storage are checked here, before Ray starts or joins a cluster.

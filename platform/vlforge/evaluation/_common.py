@@ -49,6 +49,17 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def image_tokens(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:
+    """Pixels through the encoder's locked image tokenizer once ([N, C, h, w] features, which every
+    VLMo path accepts in place of pixels), so that scoring many pairs per image does not run the
+    frozen CNN again for each pair. Without a tokenizer the pixels come back unchanged."""
+    tok = enc.image_embed.tokenizer
+    if tok is None or pixel_values.shape[1] != 3:
+        return pixel_values
+    dev = device_of(enc)
+    return torch.cat([tok(pixel_values[s].to(dev)) for s in chunks(len(pixel_values), batch_size)])
+
+
 def image_embeddings(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:
     """Normalised ITC image embeddings [Ni, E] on the encoder's device (no grad, caller's mode)."""
     dev = device_of(enc)

@@ -40,6 +40,7 @@ from vlforge.evaluation._common import (
     encoder_of,
     eval_mode,
     image_embeddings,
+    image_tokens,
     itm_probs,
     sync,
     text_embeddings,
@@ -61,8 +62,10 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
 
 
 def _teacher_rows(enc: VLMo, pv: Tensor, ids: Tensor, am: Tensor, rows: int, batch_size: int) -> Tensor:
-    """ITM probabilities of images 0..rows-1 against all N texts: [rows * N]."""
+    """ITM probabilities of images 0..rows-1 against all N texts: [rows * N] (a locked image
+    tokenizer runs once per image, as a serving fusion encoder would cache it)."""
     n = len(ids)
+    pv = image_tokens(enc, pv[:rows], batch_size)
     image_idx = torch.arange(rows).repeat_interleave(n)  # [rows * N]
     text_idx = torch.arange(n).repeat(rows)  # [rows * N]
     return itm_probs(enc, pv, ids, am, image_idx, text_idx, batch_size)

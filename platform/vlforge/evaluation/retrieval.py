@@ -34,6 +34,7 @@ from vlforge.evaluation._common import (
     encoder_of,
     eval_mode,
     image_embeddings,
+    image_tokens,
     itm_probs,
     text_embeddings,
 )
@@ -126,6 +127,7 @@ def teacher_scores(teacher: nn.Module, pixel_values: Tensor, input_ids: Tensor, 
         raise ValueError(f"rerank_k must be >= 0, got {rerank_k}")
     enc = encoder_of(teacher)
     with eval_mode(teacher):
+        pixel_values = image_tokens(enc, pixel_values, batch_size)
         img = image_embeddings(enc, pixel_values, batch_size)  # [Ni, E]
         txt = text_embeddings(enc, input_ids, attention_mask, batch_size)  # [Nt, E]
         scores = (img @ txt.t()).float().cpu()  # [Ni, Nt]

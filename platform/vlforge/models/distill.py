@@ -190,9 +190,9 @@ class DualEncoderStudent(nn.Module):
             if pixel_values_2 is None:
                 raise ValueError("nlvr2 needs pixel_values_2")
             img2 = self.encoder.encode_image(pixel_values_2)
-            img2_cls = img2.hidden[:, 0]
+            img2_cls = self.encoder.summary(img2)
             qk.append(dual_qk(img2, txt))
-        logits = self.classify(task, img.hidden[:, 0], txt.hidden[:, 0], img2_cls)
+        logits = self.classify(task, self.encoder.summary(img), self.encoder.summary(txt), img2_cls)
         return PairOutput(logits, qk)
 
 
@@ -311,7 +311,7 @@ class DistillationTask(nn.Module):
         text_idx = torch.cat([ar, neg_text, ar])  # [3B]
         itm_labels = (torch.arange(3 * b, device=ids.device) < b).long()  # [3B]
 
-        s_logits = self.student.classify("itm", img.hidden[image_idx, 0], txt.hidden[text_idx, 0])  # [3B, 2]
+        s_logits = self.student.classify("itm", enc.summary(img)[image_idx], enc.summary(txt)[text_idx])  # [3B, 2]
         if "soft" in w or "attn" in w:
             with torch.no_grad():
                 t = self.teacher("itm", pv[image_idx], ids[text_idx], am[text_idx])

@@ -6,7 +6,8 @@ A training stage names what it trains, e.g. VLMo stage 2::
 
 Patterns are ``fnmatch`` globs matched case-sensitively against the full names
 from ``model.named_parameters()`` (``*`` also crosses dots). Everything else
-gets ``requires_grad=False``; build the optimizer from :func:`param_groups` so
+gets ``requires_grad=False``, and so do the parameters of a module marked ``locked = True``
+(a locked pretrained image tokenizer) whatever the patterns say; build the optimizer from :func:`param_groups` so
 frozen parameters never reach it (AdamW's decoupled weight decay would
 otherwise still move them whenever they carry a gradient).
 """
@@ -29,7 +30,8 @@ def set_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """
     if isinstance(patterns, str) or not patterns:
         raise ValueError("patterns must be a non-empty list of globs")
-    named = list(model.named_parameters())
+    locked = {id(p) for m in model.modules() if getattr(m, "locked", False) for p in m.parameters()}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) not in locked]
     unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n, _ in named)]
     if unmatched:
         raise ValueError(f"trainable patterns match no parameter: {unmatched}")

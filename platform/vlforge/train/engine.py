@@ -39,7 +39,11 @@ def extensions_dir() -> str:
 
 
 def prepare_env(on_gpu: bool) -> None:
-    """Environment DeepSpeed reads at import: the CPU accelerator without a GPU, the op cache."""
+    """Environment DeepSpeed reads at import: the CPU accelerator without a GPU, the op cache;
+    and the allocator setting every CPU training process wants (``vlforge.runtime.tune_malloc``)."""
+    from vlforge.runtime import tune_malloc
+
+    tune_malloc()
     if not on_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())

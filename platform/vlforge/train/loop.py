@@ -38,6 +38,7 @@ import torch
 
 from vlforge.config import StageConfig, TrainRunConfig, from_dict
 from vlforge.data.pipeline import finish_pixels
+from vlforge.tracking.logging import print0, say
 
 
 def _weights_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -93,7 +94,7 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], rank: in
         missing = model.load_state_dict(weights, strict=False).missing_keys
         if rank == 0:
             heads = sorted({".".join(k.split(".")[:2]) for k in missing if not k.startswith("encoder.")})
-            print(f"init {what}: encoder weights loaded ({len(weights)} tensors); starting fresh: "
+            say(f"init {what}: encoder weights loaded ({len(weights)} tensors); starting fresh: "
                   f"{', '.join(heads) or '-'} ({len(missing)} tensors)", flush=True)
         return
     model.load_state_dict(fit_shapes(weights, model), strict=True)
@@ -187,8 +188,8 @@ class _Progress:
         self.rate = done * self.sps / max(elapsed, 1e-9)
         if self.rank == 0 and self.every and (step % self.every == 0 or step == self.stage.steps):
             eta = (self.stage.steps - step) * elapsed / max(done, 1)
-            print(f"[{self.stage.name}] step {step}/{self.stage.steps} loss {loss:.4f} "
-                  f"{self.rate:.1f} samples/s ETA {eta:.0f}s", flush=True)
+            print0(f"[{self.stage.name}] step {step}/{self.stage.steps} loss {loss:.4f} "
+                   f"{self.rate:.1f} samples/s ETA {eta:.0f}s")
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -226,14 +227,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     try:
         tracker.log_config(cfg)
     except ConfigChangedError as exc:
-        print(f"WARNING: run {run_name} resumes with a changed config; MLflow keeps the first values: {exc}",
+        say(f"WARNING: run {run_name} resumes with a changed config; MLflow keeps the first values: {exc}",
               flush=True)
         tracker.set_tags({"vlforge.config_changed_on_resume": "true"})
     nodes: list[str | None] = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0 and world > 1:
-        print(f"[{run_name}] {world} workers on {len(set(nodes))} node(s): "
+        say(f"[{run_name}] {world} workers on {len(set(nodes))} node(s): "
               + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(nodes)), flush=True)
     tracker.log_environment({"cluster_workers": world, "cluster_nodes": len(set(nodes)),
                              "zero_stage": cfg.deepspeed.zero_stage, "precision": "bf16" if bf16 else "fp32"})
@@ -247,7 +248,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         universal = state["world_size"] != world and os.path.isdir(os.path.join(restored_dir, ckpt_io.UNIVERSAL_TAG))
         ckpt_io.check_resumable(state, world, cfg.deepspeed.zero_stage, universal=universal)
         if rank == 0:
-            print(f"resuming {run_name} from {restored.path}: stage {state['stage']} step {state['step']}",
+            say(f"resuming {run_name} from {restored.path}: stage {state['stage']} step {state['step']}",
                   flush=True)
 
     history: dict[str, list] = {k: [list(p) for p in v] for k, v in (state or {}).get("history", {}).items()}
@@ -305,7 +306,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                             "lost_steps": max(0, reached - global_step) if reached is not None else None})
             executed += resumes[-1]["lost_steps"] or 0
             if rank == 0:
-                print(f"[{stage.name}] restored step {step}: weights digest "
+                say(f"[{stage.name}] restored step {step}: weights digest "
                       f"{'matches' if resumes[-1]['weights_match'] else 'DIFFERS from'} the saved one; "
                       f"{resumes[-1]['lost_steps']} steps are redone", flush=True)
         engine.train()
@@ -392,4 +393,4 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     delivery = tracker.end("FINISHED")
     if rank == 0 and cfg.tracking.enabled:
-        print(f"[{run_name}] MLflow: {delivery.summary()}", flush=True)
+        say(f"[{run_name}] MLflow: {delivery.summary()}", flush=True)
