@@ -35,7 +35,7 @@ def smoke_job(ray_local, corpus, mlflow_server, tmp_path_factory, load_job):
     out = tmp_path_factory.mktemp("two_stage")
     name, model = f"ts-{uuid.uuid4().hex[:6]}", f"dual-{uuid.uuid4().hex[:6]}"
     job = load_job("two_stage")
-    code = job.main(_args(corpus, out, name, mlflow_server.uri, model))
+    code = job.main(_args(corpus, out, name, mlflow_server.uri, model, "ablations=[soft_only]"))
     return {"code": code, "out": out, "name": name, "model": model, "root": out / name}
 
 

@@ -99,7 +99,7 @@ def test_distill_plan_trains_the_teacher_once_and_cuts_the_student(tmp_path, cor
     assert run.stages[0].teacher == str(plan.runs_dir / "s" / "teacher" / "pretrain")
     assert run.checkpoint_every == 10 and run.num_workers == 1 and run.worker_cpus == 0.5
     assert run.tracking.tags["vlforge.trial_id"] == "abc_00001" and run.tracking.experiment == plan.sweep.tracking.experiment
-    assert plan.max_reports == 3 + 6  # 30 and 60 steps, a report every 10
+    assert plan.max_reports == 2 + 5  # the smoke config's 20 and 50 steps, a report every 10
     assert plan.validation_shards == str(corpus / "scenes" / "val")
 
 

@@ -30,10 +30,11 @@ def _cfg(corpus, *overrides: str) -> TwoStageConfig:
 def test_smoke_config_loads_and_anchors_expand():
     cfg = load(TwoStageConfig, SMOKE)
     assert [s.task for s in cfg.student.stages] == ["itm", "itm", "nlvr2", "vqa"]
-    assert cfg.student.stages[0].data.image.size == 64 and cfg.student.stages[0].data.batch_size == 16
+    assert cfg.student.stages[0].data.image.size == 128 and cfg.student.stages[0].data.batch_size == 32
+    assert cfg.teacher.model == cfg.student.model == "vlmo_small_effnet"
     assert cfg.student.stages[2].init == "stage:retrieval" and cfg.student.stages[2].teacher == "nlvr2"
     assert {s.task for s in cfg.teacher.finetune} == {"nlvr2", "vqa"}
-    assert cfg.ablations == ["soft_only"]
+    assert cfg.ablations == []  # the ablations are opt-in: --set ablations=[soft_only,hard_only]
 
 
 @pytest.mark.parametrize("change, message", [
