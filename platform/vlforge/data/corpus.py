@@ -474,7 +474,7 @@ def build_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = pri
     if cfg.second_style and noto is not None:
         styles.append(("noto", noto, 109))
     workers = cfg.workers or os.cpu_count() or 1
-    params = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
+    params = _params(cfg)
     counts: dict[str, dict[str, int]] = {}
     answers: set[str] = set()
     for style, font, native in styles:
@@ -525,6 +525,11 @@ def corpus_exists(path: str | Path) -> bool:
     return (Path(path) / "corpus.json").exists()
 
 
+def _params(cfg: CorpusConfig) -> dict[str, Any]:
+    """What decides a corpus's content (where it is written and how many processes write it do not)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
+
+
 def corpus_params(path: str | Path) -> dict[str, Any] | None:
     """The parameters a corpus on disk was built with (None when there is none)."""
     p = Path(path) / "corpus.json"
@@ -535,7 +540,7 @@ def ensure_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = pr
     """Build the corpus at ``cfg.out`` unless one built with the same parameters is already there
     (one built with other parameters, e.g. fewer samples, is rebuilt in place)."""
     have = corpus_params(cfg.out)
-    want = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
+    want = _params(cfg)
     if have is not None and have != json.loads(json.dumps(want)):
         changed = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         (progress or (lambda _m: None))(f"corpus at {cfg.out} was built with other parameters ({', '.join(changed)}); "

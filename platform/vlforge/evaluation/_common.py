@@ -54,10 +54,10 @@ def image_tokens(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:
     VLMo path accepts in place of pixels), so that scoring many pairs per image does not run the
     frozen CNN again for each pair. Without a tokenizer the pixels come back unchanged."""
     tok = enc.image_embed.tokenizer
-    if tok is None or pixel_values.shape[1] != 3:
+    if tok is None:
         return pixel_values
     dev = device_of(enc)
-    return torch.cat([tok(pixel_values[s].to(dev)) for s in chunks(len(pixel_values), batch_size)])
+    return torch.cat([tok.features(pixel_values[s].to(dev)) for s in chunks(len(pixel_values), batch_size)])
 
 
 def image_embeddings(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:

@@ -20,9 +20,10 @@ Tokenizers that ship offline (no hub at run time):
 The tokenizer is frozen (``requires_grad=False``; ``locked = True`` tells
 :func:`vlforge.models.trainable.set_trainable` never to unfreeze it) and always in eval
 mode, so its BatchNorm statistics never move. Because it never changes, its features can be
-computed once per shard set and cached (:mod:`vlforge.data.features`); a model then takes
-either pixels [B, 3, H, W] or those features [B, C, h, w] in ``pixel_values``
-(:meth:`LockedImageTokenizer.features` tells them apart by the channel count).
+computed once and reused: a model takes either pixels [B, 3, H, W] or those features
+[B, C, h, w] in ``pixel_values`` (:meth:`LockedImageTokenizer.features` tells them apart by
+the channel count). Evaluation does this per eval set (``evaluation._common.image_tokens``);
+training still tokenises every batch, as no on-disk feature cache exists yet.
 
     tok = create_image_tokenizer("efficientnet_lite0")
     tok(torch.randn(2, 3, 128, 128)).shape       # [2, 1280, 4, 4]

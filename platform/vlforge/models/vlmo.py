@@ -534,7 +534,7 @@ class VLMo(nn.Module):
         return F.layer_norm(feats, feats.shape[-1:])
 
     def mim_predictions(self, out: VLMoOutput) -> Tensor:
-        """Pixel predictions [B, N, p*p*C] for every patch of an image-only output."""
+        """MIM predictions [B, N, P] for every patch of an image-only output (see :meth:`mim_targets`)."""
         return self.heads["mim"](out.image_hidden[:, 1:])
 
 

@@ -277,7 +277,7 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
                     img = enc.encode_image(self.pixel_values(images[start:stop]))
                     txt = enc.encode_text(*self.text_inputs(texts[start:stop]))
                     score = (enc.image_embedding(img) * enc.text_embedding(txt)).sum(-1)  # [B]
-                    logits = self.model.classify("itm", self.model.encoder.summary(img), self.model.encoder.summary(txt))  # [B, 2]
+                    logits = self.model.classify("itm", enc.summary(img), enc.summary(txt))  # [B, 2]
                     prob = F.softmax(logits.float(), dim=-1)[:, 1]
                     chunks.setdefault("score", []).extend(score.float().cpu().tolist())
                     chunks.setdefault("match_prob", []).extend(prob.cpu().tolist())

@@ -95,7 +95,7 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], rank: in
         if rank == 0:
             heads = sorted({".".join(k.split(".")[:2]) for k in missing if not k.startswith("encoder.")})
             say(f"init {what}: encoder weights loaded ({len(weights)} tensors); starting fresh: "
-                  f"{', '.join(heads) or '-'} ({len(missing)} tensors)", flush=True)
+                f"{', '.join(heads) or '-'} ({len(missing)} tensors)")
         return
     model.load_state_dict(fit_shapes(weights, model), strict=True)
 
@@ -227,15 +227,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     try:
         tracker.log_config(cfg)
     except ConfigChangedError as exc:
-        say(f"WARNING: run {run_name} resumes with a changed config; MLflow keeps the first values: {exc}",
-              flush=True)
+        say(f"WARNING: run {run_name} resumes with a changed config; MLflow keeps the first values: {exc}")
         tracker.set_tags({"vlforge.config_changed_on_resume": "true"})
     nodes: list[str | None] = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0 and world > 1:
         say(f"[{run_name}] {world} workers on {len(set(nodes))} node(s): "
-              + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(nodes)), flush=True)
+            + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(nodes)))
     tracker.log_environment({"cluster_workers": world, "cluster_nodes": len(set(nodes)),
                              "zero_stage": cfg.deepspeed.zero_stage, "precision": "bf16" if bf16 else "fp32"})
 
@@ -248,8 +247,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         universal = state["world_size"] != world and os.path.isdir(os.path.join(restored_dir, ckpt_io.UNIVERSAL_TAG))
         ckpt_io.check_resumable(state, world, cfg.deepspeed.zero_stage, universal=universal)
         if rank == 0:
-            say(f"resuming {run_name} from {restored.path}: stage {state['stage']} step {state['step']}",
-                  flush=True)
+            say(f"resuming {run_name} from {restored.path}: stage {state['stage']} step {state['step']}")
 
     history: dict[str, list] = {k: [list(p) for p in v] for k, v in (state or {}).get("history", {}).items()}
     global_step = state["global_step"] if state else 0
@@ -307,8 +305,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             executed += resumes[-1]["lost_steps"] or 0
             if rank == 0:
                 say(f"[{stage.name}] restored step {step}: weights digest "
-                      f"{'matches' if resumes[-1]['weights_match'] else 'DIFFERS from'} the saved one; "
-                      f"{resumes[-1]['lost_steps']} steps are redone", flush=True)
+                    f"{'matches' if resumes[-1]['weights_match'] else 'DIFFERS from'} the saved one; "
+                    f"{resumes[-1]['lost_steps']} steps are redone")
         engine.train()
 
         def save(batches_in_epoch: int) -> None:
@@ -393,4 +391,4 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     delivery = tracker.end("FINISHED")
     if rank == 0 and cfg.tracking.enabled:
-        say(f"[{run_name}] MLflow: {delivery.summary()}", flush=True)
+        say(f"[{run_name}] MLflow: {delivery.summary()}")
