@@ -8,6 +8,7 @@
     vlforge data stream URI          # stream it through Ray Data and print what arrives
     vlforge sweep sweeps/distill_weights_smoke.yaml [--set search.num_samples=8]
     vlforge promote [--dry-run] [--rollback]   # challenger -> champion, gated on a fresh evaluation
+    vlforge eval MODEL_DIR SHARDS [--max-samples 1000]   # score a model directory on a shard set
 
 Run ``vlforge <command> --help`` for each command's options. S3 endpoints come
 from ``--s3-endpoint`` or ``VLFORGE_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL``; keys only
@@ -124,6 +125,27 @@ def cmd_sweep(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def cmd_eval(args) -> int:
+    from vlforge.evaluation import INTERVAL_NOTE, format_table, with_intervals
+    from vlforge.evaluation.score import score_model_dir
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError("--max-samples must be >= 1")
+    row = score_model_dir(args.model_dir, args.shards, max_samples=args.max_samples, rerank_k=args.rerank_k,
+                          batch_size=args.batch_size, storage=_storage(args))
+    counts = {"nlvr2_acc": "nlvr2_n", "vqa_acc": "vqa_n", "i2t_r1": "n_images", "t2i_r1": "n_texts"}
+    cols = [c for c in ("nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+                        "rmean") if c in row]
+    n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts") if k in row)
+    print(format_table(with_intervals([row], counts), ["task", *cols], decimals=1,
+                       title=f"{args.model_dir} on {args.shards} ({n} samples)"))
+    print(INTERVAL_NOTE)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(row, fh, indent=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlforge", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -198,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a sweep key, e.g. --set search.num_samples=8 (repeatable)")
     sw.add_argument("--check", action="store_true", help="check the file and every swept key, then stop")
     sw.set_defaults(fn=cmd_sweep)
+
+    ev = sub.add_parser("eval", help="score a model directory on a shard set (retrieval, true/false or VQA)",
+                        description="Score a model directory (an export, a stage's model, a fine-tuned teacher) on "
+                                    "a shard set for the task the set's manifest names: captions -> retrieval "
+                                    "R@1/5/10 both ways, nlvr -> true/false accuracy, vqa -> VQA accuracy. Image "
+                                    "size and text length come from the model. Prints the figures with binomial "
+                                    "95 % intervals.")
+    ev.add_argument("model_dir", help="a model directory (model.json + weights)")
+    ev.add_argument("shards", help="a shard set, local or s3://")
+    ev.add_argument("--max-samples", type=int, default=None, help="score at most this many samples (default: all)")
+    ev.add_argument("--rerank-k", type=int, default=0,
+                    help="fusion models: re-rank the ITC top K with the ITM head (default 0: ITC only)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--json", metavar="PATH", help="also write the row as JSON")
+    ev.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    ev.set_defaults(fn=cmd_eval)
 
     from vlforge.tracking.promotion import add_arguments, run as run_promote
 

@@ -627,7 +627,9 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     """The dual-encoder student's stages (method ``distill``). A stage's ``teacher`` names the
-    teacher model: ``pretrain`` (the pretrained VLMo) or a teacher fine-tuning stage's name."""
+    teacher model: ``pretrain`` (the pretrained VLMo) or a teacher fine-tuning stage's name. A
+    stage's ``init`` may also be ``teacher:<model>`` (same names): the student starts from that
+    teacher model's weights (its image-only and text-only paths; the VL experts are left out)."""
 
     model: str = "vlmo_small"
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"vl_layers": 0})

@@ -302,3 +302,45 @@ def test_mean_std():
     assert mean_std([5.0]) == (5.0, 0.0)
     with pytest.raises(ValueError):
         mean_std([])
+
+
+# ----------------------------------------------------------------------------- intervals and `vlforge eval`
+
+
+def test_wilson_interval_matches_hand_computation():
+    from vlforge.evaluation import wilson_interval
+
+    lo, hi = wilson_interval(50.0, 100)  # centre 0.5; half = 1.96 sqrt(0.0025 + 0.000096) / 1.038416
+    assert lo == pytest.approx(40.383, abs=1e-3) and hi == pytest.approx(59.617, abs=1e-3)
+    lo, hi = wilson_interval(0.0, 1000)
+    assert lo == 0.0 and hi == pytest.approx(0.383, abs=1e-3)  # never a negative bound
+    with pytest.raises(ValueError):
+        wilson_interval(10.0, 0)
+
+
+def test_with_intervals_formats_only_counted_metrics():
+    from vlforge.evaluation import with_intervals
+
+    rows = with_intervals([{"acc": 50.0, "n": 100, "other": 3.0}, {"acc": 40.0}], {"acc": "n"})
+    assert rows[0]["acc"] == "50.0 ±9.6" and rows[0]["other"] == 3.0
+    assert rows[1]["acc"] == 40.0  # no count, no interval
+
+
+def test_vlforge_eval_scores_a_model_directory(corpus, tmp_path, capsys):
+    import json
+
+    from vlforge.cli import main
+    from vlforge.models import create_model
+    from vlforge.models.io import save_model_dir
+
+    torch.manual_seed(0)
+    model = create_model("vlmo_debug")
+    d = save_model_dir(model.state_dict(), {"model": "vlmo_debug", "overrides": {}, "method": "vlmo"}, tmp_path / "m")
+    out = tmp_path / "row.json"
+    assert main(["eval", str(d), str(corpus / "scenes" / "test"), "--max-samples", "20", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["task"] == "captions" and row["n_texts"] == 20 and 0.0 <= row["t2i_r1"] <= 100.0
+    assert "±" in capsys.readouterr().out
+    # a bare VLMo has no true/false head: a clear error, exit 2
+    assert main(["eval", str(d), str(corpus / "nlvr" / "test"), "--max-samples", "5"]) == 2
+    assert "no nlvr2 head" in capsys.readouterr().err

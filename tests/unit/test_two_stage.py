@@ -94,6 +94,10 @@ def test_plan_builds_every_run(corpus, tmp_path):
     assert all("attn" not in s.objectives for s in p.runs["student-soft_only"].stages)
     hard = p.runs["student-hard_only"]
     assert all(s.teacher is None and set(s.objectives) <= {"itc", "hard"} for s in hard.stages)
+    # every student variant starts from the pretrained teacher's weights (`init: teacher:pretrain`)
+    assert all(r.stages[0].init == str(tmp_path / "job1" / "teacher" / "pretrain")
+               for k, r in p.runs.items() if k.startswith("student-"))
+    assert distilled.stages[1].init == "previous"
     assert p.student_model("distilled", "vqa") == tmp_path / "job1.student-distilled" / "stages" / "vqa"
     assert list(plan(cfg, ablations=False).runs)[-1] == "student-distilled"
 
@@ -104,6 +108,7 @@ def test_plan_with_a_teacher_checkpoint_trains_only_students(corpus, tmp_path):
     p = plan(_cfg(corpus, f"teacher.checkpoint={tmp_path / 'teacher'}"), ablations=False)
     assert list(p.runs) == ["student-distilled"]
     assert p.runs["student-distilled"].stages[3].teacher == str(tmp_path / "teacher" / "vqa")
+    assert p.runs["student-distilled"].stages[0].init == str(tmp_path / "teacher" / "pretrain")
 
 
 def test_missing_answers_are_a_config_error(corpus, tmp_path):

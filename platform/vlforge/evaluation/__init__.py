@@ -29,7 +29,15 @@ from __future__ import annotations
 from vlforge.evaluation.classification import accuracy
 from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.latency import growth, latency_table
-from vlforge.evaluation.report import format_table, mean_std, plot_latency, plot_results
+from vlforge.evaluation.report import (
+    INTERVAL_NOTE,
+    format_table,
+    mean_std,
+    plot_latency,
+    plot_results,
+    wilson_interval,
+    with_intervals,
+)
 from vlforge.evaluation.retrieval import (
     RERANK_OFFSET,
     caption_positives,
@@ -42,5 +50,5 @@ from vlforge.evaluation.retrieval import (
 __all__ = [
     "RERANK_OFFSET", "accuracy", "caption_positives", "evaluate_retrieval", "format_table", "growth",
     "latency_table", "load_eval_set", "mean_std", "plot_latency", "plot_results", "recall_at_k",
-    "student_scores", "teacher_scores",
+    "student_scores", "teacher_scores", "INTERVAL_NOTE", "wilson_interval", "with_intervals",
 ]

@@ -4,6 +4,8 @@
     plot_results(rows, ["i2t_r1", "t2i_r1", "acc"], "out/results.png")    # one bar group per metric
     plot_latency(latency_rows, "out/latency.png")                        # log-log time vs N
     mean, std = mean_std([71.0, 73.5, 72.0])                              # over seeds
+    lo, hi = wilson_interval(48.8, 1050)                                  # binomial 95 % interval, percent
+    rows = with_intervals(rows, {"nlvr2_acc": "nlvr2_n", "i2t_r1": "n_images"})   # "48.8 ±3.0" cells
 
 Plots draw on a ``matplotlib.figure.Figure`` with the Agg canvas, never through
 pyplot, so they work without a display and leave pyplot's global state alone.
@@ -19,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["format_table", "mean_std", "plot_latency", "plot_results"]
+__all__ = ["format_table", "mean_std", "plot_latency", "plot_results", "wilson_interval", "with_intervals",
+           "INTERVAL_NOTE"]
 
 MISSING = "-"
 LATENCY_SERIES = (
@@ -144,3 +147,33 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
     return float(arr.mean()), std
+
+
+INTERVAL_NOTE = ("± = half the width of the Wilson 95 % interval of a binomial proportion over the "
+                 "split's evaluation samples")
+
+
+def wilson_interval(percent: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (percent) of a proportion ``percent`` observed over ``n`` trials."""
+    if n < 1:
+        raise ValueError("wilson_interval needs n >= 1")
+    p = percent / 100.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
+def with_intervals(rows: list[dict], counts: dict[str, str]) -> list[dict]:
+    """Copies of ``rows`` where each metric in ``counts`` (metric -> the row key of its sample count)
+    reads ``"48.8 ±3.0"`` (± half the Wilson 95 % interval); rows without the count keep the number."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        for metric, n_key in counts.items():
+            v, n = r.get(metric), r.get(n_key)
+            if isinstance(v, (int, float)) and not _is_missing(v) and isinstance(n, int) and n > 0:
+                lo, hi = wilson_interval(float(v), n)
+                r[metric] = f"{v:.1f} ±{(hi - lo) / 2:.1f}"
+        out.append(r)
+    return out

@@ -171,6 +171,12 @@ def _num_answers(cfg: TwoStageConfig) -> int:
     return 0
 
 
+def _student_init(init: str, teacher_dir: Path) -> str:
+    """``teacher:<model>`` (``teacher:pretrain``: the pretrained teacher's weights, whose image and
+    text paths are the student's whole encoder) -> that teacher model's directory; else unchanged."""
+    return str(teacher_dir / init.removeprefix("teacher:")) if init.startswith("teacher:") else init
+
+
 def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     """The runs of the job; every run's config is checked (paths made by earlier runs excepted)."""
     from vlforge.train.runner import validate
@@ -207,7 +213,7 @@ def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     for v in variants:
         stages = [dataclasses.replace(s, objectives=variant_weights(s.objectives, v),
                                       teacher=str(teacher_dir / s.teacher) if s.teacher and v != "hard_only"
-                                      else None)
+                                      else None, init=_student_init(s.init, teacher_dir))
                   for s in cfg.student.stages]
         runs[f"student-{v}"] = make(f"student-{v}", method="distill", model=cfg.student.model,
                                     model_overrides=cfg.student.model_overrides, stages=stages, export=False,
@@ -307,7 +313,8 @@ def train_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = print) 
     return seconds
 
 
-def _eval_data(cfg: TwoStageConfig) -> DataConfig:
+def eval_data(cfg: TwoStageConfig) -> DataConfig:
+    """The student's first stage's data settings without augmentation: how every model is scored."""
     first = cfg.student.stages[0].data
     return dataclasses.replace(first, image=dataclasses.replace(first.image, augment=False))
 
@@ -319,7 +326,7 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
     from vlforge.evaluation import accuracy, evaluate_retrieval, load_eval_set
     from vlforge.models.io import load_model_dir
 
-    data = _eval_data(cfg)
+    data = eval_data(cfg)
     tasks = sorted({s.task for s in cfg.student.stages})
     models: dict[str, dict[str, Path]] = {"teacher": _teacher_models(p, cfg)}
     for v in p.variants:
@@ -344,7 +351,8 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
                     row.update(evaluate_retrieval(model, sets[t], kind, rerank_k=cfg.eval.rerank_k,
                                                   batch_size=cfg.eval.batch_size))
                 else:
-                    row[f"{t}_acc"] = accuracy(model, t, sets[t], batch_size=cfg.eval.batch_size)["acc"]
+                    scored = accuracy(model, t, sets[t], batch_size=cfg.eval.batch_size)
+                    row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
             rows.append(row)
             log(f"   eval {label} {split}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
                                                         if isinstance(v, float)))
@@ -360,7 +368,7 @@ def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
     if student_dir is None:
         return []
     uri = _shards(cfg, f"scenes/{cfg.eval.splits[-1]}")
-    data = dataclasses.replace(_eval_data(cfg), shards=uri)
+    data = dataclasses.replace(eval_data(cfg), shards=uri)
     s = load_eval_set(uri, data, max_samples=max(cfg.eval.latency_ns))
     teacher = as_teacher(load_model_dir(p.teacher_dir / "pretrain"))
     student = load_model_dir(student_dir)
@@ -371,16 +379,23 @@ def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
 
 RESULT_COLUMNS = ["model", "split", "nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10",
                   "t2i_r1", "t2i_r5", "t2i_r10", "rmean"]
+INTERVAL_COUNTS = {"nlvr2_acc": "nlvr2_n", "vqa_acc": "vqa_n", "i2t_r1": "n_images", "t2i_r1": "n_texts"}
 LATENCY_COLUMNS = ["n", "teacher_s", "teacher_extrapolated", "student_s", "student_cached_s", "speedup",
                    "speedup_cached"]
 
 
 def report(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> str:
-    from vlforge.evaluation import format_table, growth
+    from vlforge.evaluation import INTERVAL_NOTE, format_table, growth, with_intervals
 
     present = [c for c in RESULT_COLUMNS if any(c in r for r in rows)]
-    text = format_table(rows, present, title="Evaluation (percent; test = held-out concept combinations)",
-                        decimals=1)
+    text = format_table(with_intervals(rows, INTERVAL_COUNTS), present, decimals=1,
+                        title="Evaluation (percent; test = held-out concept combinations)")
+    counts = {}
+    for r in rows:
+        counts.setdefault(r["split"], {}).update({k: r[n] for k, n in INTERVAL_COUNTS.items()
+                                                 if isinstance(r.get(n), int) and k in present})
+    text += f"\n{INTERVAL_NOTE}; n: " + "; ".join(
+        f"{split} " + ", ".join(f"{k.removesuffix('_acc')} {n}" for k, n in c.items()) for split, c in counts.items())
     if latency:
         text += "\n\n" + format_table(latency, LATENCY_COLUMNS,
                                       title="Latency: score N texts against N images (seconds)")
@@ -401,6 +416,18 @@ def _registration_tags(rows: list[dict[str, Any]], p: Plan, cfg: TwoStageConfig)
     return tags
 
 
+def ensure_data(cfg: TwoStageConfig, log: Callable[[str], None] = print) -> bool:
+    """Build the built-in corpus at a local ``data_root`` when the config asks for it and it is absent
+    (or was built with other parameters); True when it was built (or rebuilt) now."""
+    if cfg.corpus is None or "://" in cfg.data_root:
+        return False
+    from vlforge.data.corpus import ensure_corpus
+
+    pending = _corpus_pending(cfg)
+    ensure_corpus(dataclasses.replace(cfg.corpus, out=absolute(cfg.data_root)), progress=log)
+    return pending
+
+
 def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool = True,
                   log: Callable[[str], None] = print) -> TwoStageResult:
     """Train, evaluate, register; see the module docstring."""
@@ -415,13 +442,8 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
     p = plan(cfg, ablations=ablations)
     if cfg.teacher.checkpoint:
         _check_teacher_dir(p, cfg)
-    if cfg.corpus is not None and "://" not in cfg.data_root:
-        from vlforge.data.corpus import ensure_corpus
-
-        pending = _corpus_pending(cfg)
-        ensure_corpus(dataclasses.replace(cfg.corpus, out=absolute(cfg.data_root)), progress=log)
-        if pending:  # the first plan's answer count was a placeholder
-            p = plan(dataclasses.replace(cfg, name=p.name), ablations=ablations)
+    if ensure_data(cfg, log):  # the first plan's answer count was a placeholder
+        p = plan(dataclasses.replace(cfg, name=p.name), ablations=ablations)
     _check_storage(cfg, p)
     p.root.mkdir(parents=True, exist_ok=True)
     (p.root / "config.yaml").write_text(dump_yaml(cfg))
@@ -477,8 +499,8 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
             t0 = time.perf_counter()
             from vlforge.tracking.registry import log_and_register, prepare_serving_dir
 
-            serving = prepare_serving_dir(student_dir, _eval_data(cfg), p.root / "serving")
-            version = log_and_register(serving, _eval_data(cfg), model_name=cfg.register.model_name,
+            serving = prepare_serving_dir(student_dir, eval_data(cfg), p.root / "serving")
+            version = log_and_register(serving, eval_data(cfg), model_name=cfg.register.model_name,
                                        tags=_registration_tags(rows, p, cfg), alias=cfg.register.alias,
                                        run_id=parent, tracking_uri=cfg.tracking.tracking_uri,
                                        experiment=cfg.tracking.experiment)

@@ -1,0 +1,55 @@
+"""Score one model directory on one shard set for the task the set holds.
+
+    vlforge eval out/ray_results/my-run/export data/corpus/scenes/test --max-samples 1000
+    row = score_model_dir("out/ray_results/my-run/export", "data/corpus/nlvr/test")   # {"nlvr2_acc", "nlvr2_n", ...}
+
+The set's task comes from its manifest (``captions`` -> retrieval R@1/5/10 both ways,
+``nlvr`` -> true/false accuracy, ``vqa`` -> VQA accuracy); image size and text length come
+from the model's own config, so no data settings are needed. Retrieval scores a bare VLMo or a
+student with ITC embeddings; a fine-tuned fusion model (``method: fusion``) re-ranks its ITC
+top ``rerank_k`` with its ITM head (0 = ITC only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
+
+
+def _data_for(model, storage: StorageConfig | None) -> DataConfig:
+    from vlforge.evaluation._common import encoder_of
+
+    enc = encoder_of(model)
+    return DataConfig(image=ImageConfig(size=enc.config.img_size, augment=False),
+                      tokenizer=TokenizerConfig(max_length=enc.config.max_text_len),
+                      storage=storage or StorageConfig())
+
+
+def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = None, rerank_k: int = 0,
+                    batch_size: int = 64, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``."""
+    from vlforge.data.pipeline import detect_task
+    from vlforge.evaluation.classification import accuracy
+    from vlforge.evaluation.data import load_eval_set
+    from vlforge.evaluation.retrieval import evaluate_retrieval
+    from vlforge.models.io import load_model_dir, read_spec
+
+    spec = read_spec(model_dir)
+    model = load_model_dir(model_dir)
+    task = detect_task(shards, storage)
+    data = dataclasses.replace(_data_for(model, storage), shards=shards)
+    ev = load_eval_set(shards, data, task=task, max_samples=max_samples)
+    row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": task}
+    if task == "captions":
+        kind = "teacher" if spec.get("method") == "fusion" and rerank_k > 0 else "student"
+        row.update(evaluate_retrieval(model, ev, kind, rerank_k=rerank_k, batch_size=batch_size))
+    else:
+        t = "nlvr2" if task == "nlvr" else task
+        if spec.get("method") not in ("fusion", "distill"):
+            raise ValueError(f"{model_dir}: a {spec.get('method')!r} model has no {t} head; "
+                             f"score a fine-tuned (fusion) or distilled model on {task} shards")
+        scored = accuracy(model, t, ev, batch_size=batch_size)
+        row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
+    return row
