@@ -46,8 +46,8 @@ def main(argv=None) -> int:
 
     from vlforge.data.storage import absolute
     from vlforge.runtime import init_ray
-    from vlforge.train.runner import prepare_local_mlflow
     from vlforge.tracking import make_tracker, resolve_tracking_uri
+    from vlforge.train.runner import prepare_local_mlflow
     from vlforge.workflows import learning_bench as lb
     from vlforge.workflows.two_stage import ensure_data, eval_data, plan
 

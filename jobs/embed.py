@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import ray
+
     from vlforge.runtime import init_ray
     from vlforge.workflows.embed import embed_shards
 

@@ -1,6 +1,6 @@
 """VLMo stagewise pretraining: image-only MIM -> text-only MLM (attention and vision experts frozen) -> ITC + ITM + MLM.
 
-    python jobs/vlmo_stagewise.py                                    # laptop: smoke sizes, built-in corpus, 2 CPU workers
+    python jobs/vlmo_stagewise.py                                    # laptop: smoke sizes, 2 CPU workers
     python jobs/vlmo_stagewise.py --set name=my-run                  # the same name again resumes that run
     python jobs/vlmo_stagewise.py --set deepspeed.zero_stage=3 --set tracking.tracking_uri=http://127.0.0.1:5000
     ray job submit --working-dir . -- python jobs/vlmo_stagewise.py --config jobs/configs/vlmo_stagewise.yaml

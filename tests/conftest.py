@@ -59,7 +59,7 @@ class S3Server:
         self.log = open(tmp / "moto.log", "w")
         self.proc = None
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT,
@@ -96,7 +96,7 @@ class SeededS3Server:
         self.logs: list[Path] = []
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "SeededS3Server":
+    def start(self, timeout: float = 60.0) -> SeededS3Server:
         log = self.tmp / f"seeded-s3-{len(self.logs)}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(

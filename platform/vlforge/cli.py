@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     def s3(sp):
-        sp.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: $VLFORGE_S3_ENDPOINT / $AWS_ENDPOINT_URL)")
+        sp.add_argument("--s3-endpoint",
+                        help="S3-compatible endpoint URL (default: $VLFORGE_S3_ENDPOINT / $AWS_ENDPOINT_URL)")
 
     b = dsub.add_parser("build-corpus", help="render the built-in emoji-scene corpus (offline, deterministic)",
                         description="Render the built-in corpus from OpenMoji artwork (CC BY-SA 4.0). "
@@ -237,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
     ev.set_defaults(fn=cmd_eval)
 
-    from vlforge.tracking.promotion import add_arguments, run as run_promote
+    from vlforge.tracking.promotion import add_arguments
+    from vlforge.tracking.promotion import run as run_promote
 
     pr = sub.add_parser("promote", help="promote a registered model's challenger to champion, gated on evaluation",
                         description="Re-evaluate the challenger and the champion of a registered model on a fixed "

@@ -20,9 +20,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -867,7 +868,8 @@ class SweepConfig:
         if self.search.algorithm == "optuna" and grid:
             raise ValueError(f"search.algorithm optuna samples its own points; use choice, not grid, for {grid}")
         if self.search.algorithm == "grid" and len(grid) != len(self.space):
-            raise ValueError(f"search.algorithm grid: every key must be of type grid, not {sorted(set(self.space) - set(grid))}")
+            raise ValueError("search.algorithm grid: every key must be of type grid, "
+                             f"not {sorted(set(self.space) - set(grid))}")
         if len(set(self.trial_stages)) != len(self.trial_stages):
             raise ValueError(f"trial_stages: names must be unique, got {self.trial_stages}")
 

@@ -51,7 +51,7 @@ class MlflowServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def start(self, timeout: float = 90.0) -> "MlflowServer":
+    def start(self, timeout: float = 90.0) -> MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         env.pop("MLFLOW_TRACKING_URI", None)
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
@@ -95,7 +95,7 @@ class MlflowServer:
     def resume(self) -> None:
         os.killpg(self.proc.pid, signal.SIGCONT)
 
-    def restart(self) -> "MlflowServer":
+    def restart(self) -> MlflowServer:
         self.stop()
         return self.start()
 
@@ -164,7 +164,7 @@ class RayHead:
         self.env.pop("RAY_ADDRESS", None)
         self.system_env = system_env or {}
 
-    def start(self, timeout: float = 120.0) -> "RayHead":
+    def start(self, timeout: float = 120.0) -> RayHead:
         ray_cli = Path(sys.executable).parent / "ray"
         self.proc = subprocess.Popen(
             [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
@@ -246,7 +246,7 @@ class RayNode:
         self.log_path = head.log_path.with_name(f"ray_node_{index}.log")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "RayNode":
+    def start(self, timeout: float = 90.0) -> RayNode:
         ray_cli = Path(sys.executable).parent / "ray"
         self.proc = subprocess.Popen(
             [str(ray_cli), "start", f"--address={self.head.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
@@ -269,7 +269,8 @@ class RayNode:
         """This node's id while the head lists it alive."""
         from ray.util.state import list_nodes
 
-        for n in list_nodes(address=self.head.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
+        for n in list_nodes(address=self.head.address, filters=[("state", "=", "ALIVE")],
+                            raise_on_missing_output=False):
             if self.resource in (n.resources_total or {}):
                 return n.node_id
         return None
@@ -296,7 +297,7 @@ class RayCluster:
         self.head = RayHead(tmp, num_cpus=head_cpus, system_env=self.HEALTH)
         self.nodes = [RayNode(self.head, i + 1, c) for i, c in enumerate(node_cpus)]
 
-    def start(self) -> "RayCluster":
+    def start(self) -> RayCluster:
         self.head.start()
         try:
             for n in self.nodes:

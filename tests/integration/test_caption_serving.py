@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from vlforge.config import DataConfig, ImageConfig
 from vlforge.tracking.registry import load_by_alias, log_and_register
 
@@ -39,6 +40,7 @@ def _captioner(out):
 
 def test_caption_model_by_alias(mlflow_server, tmp_path, monkeypatch):
     from mlflow import MlflowClient
+
     from vlforge.data.pipeline import decode_image, normalise
     from vlforge.models.io import load_model_dir
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig
 
 pytestmark = pytest.mark.integration
@@ -86,6 +87,7 @@ def test_torch_by_alias_matches_registered_module(registered, tmp_path):
 
 def test_embed_job_writes_matching_parquet(registered, ray_local, corpus, tmp_path, capsys, load_job):
     import pyarrow.parquet as pq
+
     from vlforge.data.pipeline import sample_id
     from vlforge.data.shards import read_manifest
     from vlforge.evaluation._common import encoder_of, image_embeddings, text_embeddings

@@ -97,6 +97,7 @@ def _champion(server, name: str) -> str:
 def test_first_champion_promotion_refusal_dry_run_and_rollback(mlflow_s3_server, corpus, models, model_name, capsys,
                                                                load_job):
     from mlflow import MlflowClient
+
     from vlforge.tracking.promotion import HISTORY_TAG
 
     server, name, job = mlflow_s3_server, model_name, load_job("promote")
@@ -148,6 +149,7 @@ def test_first_champion_promotion_refusal_dry_run_and_rollback(mlflow_s3_server,
 def test_the_champion_loaded_by_alias_scores_like_its_module(mlflow_s3_server, corpus, models, model_name, load_job):
     import numpy as np
     import pandas as pd
+
     from vlforge.evaluation import load_eval_set
     from vlforge.evaluation.retrieval import student_scores
     from vlforge.models.io import load_model_dir

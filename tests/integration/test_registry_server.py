@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig
 from vlforge.tracking.registry import load_by_alias, log_and_register
 

@@ -5,7 +5,8 @@
    (about log(batch) = 2.8 at these steps), 0.1 or 10: the loss of a weight-10 trial is larger by
    some 25, far beyond batch noise, so which trials trail is known before they run and the test
    can demand that ASHA stops one. Whichever of the first two trials reports first, a weight-10
-   trial meets a weight-0.1 trial's loss at the rung, so at least one of them is stopped. (An attention-KL weight would not do: that term is small here
+   trial meets a weight-0.1 trial's loss at the rung, so at least one of them is stopped.
+   (An attention-KL weight would not do: that term is small here
    and the other terms' noise decides. The figure a real sweep ranks by, ``val_rmean``, is
    reported and tracked as well.)
 2. A VLMo stage-3 sweep run by ``jobs/sweep.py`` in a subprocess against a ``ray start --head``
@@ -110,7 +111,8 @@ def test_mlflow_has_the_parent_and_one_child_per_trial(asha_sweep):
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     pid = parent[0].info.run_id
     trials = [r for r in runs if r.data.tags.get("vlforge.sweep.role") == "trial"]
-    assert sorted(r.data.tags["vlforge.trial_id"] for r in trials) == sorted(r["trial_id"] for r in asha_sweep["result"].rows)
+    assert (sorted(r.data.tags["vlforge.trial_id"] for r in trials)
+            == sorted(r["trial_id"] for r in asha_sweep["result"].rows))
     status = {r["trial_id"]: r["status"] for r in asha_sweep["result"].rows}
     for run in trials:
         tid = run.data.tags["vlforge.trial_id"]

@@ -42,6 +42,7 @@ def smoke_job(ray_local, corpus, mlflow_server, tmp_path_factory, load_job):
 def test_smoke_job_trains_evaluates_and_registers(smoke_job, corpus, mlflow_server, capsys):
     import pandas as pd
     from mlflow.tracking import MlflowClient
+
     from vlforge.tracking.registry import load_by_alias
 
     assert smoke_job["code"] == 0

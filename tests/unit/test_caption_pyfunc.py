@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from vlforge.config import DataConfig, ImageConfig
 from vlforge.models.lm import LMConfig
 from vlforge.tracking.pyfunc_model import (

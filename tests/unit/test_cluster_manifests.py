@@ -17,11 +17,11 @@ import json
 import os
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 pytestmark = pytest.mark.unit

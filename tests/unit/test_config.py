@@ -4,8 +4,17 @@ from typing import Literal
 import pytest
 import yaml
 
-from vlforge.config import (ConfigError, CorpusConfig, DataConfig, apply_overrides, dump_yaml, flatten, from_dict,
-                            load, parse_override)
+from vlforge.config import (
+    ConfigError,
+    CorpusConfig,
+    DataConfig,
+    apply_overrides,
+    dump_yaml,
+    flatten,
+    from_dict,
+    load,
+    parse_override,
+)
 
 pytestmark = pytest.mark.unit
 

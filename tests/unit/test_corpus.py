@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from vlforge.config import CorpusConfig
-from vlforge.data.corpus import (COLORS, SPLITS, Obj, build_corpus, load_concepts, noto_font_path, plan, relation)
+from vlforge.data.corpus import COLORS, SPLITS, Obj, build_corpus, load_concepts, noto_font_path, plan, relation
 from vlforge.data.shards import iter_samples, list_shards, read_manifest
 
 pytestmark = pytest.mark.unit

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+
 from vlforge.config import DataConfig, ImageConfig
 from vlforge.evaluation import (
     RERANK_OFFSET,

@@ -104,7 +104,8 @@ def test_one_step_lowers_the_loss_and_mim_regresses_features(small):
         opt.step()
     torch.manual_seed(0)
     assert task(b)["loss"].item() < first
-    assert small.mim_targets(b["pixel_values"]).shape == (6, small.num_patches, TOKENIZERS["efficientnet_lite0"].channels)
+    assert small.mim_targets(b["pixel_values"]).shape == (6, small.num_patches,
+                                                          TOKENIZERS["efficientnet_lite0"].channels)
 
 
 def test_model_dir_round_trip_keeps_the_tokenizer(small, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from vlforge.config import DataConfig, StageConfig, TrainRunConfig
 from vlforge.workflows.learning_bench import CurvePoint, _samples, checkpoint_steps, summarise, time_to
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from vlforge.config import ConfigError, StorageConfig, TwoStageConfig, load
 
 pytestmark = pytest.mark.unit

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from vlforge.config import ConfigError, PromoteConfig, from_dict
 
 pytestmark = pytest.mark.unit
@@ -22,7 +23,8 @@ def test_promotes_when_every_margin_is_met_and_no_guard_drops():
 
     ok, reason, rows = compare({"rmean": 20.5, "i2t_r1": 5.0, "t2i_r1": 7.0}, CHAMP, _cfg())
     assert ok and "rmean +0.50" in reason
-    assert [(r["metric"], r["rule"], r["ok"]) for r in rows] == [("rmean", "improve", "yes"), ("i2t_r1", "guard", "yes"),
+    assert [(r["metric"], r["rule"], r["ok"]) for r in rows] == [("rmean", "improve", "yes"),
+                                                                ("i2t_r1", "guard", "yes"),
                                                                 ("t2i_r1", "guard", "yes")]
 
 
@@ -64,7 +66,8 @@ def test_summary_and_exit_codes():
     d = Decision("m", "refused", "3", "2", reason, comparisons=rows, eval_set="x (first 10)")
     text = d.summary()
     assert "version 3 vs champion 2" in text and "refused: rmean -1.00" in text and d.exit_code == 1
-    assert Decision("m", "promoted", "3", None, "first", dry_run=True).summary().endswith("DRY RUN: would be promoted: first")
+    assert Decision("m", "promoted", "3", None, "first", dry_run=True).summary().endswith(
+        "DRY RUN: would be promoted: first")
     assert Decision("m", "promoted", "3", "2", "ok").exit_code == 0
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig
 from vlforge.tracking.registry import (
     RegisteredVersion,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from vlforge.config import ConfigError, SweepConfig, TrainRunConfig, TwoStageConfig, from_dict, load
 
 pytestmark = pytest.mark.unit
@@ -98,7 +99,8 @@ def test_distill_plan_trains_the_teacher_once_and_cuts_the_student(tmp_path, cor
     assert run.stages[0].temperature == 2.0 and run.stages[1].temperature == 1.0
     assert run.stages[0].teacher == str(plan.runs_dir / "s" / "teacher" / "pretrain")
     assert run.checkpoint_every == 10 and run.num_workers == 1 and run.worker_cpus == 0.5
-    assert run.tracking.tags["vlforge.trial_id"] == "abc_00001" and run.tracking.experiment == plan.sweep.tracking.experiment
+    assert (run.tracking.tags["vlforge.trial_id"] == "abc_00001"
+            and run.tracking.experiment == plan.sweep.tracking.experiment)
     assert plan.max_reports == 2 + 5  # the smoke config's 20 and 50 steps, a report every 10
     assert plan.validation_shards == str(corpus / "scenes" / "val")
 
@@ -158,8 +160,10 @@ def test_results_table_best_config_and_plot(tmp_path, corpus):
     sweep = load_sweep(_sweep(tmp_path, corpus, DISTILL))
     plan = make_plan(sweep)
     k1, k2 = list(sweep.space)
-    rows = [{"trial_id": "a_00000", k1: 0.3, k2: 1.0, "metric": 20.0, "best_seen": 21.0, "reports": 9, "status": FINISHED},
-            {"trial_id": "a_00001", k1: 4.0, k2: 2.0, "metric": 12.5, "best_seen": 12.5, "reports": 1, "status": STOPPED}]
+    rows = [{"trial_id": "a_00000", k1: 0.3, k2: 1.0, "metric": 20.0, "best_seen": 21.0, "reports": 9,
+             "status": FINISHED},
+            {"trial_id": "a_00001", k1: 4.0, k2: 2.0, "metric": 12.5, "best_seen": 12.5, "reports": 1,
+             "status": STOPPED}]
     table = _table(rows, [k1, k2], "val_rmean")
     assert "attn" in table and "stopped_early" in table and "20.0" in table
     plan.root.mkdir(parents=True)
@@ -207,6 +211,7 @@ def test_asha_stops_a_trailing_trial_but_never_at_its_final_report():
 
 def test_searchers_limit_concurrency_themselves():
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
     from vlforge.tune.sweep import search_algorithm
 
     raw = {"experiment": "x.yaml", "space": {"a": {"type": "uniform", "low": 0.0, "high": 1.0}}}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from vlforge.config import ConfigError, TrainRunConfig, TwoStageConfig, from_dict, load
 
 pytestmark = pytest.mark.unit
@@ -209,7 +210,8 @@ def test_vlmo_weights_load_into_the_pair_models(capsys):
 def _pair_batch(b: int = 4, answers: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 2000, (b, 16), generator=g)
-    return {"pixel_values": torch.randn(b, 3, 32, 32, generator=g), "pixel_values_2": torch.randn(b, 3, 32, 32, generator=g),
+    return {"pixel_values": torch.randn(b, 3, 32, 32, generator=g),
+            "pixel_values_2": torch.randn(b, 3, 32, 32, generator=g),
             "input_ids": ids, "attention_mask": torch.ones_like(ids), "label": torch.tensor([0, 1] * (b // 2)),
             "answer_id": torch.tensor([1, 2, -100, 3][:b]), "sample_id": torch.arange(b)}
 

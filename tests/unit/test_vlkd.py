@@ -54,7 +54,8 @@ def test_debug_shapes_and_terms(debug_model):
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     assert all(not out[k].requires_grad for k in ("ttd_loss", "itc_loss", "icti_loss"))
     c = debug_model.config
-    assert torch.allclose(out["loss"], c.w_ttd * out["ttd_loss"] + c.w_itc * out["itc_loss"] + c.w_icti * out["icti_loss"])
+    assert torch.allclose(out["loss"],
+                          c.w_ttd * out["ttd_loss"] + c.w_itc * out["itc_loss"] + c.w_icti * out["icti_loss"])
     assert debug_model.encode_text(batch["input_ids"], batch["attention_mask"]).shape == (4, c.teacher_dim)
     image, text = debug_model.teacher_embeddings(batch)
     assert image.shape == text.shape == (4, c.teacher_dim)

@@ -33,10 +33,11 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vlforge.config import CorpusConfig
 from vlforge.data.shards import ShardWriter
@@ -273,7 +274,8 @@ class _Planner:
             for i in range(count):
                 name = self.rng.choice(pool)
                 s = self.rng.uniform(0.45, 0.7)
-                obj = Obj(name, round(self.rng.uniform(s / 2, 1 - s / 2), 4), round(self.rng.uniform(s / 2, 1 - s / 2), 4), round(s, 4))
+                obj = Obj(name, round(self.rng.uniform(s / 2, 1 - s / 2), 4),
+                          round(self.rng.uniform(s / 2, 1 - s / 2), 4), round(s, 4))
                 bg = self.background()
                 out.append(Sample(f"concepts-{split}-{i:06d}", "concepts", split,
                                   f"{with_article(name)} on {article(bg)} {bg} background",
@@ -294,7 +296,8 @@ class _Planner:
                 parts = [f"{with_article(objs[0].name)} {relation(objs[0], objs[1])} {with_article(objs[1].name)}"]
                 if k == 3:
                     anchor = self.rng.choice((0, 1))
-                    parts.append(f"{with_article(objs[2].name)} {relation(objs[2], objs[anchor])} the {objs[anchor].name}")
+                    parts.append(f"{with_article(objs[2].name)} {relation(objs[2], objs[anchor])} "
+                                 f"the {objs[anchor].name}")
                 text = ", ".join(parts) + f" on {article(bg)} {bg} background"
                 out.append(Sample(f"scenes-{split}-{i:06d}", "scenes", split, text, [SceneSpec(bg, objs)],
                                   {"concepts": names}))

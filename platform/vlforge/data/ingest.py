@@ -18,9 +18,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from vlforge.data.shards import Manifest, ShardWriter
 
@@ -142,7 +143,8 @@ def ingest(images_dir: str | Path, captions: str | Path, out: str | Path, *, sam
     if strict and report.skipped:
         raise IngestError(f"{sum(report.skipped.values())} rows skipped: " + "; ".join(report.examples))
     if report.written == 0:
-        raise IngestError(f"no usable rows in {captions}" + (": " + "; ".join(report.examples) if report.examples else ""))
+        raise IngestError(f"no usable rows in {captions}"
+                          + (": " + "; ".join(report.examples) if report.examples else ""))
     writer.params["skipped"] = report.skipped
     report.manifest = writer.close()
     return report

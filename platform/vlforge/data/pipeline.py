@@ -37,8 +37,9 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -121,7 +122,7 @@ def raw_row(sample: dict[str, Any], url: str) -> dict[str, Any]:
             "json": meta, "error": error}
 
 
-def read_stream(stream, path: str, chunk_rows: int = READ_CHUNK_ROWS) -> Iterator["pyarrow.Table"]:
+def read_stream(stream, path: str, chunk_rows: int = READ_CHUNK_ROWS) -> Iterator[pyarrow.Table]:
     """One shard's samples as pyarrow tables of ``RAW_COLUMNS``, ``chunk_rows`` rows each."""
     import pyarrow as pa
     from ray.data._internal.datasource.webdataset_datasource import _group_by_keys
@@ -163,7 +164,7 @@ def _to_table(pa, rows: list[dict]):
 
 
 def read_raw(uri: str, storage: StorageConfig | None = None, shuffle_seed: int | None = None,
-             verify_sha256: bool = False, chunk_rows: int = 128, **read_args) -> "ray.data.Dataset":
+             verify_sha256: bool = False, chunk_rows: int = 128, **read_args) -> ray.data.Dataset:
     """One row per sample with raw byte columns (``RAW_COLUMNS``), from local or ``s3://`` shards."""
     import ray.data
     from ray.data import FileShuffleConfig
@@ -384,7 +385,7 @@ class Counters:
         self.handle = handle
 
     @classmethod
-    def create(cls) -> "Counters":
+    def create(cls) -> Counters:
         """A new counters actor on the driver's node: the node a job cannot lose without ending. (Placed
         anywhere, it could land on a worker node; when that node died every decode task failed on
         its ``add`` and no restart of the Train run could get past it.)"""
@@ -431,7 +432,7 @@ def find_answers(uri: str, storage: StorageConfig | None = None) -> list[str] | 
 
 
 def build_dataset(cfg: DataConfig, *, train: bool = True, task: str | None = None,
-                  counters: Counters | None = None) -> tuple["ray.data.Dataset", Counters]:
+                  counters: Counters | None = None) -> tuple[ray.data.Dataset, Counters]:
     """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to."""
     if counters is None:
         counters = Counters.create()

@@ -22,9 +22,10 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from vlforge.config import StorageConfig
 from vlforge.data.storage import filesystem_for, is_remote
@@ -64,7 +65,7 @@ class Manifest:
         return json.dumps(d, indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
+    def from_json(cls, text: str, where: str = "manifest") -> Manifest:
         try:
             d = json.loads(text)
             shards = [ShardInfo(**s) for s in d["shards"]]
@@ -96,7 +97,7 @@ class ShardWriter:
         self._count = 0
         self._keys: set[str] = set()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:

@@ -44,7 +44,7 @@ def s3_endpoint(cfg: StorageConfig | None = None) -> str | None:
     return None
 
 
-def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple["fsspec.AbstractFileSystem", str]:
+def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(fsspec filesystem, path within it) for a local path or a URI."""
     if uri.startswith("s3://"):
         import s3fs
@@ -74,7 +74,7 @@ def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple["fsspec.
     return LocalFileSystem(), str(Path(path).resolve())
 
 
-def arrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple["pyarrow.fs.FileSystem | None", str]:
+def arrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pyarrow.fs.FileSystem | None, str]:
     """(pyarrow filesystem for Ray Data, path within it); (None, local path) for local files."""
     if not is_remote(uri):
         return None, filesystem_for(uri, cfg)[1]

@@ -243,7 +243,7 @@ class DistillationTask(nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
 
-    def train(self, mode: bool = True) -> "DistillationTask":
+    def train(self, mode: bool = True) -> DistillationTask:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()

@@ -25,8 +25,8 @@ in the config); ``frozen_debug`` uses a tiny random LM only to test the plumbing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from vlforge.models.registry import register_model
 from vlforge.models.vision import VisionConfig, VisionTower, override, vision_config
 from vlforge.objectives.captioning import caption_labels, caption_loss, scored_tokens
 
-PromptItem = Union[torch.Tensor, str]
+PromptItem = torch.Tensor | str
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Frozen(nn.Module):
         lm_dim = self.lm.get_input_embeddings().embedding_dim
         self.prefix = VisualPrefix(self.vision.num_features, lm_dim, config.n_prefix)
 
-    def train(self, mode: bool = True) -> "Frozen":
+    def train(self, mode: bool = True) -> Frozen:
         super().train(mode)
         self.lm.eval()
         return self

@@ -100,7 +100,7 @@ class LockedImageTokenizer(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "LockedImageTokenizer":
+    def train(self, mode: bool = True) -> LockedImageTokenizer:
         return super().train(False)
 
     @torch.no_grad()

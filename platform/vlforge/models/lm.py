@@ -190,7 +190,8 @@ def load_gguf_causal_lm(gguf: Path, dtype: torch.dtype = torch.float32):
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"GGUF weights do not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"GGUF weights do not fit {type(model).__name__}: "
+                           f"missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.eval(), tokenizer
 
@@ -296,7 +297,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def vision_and_lm(vision_cfg, lm_cfg: "LMConfig", vision=None, lm=None, tokenizer=None):
+def vision_and_lm(vision_cfg, lm_cfg: LMConfig, vision=None, lm=None, tokenizer=None):
     """The (vision tower, causal LM, tokenizer) of an image-to-text model: given ones, else built."""
     from vlforge.models.vision import VisionTower
 

@@ -10,7 +10,7 @@ overrides replace fields of the size's config dataclass.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 _REGISTRY: dict[str, Callable] = {}
 

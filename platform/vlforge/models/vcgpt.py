@@ -21,8 +21,8 @@ image says. The loss is next-token cross-entropy on the caption tokens
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -99,7 +99,7 @@ class VCGPT(nn.Module):
         with torch.no_grad():
             self.fusion_head.weight.copy_(head.weight)
 
-    def train(self, mode: bool = True) -> "VCGPT":
+    def train(self, mode: bool = True) -> VCGPT:
         super().train(mode)
         if self.config.freeze_lm:
             self.lm.eval()

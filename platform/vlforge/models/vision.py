@@ -95,7 +95,7 @@ class VisionTower(nn.Module):
             self.load_checkpoint(checkpoint)
 
     @classmethod
-    def from_config(cls, config: VisionConfig) -> "VisionTower":
+    def from_config(cls, config: VisionConfig) -> VisionTower:
         return cls(config.timm_name, config.img_size, config.timm_kwargs, config.checkpoint, config.drop_path_rate)
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -108,7 +108,8 @@ class VisionTower(nn.Module):
         classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
         unexpected = [k for k in unexpected if not any(k.startswith(c + ".") for c in classifiers)]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path} does not fit {self.timm_name}: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(f"checkpoint {path} does not fit {self.timm_name}: "
+                               f"missing {missing}, unexpected {unexpected}")
 
     @property
     def num_prefix_tokens(self) -> int:

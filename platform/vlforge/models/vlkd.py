@@ -36,8 +36,9 @@ tokenizer), else the student's ``input_ids``. ``vlkd_debug`` builds a tiny rando
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,7 @@ class VLKD(nn.Module):
             torch.manual_seed(self.config.seed)
             return BartForConditionalGeneration(cfg)
 
-    def train(self, mode: bool = True) -> "VLKD":
+    def train(self, mode: bool = True) -> VLKD:
         super().train(mode)
         if isinstance(self.teacher, nn.Module):
             self.teacher.eval()
@@ -256,7 +257,8 @@ class VLKD(nn.Module):
         text = self.student.get_input_embeddings()(input_ids)  # [B, T, d]
         return torch.cat([prefix, text], 1), torch.cat([prefix_mask, attention_mask], 1)
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor],
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         cfg, tok = self.config, self.tokenizer
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         t_image, t_text = self.teacher_embeddings(batch)

@@ -47,7 +47,7 @@ class CrossModalQK:
     image_k: Tensor
     text_mask: Tensor
 
-    def select(self, text_index: Tensor, image_index: Tensor) -> "CrossModalQK":
+    def select(self, text_index: Tensor, image_index: Tensor) -> CrossModalQK:
         """Pairs built from separately encoded texts and images (dual encoders)."""
         return CrossModalQK(
             self.text_q[text_index],
@@ -57,7 +57,7 @@ class CrossModalQK:
             self.text_mask[text_index],
         )
 
-    def detach(self) -> "CrossModalQK":
+    def detach(self) -> CrossModalQK:
         return CrossModalQK(
             self.text_q.detach(), self.text_k.detach(), self.image_q.detach(), self.image_k.detach(), self.text_mask
         )

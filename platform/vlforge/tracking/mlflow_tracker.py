@@ -56,9 +56,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from vlforge.config import TrackingConfig, dump_yaml, flatten, to_dict
 from vlforge.tracking.logging import get_rank
@@ -505,7 +506,7 @@ class Tracker:
         """``end("FINISHED")`` unless the run already ended; returns the delivery report."""
         return self.end("FINISHED")
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -884,7 +885,7 @@ class NullTracker:
     def close(self) -> DeliveryReport:
         return self.end()
 
-    def __enter__(self) -> "NullTracker":
+    def __enter__(self) -> NullTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

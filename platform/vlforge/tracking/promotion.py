@@ -97,7 +97,8 @@ class Decision:
 def _client(cfg: PromoteConfig):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking), registry_uri=resolve_tracking_uri(cfg.tracking))
+    return MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking),
+                        registry_uri=resolve_tracking_uri(cfg.tracking))
 
 
 def _missing(exc: Exception) -> bool:
@@ -141,7 +142,8 @@ def _history(client, name: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def promotion_lock(client, name: str, timeout_s: float, stale_s: float, log: Callable[[str], None] = print) -> Iterator[None]:
+def promotion_lock(client, name: str, timeout_s: float, stale_s: float,
+                   log: Callable[[str], None] = print) -> Iterator[None]:
     """Hold ``<name>.promotion-lock`` (a registered model only one caller can create) for the block."""
     from mlflow.exceptions import MlflowException
 
@@ -162,7 +164,8 @@ def promotion_lock(client, name: str, timeout_s: float, stale_s: float, log: Cal
             continue  # released in between
         age = time.time() - float(held.get("since", "0") or 0)
         if age > stale_s:
-            log(f"breaking a stale promotion lock on {name} (held {age:.0f}s by {held.get('host')} pid {held.get('pid')})")
+            log(f"breaking a stale promotion lock on {name} "
+                f"(held {age:.0f}s by {held.get('host')} pid {held.get('pid')})")
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model(lock)
             continue
@@ -188,7 +191,6 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
     """Retrieval metrics (percent) of one registered version on the fixed evaluation set."""
     from vlforge.evaluation import evaluate_retrieval, load_eval_set
     from vlforge.models.io import load_model_dir
-
     from vlforge.tracking.registry import download_serving_dir, serving_preprocessing
 
     directory = download_serving_dir(name, "", client.tracking_uri, workdir / f"v{version}", version=version)
@@ -206,7 +208,8 @@ def compare(challenger: dict[str, float], champion: dict[str, float], cfg: Promo
     for metric, margin in cfg.improve.items():
         delta = challenger[metric] - champion[metric]
         ok = delta >= margin - 1e-9
-        rows.append({"metric": metric, "rule": "improve", "champion": champion[metric], "challenger": challenger[metric],
+        rows.append({"metric": metric, "rule": "improve", "champion": champion[metric],
+                     "challenger": challenger[metric],
                      "delta": delta, "needed": f">= +{margin:g}", "ok": "yes" if ok else "NO"})
         if not ok:
             failed.append(f"{metric} {delta:+.2f} (needs >= +{margin:g})")
@@ -342,7 +345,8 @@ def add_arguments(p: argparse.ArgumentParser, default_config: str | None) -> Non
                    help="override a config key, e.g. --set eval.max_samples=1000 or --set improve.rmean=1.0")
     p.add_argument("--model", help="registered model name (config: model_name)")
     p.add_argument("--challenger", help="alias or version number of the challenger (config: challenger)")
-    p.add_argument("--tracking-uri", help="MLflow tracking / registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--tracking-uri",
+                   help="MLflow tracking / registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--dry-run", action="store_true", help="evaluate and decide, record and move nothing")
     p.add_argument("--rollback", action="store_true", help="put the previous champion back instead of promoting")
 

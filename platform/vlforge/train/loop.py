@@ -386,7 +386,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if config.get("probe_file") and si == len(cfg.stages) - 1:
             _save_probe(engine, task, config["probe_file"], rank, device)
         tracker.log_loss_curve(history)
-        del engine
+        engine = None  # frees the engine before the next stage builds its own
         dist.barrier()
 
     delivery = tracker.end("FINISHED")

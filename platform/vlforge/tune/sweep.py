@@ -43,9 +43,10 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -224,7 +225,8 @@ def _shared_runs(sweep_plan: SweepPlan, exp) -> list[TrainRunConfig]:
         shared.append(dataclasses.replace(full, name=f"{sweep_plan.name}.base", stages=before,
                                           storage_path=str(sweep_plan.runs_dir), export=False,
                                           stage_exports=True, corpus=None,
-                                          tracking=dataclasses.replace(full.tracking, run_name=f"{sweep_plan.name}.base")))
+                                          tracking=dataclasses.replace(full.tracking,
+                                                                       run_name=f"{sweep_plan.name}.base")))
     return shared
 
 
@@ -551,7 +553,8 @@ def run_sweep(sweep: SweepConfig, *, init_ray: bool = True, log: Callable[[str],
     sweep = plan.sweep
 
     if init_ray and not ray.is_initialized():
-        from vlforge.runtime import init_ray as start_ray, local_cpus
+        from vlforge.runtime import init_ray as start_ray
+        from vlforge.runtime import local_cpus
 
         train, data = _local_cpus(plan)
         if not os.environ.get("RAY_ADDRESS"):
