@@ -355,6 +355,12 @@ class ImageConfig:
     augment: bool = True  # small random translation + brightness; never flips (captions say left/right)
     max_shift: float = 0.06  # fraction of the image side
     brightness: float = 0.1
+    # RGB (0-255) that transparent pixels (alpha, palette or colour-key transparency) are composited over
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self):
+        if len(self.background) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.background):
+            raise ValueError(f"image.background must be three integers 0-255 (RGB), got {list(self.background)}")
     # false: decode tasks ship uint8 pixels (4x fewer bytes through the object store) and the
     # consumer normalises them (vlforge.data.pipeline.finish_pixels; the training loop does).
     normalize: bool = True

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlforge.data.images import has_transparency
 from vlforge.data.shards import Manifest, ShardWriter
 
 IMAGE_COLUMNS = ("image", "file", "filename", "path", "image_path", "url")
@@ -92,7 +93,8 @@ def _image_bytes(path: Path) -> tuple[bytes, str]:
         return data, PASS_THROUGH[fmt]
     with Image.open(io.BytesIO(data)) as im:
         buf = io.BytesIO()
-        im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB").save(buf, format="PNG")
+        # transparency stays (as PNG alpha): decoding composites it over ``image.background``
+        im.convert("RGBA" if has_transparency(im) else "RGB").save(buf, format="PNG")
         return buf.getvalue(), "png"
 
 

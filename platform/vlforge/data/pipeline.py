@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
+from vlforge.data.images import WHITE, to_rgb
 from vlforge.data.shards import IMAGE_EXTS, list_shards, read_manifest, verify
 from vlforge.data.storage import arrow_filesystem, filesystem_for
 from vlforge.runtime import tune_malloc
@@ -189,13 +190,14 @@ def read_raw(uri: str, storage: StorageConfig | None = None, shuffle_seed: int |
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """JPEG/PNG/WebP bytes -> ``[size, size, 3]`` uint8 (JPEG decoded at reduced scale when possible)."""
+def decode_image(data: bytes, size: int, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """JPEG/PNG/WebP bytes -> ``[size, size, 3]`` uint8 (JPEG decoded at reduced scale when possible);
+    transparency (alpha, palette or colour-key) is composited over ``background``."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (size, size))
-        im = im.convert("RGB")
+        im = to_rgb(im, background)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
@@ -311,8 +313,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
             skip("missing_field")
             continue
         try:
-            arr = decode_image(img_bytes, size)
-            arr2 = decode_image(_as_bytes(batch["image_2"][i]), size) if task == "nlvr" else None
+            arr = decode_image(img_bytes, size, image.background)
+            arr2 = decode_image(_as_bytes(batch["image_2"][i]), size, image.background) if task == "nlvr" else None
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
             skip(_image_error(exc))
             continue

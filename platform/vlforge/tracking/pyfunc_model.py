@@ -180,7 +180,8 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
         self.kind = preprocess_kind(pre)
         img = pre["image"]
         self.image_cfg = ImageConfig(size=int(img["size"]), mean=tuple(img["mean"]), std=tuple(img["std"]),
-                                     augment=False, normalize=True)
+                                     augment=False, normalize=True,
+                                     background=tuple(int(x) for x in img.get("background", (255, 255, 255))))
         self.device = torch.device(_device())
         self.tokenizer = None
         if self.kind == DUAL_ENCODER:
@@ -217,7 +218,7 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
         decoded = []
         for i, data in enumerate(images):
             try:
-                decoded.append(decode_image(data, size))
+                decoded.append(decode_image(data, size, self.image_cfg.background))
             except Exception as exc:  # PIL raises several types for bad bytes
                 raise ValueError(f"image {i} of the batch could not be decoded as PNG/JPEG/WebP ({exc})") from exc
         pv = normalise(np.stack(decoded), self.image_cfg)  # [B, 3, H, W] float32

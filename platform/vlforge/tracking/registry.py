@@ -166,7 +166,7 @@ def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir:
 
 def _image_settings(data: DataConfig) -> dict[str, Any]:
     return {"size": int(data.image.size), "mean": [float(x) for x in data.image.mean],
-            "std": [float(x) for x in data.image.std]}
+            "std": [float(x) for x in data.image.std], "background": [int(x) for x in data.image.background]}
 
 
 def _copy_model_files(src: Path, out: Path) -> None:
@@ -270,7 +270,8 @@ def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, 
                          f"tokenizer settings exist only for a {DUAL_ENCODER} model")
     img, tok = pre["image"], pre["tokenizer"]
     image = ImageConfig(size=int(img["size"]), mean=tuple(float(x) for x in img["mean"]),
-                        std=tuple(float(x) for x in img["std"]), augment=False, normalize=True)
+                        std=tuple(float(x) for x in img["std"]), augment=False, normalize=True,
+                        background=tuple(int(x) for x in img.get("background", (255, 255, 255))))
     tokenizer = TokenizerConfig(name=str(directory / TOKENIZER_FILE), max_length=int(tok["max_length"]),
                                 lowercase=bool(tok.get("lowercase", True)))
     return image, tokenizer
