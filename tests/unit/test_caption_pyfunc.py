@@ -62,7 +62,8 @@ def test_prepare_caption_serving_dir(frozen_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "preprocess.json"]
     pre = json.loads((out / "preprocess.json").read_text())
     assert pre == {"kind": "caption", "method": "frozen", "lm": {"source": "random", "tokenizer": "bytes"},
-                   "image": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+                   "image": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                             "background": [255, 255, 255]}}
     assert serving_kind(out) == CAPTION
     with pytest.raises(ValueError, match="holds a caption model"):
         serving_preprocessing(out)

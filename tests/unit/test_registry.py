@@ -96,7 +96,8 @@ def test_prepare_serving_dir(student_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "preprocess.json",
                                                       "tokenizer.json"]
     pre = json.loads((out / "preprocess.json").read_text())
-    assert pre == {"image": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    assert pre == {"image": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                             "background": [255, 255, 255]},
                    "tokenizer": {"max_length": 16, "lowercase": True}}
     from tokenizers import Tokenizer
 
