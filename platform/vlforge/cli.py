@@ -44,12 +44,39 @@ def cmd_build_corpus(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from vlforge.data.ingest import ingest
+    from vlforge.data import adapters
+    from vlforge.data.ingest import IngestError, ingest
 
-    report = ingest(args.images, args.captions, args.out, samples_per_shard=args.samples_per_shard,
-                    image_col=args.image_col, caption_col=args.caption_col, split=args.split, strict=args.strict,
-                    progress=print)
+    fmt = args.format
+    given = {"--image-col": args.image_col, "--caption-col": args.caption_col, "--annotations": args.annotations,
+             "--image-name": args.image_name, "--vocabulary": args.vocabulary,
+             "--min-answer-count": args.min_answer_count}
+    allowed = {"folder": ("--image-col", "--caption-col"),
+               "vqav2": ("--annotations", "--image-name", "--vocabulary", "--min-answer-count")}.get(fmt, ())
+    for flag, value in given.items():
+        if value is not None and flag not in allowed:
+            raise IngestError(f"{flag} does not apply to --format {fmt}")
+    common = dict(samples_per_shard=args.samples_per_shard, strict=args.strict, progress=print)
+    if fmt == "folder":
+        report = ingest(args.images, args.captions, args.out, image_col=args.image_col, caption_col=args.caption_col,
+                        split=args.split or "train", **common)
+    elif fmt == "coco":
+        report = adapters.ingest_coco(args.captions, args.images, args.out, split=args.split or "train", **common)
+    elif fmt == "karpathy":
+        report = adapters.ingest_karpathy(args.captions, args.images, args.out, split=args.split, **common)
+    elif fmt == "vqav2":
+        if not args.annotations:
+            raise IngestError("--format vqav2 needs --annotations ANNOTATIONS.json (e.g. "
+                              "v2_mscoco_val2014_annotations.json) beside the questions file")
+        report = adapters.ingest_vqav2(args.captions, args.annotations, args.images, args.out,
+                                       image_name=args.image_name, split=args.split,
+                                       min_answer_count=args.min_answer_count or 1, vocabulary=args.vocabulary,
+                                       **common)
+    else:
+        report = adapters.ingest_nlvr2(args.captions, args.images, args.out, split=args.split, **common)
     print(f"wrote {report.written} samples in {len(report.manifest.shards)} shard(s) to {args.out}")
+    if fmt == "vqav2":
+        print(f"answers.json: {report.manifest.params.get('answers')} answers")
     if report.skipped:
         print(f"skipped {sum(report.skipped.values())}: {report.skipped}")
         for line in report.examples:
@@ -146,6 +173,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+INGEST_FORMATS = """formats (--format; the second argument is the format's main file):
+  folder    CAPTIONS is a CSV/TSV/JSONL naming image files in IMAGES and their captions (the default)
+  coco      a COCO captions JSON (captions_*.json): one sample per image, txt = first caption, json captions = all
+  karpathy  a Karpathy split file (dataset_coco.json, dataset_flickr30k.json): one sample per image, all captions
+  vqav2     VQAv2 questions JSON + --annotations JSON: one sample per question, soft answer scores, answers.json
+  nlvr2     an NLVR2 JSONL file (train.json, dev.json, test1.json): sentence, true/false label, left + right image
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlforge", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -169,15 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
     b.set_defaults(fn=cmd_build_corpus)
 
-    i = dsub.add_parser("ingest", help="a folder of images + CSV/JSONL captions -> shards",
-                        description="Write shards from a folder of images and a CSV, TSV or JSONL file of captions.")
+    i = dsub.add_parser("ingest", help="a folder of images + CSV/JSONL captions, or COCO / Karpathy / VQAv2 / "
+                                       "NLVR2 files -> shards",
+                        description="Write shards from a folder of images and a CSV, TSV or JSONL file of captions,\n"
+                                    "or from a public dataset's files (--format).",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog=INGEST_FORMATS)
     i.add_argument("images", help="folder with the image files")
-    i.add_argument("captions", help="CSV/TSV/JSONL with an image column and a caption column")
+    i.add_argument("captions", help="CSV/TSV/JSONL with an image column and a caption column; with --format: "
+                                    "the format's main file (see below)")
     i.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+    i.add_argument("--format", choices=("folder", "coco", "karpathy", "vqav2", "nlvr2"), default="folder",
+                   help="input format (default folder)")
     i.add_argument("--samples-per-shard", type=int, default=1000)
-    i.add_argument("--image-col", help="column naming the image file (default: image/file/filename/path)")
-    i.add_argument("--caption-col", help="column holding the caption (default: caption/text)")
-    i.add_argument("--split", default="train", help="split written to metadata when a row has none")
+    i.add_argument("--image-col", help="folder: column naming the image file (default: image/file/filename/path)")
+    i.add_argument("--caption-col", help="folder: column holding the caption (default: caption/text)")
+    i.add_argument("--split", help="karpathy: keep only these splits (e.g. test, or train,restval); other formats: "
+                                   "split written to metadata (folder: when a row has none; default train)")
+    i.add_argument("--annotations", help="vqav2: the annotations JSON (v2_mscoco_*_annotations.json)")
+    i.add_argument("--image-name", help="vqav2: image file name pattern (default COCO_{subtype}_{image_id:012d}.jpg, "
+                                        "then any *{image_id:012d}.jpg in the folder)")
+    i.add_argument("--min-answer-count", type=int,
+                   help="vqav2: answers.json keeps answers seen at least this often (default 1)")
+    i.add_argument("--vocabulary", help="vqav2: write this answers.json (e.g. the train set's) instead of building one")
     i.add_argument("--strict", action="store_true", help="fail instead of skipping bad rows")
     i.set_defaults(fn=cmd_ingest)
 
