@@ -39,6 +39,28 @@ def extensions_dir() -> str:
             or str(Path.home() / ".cache" / "vlforge" / "torch_extensions"))
 
 
+STALE_LOCK_S = 300  # an op builds in under a minute on 2 cores
+
+
+def clear_stale_locks(root: str, max_age_s: float = STALE_LOCK_S) -> list[str]:
+    """Remove op-build ``lock`` files under ``root`` older than ``max_age_s``; returns their paths.
+
+    torch's extension builder holds ``<op>/lock`` while it compiles and every other process waits,
+    without a timeout, until the file goes. A process killed mid-build leaves it behind, and every
+    later run then hangs before its first step. A lock this old belongs to no live build."""
+    import time
+
+    removed = []
+    for lock in Path(root).glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink(missing_ok=True)
+                removed.append(str(lock))
+        except OSError:
+            continue
+    return removed
+
+
 def prepare_env(on_gpu: bool) -> None:
     """Environment DeepSpeed reads at import: the CPU accelerator without a GPU, the op cache;
     and the allocator setting every CPU training process wants (``vlforge.runtime.tune_malloc``)."""
@@ -49,6 +71,8 @@ def prepare_env(on_gpu: bool) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     os.environ.setdefault("DS_BUILD_OPS", "0")
+    for lock in clear_stale_locks(os.environ["TORCH_EXTENSIONS_DIR"]):
+        print(f"removed a stale op-build lock left by a killed process: {lock}", flush=True)
 
 
 def merge(base: dict, extra: Mapping) -> dict:
