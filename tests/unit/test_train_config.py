@@ -120,3 +120,19 @@ def test_job_configs_pass_validation(name):
     from vlforge.train.runner import validate
 
     validate(load(TrainRunConfig, REPO / "jobs" / "configs" / f"{name}.yaml"))
+
+
+def test_every_smoke_config_builds_the_same_corpus():
+    """data/corpus is rebuilt when a job asks for other corpus parameters: the smoke configs that
+    build it must agree, or running one job after another rebuilds it (and shrinks the eval sets)."""
+    import yaml
+
+    from vlforge.config import CorpusConfig, TwoStageConfig, load
+
+    want = load(TwoStageConfig, REPO / "jobs" / "configs" / "two_stage_smoke.yaml").corpus
+    for path in sorted((REPO / "jobs" / "configs").glob("*_smoke.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw.get("corpus"), dict) and "two_stage" not in path.name:
+            got = load(CorpusConfig, None, [f"{k}={v}" for k, v in raw["corpus"].items() if k != "out"])
+            assert (got.n_scenes, got.n_vqa, got.n_nlvr, got.n_concepts, got.seed) == (
+                want.n_scenes, want.n_vqa, want.n_nlvr, want.n_concepts, want.seed), path.name
