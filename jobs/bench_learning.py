@@ -46,8 +46,7 @@ def main(argv=None) -> int:
 
     from vlforge.data.storage import absolute
     from vlforge.runtime import init_ray
-    from vlforge.tracking import make_tracker, resolve_tracking_uri
-    from vlforge.train.runner import prepare_local_mlflow
+    from vlforge.tracking import resolve_tracking_uri
     from vlforge.workflows import learning_bench as lb
     from vlforge.workflows.two_stage import ensure_data, eval_data, plan
 
@@ -77,21 +76,38 @@ def main(argv=None) -> int:
         k: [dataclasses.asdict(pt) for pt in v] for k, v in curves.items()}}, indent=1))
     (out / "curves.txt").write_text(table + "\n")
     png = lb.plot_curves(curves, out / "curves.png")
+    if tracking.enabled:
+        run_id = log_curves(tracking, cfg, curves, summary, [png, out / "curves.json", out / "curves.txt"])
+        print(f"MLflow run {run_id} (experiment {tracking.experiment})")
+    print(f"curves: {out}/curves.png, {out}/curves.json")
+    return 0
+
+
+def log_curves(tracking, cfg, curves, summary, files) -> str | None:
+    """One new MLflow run per bench (a bench never resumes): config, curves as metrics, files."""
+    import time
+
+    from vlforge.tracking import make_tracker
+    from vlforge.train.runner import prepare_local_mlflow
+
     prepare_local_mlflow(tracking)
     tracker = make_tracker(tracking, 0)
-    if tracking.enabled:
-        tracker.start(run_key=f"{name}.bench", run_name=f"{name}.bench")
+    key = f"{cfg.name}.bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracker.start(run_key=key, run_name=key)
+    status = "FAILED"
+    try:
         tracker.log_config(cfg)
         for k, points in curves.items():
             for pt in points:
                 tracker.log_metrics({f"{k}/i2t_r1": pt.i2t_r1, f"{k}/t2i_r1": pt.t2i_r1,
                                      f"{k}/minutes": pt.seconds / 60}, step=pt.step)
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
-        for path in (png, out / "curves.json", out / "curves.txt"):
+        for path in files:
             tracker.log_artifact(path, "bench_learning")
-        tracker.end("FINISHED")
-    print(f"curves: {out}/curves.png, {out}/curves.json")
-    return 0
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    return run_id
 
 
 if __name__ == "__main__":
