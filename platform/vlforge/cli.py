@@ -153,18 +153,17 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vlforge.evaluation import INTERVAL_NOTE, format_table, with_intervals
+    from vlforge.evaluation import INTERVAL_COUNTS, INTERVAL_NOTE, format_table, with_intervals
     from vlforge.evaluation.score import score_model_dir
 
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError("--max-samples must be >= 1")
     row = score_model_dir(args.model_dir, args.shards, max_samples=args.max_samples, rerank_k=args.rerank_k,
                           batch_size=args.batch_size, storage=_storage(args))
-    counts = {"nlvr2_acc": "nlvr2_n", "vqa_acc": "vqa_n", "i2t_r1": "n_images", "t2i_r1": "n_texts"}
     cols = [c for c in ("nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                         "rmean") if c in row]
     n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts") if k in row)
-    print(format_table(with_intervals([row], counts), ["task", *cols], decimals=1,
+    print(format_table(with_intervals([row], INTERVAL_COUNTS), ["task", *cols], decimals=1,
                        title=f"{args.model_dir} on {args.shards} ({n} samples)"))
     print(INTERVAL_NOTE)
     if args.json:

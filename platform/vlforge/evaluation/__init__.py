@@ -30,6 +30,7 @@ from vlforge.evaluation.classification import accuracy
 from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.latency import growth, latency_table
 from vlforge.evaluation.report import (
+    INTERVAL_COUNTS,
     INTERVAL_NOTE,
     format_table,
     mean_std,
@@ -50,5 +51,5 @@ from vlforge.evaluation.retrieval import (
 __all__ = [
     "RERANK_OFFSET", "accuracy", "caption_positives", "evaluate_retrieval", "format_table", "growth",
     "latency_table", "load_eval_set", "mean_std", "plot_latency", "plot_results", "recall_at_k",
-    "student_scores", "teacher_scores", "INTERVAL_NOTE", "wilson_interval", "with_intervals",
+    "student_scores", "teacher_scores", "INTERVAL_COUNTS", "INTERVAL_NOTE", "wilson_interval", "with_intervals",
 ]

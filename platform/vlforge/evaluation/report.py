@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["format_table", "mean_std", "plot_latency", "plot_results", "wilson_interval", "with_intervals",
-           "INTERVAL_NOTE"]
+           "INTERVAL_COUNTS", "INTERVAL_NOTE"]
 
 MISSING = "-"
 LATENCY_SERIES = (
@@ -148,6 +148,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
     return float(arr.mean()), std
 
+
+# metric -> the row key of its sample count (rows of evaluate_retrieval / accuracy as the jobs build them)
+INTERVAL_COUNTS = {"nlvr2_acc": "nlvr2_n", "vqa_acc": "vqa_n", "i2t_r1": "n_images", "t2i_r1": "n_texts"}
 
 INTERVAL_NOTE = ("± = half the width of the Wilson 95 % interval of a binomial proportion over the "
                  "split's evaluation samples")

@@ -27,11 +27,12 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlforge.config import DataConfig, TrainRunConfig
+from vlforge.evaluation.validation import RetrievalValidator
 
 
 @dataclass
@@ -60,39 +61,18 @@ def checkpoint_steps(cfg: TrainRunConfig) -> list[int]:
 
 
 @dataclass
-class _Scorer:
-    """Retrieval R@1 (percent) with ITC embeddings on one decoded shard set; picklable (decodes on first use)."""
-
-    shards: str
-    data: DataConfig
-    max_samples: int
-    _set: Any = field(default=None, init=False, repr=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_set": None}
-
-    def __call__(self, model) -> tuple[float, float]:
-        from vlforge.evaluation.data import load_eval_set
-        from vlforge.evaluation.retrieval import evaluate_retrieval
-
-        if self._set is None:
-            self._set = load_eval_set(self.shards, self.data, task="captions", max_samples=self.max_samples)
-        out = evaluate_retrieval(model, self._set, "student")
-        return float(out["i2t_r1"]), float(out["t2i_r1"])
-
-
-@dataclass
 class CurveValidator:
     """Rank 0's validator in the platform run: scores the model and appends a row to ``path``."""
 
-    scorer: _Scorer
+    scorer: RetrievalValidator  # retrieval on the scoring set, decoded once per process
     path: str
     t0: float  # driver's time.time() when run_training was called
     scoring_s: float = 0.0
 
     def __call__(self, model) -> dict[str, float]:
         start = time.time()
-        i2t, t2i = self.scorer(model)
+        scores = self.scorer(model)
+        i2t, t2i = scores["val_i2t_r1"], scores["val_t2i_r1"]
         row = {"seconds": start - self.t0 - self.scoring_s, "i2t_r1": i2t, "t2i_r1": t2i}
         self.scoring_s += time.time() - start
         with open(self.path, "a") as fh:
@@ -105,7 +85,7 @@ def global_batch(cfg: TrainRunConfig, stage) -> int:
     return data.batch_size * cfg.num_workers * cfg.deepspeed.grad_accum
 
 
-def platform_curve(cfg: TrainRunConfig, scorer: _Scorer, work: Path) -> list[CurvePoint]:
+def platform_curve(cfg: TrainRunConfig, scorer: RetrievalValidator, work: Path) -> list[CurvePoint]:
     from vlforge.train.runner import run_training
 
     path = work / "platform_curve.jsonl"
@@ -129,7 +109,8 @@ def _samples(cfg: TrainRunConfig, global_step: int) -> int:
     return total
 
 
-def torch_curve(cfg: TrainRunConfig, scorer: _Scorer, log: Callable[[str], None] = print) -> list[CurvePoint]:
+def torch_curve(cfg: TrainRunConfig, scorer: RetrievalValidator,
+                log: Callable[[str], None] = print) -> list[CurvePoint]:
     """The same stages in one process with plain torch; see the module docstring."""
     import torch
 
@@ -177,7 +158,8 @@ def torch_curve(cfg: TrainRunConfig, scorer: _Scorer, log: Callable[[str], None]
                 s0 = time.perf_counter()
                 model.eval()
                 with torch.no_grad():
-                    i2t, t2i = scorer(model)
+                    scores = scorer(model)
+                i2t, t2i = scores["val_i2t_r1"], scores["val_t2i_r1"]
                 task.module.train()
                 scoring += time.perf_counter() - s0
                 points.append(CurvePoint("torch", global_step, seconds, _samples(cfg, global_step), i2t, t2i))
@@ -264,7 +246,7 @@ def bench_learning(cfg: TrainRunConfig, *, eval_shards: str, data: DataConfig, e
                    max_samples: int, work: Path, systems: tuple[str, ...] = ("platform", "torch"),
                    log: Callable[[str], None] = print) -> dict[str, list[CurvePoint]]:
     cfg = dataclasses.replace(cfg, checkpoint_every=eval_every, keep_checkpoints=1)
-    scorer = _Scorer(eval_shards, data, max_samples)
+    scorer = RetrievalValidator(eval_shards, data, max_samples=max_samples)
     work.mkdir(parents=True, exist_ok=True)
     curves: dict[str, list[CurvePoint]] = {}
     if "platform" in systems:

@@ -379,13 +379,12 @@ def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
 
 RESULT_COLUMNS = ["model", "split", "nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10",
                   "t2i_r1", "t2i_r5", "t2i_r10", "rmean"]
-INTERVAL_COUNTS = {"nlvr2_acc": "nlvr2_n", "vqa_acc": "vqa_n", "i2t_r1": "n_images", "t2i_r1": "n_texts"}
 LATENCY_COLUMNS = ["n", "teacher_s", "teacher_extrapolated", "student_s", "student_cached_s", "speedup",
                    "speedup_cached"]
 
 
 def report(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> str:
-    from vlforge.evaluation import INTERVAL_NOTE, format_table, growth, with_intervals
+    from vlforge.evaluation import INTERVAL_COUNTS, INTERVAL_NOTE, format_table, growth, with_intervals
 
     present = [c for c in RESULT_COLUMNS if any(c in r for r in rows)]
     text = format_table(with_intervals(rows, INTERVAL_COUNTS), present, decimals=1,
