@@ -105,7 +105,10 @@ def test_two_stage_job_across_nodes_survives_a_node_kill(ray_cluster, corpus, ml
     assert killed["worker_nodes"] == 2, "STRICT_SPREAD put both workers on one node"
     assert resume["stage"] == "vl_concepts" and resume["weights_match"] is True
     assert resume["step"] % every == 0 and resume["lost_steps"] is not None and resume["lost_steps"] <= every
-    assert state["global_step"] == 16  # both teacher stages, 8 steps each, none skipped
+    from vlforge.config import TwoStageConfig, load
+
+    stages = load(TwoStageConfig, str(REPO / "jobs/configs/two_stage_smoke.yaml"), []).teacher.pretrain
+    assert state["global_step"] == 8 * len(stages)  # every teacher stage, 8 steps each, none skipped
     assert f"{name}.teacher-pretrain] 2 workers on 2 node(s)" in log
     for text in ("Evaluation (percent", "student-distilled", f"registered {model}"):
         assert text in log, text
