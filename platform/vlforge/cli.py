@@ -166,6 +166,9 @@ def cmd_eval(args) -> int:
     print(format_table(with_intervals([row], INTERVAL_COUNTS), ["task", *cols], decimals=1,
                        title=f"{args.model_dir} on {args.shards} ({n} samples)"))
     print(INTERVAL_NOTE)
+    if row.get("vqa_metric") == "vqav2":
+        print("VQA: the VQAv2 metric, min(1, annotators who gave the predicted answer / 3), averaged; "
+              "its interval treats each question as one trial.")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(row, fh, indent=1)

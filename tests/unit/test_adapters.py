@@ -2,8 +2,10 @@
 
 import io
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from vlforge.cli import main
@@ -18,7 +20,9 @@ from vlforge.data.adapters import (
     parse_label,
 )
 from vlforge.data.ingest import IngestError
+from vlforge.data.pipeline import answer_targets
 from vlforge.data.shards import iter_samples, list_shards, read_manifest
+from vlforge.evaluation.classification import accuracy
 from vlforge.evaluation.data import load_eval_set
 
 pytestmark = pytest.mark.unit
@@ -155,6 +159,28 @@ def test_karpathy_keeps_splits_and_filters(tmp_path, imgs):
     assert ev["input_ids"].shape[0] == 4
 
 
+def test_karpathy_sets_are_scored_with_the_coco_protocol(tmp_path, imgs):
+    from vlforge.evaluation.retrieval import recall_at_k, retrieval_texts
+
+    ingest_karpathy(_karpathy(tmp_path, imgs), imgs, tmp_path / "all")
+    ev = load_eval_set(str(tmp_path / "all"), DATA, task="captions")
+    assert ev["caption_image"].tolist() == [0, 0, 0, 1, 2, 3]  # "one", "two", "three"; then one caption each
+    assert torch.equal(ev["caption_input_ids"][0], ev["input_ids"][0])
+    assert not torch.equal(ev["caption_input_ids"][1], ev["input_ids"][0])
+    ids, mask, positives = retrieval_texts(ev)
+    assert ids.shape[0] == mask.shape[0] == 6 and positives.shape == (4, 6)
+    assert positives.sum(dim=1).tolist() == [3, 1, 1, 1] and positives.sum(dim=0).tolist() == [1] * 6
+    # Image 0 ranks its third caption first: an i2t hit at 1. Caption 1 ("two") ranks image 3 first: a t2i miss.
+    scores = torch.zeros(4, 6)
+    scores[0, :3] = torch.tensor([0.1, 0.2, 0.9])
+    scores[1, 3] = scores[2, 4] = scores[3, 5] = 1.0
+    scores[3, 1] = 0.95
+    r = recall_at_k(scores, positives, ks=(1,))
+    assert r["i2t_r1"] == 100.0 and r["t2i_r1"] == pytest.approx(100 * 5 / 6)
+    only = load_eval_set(str(tmp_path / "all"), DATA, task="captions", max_samples=2)
+    assert only["caption_image"].tolist() == [0, 0, 0, 1]
+
+
 # ----------------------------------------------------------------------------- VQAv2
 
 
@@ -216,6 +242,77 @@ def test_vqav2_samples_scores_vocabulary_and_decoding(tmp_path, imgs):
     assert json.loads((tmp_path / "shared" / "answers.json").read_text()) == vocab
     rep = ingest_vqav2(q, a, imgs, tmp_path / "named", image_name=lambda i: f"COCO_val2014_{i:012d}.jpg")
     assert rep.written == 4
+
+
+class _Answers(torch.nn.Module):
+    """Predicts a fixed answer index per row (the row's position in ``picks``)."""
+
+    def __init__(self, picks: list[int], n_answers: int):
+        super().__init__()
+        self.picks, self.n_answers = picks, n_answers
+
+    def forward(self, task, pixel_values, input_ids, attention_mask, pixel_values_2=None):
+        logits = torch.zeros(len(input_ids), self.n_answers)  # [B, A]
+        logits[torch.arange(len(input_ids)), torch.tensor(self.picks[: len(input_ids)])] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_vqav2_soft_targets_feed_the_vqav2_metric_and_bce(tmp_path, imgs):
+    q, a = _vqa(tmp_path, imgs)
+    out = tmp_path / "vqa"
+    ingest_vqav2(q, a, imgs, out)
+    vocab = json.loads((out / "answers.json").read_text())  # ["no", "2", "yes", "two", "3"]
+    ev = load_eval_set(str(out), DATA, task="vqa")
+    t = ev["answer_targets"]
+    assert t.shape == (4, len(vocab)) and t.dtype == torch.float32
+    # question 102: "yes" once, "no" nine times
+    assert t[1, vocab.index("no")] == 1.0 and t[1, vocab.index("yes")] == pytest.approx(1 / 3)
+    assert t[1].sum() == pytest.approx(4 / 3)
+    # Predict "yes" for 102 (1/3), "2" for 101 (1), "no" for 201 (0) and for 103 (1): mean 7/12.
+    picks = [vocab.index("2"), vocab.index("yes"), vocab.index("no"), vocab.index("no")]
+    scored = accuracy(_Answers(picks, len(vocab)), "vqa", ev)
+    assert scored["metric"] == "vqav2" and scored["n"] == 4
+    assert scored["acc"] == pytest.approx(100 * (1 + 1 / 3 + 0 + 1) / 4)
+    exact = accuracy(_Answers(picks, len(vocab)), "vqa", {k: v for k, v in ev.items() if k != "answer_targets"})
+    assert exact["metric"] == "exact" and exact["acc"] == pytest.approx(100 * 2 / 4)  # 101 and 103 match answer_id
+
+    # min_answer_count=2 drops rare answers from the vocabulary, and from the targets with them.
+    ingest_vqav2(q, a, imgs, tmp_path / "min2", min_answer_count=2)
+    small = load_eval_set(str(tmp_path / "min2"), DATA, task="vqa")["answer_targets"]
+    assert small.shape == (4, 1) and small[:, 0].tolist() == pytest.approx([0.0, 1.0, 0.0, 1.0])
+
+
+def test_answer_targets_without_scores_are_one_hot():
+    index = {"no": 0, "yes": 1}
+    t = answer_targets([{"yes": 1 / 3, "no": 1.0, "maybe": 1.0}, None, None], [0, 1, -100], index)
+    assert t.ravel().tolist() == pytest.approx([1.0, 1 / 3, 0.0, 1.0, 0.0, 0.0])
+
+
+def test_fusion_finetune_uses_bce_and_the_vqa_score_on_soft_targets():
+    from vlforge.models.distill import FusionFinetuneTask
+    from vlforge.objectives.distillation import multilabel_bce
+
+    class Head(torch.nn.Module):
+        heads = {"vqa": 3}
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 3.0]]))
+
+        def forward(self, task, pixel_values, input_ids, attention_mask, pixel_values_2=None):
+            return SimpleNamespace(logits=self.w)
+
+    task = FusionFinetuneTask.__new__(FusionFinetuneTask)
+    torch.nn.Module.__init__(task)
+    task.model, task.task, task.weight = Head(), "vqa", 1.0
+    targets = torch.tensor([[1 / 3, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    batch = {"pixel_values": None, "input_ids": None, "attention_mask": None, "answer_id": torch.tensor([1, 2]),
+             "answer_targets": targets}
+    out = task(batch)
+    assert out["hard"].item() == pytest.approx(multilabel_bce(task.model.w, targets).item())
+    assert out["acc"].item() == pytest.approx((1 / 3 + 1.0) / 2)  # argmaxes 0 and 2
+    out["loss"].backward()
+    assert task.model.w.grad is not None
 
 
 def test_vqav2_structure_errors(tmp_path, imgs):

@@ -197,7 +197,7 @@ def test_accuracy_nlvr2():
     preds = torch.tensor([0, 1, 0, 0, 1])
     model = FakePairModel(nn.functional.one_hot(preds, 2).float())
     ev = {**_indexed_set(5), "label": torch.tensor([0, 1, 1, 0, 1])}
-    assert accuracy(model, "nlvr2", ev, batch_size=2) == {"acc": 80.0, "n": 5}
+    assert accuracy(model, "nlvr2", ev, batch_size=2) == {"acc": 80.0, "n": 5, "metric": "exact"}
     assert model.calls == [("nlvr2", 2), ("nlvr2", 2), ("nlvr2", 1)]
     del ev["pixel_values_2"]
     with pytest.raises(KeyError, match="pixel_values_2"):
@@ -208,7 +208,7 @@ def test_accuracy_vqa_counts_unknown_answers_wrong():
     preds = torch.tensor([3, 1, 0, 2])
     model = FakePairModel(nn.functional.one_hot(preds, 4).float())
     ev = {**_indexed_set(4), "answer_id": torch.tensor([3, 1, -100, 0])}
-    assert accuracy(model, "vqa", ev, batch_size=3) == {"acc": 50.0, "n": 4}
+    assert accuracy(model, "vqa", ev, batch_size=3) == {"acc": 50.0, "n": 4, "metric": "exact"}
     with pytest.raises(ValueError, match="task"):
         accuracy(model, "itm", ev)
 

@@ -6,6 +6,7 @@
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=64):
         batch["pixel_values"]    # [B, 3, H, W] float32, normalised
         batch["input_ids"]       # [B, T] int64; batch["attention_mask"] [B, T]
+        batch["answer_targets"]  # VQAv2-style shards only: [B, A] float32, min(1, count / 3) per answer
     counters.snapshot()          # {"read": ..., "ok": ..., "skipped.corrupt_image": ...}
 
 Reading uses Ray Data's WebDataset datasource (file listing, S3 through s3fs,
@@ -258,6 +259,19 @@ def _tokenizer(name: str, max_length: int, lowercase: bool):
     return load_tokenizer(TokenizerConfig(name=name, max_length=max_length, lowercase=lowercase))
 
 
+def tokenize(texts: list[str], cfg: TokenizerConfig) -> dict[str, np.ndarray]:
+    """``{"input_ids", "attention_mask"}`` ``[N, T]`` for ``texts``, with the pipeline's cached tokenizer."""
+    return _tokenizer(cfg.name, cfg.max_length, cfg.lowercase)(texts)
+
+
+def caption_list(meta: dict[str, Any]) -> list[str]:
+    """A sample's captions from its metadata (``captions``, as the COCO / Karpathy adapters write), or []."""
+    caps = meta.get("captions")
+    if not isinstance(caps, list):
+        return []
+    return [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+
+
 def _as_bytes(v: Any) -> bytes | None:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return None
@@ -272,8 +286,10 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
     n = len(batch["key"])
     size = image.size
     answer_index = {a: i for i, a in enumerate(answers or [])}
-    imgs, imgs2, texts, keys, labels, answer_ids = [], [], [], [], [], []
+    imgs, imgs2, texts, keys, labels, answer_ids, scores = [], [], [], [], [], [], []
     skipped: dict[str, int] = {}
+
+    rng = np.random.default_rng()
 
     def skip(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
@@ -306,6 +322,10 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
             except (ValueError, UnicodeDecodeError):
                 skip("bad_json")
                 continue
+        if train and task == "captions":
+            caps = caption_list(meta)
+            if len(caps) > 1:  # one of the image's captions per epoch (COCO-style samples carry several)
+                text = caps[int(rng.integers(len(caps)))]
         if task == "vqa" and "answer" not in meta:
             skip("missing_field")
             continue
@@ -325,6 +345,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
         keys.append(str(batch["key"][i]))
         if task == "vqa":
             answer_ids.append(answer_index.get(str(meta["answer"]), -100))
+            scores.append(meta.get("answer_scores") if isinstance(meta.get("answer_scores"), dict) else None)
         if task == "nlvr":
             labels.append(int(bool(meta["label"])))
 
@@ -337,7 +358,6 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
         # Arrow tensors (Ray falls back to pickled objects and the schemas then differ).
         return {}
     tok = _tokenizer(tokenizer.name, tokenizer.max_length, tokenizer.lowercase)
-    rng = np.random.default_rng()
     stack = np.stack(imgs)
     if train and image.augment:
         stack = augment(stack, image, rng)
@@ -351,6 +371,26 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
         out["label"] = np.array(labels, dtype=np.int64)
     if task == "vqa":
         out["answer_id"] = np.array(answer_ids, dtype=np.int64)
+        if any(s is not None for s in scores):
+            out["answer_targets"] = answer_targets(scores, answer_ids, answer_index)
+    return out
+
+
+def answer_targets(scores: list[dict[str, float] | None], answer_ids: list[int],
+                   answer_index: dict[str, int]) -> np.ndarray:
+    """VQAv2 soft targets ``[B, A]`` float32: each vocabulary answer's ``min(1, count / 3)`` score
+    (``answer_scores`` written by the VQAv2 adapter; answers outside the vocabulary are dropped).
+    A row without scores gets a one-hot of its ``answer_id`` (none when that is -100)."""
+    out = np.zeros((len(answer_ids), len(answer_index)), dtype=np.float32)  # [B, A]
+    for i, (row, aid) in enumerate(zip(scores, answer_ids)):
+        if row is None:
+            if aid >= 0:
+                out[i, aid] = 1.0
+            continue
+        for answer, score in row.items():
+            j = answer_index.get(str(answer))
+            if j is not None:
+                out[i, j] = float(score)
     return out
 
 

@@ -9,7 +9,10 @@
 returning an object with ``.logits`` [B, C]: a ``FusionTeacher`` or a
 ``DualEncoderStudent``. The prediction is the argmax class. NLVR2 compares it with
 ``label``; VQA with ``answer_id``, where -100 (an answer outside the vocabulary)
-always counts as wrong.
+always counts as wrong. When the set carries ``answer_targets`` (VQAv2 shards with ten
+answers per question) VQA uses the VQAv2 metric instead: a prediction scores
+``min(1, humans who gave it / 3)``, averaged (the common form of the metric, without the
+official average over the ten 9-of-10 annotator subsets), and ``metric`` says which was used.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ __all__ = ["accuracy"]
 
 def accuracy(model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str, Tensor],
              batch_size: int = 64) -> dict[str, float]:
-    """``{"acc": percent correct, "n": samples}`` of ``model``'s argmax predictions on ``eval_set``."""
+    """``{"acc": percent correct (or mean VQAv2 score), "n": samples, "metric": "exact" | "vqav2"}`` of
+    ``model``'s argmax predictions on ``eval_set``."""
     task = "nlvr2" if task == "nlvr" else task
     if task not in TARGET_KEYS:
         raise ValueError(f"task must be one of {tuple(TARGET_KEYS)}, got {task!r}")
@@ -38,6 +42,7 @@ def accuracy(model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str
     if missing:
         raise KeyError(f"eval set for {task} lacks {missing}")
     targets = eval_set[target_key].long().cpu()  # [N]
+    soft = eval_set.get("answer_targets") if task == "vqa" else None  # [N, A] VQAv2 scores
     n = len(targets)
     if n == 0:
         raise ValueError("empty eval set")
@@ -48,5 +53,9 @@ def accuracy(model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str
             pv2 = eval_set["pixel_values_2"][s].to(dev) if task == "nlvr2" else None
             logits = model(task, eval_set["pixel_values"][s].to(dev), eval_set["input_ids"][s].to(dev),
                            eval_set["attention_mask"][s].to(dev), pixel_values_2=pv2).logits  # [B, C]
-            correct += int((logits.argmax(dim=-1).cpu() == targets[s]).sum())
-    return {"acc": 100.0 * correct / n, "n": n}
+            pred = logits.argmax(dim=-1).cpu()  # [B]
+            if soft is not None:
+                correct += float(soft[s].float().gather(1, pred[:, None]).sum())
+            else:
+                correct += int((pred == targets[s]).sum())
+    return {"acc": 100.0 * correct / n, "n": n, "metric": "vqav2" if soft is not None else "exact"}

@@ -6,12 +6,18 @@
     test["pixel_values"]   # [N, 3, H, W] float32, normalised
     test["input_ids"]      # [N, T] int64; "attention_mask" [N, T]; "sample_id" [N]
     vqa["answer_id"]       # [N] (-100: answer not in answers.json); nlvr: "pixel_values_2", "label"
+    coco["caption_input_ids"]  # samples with several captions (COCO, Karpathy): every caption, [M, T],
+    coco["caption_image"]      # and the image each belongs to, [M]; "caption_attention_mask" [M, T]
 
 Reading is single-process on the driver (``iter_samples`` over ``list_shards``, no
 Ray), so the order is the shards' order and then the samples' order inside each
 shard, and two loads give identical tensors. Decoding is the training pipeline's
 ``decode_batch`` with ``train=False``: no augmentation, and bad samples are dropped
-the same way (they do not count towards ``max_samples``).
+the same way (they do not count towards ``max_samples``). ``input_ids`` is each
+sample's first caption; when any sample carries a ``captions`` list (the COCO and
+Karpathy adapters write one per image), every caption is also returned, so that
+retrieval can follow the COCO protocol (each caption a query; an image hits when
+any of its captions is retrieved).
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ from vlforge.config import DataConfig
 from vlforge.data.pipeline import (
     RAW_COLUMNS,
     TASK_KINDS,
+    caption_list,
     decode_batch,
     detect_task,
     find_answers,
     finish_pixels,
     raw_row,
+    sample_id,
+    tokenize,
 )
 from vlforge.data.shards import iter_samples, list_shards
 
@@ -65,6 +74,7 @@ def load_eval_set(shards: str, data: DataConfig, task: str | None = None,
         raise FileNotFoundError(f"{shards}: VQA shards need an answers.json beside them (or one level up)")
 
     parts: list[dict[str, np.ndarray]] = []
+    captions: dict[int, list[str]] = {}
     kept = 0
     rows: list[dict[str, Any]] = []
 
@@ -84,6 +94,8 @@ def load_eval_set(shards: str, data: DataConfig, task: str | None = None,
     for url in list_shards(shards, data.storage):
         for sample in iter_samples(url, data.storage):
             rows.append(raw_row(sample, url))
+            if task == "captions":
+                _note_captions(rows[-1], captions)
             # Near the limit, decode smaller chunks so that few rows are decoded only to be dropped.
             want = data.decode_batch_size
             if max_samples is not None:
@@ -101,4 +113,39 @@ def load_eval_set(shards: str, data: DataConfig, task: str | None = None,
     batch = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
     if max_samples is not None:
         batch = {k: v[:max_samples] for k, v in batch.items()}
+    if captions:
+        batch.update(_all_captions(batch, captions, data))
     return finish_pixels(batch, data.image)
+
+
+def _note_captions(row: dict[str, Any], out: dict[int, list[str]]) -> None:
+    import json
+
+    if row["json"] is None:
+        return
+    try:
+        meta = json.loads(row["json"])
+    except (ValueError, UnicodeDecodeError):
+        return
+    caps = caption_list(meta) if isinstance(meta, dict) else []
+    if caps:
+        out[sample_id(row["key"])] = caps
+
+
+def _all_captions(batch: dict[str, Tensor], captions: dict[int, list[str]], data: DataConfig) -> dict[str, Tensor]:
+    """Every caption of every kept sample (its own caption when it has no list), tokenised, with its image."""
+    first = batch["input_ids"]
+    ids, masks, owner = [], [], []
+    for i, sid in enumerate(batch["sample_id"].tolist()):
+        caps = captions.get(sid)
+        if caps:
+            tok = tokenize(caps, data.tokenizer)
+            ids.append(torch.from_numpy(tok["input_ids"]))
+            masks.append(torch.from_numpy(tok["attention_mask"]))
+        else:
+            ids.append(first[i : i + 1])
+            masks.append(batch["attention_mask"][i : i + 1])
+        owner.append(torch.full((len(ids[-1]),), i, dtype=torch.int64))
+    return {"caption_input_ids": torch.cat(ids).to(first.dtype),
+            "caption_attention_mask": torch.cat(masks).to(batch["attention_mask"].dtype),
+            "caption_image": torch.cat(owner)}

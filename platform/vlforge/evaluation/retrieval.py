@@ -19,7 +19,10 @@ each text column.
 
 The built-in corpus repeats captions (two scenes can have the same caption), so
 the positives of an image are every text whose tokens equal its own caption's
-(:func:`caption_positives`), not just the diagonal.
+(:func:`caption_positives`), not just the diagonal. Sets whose samples carry several
+captions (COCO, Flickr30k through the Karpathy adapter) follow the COCO protocol
+instead: every caption is a text, its positives are exactly its own image, and an
+image hits at k when any of its captions is among its k best texts.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from vlforge.evaluation._common import (
 )
 
 __all__ = [
-    "RERANK_OFFSET", "caption_positives", "evaluate_retrieval", "recall_at_k", "student_scores", "teacher_scores",
+    "RERANK_OFFSET", "caption_positives", "evaluate_retrieval", "recall_at_k", "retrieval_texts", "student_scores",
+    "teacher_scores",
 ]
 
 # Added to ITM probabilities (in [0, 1]) so that re-scored pairs rank above every
@@ -88,6 +92,18 @@ def caption_positives(input_ids: Tensor) -> Tensor:
     """
     _, group = torch.unique(input_ids, dim=0, return_inverse=True)  # [N]
     return group[:, None] == group[None, :]  # [N, N]
+
+
+def retrieval_texts(eval_set: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The texts of a captions eval set and which image each belongs to: ``(input_ids [Nt, T],
+    attention_mask [Nt, T], positives [Ni, Nt] bool)``. Every caption (``caption_input_ids``, owned by
+    ``caption_image``) when the set has several per image, else one per image with repeated captions
+    shared (:func:`caption_positives`)."""
+    if "caption_input_ids" in eval_set:
+        owner = eval_set["caption_image"].long()  # [Nt]
+        positives = torch.arange(len(eval_set["pixel_values"]))[:, None] == owner[None, :]  # [Ni, Nt]
+        return eval_set["caption_input_ids"], eval_set["caption_attention_mask"], positives
+    return eval_set["input_ids"], eval_set["attention_mask"], caption_positives(eval_set["input_ids"])
 
 
 def student_scores(student: nn.Module, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
@@ -145,14 +161,19 @@ def teacher_scores(teacher: nn.Module, pixel_values: Tensor, input_ids: Tensor, 
 
 def evaluate_retrieval(model: nn.Module, eval_set: dict[str, Tensor], kind: Literal["teacher", "student"],
                        rerank_k: int = 16, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K of ``model`` on a captions eval set (image i's caption is text i); adds ``n_images``, ``n_texts``."""
-    args = (eval_set["pixel_values"], eval_set["input_ids"], eval_set["attention_mask"])
+    """Recall@K of ``model`` on a captions eval set; adds ``n_images``, ``n_texts``.
+
+    Texts are the set's ``caption_input_ids`` when it has them (several captions per image; positives
+    by ``caption_image``), else one caption per image (positives by :func:`caption_positives`).
+    """
+    ids, mask, positives = retrieval_texts(eval_set)
+    args = (eval_set["pixel_values"], ids, mask)
     if kind == "teacher":
         scores = teacher_scores(model, *args, rerank_k=rerank_k, batch_size=batch_size)
     elif kind == "student":
         scores = student_scores(model, *args, batch_size=batch_size)
     else:
         raise ValueError(f"kind must be 'teacher' or 'student', got {kind!r}")
-    out = recall_at_k(scores, caption_positives(eval_set["input_ids"]), ks)
+    out = recall_at_k(scores, positives, ks)
     out.update(n_images=scores.shape[0], n_texts=scores.shape[1])
     return out

@@ -52,4 +52,6 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
                              f"score a fine-tuned (fusion) or distilled model on {task} shards")
         scored = accuracy(model, t, ev, batch_size=batch_size)
         row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
+        if scored.get("metric") == "vqav2":
+            row["vqa_metric"] = "vqav2"
     return row

@@ -201,8 +201,9 @@ class DistillationTask(nn.Module):
 
     VQA soft labels follow how the teacher was trained: softmax KL for a single-answer
     teacher (cross-entropy on ``answer_id``, the built-in corpus), or, with
-    ``multilabel_vqa=True``, BCE against the teacher's sigmoid scores (VQAv2-style
-    multi-answer targets, as VLMo and DiDE train it).
+    ``multilabel_vqa=True`` or on batches that carry ``answer_targets`` (VQAv2-style
+    multi-answer shards, on which ``FusionFinetuneTask`` trains the teacher with BCE, as
+    VLMo and DiDE do), BCE against the teacher's sigmoid scores.
 
     The teacher's parameters have ``requires_grad=False``, it runs under ``no_grad``, and
     it stays in eval mode whatever ``train()`` is called on the task.
@@ -271,7 +272,7 @@ class DistillationTask(nn.Module):
             if "soft" in w:
                 terms["soft"] = (
                     soft_label_bce(s.logits, t.logits)
-                    if task == "vqa" and self.multilabel_vqa
+                    if task == "vqa" and (self.multilabel_vqa or "answer_targets" in batch)
                     else soft_label_kl(s.logits, t.logits, self.temperature)
                 )
             if "attn" in w:
@@ -339,7 +340,9 @@ def task_targets(task: str, batch: dict[str, Tensor]) -> Tensor:
 
 
 class FusionFinetuneTask(nn.Module):
-    """Fine-tunes a ``FusionTeacher`` on ``vqa`` or ``nlvr2`` with cross-entropy on the ground truth."""
+    """Fine-tunes a ``FusionTeacher`` on ``vqa`` or ``nlvr2`` on the ground truth: cross-entropy on the class
+    id, or for VQA batches with ``answer_targets`` (VQAv2 soft scores) multi-label BCE; ``acc`` is then the
+    VQA score of the argmax answer."""
 
     def __init__(self, model: FusionTeacher, task: str, weight: float = 1.0) -> None:
         super().__init__()
@@ -351,7 +354,12 @@ class FusionFinetuneTask(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.model(self.task, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                          batch.get("pixel_values_2"))
-        target = task_targets(self.task, batch)
-        hard = F.cross_entropy(out.logits, target, ignore_index=-100)
-        acc = (out.logits.argmax(-1) == target).float().mean()
+        if self.task == "vqa" and "answer_targets" in batch:
+            targets = batch["answer_targets"]  # [B, A], VQAv2 soft scores
+            hard = multilabel_bce(out.logits, targets)
+            acc = targets.gather(1, out.logits.argmax(-1, keepdim=True)).float().mean()  # VQA score of the argmax
+        else:
+            target = task_targets(self.task, batch)
+            hard = F.cross_entropy(out.logits, target, ignore_index=-100)
+            acc = (out.logits.argmax(-1) == target).float().mean()
         return {"loss": self.weight * hard, "hard": hard.detach(), "acc": acc.detach()}

@@ -353,6 +353,8 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
                 else:
                     scored = accuracy(model, t, sets[t], batch_size=cfg.eval.batch_size)
                     row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
+                    if scored.get("metric") == "vqav2":
+                        row["vqa_metric"] = "vqav2"
             rows.append(row)
             log(f"   eval {label} {split}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
                                                         if isinstance(v, float)))
