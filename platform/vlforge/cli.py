@@ -8,7 +8,8 @@
     vlforge data stream URI          # stream it through Ray Data and print what arrives
     vlforge sweep sweeps/distill_weights_smoke.yaml [--set search.num_samples=8]
     vlforge promote [--dry-run] [--rollback]   # challenger -> champion, gated on a fresh evaluation
-    vlforge eval MODEL_DIR SHARDS [--max-samples 1000]   # score a model directory on a shard set
+    vlforge eval MODEL_DIR|NAME@ALIAS SHARDS [--max-samples 1000]   # score a model on a shard set
+    vlforge register MODEL_DIR --name NAME [--eval SHARDS]   # register an export, tagged with its evaluation
 
 Run ``vlforge <command> --help`` for each command's options. S3 endpoints come
 from ``--s3-endpoint`` or ``VLFORGE_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL``; keys only
@@ -158,8 +159,10 @@ def cmd_eval(args) -> int:
 
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError("--max-samples must be >= 1")
-    row = score_model_dir(args.model_dir, args.shards, max_samples=args.max_samples, rerank_k=args.rerank_k,
-                          batch_size=args.batch_size, storage=_storage(args))
+    with _model_source(args.model_dir, args.tracking_uri) as (model_dir, data):
+        row = score_model_dir(model_dir, args.shards, max_samples=args.max_samples, rerank_k=args.rerank_k,
+                              batch_size=args.batch_size, storage=_storage(args), data=data)
+    row["model"] = args.model_dir
     cols = [c for c in ("nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                         "rmean") if c in row]
     n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts") if k in row)
@@ -172,6 +175,84 @@ def cmd_eval(args) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(row, fh, indent=1)
+    if args.mlflow_experiment:
+        run_id = _log_eval_run(row, args.mlflow_experiment, args.tracking_uri)
+        print(f"logged to MLflow run {run_id} (experiment {args.mlflow_experiment})")
+    return 0
+
+
+def _model_source(model: str, tracking_uri: str | None):
+    """A context giving ``(model_dir, data)``: a directory as it is (data None: the model's own sizes),
+    or a registered ``NAME@ALIAS`` downloaded to a temporary directory with the preprocessing it was
+    registered with."""
+    import contextlib
+    import os
+    import tempfile
+
+    @contextlib.contextmanager
+    def source():
+        if os.path.exists(model) or "@" not in model:
+            if not os.path.isdir(model):
+                raise FileNotFoundError(f"model directory not found: {model} (a registered model is NAME@ALIAS)")
+            yield model, None
+            return
+        from vlforge.tracking.registry import download_serving_dir, serving_preprocessing
+
+        name, alias = model.rsplit("@", 1)
+        with tempfile.TemporaryDirectory(prefix="vlforge-eval-") as tmp:
+            serving = download_serving_dir(name, alias, tracking_uri, tmp)
+            image, tokenizer = serving_preprocessing(serving)
+            yield str(serving), C.DataConfig(image=image, tokenizer=tokenizer)
+
+    return source()
+
+
+def _log_eval_run(row: dict, experiment: str, tracking_uri: str | None) -> str:
+    """A new MLflow run in ``experiment`` holding ``row``: its figures as metrics, the rest as params."""
+    from mlflow import MlflowClient
+
+    from vlforge.tracking.mlflow_tracker import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(C.TrackingConfig(tracking_uri=tracking_uri))
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+    if exp_id is None:
+        if exp is not None:
+            raise ValueError(f"MLflow experiment {experiment!r} is deleted; restore it or pick another name")
+        exp_id = client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=f"eval {row['model']}", tags={"vlforge.kind": "evaluation"})
+    try:
+        for k, v in row.items():
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, (int, float)):
+                client.log_metric(run.info.run_id, k, float(v))
+            else:
+                client.log_param(run.info.run_id, k, str(v)[:500])
+        client.log_dict(run.info.run_id, row, "eval.json")
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def cmd_register(args) -> int:
+    from vlforge.workflows.register import register_model_dir
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError("--max-samples must be >= 1")
+    tags = {}
+    for t in args.tag or []:
+        k, sep, v = t.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--tag takes KEY=VALUE, got {t!r}")
+        tags[k] = v
+    reg = register_model_dir(args.model_dir, args.name, alias=args.alias, evals=args.eval or [],
+                             max_samples=args.max_samples, rerank_k=args.rerank_k, tags=tags,
+                             tracking_uri=args.tracking_uri, experiment=args.experiment, storage=_storage(args))
+    print(reg.summary())
     return 0
 
 
@@ -280,15 +361,38 @@ def build_parser() -> argparse.ArgumentParser:
                                     "R@1/5/10 both ways, nlvr -> true/false accuracy, vqa -> VQA accuracy. Image "
                                     "size and text length come from the model. Prints the figures with binomial "
                                     "95 % intervals.")
-    ev.add_argument("model_dir", help="a model directory (model.json + weights)")
+    ev.add_argument("model_dir", help="a model directory (model.json + weights), or a registered NAME@ALIAS")
     ev.add_argument("shards", help="a shard set, local or s3://")
     ev.add_argument("--max-samples", type=int, default=None, help="score at most this many samples (default: all)")
     ev.add_argument("--rerank-k", type=int, default=0,
                     help="fusion models: re-rank the ITC top K with the ITM head (default 0: ITC only)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--json", metavar="PATH", help="also write the row as JSON")
+    ev.add_argument("--mlflow-experiment", metavar="NAME",
+                    help="also log the figures as a new run in this MLflow experiment")
+    ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     ev.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
     ev.set_defaults(fn=cmd_eval)
+
+    rg = sub.add_parser("register", help="register an exported model directory in the MLflow registry",
+                        description="Log a model directory (a training run's export/, a stage's model, a fine-tuned "
+                                    "teacher) as the right pyfunc (dual encoder for distill / vlmo / fusion, caption "
+                                    "for frozen / vcgpt), register a new version of NAME and point ALIAS at it. Each "
+                                    "--eval shard set is scored first and its figures become eval.<set>.<metric> "
+                                    "tags. Preprocessing comes from the directory's config.yaml when it has one.")
+    rg.add_argument("model_dir", help="a model directory (model.json + model.safetensors)")
+    rg.add_argument("--name", required=True, help="registered model name")
+    rg.add_argument("--alias", default="challenger", help="alias for the new version (default: challenger)")
+    rg.add_argument("--eval", action="append", metavar="[NAME=]SHARDS",
+                    help="score on this shard set first and tag the version with it (repeatable)")
+    rg.add_argument("--max-samples", type=int, default=None, help="score at most this many samples per set")
+    rg.add_argument("--rerank-k", type=int, default=0,
+                    help="vlmo / fusion retrieval: re-rank the ITC top K with the ITM head (default 0)")
+    rg.add_argument("--tag", action="append", metavar="KEY=VALUE", help="an extra version tag (repeatable)")
+    rg.add_argument("--experiment", default="vlforge", help="MLflow experiment of the registration run")
+    rg.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    rg.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    rg.set_defaults(fn=cmd_register)
 
     from vlforge.tracking.promotion import add_arguments
     from vlforge.tracking.promotion import run as run_promote
@@ -306,7 +410,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (C.ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (C.ConfigError, FileNotFoundError, LookupError, ValueError, RuntimeError) as exc:
         print(f"vlforge: error: {exc}", file=sys.stderr)
         return 2
 

@@ -111,9 +111,9 @@ def test_prepare_serving_dir_rejects_mismatches(student_dir, tmp_path):
         prepare_serving_dir(student_dir, DataConfig(image=ImageConfig(size=32)), tmp_path / "b")
     from vlforge.models.io import save_model_dir
 
-    fusion = save_model_dir({}, {"model": "vlmo_debug", "method": "fusion"}, tmp_path / "fusion")
-    with pytest.raises(ValueError, match="method 'distill'"):
-        prepare_serving_dir(fusion, _data(), tmp_path / "c")
+    vlkd = save_model_dir({}, {"model": "vlkd_debug", "method": "vlkd"}, tmp_path / "vlkd")
+    with pytest.raises(ValueError, match="method 'distill'.*got method 'vlkd'"):
+        prepare_serving_dir(vlkd, _data(), tmp_path / "c")
 
 
 def test_version_tags_alias(registered):

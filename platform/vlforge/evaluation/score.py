@@ -6,8 +6,8 @@
 The set's task comes from its manifest (``captions`` -> retrieval R@1/5/10 both ways,
 ``nlvr`` -> true/false accuracy, ``vqa`` -> VQA accuracy); image size and text length come
 from the model's own config, so no data settings are needed. Retrieval scores a bare VLMo or a
-student with ITC embeddings; a fine-tuned fusion model (``method: fusion``) re-ranks its ITC
-top ``rerank_k`` with its ITM head (0 = ITC only).
+student with ITC embeddings; a VLMo or a fine-tuned fusion model (``method: vlmo`` / ``fusion``)
+re-ranks its ITC top ``rerank_k`` with its ITM head (0 = ITC only).
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def _data_for(model, storage: StorageConfig | None) -> DataConfig:
 
 
 def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = None, rerank_k: int = 0,
-                    batch_size: int = 64, storage: StorageConfig | None = None) -> dict[str, Any]:
-    """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``."""
+                    batch_size: int = 64, storage: StorageConfig | None = None,
+                    data: DataConfig | None = None) -> dict[str, Any]:
+    """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``; ``data`` (image
+    and tokenizer settings) defaults to the model's own sizes with the default tokenizer."""
     from vlforge.data.pipeline import detect_task
     from vlforge.evaluation.classification import accuracy
     from vlforge.evaluation.data import load_eval_set
@@ -37,13 +39,16 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
     from vlforge.models.io import load_model_dir, read_spec
 
     spec = read_spec(model_dir)
+    if spec.get("method") not in ("vlmo", "fusion", "distill"):
+        raise ValueError(f"{model_dir}: a {spec.get('method')!r} model generates text; vlforge eval scores "
+                         "retrieval, true/false and VQA heads (methods vlmo, fusion, distill)")
     model = load_model_dir(model_dir)
     task = detect_task(shards, storage)
-    data = dataclasses.replace(_data_for(model, storage), shards=shards)
+    data = dataclasses.replace(data or _data_for(model, storage), shards=shards)
     ev = load_eval_set(shards, data, task=task, max_samples=max_samples)
     row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": task}
     if task == "captions":
-        kind = "teacher" if spec.get("method") == "fusion" and rerank_k > 0 else "student"
+        kind = "teacher" if spec.get("method") in ("fusion", "vlmo") and rerank_k > 0 else "student"
         row.update(evaluate_retrieval(model, ev, kind, rerank_k=rerank_k, batch_size=batch_size))
     else:
         t = "nlvr2" if task == "nlvr" else task

