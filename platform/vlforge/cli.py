@@ -3,7 +3,8 @@
     vlforge data build-corpus [--out data/corpus] [--set n_scenes=500]
     vlforge data ingest IMAGES_DIR CAPTIONS.csv|.jsonl --out DIR
     vlforge data ls URI              # a shard set, local or s3://
-    vlforge data verify URI          # sizes and sha256 against the manifest
+    vlforge data verify URI          # sizes and sha256 against the manifest (no manifest: read every shard)
+    vlforge data manifest URI        # write manifest.json for shards made elsewhere (img2dataset), as they are
     vlforge data upload DIR s3://bucket/prefix
     vlforge data stream URI          # stream it through Ray Data and print what arrives
     vlforge sweep sweeps/distill_weights_smoke.yaml [--set search.num_samples=8]
@@ -103,6 +104,21 @@ def cmd_verify(args) -> int:
     for p in problems:
         print(p)
     print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_manifest(args) -> int:
+    from vlforge.data.shards import write_manifest
+
+    manifest, scans = write_manifest(args.uri, _storage(args), task=args.task, force=args.force,
+                                     progress=None if args.quiet else print)
+    for sc in scans:
+        for line in sc.detail:
+            print(f"problem: {line}")
+    problems = manifest.params["scan_problems"]
+    print(f"wrote {args.uri.rstrip('/')}/manifest.json: {len(manifest.shards)} shard(s), "
+          f"{manifest.total_samples} samples, task {args.task}"
+          + (f"; problems: {', '.join(f'{k} {v}' for k, v in sorted(problems.items()))}" if problems else ""))
     return 1 if problems else 0
 
 
@@ -319,11 +335,26 @@ def build_parser() -> argparse.ArgumentParser:
     s3(ls)
     ls.set_defaults(fn=cmd_ls)
 
-    v = dsub.add_parser("verify", help="check shards against the manifest's sizes and sha256")
+    v = dsub.add_parser("verify", help="check shards against the manifest's sizes and sha256 (no manifest: read "
+                                       "every shard end to end and report what is wrong)")
     v.add_argument("uri")
     s3(v)
     v.set_defaults(fn=cmd_verify)
 
+    m = dsub.add_parser("manifest", help="write manifest.json for shards made elsewhere (img2dataset), as they are",
+                        description="Read every .tar under URI end to end (local or s3://) and write manifest.json "
+                                    "beside them: per shard its sample count, size and sha256, and the task. The "
+                                    "shards are not rewritten. Problems (unreadable tars, keys without an image or "
+                                    "caption, counts that disagree with img2dataset's *_stats.json) are printed and "
+                                    "counted in the manifest; the exit code is then 1. After this, 'vlforge data "
+                                    "verify' checks the shards against it and every job reads the set.")
+    m.add_argument("uri", help="the directory holding the shards")
+    m.add_argument("--task", default="captions", choices=["captions", "vqa", "nlvr"],
+                   help="what the samples hold (default: captions)")
+    m.add_argument("--force", action="store_true", help="rewrite an existing manifest.json")
+    m.add_argument("--quiet", action="store_true", help="no line per shard")
+    s3(m)
+    m.set_defaults(fn=cmd_manifest)
     u = dsub.add_parser("upload", help="copy a local shard tree to s3://")
     u.add_argument("local")
     u.add_argument("dest")
@@ -410,7 +441,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (C.ConfigError, FileNotFoundError, LookupError, ValueError, RuntimeError) as exc:
+    except (C.ConfigError, OSError, LookupError, ValueError, RuntimeError) as exc:
         print(f"vlforge: error: {exc}", file=sys.stderr)
         return 2
 

@@ -106,3 +106,82 @@ def test_ingest_csv_and_jsonl(tmp_path):
     (tmp_path / "nocol.csv").write_text("foo,bar\n1,2\n")
     with pytest.raises(IngestError, match="no image column"):
         ingest(img, tmp_path / "nocol.csv", tmp_path / "out4")
+
+
+# ----------------------------------------------------------------------------- img2dataset's output
+
+
+def _img2dataset_shard(path, samples, stats: int | None = None):
+    """A tar as img2dataset writes it: ``%09d`` keys, jpg + txt + json members, ``<shard>_stats.json``
+    and ``<shard>.parquet`` beside it. ``samples``: (key, with_image, caption or None)."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, with_image, caption in samples:
+            members = [("json", json.dumps({"url": f"http://x/{key}.jpg", "key": key, "status": "success"}).encode())]
+            if with_image:
+                members.insert(0, ("jpg", _jpeg()))
+            if caption is not None:
+                members.insert(1, ("txt", caption.encode()))
+            for suffix, data in members:
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    path.with_suffix(".parquet").write_bytes(b"PAR1 not read")
+    if stats is not None:
+        (path.parent / f"{path.stem}_stats.json").write_text(json.dumps({"count": stats, "successes": stats}))
+
+
+def _jpeg() -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(b, format="JPEG")
+    return b.getvalue()
+
+
+def test_img2dataset_shards_verify_and_manifest_without_rewriting(tmp_path, capsys):
+    from vlforge.cli import main
+    from vlforge.config import DataConfig, ImageConfig
+    from vlforge.data.pipeline import detect_task
+    from vlforge.data.shards import scan_shard, write_manifest
+    from vlforge.evaluation.data import load_eval_set
+
+    d = tmp_path / "laion"
+    d.mkdir()
+    _img2dataset_shard(d / "00000.tar", [(f"{i:09d}", True, f"caption {i}") for i in range(3)], stats=3)
+    _img2dataset_shard(d / "00001.tar", [("000010000", True, "ok"), ("000010001", False, "no image"),
+                                         ("000010002", True, None)], stats=3)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    scan = scan_shard(str(d / "00001.tar"))
+    assert scan.samples == 2
+    assert scan.problems == {"missing_image": 1, "missing_caption": 1, "stats_mismatch": 1}
+    assert scan.bytes == len(before["00001.tar"])
+    import hashlib
+
+    assert scan.sha256 == hashlib.sha256(before["00001.tar"]).hexdigest()
+
+    assert main(["data", "verify", str(d)]) == 1  # no manifest: every shard read, problems listed
+    out = capsys.readouterr().out
+    assert "000010001 has no image member" in out and "counts 3 successes" in out and "3 problem(s)" in out
+
+    assert main(["data", "manifest", str(d), "--quiet"]) == 1  # written, but the problems make it exit 1
+    out = capsys.readouterr().out
+    assert "2 shard(s), 5 samples, task captions" in out and "missing_image 1" in out
+    manifest = read_manifest(str(d))
+    assert [(s.name, s.samples) for s in manifest.shards] == [("00000.tar", 3), ("00001.tar", 2)]
+    assert manifest.params["source"] == "img2dataset" and manifest.params["scan_problems"]["stats_mismatch"] == 1
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != MANIFEST} == before  # shards untouched
+    assert verify(str(d)) == []
+    assert detect_task(str(d)) == "captions"
+    ev = load_eval_set(str(d), DataConfig(image=ImageConfig(size=8, augment=False)))
+    assert ev["input_ids"].shape[0] == 4  # 3 + "ok"; the sample without a caption is dropped in decoding
+
+    with pytest.raises(FileExistsError, match="--force"):
+        write_manifest(str(d))
+    assert main(["data", "manifest", str(d), "--task", "vqa", "--force", "--quiet"]) == 1
+    assert read_manifest(str(d)).params["task"] == "vqa"
+    (d / "00000.tar").write_bytes(before["00000.tar"][:700])  # cut inside the first image
+    assert "corrupt_tar" in scan_shard(str(d / "00000.tar")).problems
+    assert main(["data", "manifest", str(tmp_path / "nowhere")]) == 2

@@ -209,11 +209,126 @@ def list_shards(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return [full(p) for p in found]
 
 
+class _HashingReader:
+    """A read-only file wrapper that hashes and counts every byte read through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+@dataclass
+class ShardScan:
+    """What reading one shard end to end found."""
+
+    name: str
+    samples: int  # keys with an image member
+    bytes: int
+    sha256: str
+    problems: dict[str, int] = field(default_factory=dict)  # reason -> count
+    detail: list[str] = field(default_factory=list)  # the first few problems, spelled out
+
+    def note(self, reason: str, detail: str) -> None:
+        self.problems[reason] = self.problems.get(reason, 0) + 1
+        if len(self.detail) < 5:
+            self.detail.append(f"{self.name}: {detail}")
+
+
+def scan_shard(shard_uri: str, storage: StorageConfig | None = None, name: str | None = None) -> ShardScan:
+    """Read one tar shard end to end (as it is: vlforge's, img2dataset's or any WebDataset writer's):
+    sample count, size, sha256, and problems by reason: ``corrupt_tar`` (an unreadable header or
+    member; the rest is lost), ``missing_image``, ``missing_caption`` (a key without an image or a
+    ``.txt``), ``stats_mismatch`` (img2dataset's ``<shard>_stats.json`` counts other successes)."""
+    fs, path = filesystem_for(shard_uri, storage)
+    scan = ShardScan(name or path.rsplit("/", 1)[-1], 0, 0, "")
+    samples: dict[str, set[str]] = {}
+    with fs.open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    key, _, suffix = Path(info.name).name.partition(".")
+                    tar.extractfile(info).read()
+                    samples.setdefault(f"{Path(info.name).parent}/{key}", set()).add(suffix.lower())
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            scan.note("corrupt_tar", f"unreadable after {len(samples)} keys ({exc})")
+        reader.drain()
+    for key, suffixes in samples.items():
+        if not suffixes & set(IMAGE_EXTS):
+            scan.note("missing_image", f"{key.rsplit('/', 1)[-1]} has no image member ({sorted(suffixes)})")
+            continue
+        scan.samples += 1
+        if not suffixes & {"txt", "text", "caption"}:
+            scan.note("missing_caption", f"{key.rsplit('/', 1)[-1]} has no .txt")
+    scan.bytes, scan.sha256 = reader.bytes, reader.sha.hexdigest()
+    stats = f"{path[:-len('.tar')]}_stats.json"
+    if path.endswith(".tar") and fs.exists(stats):
+        try:
+            with fs.open(stats, "rb") as f:
+                successes = json.loads(f.read()).get("successes")
+        except (ValueError, UnicodeDecodeError):
+            successes = None
+        if isinstance(successes, int) and successes != scan.samples:
+            scan.note("stats_mismatch", f"{stats.rsplit('/', 1)[-1]} counts {successes} successes, "
+                                        f"the tar holds {scan.samples} samples")
+    return scan
+
+
+def write_manifest(uri: str, storage: StorageConfig | None = None, *, task: str = "captions",
+                   force: bool = False, progress=None) -> tuple[Manifest, list[ShardScan]]:
+    """Scan the shards of a set that has no manifest (img2dataset's output, say) and write
+    ``manifest.json`` beside them, leaving the shards as they are. The scans' problems are
+    returned and counted in ``params.scan_problems``; an existing manifest is kept unless ``force``."""
+    fs, base = filesystem_for(uri, storage)
+    base = base.rstrip("/")
+    if base.endswith(".tar") or any(c in base for c in "*?["):
+        raise ValueError(f"{uri}: give the directory that holds the shards")
+    if not fs.isdir(base):
+        raise FileNotFoundError(f"shard set not found: {uri}")
+    mpath = f"{base}/{MANIFEST}"
+    if fs.exists(mpath) and not force:
+        raise FileExistsError(f"{uri} already has a {MANIFEST}; pass force=True (--force) to rewrite it")
+    scheme = "s3://" if uri.startswith("s3://") else ""
+    found = sorted(p for p in fs.find(base) if p.endswith(".tar"))
+    if not found:
+        raise FileNotFoundError(f"no .tar shards under {uri}")
+    scans = []
+    for i, p in enumerate(found):
+        scans.append(scan_shard(f"{scheme}{p}", storage, name=p[len(base) + 1:]))
+        if progress is not None:
+            progress(f"scanned {i + 1}/{len(found)} {scans[-1].name}: {scans[-1].samples} samples")
+    problems: dict[str, int] = {}
+    for sc in scans:
+        for k, v in sc.problems.items():
+            problems[k] = problems.get(k, 0) + v
+    source = "img2dataset" if any(fs.exists(f"{p[:-4]}_stats.json") for p in found[:3]) else "scanned"
+    manifest = Manifest([ShardInfo(sc.name, sc.samples, sc.bytes, sc.sha256) for sc in scans],
+                        {"task": task, "source": source, "scan_problems": problems}, created_by="vlforge data manifest")
+    with fs.open(mpath, "wb") as f:
+        f.write(manifest.to_json().encode("utf-8"))
+    return manifest, scans
+
+
 def verify(uri: str, storage: StorageConfig | None = None) -> list[str]:
-    """Check every shard against the manifest's size and sha256; returns problems (empty = ok)."""
+    """Check every shard against the manifest's size and sha256; returns problems (empty = ok).
+    A set without a manifest (img2dataset's output) is read end to end instead (``scan_shard``)."""
     manifest = read_manifest(uri, storage)
     if manifest is None:
-        return [f"{uri}: no {MANIFEST}"]
+        problems = []
+        for shard in list_shards(uri, storage):
+            problems += scan_shard(shard, storage).detail
+        return problems
     fs, base = filesystem_for(uri, storage)
     base = base[: -len(MANIFEST) - 1] if base.endswith(MANIFEST) else base
     problems = []
@@ -268,6 +383,6 @@ def shard_set_summary(uri: str, storage: StorageConfig | None = None) -> dict[st
 
 
 __all__ = [
-    "MANIFEST", "Manifest", "ShardInfo", "ShardWriter", "iter_samples", "list_shards",
-    "read_manifest", "shard_set_summary", "verify",
+    "MANIFEST", "Manifest", "ShardInfo", "ShardScan", "ShardWriter", "iter_samples", "list_shards",
+    "read_manifest", "scan_shard", "shard_set_summary", "verify", "write_manifest",
 ]
