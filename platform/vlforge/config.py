@@ -382,10 +382,19 @@ class DataConfig:
     decode_concurrency: int | None = None  # max parallel decode tasks; None = Ray decides within data_cpus
     decode_cpus: float = 1.0  # CPUs each decode task reserves
     verify_sha256: bool = False  # check each shard against the manifest before reading
+    # Training order. "deterministic": each rank's samples and their order in each epoch follow from
+    # (seed, stage, epoch) alone, and a resume on the same worker count continues with exactly the
+    # samples not yet consumed (vlforge.data.stream). "streaming": Ray Train's streaming split,
+    # whose order varies from run to run (a resume is then count-exact only).
+    order: Literal["deterministic", "streaming"] = "deterministic"
 
     def __post_init__(self):
         if self.batch_size < 1 or self.decode_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        if self.order not in ("deterministic", "streaming"):
+            raise ValueError(f"data.order must be 'deterministic' or 'streaming', got {self.order!r}")
+        if self.shuffle_buffer < 0:
+            raise ValueError("shuffle_buffer must be >= 0")
 
 
 @dataclass
@@ -540,12 +549,15 @@ class StageConfig:
 class DebugConfig:
     """Test hooks. ``fail_at_step``: rank ``fail_rank`` raises once at that global step (the
     ``fail_marker`` file makes it raise only the first time). ``probe_outputs``: at the end,
-    write the engine's outputs on a fixed seeded batch to ``<run dir>/probe_outputs.pt``."""
+    write the engine's outputs on a fixed seeded batch to ``<run dir>/probe_outputs.pt``.
+    ``sample_log``: every rank appends one JSON line per micro-batch to ``<sample_log>/rank<r>.jsonl``
+    (stage, epoch, global step, attempt, sample ids), for tests of the stream's order and resume."""
 
     fail_at_step: int | None = None
     fail_rank: int = 1
     fail_marker: str | None = None
     probe_outputs: bool = False
+    sample_log: str | None = None  # a directory: each rank appends the sample ids of every batch it trains on
 
 
 @dataclass

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     import pyarrow
     import ray.data
 
-RAW_COLUMNS = ("key", "url", "image", "image_2", "text", "json", "error")
+RAW_COLUMNS = ("key", "url", "index", "image", "image_2", "text", "json", "error")
 SKIP_REASONS = (
     "truncated_member", "corrupt_tar", "missing_image", "missing_caption", "bad_json", "missing_field",
     "corrupt_image", "truncated_image",
@@ -102,8 +102,9 @@ def _members(stream) -> Iterator[dict]:
         yield {"fname": info.name, "data": data}
 
 
-def raw_row(sample: dict[str, Any], url: str) -> dict[str, Any]:
-    """A grouped sample (``{"__key__", suffix: bytes}``) as one row of ``RAW_COLUMNS``."""
+def raw_row(sample: dict[str, Any], url: str, index: int | None = None) -> dict[str, Any]:
+    """A grouped sample (``{"__key__", suffix: bytes}``) as one row of ``RAW_COLUMNS``; ``index``: its
+    position in its shard (what the deterministic stream splits ranks by)."""
     image = image_2 = text = meta = error = None
     for suffix, value in sample.items():
         if suffix.startswith("__"):
@@ -120,7 +121,7 @@ def raw_row(sample: dict[str, Any], url: str) -> dict[str, Any]:
             text = value
         elif parts == ["json"]:
             meta = value
-    return {"key": sample["__key__"], "url": url, "image": image, "image_2": image_2, "text": text,
+    return {"key": sample["__key__"], "url": url, "index": index, "image": image, "image_2": image_2, "text": text,
             "json": meta, "error": error}
 
 
@@ -130,8 +131,8 @@ def read_stream(stream, path: str, chunk_rows: int = READ_CHUNK_ROWS) -> Iterato
     from ray.data._internal.datasource.webdataset_datasource import _group_by_keys
 
     rows = []
-    for sample in _group_by_keys(_members(stream), meta=dict(__url__=path)):
-        rows.append(raw_row(sample, path))
+    for i, sample in enumerate(_group_by_keys(_members(stream), meta=dict(__url__=path))):
+        rows.append(raw_row(sample, path, i))
         if len(rows) >= chunk_rows:
             yield _to_table(pa, rows)
             rows = []
@@ -157,6 +158,7 @@ def _to_table(pa, rows: list[dict]):
     return pa.table({
         "key": pa.array([r["key"] for r in rows], pa.string()),
         "url": pa.array([r["url"] for r in rows], pa.string()),
+        "index": pa.array([r["index"] for r in rows], pa.int64()),
         "image": pa.array([r["image"] for r in rows], pa.binary()),
         "image_2": pa.array([r["image_2"] for r in rows], pa.binary()),
         "text": pa.array([r["text"] for r in rows], pa.binary()),
@@ -166,12 +168,14 @@ def _to_table(pa, rows: list[dict]):
 
 
 def read_raw(uri: str, storage: StorageConfig | None = None, shuffle_seed: int | None = None,
-             verify_sha256: bool = False, chunk_rows: int = 128, **read_args) -> ray.data.Dataset:
-    """One row per sample with raw byte columns (``RAW_COLUMNS``), from local or ``s3://`` shards."""
+             verify_sha256: bool = False, chunk_rows: int = 128, paths: list[str] | None = None,
+             **read_args) -> ray.data.Dataset:
+    """One row per sample with raw byte columns (``RAW_COLUMNS``), from local or ``s3://`` shards;
+    ``paths``: these shards of the set, in this order (one read task each), instead of all of them."""
     import ray.data
     from ray.data import FileShuffleConfig
 
-    paths = list_shards(uri, storage)
+    paths = list(paths) if paths is not None else list_shards(uri, storage)
     if verify_sha256:
         problems = verify(uri, storage)
         if problems:
@@ -280,16 +284,25 @@ def _as_bytes(v: Any) -> bytes | None:
 
 def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer: TokenizerConfig,
                  task: str = "captions", answers: list[str] | None = None, train: bool = True,
-                 counters=None) -> dict[str, np.ndarray]:
-    """Raw rows -> the batch contract; bad rows are dropped and counted by reason."""
+                 counters=None, keep: tuple[int, int, dict[str, int]] | None = None,
+                 seed: int | None = None) -> dict[str, np.ndarray]:
+    """Raw rows -> the batch contract; bad rows are dropped and counted by reason.
+
+    ``keep`` = ``(rank, world, offsets)``: only the rows whose stream position ``offsets[url] +
+    index`` is ``rank`` modulo ``world`` (the deterministic stream's split; the others are
+    another rank's and are neither decoded nor counted). ``seed``: augmentation and caption
+    choice are drawn from it and the block's first key, so a block decodes the same every time.
+    """
     tune_malloc()
+    if keep is not None:
+        batch = _rows_for_rank(batch, *keep)
     n = len(batch["key"])
     size = image.size
     answer_index = {a: i for i, a in enumerate(answers or [])}
     imgs, imgs2, texts, keys, labels, answer_ids, scores = [], [], [], [], [], [], []
     skipped: dict[str, int] = {}
-
-    rng = np.random.default_rng()
+    block = sample_id(str(batch["key"][0])) & 0xFFFF_FFFF if n else 0
+    rng = np.random.default_rng(None if seed is None else [seed, block])
 
     def skip(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
@@ -374,6 +387,12 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
         if any(s is not None for s in scores):
             out["answer_targets"] = answer_targets(scores, answer_ids, answer_index)
     return out
+
+
+def _rows_for_rank(batch: dict[str, np.ndarray], rank: int, world: int, offsets: dict[str, int]) -> dict:
+    pos = np.array([offsets[str(u)] for u in batch["url"]], dtype=np.int64) + batch["index"].astype(np.int64)
+    mine = np.flatnonzero(pos % world == rank)
+    return {k: v[mine] for k, v in batch.items()}
 
 
 def answer_targets(scores: list[dict[str, float] | None], answer_ids: list[int],

@@ -176,6 +176,35 @@ def _save_probe(engine, task, path: str, rank: int, device) -> None:
         torch.save(out, path)
 
 
+def _gather(value: Any, world: int) -> list:
+    """``value`` from every rank, in rank order (collective: every rank calls it at the same point)."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+class SampleLog:
+    """``debug.sample_log``: one JSON line per micro-batch a rank trains on (no-op when unset)."""
+
+    def __init__(self, directory: str | None, rank: int):
+        self.path = os.path.join(directory, f"rank{rank}.jsonl") if directory else None
+        if self.path:
+            os.makedirs(directory, exist_ok=True)
+
+    def write(self, stage: str, epoch: int, global_step: int, attempt: int, ids: torch.Tensor) -> None:
+        if self.path is None:
+            return
+        import json
+
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"stage": stage, "epoch": epoch, "global_step": global_step, "attempt": attempt,
+                                 "ids": [int(i) for i in ids.tolist()]}) + "\n")
+
+
 class _Progress:
     def __init__(self, stage: StageConfig, start_step: int, every: int, samples_per_step: int, rank: int):
         self.stage, self.every, self.sps, self.rank = stage, every, samples_per_step, rank
@@ -221,6 +250,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     run_name = config["run_name"]
     counters = config.get("counters")
     validator = config.get("validator")
+    streams = config.get("streams") or {}
+    sample_log = SampleLog(cfg.debug.sample_log, rank)
 
     tracker = make_tracker(cfg.tracking, rank)
     tracker.start(run_name)
@@ -253,6 +284,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     global_step = state["global_step"] if state else 0
     executed = state.get("executed_steps", global_step) if state else 0
     resumes = list(state.get("resumes", [])) if state else []
+    data_wait: dict[str, list[float]] = {k: list(v) for k, v in (state or {}).get("data_wait", {}).items()}
     start_index, mid_stage = 0, False
     if state is not None:
         start_index = state["stage_index"]
@@ -290,12 +322,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                               on_gpu=cfg.use_gpu,
                               extra={"checkpoint": {"load_universal": True}} if from_universal else None)
         step, epoch, skip = 0, 0, 0
+        stream_check = None
         if resume_here:
             loaded = ckpt_io.load(engine, restored_dir, universal=from_universal)
             step, epoch, skip = loaded["step"], loaded["epoch"], loaded["batches_in_epoch"]
             if from_universal:
                 # Batches per epoch change with the worker count: rescale what each rank skips.
                 skip = skip * state["world_size"] // world
+            elif stage.name in streams:
+                stream_check = state.get("stream_last_ids")
             digest = _weights_digest(full_state_dict(engine, cfg.deepspeed.zero_stage))
             reached = _read_progress(config.get("progress_file"))
             resumes.append({"stage": stage.name, "step": step, "global_step": global_step,
@@ -314,7 +349,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             st = {"stage_index": si, "stage": stage.name, "step": step, "epoch": epoch,
                   "batches_in_epoch": batches_in_epoch, "global_step": global_step, "world_size": world,
                   "zero_stage": cfg.deepspeed.zero_stage, "history": history, "executed_steps": executed,
-                  "resumes": resumes, "weights_digest": _weights_digest(sd)}
+                  "resumes": resumes, "weights_digest": _weights_digest(sd), "data_wait": data_wait,
+                  "stream": "deterministic" if stream is not None else "streaming",
+                  "stream_last_ids": _gather(last_id, world)}
             metrics = {"stage": stage.name, "step": step, "global_step": global_step,
                        "loss": history[f"{stage.name}/loss"][-1][1] if history.get(f"{stage.name}/loss") else None,
                        "final_report": si == len(cfg.stages) - 1 and step == stage.steps}
@@ -329,23 +366,43 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
                 tracker.log_counters(Counters(counters).snapshot(), global_step)
 
-        shard = ray.train.get_dataset_shard(stage.name)
+        stream = streams.get(stage.name)
+        shard = ray.train.get_dataset_shard(stage.name) if stream is None else None
         accum = cfg.deepspeed.grad_accum
         progress = _Progress(stage, step, cfg.progress_every, micro_batch * accum * world, rank)
         micro, sums = 0, {}
+        last_id: int | None = None
+        wait = data_wait.setdefault(stage.name, [0.0, 0.0])  # [seconds waiting for data, seconds of steps]
         while step < stage.steps:
-            batches = iter(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device))
+            if stream is not None:
+                batches = stream.batches(epoch, rank, world, micro_batch, device)
+            else:
+                batches = iter(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device))
             consumed = 0
             for _ in range(skip):
-                if next(batches, None) is None:
+                batch = next(batches, None)
+                if batch is None:
                     break
                 consumed += 1
+                last_id = int(batch["sample_id"][-1])
             skip = 0
+            if stream_check is not None:
+                match = _gather(last_id, world) == stream_check
+                resumes[-1]["stream_match"] = match
+                if rank == 0:
+                    say(f"[{stage.name}] stream position restored: epoch {epoch}, {consumed} batches per rank "
+                        f"skipped; the last skipped samples {'match' if match else 'DIFFER from'} the saved ones")
+                stream_check = None
+            t_step = time.perf_counter()
             while step < stage.steps:
+                t_wait = time.perf_counter()
                 batch = next(batches, None)
+                wait[0] += time.perf_counter() - t_wait
                 if not _all_true(batch is not None):
                     break
                 consumed += 1
+                last_id = int(batch["sample_id"][-1])
+                sample_log.write(stage.name, epoch, global_step + 1, len(resumes), batch["sample_id"])
                 batch = finish_pixels(batch, data_cfg.image)
                 if bf16:
                     batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
@@ -362,6 +419,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 step += 1
                 global_step += 1
                 executed += 1
+                now = time.perf_counter()
+                wait[1] += now - t_step
+                t_step = now
                 if rank == 0:
                     _write_progress(config.get("progress_file"), global_step)
                 metrics = _mean_across(sums)
@@ -370,7 +430,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 progress.update(step, metrics["loss"])
                 lr = engine.get_lr()[0] if engine.get_lr() else 0.0
                 tracker.log_metrics({**{f"{stage.name}/{k}": v for k, v in metrics.items()}, "lr": lr,
-                                     "samples_per_s": progress.rate, "stage_index": si}, global_step)
+                                     "samples_per_s": progress.rate, "stage_index": si,
+                                     "data_wait_frac": wait[0] / max(wait[1], 1e-9)}, global_step)
                 last = step == stage.steps
                 if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     save(consumed)

@@ -220,15 +220,22 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any =
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints progress lines instead
-    datasets, counters = {}, None
-    for s in cfg.stages:
-        datasets[s.name], counters = build_dataset(s.data or cfg.data, train=True, counters=counters)
+    from vlforge.data.pipeline import Counters
+    from vlforge.data.stream import EpochStream
+
+    datasets, streams, counters = {}, {}, Counters.create()
+    for si, s in enumerate(cfg.stages):
+        data = s.data or cfg.data
+        if data.order == "deterministic":
+            streams[s.name] = EpochStream.create(data, counters, salt=si)
+        else:
+            datasets[s.name], counters = build_dataset(data, train=True, counters=counters)
     run_dir = Path(cfg.storage_path) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resources = {"CPU": cfg.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"cfg": to_dict(cfg), "run_name": cfg.name, "counters": counters.handle,
+        train_loop_config={"cfg": to_dict(cfg), "run_name": cfg.name, "counters": counters.handle, "streams": streams,
                            "progress_file": str(run_dir / "progress_step"), "stage_dir": str(run_dir / "stages"),
                            "probe_file": str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None,
                            "validator": validator},

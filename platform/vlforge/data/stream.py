@@ -1,0 +1,147 @@
+"""The deterministic training stream: per epoch and rank, the same samples in the same order every run.
+
+    stream = EpochStream.create(DataConfig(shards="s3://bucket/corpus/scenes/train", seed=7), salt=0)
+    for batch in stream.batches(epoch=0, rank=1, world=2, batch_size=64):   # inside a Train worker
+        batch["sample_id"]           # the same ids, in the same order, in every run of this config
+
+What is fixed by ``(data.seed, salt, epoch)`` (``salt``: the stage's index):
+
+1. **File order**: a permutation of the set's shards (``order``; the manifest's order when
+   ``shuffle_files`` is off).
+2. **Rank split**: each sample's stream position is its shard's offset in that order (the
+   manifest's sample counts; without a manifest, the shard's ordinal) plus its index inside the
+   shard; rank ``r`` of ``world`` trains on the positions equal to ``r`` modulo ``world``. Every
+   rank reads every shard's bytes but decodes only its own samples, so the ranks' sets are
+   disjoint, cover the epoch, and differ in size by at most one per shard.
+3. **In-shard order and the shuffle buffer**: the tar's order, then Ray Data's local shuffle
+   buffer (``data.shuffle_buffer`` rows, 0 = off) seeded by ``(seed, salt, epoch, rank)``.
+4. **Augmentation and the caption drawn** for a sample with several: seeded per decoded block.
+
+Each epoch is its own Ray Data dataset (read + decode fused, one read task per shard) run with
+``preserve_order``, so how many decode tasks run at once, and which finishes first, changes
+nothing. The Train loop records how many batches of the epoch each rank consumed; a resume on
+the same worker count skips exactly those batches, so it trains on exactly the samples it had
+not yet seen (``vlforge.train.loop``).
+
+What still varies: with another worker count the split is another one, so a resume from a
+checkpoint of W workers on W' skips as many samples as were consumed (count-exact), not those
+samples. Another ``data.seed`` or ``shuffle_buffer`` gives another order, by design. A shard
+set changed on disk is another stream (``verify_sha256`` checks the bytes first).
+
+The stream is written here (not taken from Ray Data) because Ray Data's streaming split hands
+blocks to whichever worker asks first, so its order is not reproducible (Ray issues #37633,
+#48224); reading and decoding are still Ray Data's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vlforge.config import DataConfig
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def _mix(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's ``hash`` is not stable across processes for all types)."""
+    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class EpochStream:
+    """One stage's training data as a deterministic function of (epoch, rank, world)."""
+
+    data: DataConfig
+    task: str
+    answers: list[str] | None
+    shards: list[str]  # paths as the datasource reads them (no ``s3://``), in the manifest's order
+    counts: list[int] | None  # samples per shard from the manifest; None without one
+    counters: Any = None  # the DataCounters actor handle
+    salt: int = 0
+
+    @classmethod
+    def create(cls, data: DataConfig, counters=None, salt: int = 0) -> EpochStream:
+        """Resolve the shard list, sample counts, task and VQA answers once (on the driver)."""
+        from vlforge.data.pipeline import Counters, _tokenizer, detect_task, find_answers
+        from vlforge.data.shards import list_shards, read_manifest, verify
+
+        task = detect_task(data.shards, data.storage)
+        answers = find_answers(data.shards, data.storage) if task == "vqa" else None
+        if task == "vqa" and not answers:
+            raise FileNotFoundError(f"{data.shards}: VQA shards need an answers.json beside them (or one level up)")
+        _tokenizer(data.tokenizer.name, data.tokenizer.max_length, data.tokenizer.lowercase)
+        if data.verify_sha256:
+            problems = verify(data.shards, data.storage)
+            if problems:
+                raise ValueError(f"{data.shards}: shards do not match the manifest: " + "; ".join(problems[:5]))
+        paths = list_shards(data.shards, data.storage)
+        whole_set = not data.shards.endswith(".tar") and not any(c in data.shards for c in "*?[")
+        manifest = read_manifest(data.shards, data.storage) if whole_set else None
+        counts = [s.samples for s in manifest.shards] if manifest and len(manifest.shards) == len(paths) else None
+        paths = [p.split("://", 1)[1] if "://" in p else p for p in paths]
+        handle = (counters or Counters.create()).handle
+        return cls(data, task, answers, paths, counts, handle, salt)
+
+    # ------------------------------------------------------------------ the order (pure functions)
+
+    def epoch_seed(self, epoch: int) -> int:
+        return _mix(self.data.seed, self.salt, epoch)
+
+    def order(self, epoch: int) -> list[int]:
+        """Shard indices in this epoch's reading order."""
+        n = len(self.shards)
+        if not self.data.shuffle_files:
+            return list(range(n))
+        return np.random.default_rng(self.epoch_seed(epoch)).permutation(n).tolist()
+
+    def offsets(self, epoch: int) -> dict[str, int]:
+        """Each shard's first stream position in this epoch."""
+        out, at = {}, 0
+        for k, i in enumerate(self.order(epoch)):
+            out[self.shards[i]] = at if self.counts is not None else k
+            at += self.counts[i] if self.counts is not None else 0
+        return out
+
+    def total(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+    # ------------------------------------------------------------------ Ray Data
+
+    def dataset(self, epoch: int, rank: int, world: int) -> ray.data.Dataset:
+        """This rank's decoded samples of ``epoch`` (read + decode fused, order preserved)."""
+        from vlforge.data.pipeline import decode_batch, read_raw
+
+        d = self.data
+        ordered = [self.shards[i] for i in self.order(epoch)]
+        if d.shards.startswith("s3://"):
+            ordered = [f"s3://{p}" for p in ordered]
+        raw = read_raw(d.shards, d.storage, paths=ordered, chunk_rows=d.decode_batch_size, num_cpus=d.decode_cpus)
+        ds = raw.map_batches(
+            decode_batch,
+            batch_size=None,
+            batch_format="numpy",
+            fn_kwargs=dict(image=d.image, tokenizer=d.tokenizer, task=self.task, answers=self.answers, train=True,
+                           counters=self.counters, keep=(rank, world, self.offsets(epoch)) if world > 1 else None,
+                           seed=self.epoch_seed(epoch) & 0xFFFF_FFFF),
+            num_cpus=d.decode_cpus,
+            concurrency=d.decode_concurrency,
+            zero_copy_batch=True,
+        )
+        ds.context.execution_options.preserve_order = True
+        ds.context.enable_progress_bars = False
+        return ds
+
+    def batches(self, epoch: int, rank: int, world: int, batch_size: int, device=None) -> Iterator[dict]:
+        """Torch batches of ``batch_size`` (the last partial one dropped) for this rank and epoch."""
+        shuffle = self.data.shuffle_buffer or None
+        return iter(self.dataset(epoch, rank, world).iter_torch_batches(
+            batch_size=batch_size, drop_last=True, device=device if device is not None else "cpu",
+            local_shuffle_buffer_size=shuffle,
+            local_shuffle_seed=_mix(self.data.seed, self.salt, epoch, rank) & 0xFFFF_FFFF if shuffle else None))
