@@ -657,11 +657,15 @@ class StudentConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation on the driver after training. Sets are ``<data_root>/<set>/<split>``; ``test``
+    """Evaluation on the driver after training. Sets are ``<data_root>/<set>/<split>`` unless ``sets`` names
+    another for a task and split; ``test``
     holds concept pairs never seen together in training (held-out combinations), reported apart
     from ``val``."""
 
     splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    # Your own evaluation sets: "<task>/<split>" (task itm, nlvr2 or vqa) -> a shard set (path relative
+    # to data_root, absolute, or s3://), in place of <data_root>/<scenes|nlvr|vqa>/<split>.
+    sets: dict[str, str] = field(default_factory=dict)
     max_samples: int = 300  # per set and split
     batch_size: int = 64
     rerank_k: int = 16  # teacher retrieval: ITC top-k re-scored by the fusion ITM head (0: ITC scores only)
@@ -674,6 +678,10 @@ class EvalConfig:
             raise ValueError("eval: splits must be non-empty, max_samples >= 2, batch_size >= 1, rerank_k >= 0")
         if any(n < 1 for n in self.latency_ns):
             raise ValueError("eval.latency_ns must be positive")
+        for key in self.sets:
+            task, _, split = key.partition("/")
+            if task not in ("itm", "nlvr2", "vqa") or not split:
+                raise ValueError(f"eval.sets: keys are '<task>/<split>' with task itm, nlvr2 or vqa, got {key!r}")
 
 
 @dataclass

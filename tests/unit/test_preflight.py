@@ -85,3 +85,17 @@ def test_bad_storage_and_placement_settings(sets, message):
 
     with pytest.raises(ConfigError, match=message):
         load(TrainRunConfig, REPO / "jobs" / "configs" / "vlmo_stagewise_smoke.yaml", sets)
+
+
+def test_eval_sets_take_a_users_shard_sets_and_are_checked(corpus, tmp_path):
+    from vlforge.workflows.two_stage import eval_set_uri, preflight
+
+    cfg = _cfg(corpus, tmp_path, f"eval.sets.itm/test={corpus / 'concepts' / 'test'}", "eval.sets.vqa/val=vqa/test")
+    assert eval_set_uri(cfg, "itm", "test") == str(corpus / "concepts" / "test")
+    assert eval_set_uri(cfg, "vqa", "val") == str(corpus / "vqa" / "test")  # relative: under data_root
+    assert eval_set_uri(cfg, "nlvr2", "test") == str(corpus / "nlvr" / "test")  # not named: the corpus's
+    preflight(cfg)
+    with pytest.raises(ConfigError, match=r"eval.sets.itm/val: shard set not found: .*mine/val"):
+        preflight(_cfg(corpus, tmp_path, f"eval.sets.itm/val={tmp_path / 'mine' / 'val'}"))
+    with pytest.raises(ConfigError, match="keys are '<task>/<split>'"):
+        _cfg(corpus, tmp_path, "eval.sets.scenes/test=x")

@@ -114,6 +114,11 @@ def _shards(cfg: TwoStageConfig, shards: str) -> str:
     return absolute(f"{cfg.data_root.rstrip('/')}/{shards}")
 
 
+def eval_set_uri(cfg: TwoStageConfig, task: str, split: str) -> str:
+    """The shard set ``task`` is evaluated on for ``split``: ``eval.sets["<task>/<split>"]``, else the corpus's."""
+    return _shards(cfg, cfg.eval.sets.get(f"{task}/{split}") or f"{TASK_SETS[task]}/{split}")
+
+
 def resolve_stages(cfg: TwoStageConfig, stages: list[StageConfig]) -> list[StageConfig]:
     """Stages with data under ``data_root`` and ``max_steps`` applied."""
     out = []
@@ -241,6 +246,10 @@ def _check_storage(cfg: TwoStageConfig, p: Plan) -> None:
     if not _corpus_pending(cfg):
         check_data([(f"run {key}, stage {s.name}", s.data or run.data)
                     for key, run in p.runs.items() for s in run.stages])
+    for key in cfg.eval.sets:
+        uri = eval_set_uri(cfg, *key.split("/", 1))
+        if "://" not in uri and not os.path.exists(uri):
+            raise ConfigError(f"eval.sets.{key}: shard set not found: {uri}")
     if cfg.storage_path.startswith("s3://"):
         try:
             check_reachable(cfg.storage_path)
@@ -336,7 +345,7 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
     for split in cfg.eval.splits:
         sets = {}
         for t in tasks:
-            uri = _shards(cfg, f"{TASK_SETS[t]}/{split}")
+            uri = eval_set_uri(cfg, t, split)
             sets[t] = load_eval_set(uri, dataclasses.replace(data, shards=uri), max_samples=cfg.eval.max_samples)
         # One model in memory at a time (full-size sets and models would not all fit); loading a
         # model directory costs little next to evaluating it.
@@ -369,7 +378,7 @@ def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
     student_dir = p.student_model("distilled", "itm")
     if student_dir is None:
         return []
-    uri = _shards(cfg, f"scenes/{cfg.eval.splits[-1]}")
+    uri = eval_set_uri(cfg, "itm", cfg.eval.splits[-1])
     data = dataclasses.replace(eval_data(cfg), shards=uri)
     s = load_eval_set(uri, data, max_samples=max(cfg.eval.latency_ns))
     teacher = as_teacher(load_model_dir(p.teacher_dir / "pretrain"))
