@@ -2,6 +2,7 @@
 
     python jobs/bench_data.py                      # a 40k-scene corpus under data/bench (built if absent)
     python jobs/bench_data.py --shards s3://bucket/corpus/scenes/train --epochs 3
+    python jobs/bench_data.py --stream             # the deterministic training stream instead
 
 Both sides do the same work per sample through the same functions
 (``vlforge.data.pipeline.decode_batch``: JPEG decode + resize + normalise +
@@ -57,8 +58,9 @@ def make_single_process(shards: list[str], cfg):
     return one_epoch
 
 
-def make_ray_pipeline(cfg, data_cpus: int):
-    """One epoch of the Ray Data pipeline (``build_dataset``), consumed in the driver."""
+def make_ray_pipeline(cfg, data_cpus: int, stream: bool = False):
+    """One epoch of the Ray Data pipeline, consumed in the driver: ``build_dataset`` (what Ray Train's
+    streaming split reads), or with ``stream`` the deterministic ``EpochStream`` one rank of one reads."""
     import ray
 
     from vlforge.data.pipeline import build_dataset
@@ -66,9 +68,22 @@ def make_ray_pipeline(cfg, data_cpus: int):
 
     init_ray(num_train_workers=0, data_cpus=data_cpus, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds, counters = build_dataset(cfg, train=True)
+    from vlforge.data.pipeline import Counters, finish_pixels
 
-    from vlforge.data.pipeline import finish_pixels
+    if stream:
+        from vlforge.data.stream import EpochStream
+
+        counters = Counters.create()
+        epochs = EpochStream.create(cfg, counters)
+        state = {"epoch": 0}
+
+        def one_epoch() -> int:
+            state["epoch"] += 1
+            return sum(len(finish_pixels(b, cfg.image)["sample_id"])
+                       for b in epochs.batches(state["epoch"], 0, 1, cfg.batch_size))
+
+        return one_epoch, counters
+    ds, counters = build_dataset(cfg, train=True)
 
     def one_epoch() -> int:
         return sum(len(finish_pixels(b, cfg.image)["sample_id"])
@@ -96,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-cpus", type=int, default=None, help="logical CPUs Ray Data may use (default 2 x cores)")
     p.add_argument("--uint8", action="store_true",
                    help="image.normalize=false: decode tasks ship uint8, the consumer normalises (both sides)")
+    p.add_argument("--stream", action="store_true",
+                   help="time the deterministic training stream (vlforge.data.stream) instead of build_dataset")
     args = p.parse_args(argv)
 
     from vlforge.config import CorpusConfig, DataConfig, ImageConfig
@@ -115,7 +132,7 @@ def main(argv=None) -> int:
           f"{args.epochs} timed epochs, {args.cores} cores, {data_cpus} logical CPUs for Ray Data")
 
     single_epoch = make_single_process(shards, cfg)
-    ray_epoch, counters = make_ray_pipeline(cfg, data_cpus)
+    ray_epoch, counters = make_ray_pipeline(cfg, data_cpus, stream=args.stream)
     single_epoch(), ray_epoch()  # warm-up: page cache, Ray workers, tokenizer loads
     singles, rays = [], []
     for r in range(args.epochs):  # alternate, so drift on a shared machine hits both sides alike

@@ -1,4 +1,5 @@
-"""The code passes ruff (pycodestyle, pyflakes, import order, pyupgrade; rules in pyproject.toml)."""
+"""The code passes ruff (pycodestyle, pyflakes, import order, pyupgrade) and the import-layer contract
+(lint-imports); both configured in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -26,3 +27,13 @@ def test_ruff_check_passes():
     out = subprocess.run([*_ruff(), "check", "platform", "jobs", "tests", "scripts"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_layer_contract_holds():
+    """The import layers under [tool.importlinter] in pyproject.toml (lint-imports, from import-linter)."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    if not exe.exists():
+        pytest.fail("lint-imports is not installed (import-linter is in the dev extras: pip install -e '.[dev]')")
+    out = subprocess.run([str(exe), "--no-cache"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr
+    assert "1 kept, 0 broken" in out.stdout

@@ -1,29 +1,30 @@
-"""The Ray Train worker loop shared by every method: ``train_fn_per_worker(config)``.
+"""The Ray Train worker loop shared by every method: ``Trainer(WorkerArgs).train()``.
 
-Started by ``vlforge.train.runner.run_training`` (never called directly). Each
-worker rebuilds the typed ``TrainRunConfig`` from ``config["cfg"]`` and runs
-the stages in order. Per stage it builds the task (``vlforge.train.tasks``),
-loads its starting weights, marks the trainable parameters, wraps it in a
-DeepSpeed engine (``vlforge.train.engine``) and runs ``stage.steps`` optimizer
-steps over its Ray Data shard (``get_dataset_shard(stage.name)``), epoch after
-epoch, ``iter_torch_batches(drop_last=True)``.
+Started by ``vlforge.train.runner.run_training`` through ``train_fn_per_worker`` (never called
+directly). Each worker rebuilds the typed ``TrainRunConfig`` from ``WorkerArgs.cfg`` and runs the
+stages in order. Per stage (``Trainer._start_stage``) it builds the task (``vlforge.train.tasks``),
+loads its starting weights, marks the trainable parameters and wraps it in a DeepSpeed engine
+(``vlforge.train.engine``); ``_train_stage`` then runs ``stage.steps`` optimizer steps
+(``train_step`` per micro-batch, ``_after_step`` per optimizer step), epoch after epoch, over the
+stage's data: the deterministic ``EpochStream`` (``vlforge.data.stream``, the default) or Ray
+Train's dataset shard (``data.order: streaming``), ``drop_last`` either way.
 
-Every step all ranks agree that each still has a batch (one tiny all-reduce),
-so an uneven shard can never leave one rank waiting in a DeepSpeed collective.
+Every step all ranks agree that each still has a batch (one tiny all-reduce), so an uneven
+shard can never leave one rank waiting in a DeepSpeed collective.
 
-Checkpoints (every ``checkpoint_every`` steps and at each stage end) go through
-``ray.train.report(metrics, checkpoint=...)`` from every rank. On (re)start the
-loop reads ``ray.train.get_checkpoint()``: inside a stage it restores module,
-optimizer and schedule and skips the batches that stage already consumed in
-the current epoch (the same number of batches; Ray Data's streaming split does
-not promise the same samples in the same order, so it is a count-exact, not a
-sample-exact, resume); at a stage boundary it hands the module weights on.
-A checkpoint from another worker count resumes only from its DeepSpeed
-universal conversion (``ds_universal/``, made by the driver when
-``deepspeed.universal_resume`` is set); each rank then skips the consumed
-batches rescaled to the new worker count.
+Checkpoints (every ``checkpoint_every`` steps and at each stage end, ``Trainer.save``) go through
+``ray.train.report(metrics, checkpoint=...)`` from every rank; their state file is a
+``LoopState``. On (re)start the loop reads ``ray.train.get_checkpoint()``: inside a stage it
+restores module, optimizer and schedule and skips the batches that stage already consumed in
+the current epoch. With the deterministic stream those are the same samples (sample-exact; the
+last skipped ids are checked against the saved ones and recorded as ``stream_match``); with
+Ray Train's streaming split only the same number (count-exact). At a stage boundary it hands
+the module weights on. A checkpoint from another worker count resumes only from its DeepSpeed
+universal conversion (``ds_universal/``, made by the driver when ``deepspeed.universal_resume``
+is set); each rank then skips the consumed batches rescaled to the new worker count.
 
-Rank 0 logs to MLflow (``vlforge.tracking``) and prints progress lines.
+Rank 0 logs to MLflow (``vlforge.tracking``) and prints progress lines. Each step logs
+``data_wait_frac``: the share of the stage's step time spent waiting for the next batch.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import hashlib
 import os
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -221,235 +223,390 @@ class _Progress:
                    f"{self.rate:.1f} samples/s ETA {eta:.0f}s")
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
-    from vlforge.train.engine import prepare_env
+@dataclass
+class WorkerArgs:
+    """What the driver (``runner.run_training``) hands every worker, as ``train_loop_config["args"]``."""
 
-    cfg = from_dict(TrainRunConfig, config["cfg"])
-    prepare_env(cfg.use_gpu)
-    import warnings
+    cfg: dict[str, Any]  # the TrainRunConfig as a dict (``config.to_dict``)
+    run_name: str
+    counters: Any = None  # the DataCounters actor handle
+    streams: dict[str, Any] = field(default_factory=dict)  # stage name -> EpochStream (data.order: deterministic)
+    progress_file: str | None = None  # rank 0 writes the last finished global step here
+    stage_dir: str | None = None  # stage exports: <stage_dir>/<stage>/
+    probe_file: str | None = None  # debug.probe_outputs: the final engine's outputs on a fixed batch
+    validator: Any = None  # model -> {"val_...": value}, run by rank 0 at every report
 
-    # DeepSpeed's ZeRO collectives call a torch API deprecated in torch 2.13, once per step.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-    import ray.train
-    import torch.distributed as dist
+@dataclass
+class LoopState:
+    """Where a run stands: exactly what a checkpoint's state file holds (``checkpoint.save``)."""
 
-    from vlforge.models.trainable import set_trainable
-    from vlforge.tracking import ConfigChangedError, make_tracker
-    from vlforge.train import checkpoint as ckpt_io
-    from vlforge.train.engine import build_engine, fit_shapes, full_state_dict, resolve_precision
-    from vlforge.train.tasks import build_task, create, task_prefix
+    stage_index: int = 0
+    stage: str = ""
+    step: int = 0  # optimizer steps done in this stage
+    epoch: int = 0  # epochs of this stage's data started
+    batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
+    global_step: int = 0
+    world_size: int = 1
+    zero_stage: int = 0
+    history: dict[str, list] = field(default_factory=dict)  # "<stage>/loss" -> [[global_step, loss], ...]
+    executed_steps: int = 0  # steps run, redone ones included
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    weights_digest: str = ""
+    data_wait: dict[str, list[float]] = field(default_factory=dict)  # stage -> [s waiting for data, s of steps]
+    stream: str = "deterministic"
+    stream_last_ids: list[int | None] | None = None  # per rank, the last sample id consumed
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(ctx.get_local_rank()))
-    import deepspeed  # noqa: F401  (after DS_ACCELERATOR is set)
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LoopState:
+        """A saved state; keys older checkpoints lack take their defaults (``executed_steps``: the global step)."""
+        known = {f.name for f in fields(cls)}
+        st = cls(**{k: v for k, v in raw.items() if k in known})
+        if "executed_steps" not in raw:
+            st.executed_steps = st.global_step
+        st.history = {k: [list(p) for p in v] for k, v in st.history.items()}
+        st.data_wait = {k: list(v) for k, v in st.data_wait.items()}
+        st.resumes = list(st.resumes)
+        return st
 
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
-    bf16 = resolve_precision(cfg.deepspeed, cfg.use_gpu) == "bf16"
-    run_name = config["run_name"]
-    counters = config.get("counters")
-    validator = config.get("validator")
-    streams = config.get("streams") or {}
-    sample_log = SampleLog(cfg.debug.sample_log, rank)
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-    tracker = make_tracker(cfg.tracking, rank)
-    tracker.start(run_name)
-    try:
-        tracker.log_config(cfg)
-    except ConfigChangedError as exc:
-        say(f"WARNING: run {run_name} resumes with a changed config; MLflow keeps the first values: {exc}")
-        tracker.set_tags({"vlforge.config_changed_on_resume": "true"})
-    nodes: list[str | None] = [None] * world
-    if dist.is_initialized():
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    if rank == 0 and world > 1:
-        say(f"[{run_name}] {world} workers on {len(set(nodes))} node(s): "
-            + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(nodes)))
-    tracker.log_environment({"cluster_workers": world, "cluster_nodes": len(set(nodes)),
-                             "zero_stage": cfg.deepspeed.zero_stage, "precision": "bf16" if bf16 else "fp32"})
 
-    restored = ray.train.get_checkpoint()
-    state: dict[str, Any] | None = None
-    restored_dir, universal = None, False
-    if restored is not None:
-        restored_dir, _ = _checkpoint_dir(restored)
-        state = ckpt_io.read_state(restored_dir)
-        universal = state["world_size"] != world and os.path.isdir(os.path.join(restored_dir, ckpt_io.UNIVERSAL_TAG))
-        ckpt_io.check_resumable(state, world, cfg.deepspeed.zero_stage, universal=universal)
-        if rank == 0:
-            say(f"resuming {run_name} from {restored.path}: stage {state['stage']} step {state['step']}")
+def _step_seed(seed: int, global_step: int, micro: int, rank: int) -> int:
+    """The torch seed of one micro-batch: its own reproducible stream of masks, dropout and hard negatives
+    per (run seed, step, micro-batch, rank), so a step redone after a resume draws what it drew before."""
+    return seed * 1_000_003 + global_step * 1009 + micro * 31 + rank
 
-    history: dict[str, list] = {k: [list(p) for p in v] for k, v in (state or {}).get("history", {}).items()}
-    global_step = state["global_step"] if state else 0
-    executed = state.get("executed_steps", global_step) if state else 0
-    resumes = list(state.get("resumes", [])) if state else []
-    data_wait: dict[str, list[float]] = {k: list(v) for k, v in (state or {}).get("data_wait", {}).items()}
-    start_index, mid_stage = 0, False
-    if state is not None:
-        start_index = state["stage_index"]
-        mid_stage = state["step"] < cfg.stages[start_index].steps
-        if not mid_stage:
-            start_index += 1
-    handoff: dict[str, torch.Tensor] | None = None
-    micro_batch = None
-    prefix = task_prefix(cfg.method)
-    referenced = {s.init_stage for s in cfg.stages if s.init_stage}
 
-    for si in range(start_index, len(cfg.stages)):
-        stage = cfg.stages[si]
-        data_cfg = stage.data or cfg.data
-        micro_batch = data_cfg.batch_size
-        resume_here = mid_stage and si == start_index
+@dataclass
+class _Stage:
+    """One stage's live objects and counters while it trains."""
+
+    index: int
+    cfg: StageConfig
+    engine: Any
+    task: Any
+    stream: Any  # EpochStream, or None (Ray Train's dataset shard)
+    shard: Any
+    step: int = 0
+    epoch: int = 0
+    skip: int = 0  # batches to skip at the start of the current epoch (a resume)
+    consumed: int = 0  # batches consumed in the current epoch
+    last_id: int | None = None
+    stream_check: list | None = None  # the saved last ids a resume compares its skipped batches with
+    micro: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """One worker's run: ``Trainer(args).train()`` (called by ``train_fn_per_worker``)."""
+
+    def __init__(self, args: WorkerArgs):
+        import ray.train
+
+        from vlforge.train.engine import prepare_env, resolve_precision
+
+        self.args = args
+        self.cfg = cfg = from_dict(TrainRunConfig, args.cfg)
+        prepare_env(cfg.use_gpu)
+        import warnings
+
+        # DeepSpeed's ZeRO collectives call a torch API deprecated in torch 2.13, once per step.
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK=str(ctx.get_local_rank()))
+        import deepspeed  # noqa: F401  (after DS_ACCELERATOR is set)
+
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+        self.bf16 = resolve_precision(cfg.deepspeed, cfg.use_gpu) == "bf16"
+        self.sample_log = SampleLog(cfg.debug.sample_log, self.rank)
+        self.state = LoopState(world_size=self.world, zero_stage=cfg.deepspeed.zero_stage)
+        self.saved: LoopState | None = None  # the checkpoint this attempt starts from
+        self.restored_dir: str | None = None
+        self.universal = False
+        self.handoff: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ run
+
+    def train(self) -> None:
+        self._start_tracking()
+        start, mid_stage = self._restore()
+        for si in range(start, len(self.cfg.stages)):
+            st = self._start_stage(si, resume=mid_stage and si == start)
+            self._train_stage(st)
+            self._finish_stage(st)
+        delivery = self.tracker.end("FINISHED")
+        if self.rank == 0 and self.cfg.tracking.enabled:
+            say(f"[{self.args.run_name}] MLflow: {delivery.summary()}")
+
+    def _start_tracking(self) -> None:
+        import ray
+        import torch.distributed as dist
+
+        from vlforge.tracking import ConfigChangedError, make_tracker
+
+        cfg, name = self.cfg, self.args.run_name
+        self.tracker = make_tracker(cfg.tracking, self.rank)
+        self.tracker.start(name)
+        try:
+            self.tracker.log_config(cfg)
+        except ConfigChangedError as exc:
+            say(f"WARNING: run {name} resumes with a changed config; MLflow keeps the first values: {exc}")
+            self.tracker.set_tags({"vlforge.config_changed_on_resume": "true"})
+        nodes: list[str | None] = [None] * self.world
+        if dist.is_initialized():
+            dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        if self.rank == 0 and self.world > 1:
+            say(f"[{name}] {self.world} workers on {len(set(nodes))} node(s): "
+                + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(nodes)))
+        self.tracker.log_environment({"cluster_workers": self.world, "cluster_nodes": len(set(nodes)),
+                                      "zero_stage": cfg.deepspeed.zero_stage,
+                                      "precision": "bf16" if self.bf16 else "fp32"})
+
+    def _restore(self) -> tuple[int, bool]:
+        """Read ``ray.train.get_checkpoint()``; returns (first stage to run, whether it resumes mid-stage)."""
+        import ray.train
+
+        from vlforge.train import checkpoint as ckpt_io
+
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            return 0, False
+        self.restored_dir, _ = _checkpoint_dir(restored)
+        raw = ckpt_io.read_state(self.restored_dir)
+        self.universal = raw["world_size"] != self.world and os.path.isdir(
+            os.path.join(self.restored_dir, ckpt_io.UNIVERSAL_TAG))
+        ckpt_io.check_resumable(raw, self.world, self.cfg.deepspeed.zero_stage, universal=self.universal)
+        if self.rank == 0:
+            say(f"resuming {self.args.run_name} from {restored.path}: stage {raw['stage']} step {raw['step']}")
+        self.saved = saved = LoopState.from_dict(raw)
+        st = self.state
+        st.history, st.global_step, st.executed_steps = saved.history, saved.global_step, saved.executed_steps
+        st.resumes, st.data_wait = saved.resumes, saved.data_wait
+        mid_stage = saved.step < self.cfg.stages[saved.stage_index].steps
+        return (saved.stage_index if mid_stage else saved.stage_index + 1), mid_stage
+
+    # ------------------------------------------------------------------ stages
+
+    def _initial_weights(self, si: int, stage: StageConfig) -> dict[str, torch.Tensor] | None:
+        from vlforge.train import checkpoint as ckpt_io
+        from vlforge.train.tasks import task_prefix
+
+        if stage.init == "previous" and si > 0:
+            if self.handoff is not None:
+                return self.handoff
+            return ckpt_io.module_weights(self.restored_dir, task_prefix(self.cfg.method))
+        if stage.init_stage:
+            return ckpt_io.module_weights(os.path.join(self.args.stage_dir, stage.init_stage))
+        if stage.init not in ("previous", "fresh"):
+            return ckpt_io.module_weights(stage.init)
+        return None
+
+    def _start_stage(self, si: int, resume: bool) -> _Stage:
+        import ray.train
+
+        from vlforge.models.trainable import set_trainable
+        from vlforge.train.engine import build_engine
+        from vlforge.train.tasks import build_task, create
+
+        cfg, stage = self.cfg, self.cfg.stages[si]
         torch.manual_seed(cfg.seed + si)  # same initial weights on every rank
         model = create(cfg)
-        if not resume_here:
-            weights = None
-            if stage.init == "previous" and si > 0:
-                weights = handoff if handoff is not None else ckpt_io.module_weights(restored_dir, prefix)
-            elif stage.init_stage:
-                weights = ckpt_io.module_weights(os.path.join(config["stage_dir"], stage.init_stage))
-            elif stage.init not in ("previous", "fresh"):
-                weights = ckpt_io.module_weights(stage.init)
+        if not resume:
+            weights = self._initial_weights(si, stage)
             if weights is not None:
-                load_init(model, weights, rank, f"{stage.name} from {stage.init}")
-        handoff = None
-        task = build_task(cfg, stage, model, gather=world > 1)
+                load_init(model, weights, self.rank, f"{stage.name} from {stage.init}")
+        self.handoff = None
+        task = build_task(cfg, stage, model, gather=self.world > 1)
         set_trainable(task.model, stage.trainable)
-        task.module.to(device)
-        from_universal = resume_here and universal
-        engine = build_engine(task.module, stage, cfg.deepspeed, micro_batch=micro_batch, world_size=world,
-                              on_gpu=cfg.use_gpu,
+        task.module.to(self.device)
+        from_universal = resume and self.universal
+        engine = build_engine(task.module, stage, cfg.deepspeed, micro_batch=(stage.data or cfg.data).batch_size,
+                              world_size=self.world, on_gpu=cfg.use_gpu,
                               extra={"checkpoint": {"load_universal": True}} if from_universal else None)
-        step, epoch, skip = 0, 0, 0
-        stream_check = None
-        if resume_here:
-            loaded = ckpt_io.load(engine, restored_dir, universal=from_universal)
-            step, epoch, skip = loaded["step"], loaded["epoch"], loaded["batches_in_epoch"]
-            if from_universal:
-                # Batches per epoch change with the worker count: rescale what each rank skips.
-                skip = skip * state["world_size"] // world
-            elif stage.name in streams:
-                stream_check = state.get("stream_last_ids")
-            digest = _weights_digest(full_state_dict(engine, cfg.deepspeed.zero_stage))
-            reached = _read_progress(config.get("progress_file"))
-            resumes.append({"stage": stage.name, "step": step, "global_step": global_step,
-                            "workers": f"{state['world_size']}->{world}",
-                            "weights_match": digest == loaded.get("weights_digest"),
-                            "lost_steps": max(0, reached - global_step) if reached is not None else None})
-            executed += resumes[-1]["lost_steps"] or 0
-            if rank == 0:
-                say(f"[{stage.name}] restored step {step}: weights digest "
-                    f"{'matches' if resumes[-1]['weights_match'] else 'DIFFERS from'} the saved one; "
-                    f"{resumes[-1]['lost_steps']} steps are redone")
-        engine.train()
-
-        def save(batches_in_epoch: int) -> None:
-            sd = full_state_dict(engine, cfg.deepspeed.zero_stage)
-            st = {"stage_index": si, "stage": stage.name, "step": step, "epoch": epoch,
-                  "batches_in_epoch": batches_in_epoch, "global_step": global_step, "world_size": world,
-                  "zero_stage": cfg.deepspeed.zero_stage, "history": history, "executed_steps": executed,
-                  "resumes": resumes, "weights_digest": _weights_digest(sd), "data_wait": data_wait,
-                  "stream": "deterministic" if stream is not None else "streaming",
-                  "stream_last_ids": _gather(last_id, world)}
-            metrics = {"stage": stage.name, "step": step, "global_step": global_step,
-                       "loss": history[f"{stage.name}/loss"][-1][1] if history.get(f"{stage.name}/loss") else None,
-                       "final_report": si == len(cfg.stages) - 1 and step == stage.steps}
-            if validator is not None and rank == 0:
-                metrics.update(_validate(validator, cfg, ckpt_io.strip_prefix(sd, task.prefix), device))
-                tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")}, global_step)
-            with tempfile.TemporaryDirectory(prefix="vlforge-ckpt-") as tmp:
-                ckpt_io.save(engine, tmp, st, rank)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            if counters is not None and rank == 0:
-                from vlforge.data.pipeline import Counters
-
-                tracker.log_counters(Counters(counters).snapshot(), global_step)
-
-        stream = streams.get(stage.name)
+        stream = self.args.streams.get(stage.name)
         shard = ray.train.get_dataset_shard(stage.name) if stream is None else None
+        st = _Stage(si, stage, engine, task, stream, shard)
+        if resume:
+            self._resume_stage(st, from_universal)
+        engine.train()
+        return st
+
+    def _resume_stage(self, st: _Stage, from_universal: bool) -> None:
+        from vlforge.train import checkpoint as ckpt_io
+        from vlforge.train.engine import full_state_dict
+
+        saved = self.saved
+        loaded = ckpt_io.load(st.engine, self.restored_dir, universal=from_universal)
+        st.step, st.epoch, st.skip = loaded["step"], loaded["epoch"], loaded["batches_in_epoch"]
+        if from_universal:
+            # Batches per epoch change with the worker count: rescale what each rank skips.
+            st.skip = st.skip * saved.world_size // self.world
+        elif st.stream is not None:
+            st.stream_check = saved.stream_last_ids
+        digest = _weights_digest(full_state_dict(st.engine, self.cfg.deepspeed.zero_stage))
+        reached = _read_progress(self.args.progress_file)
+        gs = self.state.global_step
+        record = {"stage": st.cfg.name, "step": st.step, "global_step": gs,
+                  "workers": f"{saved.world_size}->{self.world}",
+                  "weights_match": digest == loaded.get("weights_digest"),
+                  "lost_steps": max(0, reached - gs) if reached is not None else None}
+        self.state.resumes.append(record)
+        self.state.executed_steps += record["lost_steps"] or 0
+        if self.rank == 0:
+            say(f"[{st.cfg.name}] restored step {st.step}: weights digest "
+                f"{'matches' if record['weights_match'] else 'DIFFERS from'} the saved one; "
+                f"{record['lost_steps']} steps are redone")
+
+    def _finish_stage(self, st: _Stage) -> None:
+        import torch.distributed as dist
+
+        from vlforge.train import checkpoint as ckpt_io
+        from vlforge.train.engine import fit_shapes, full_state_dict
+
+        cfg, stage, args = self.cfg, st.cfg, self.args
+        self.handoff = ckpt_io.strip_prefix(full_state_dict(st.engine, cfg.deepspeed.zero_stage), st.task.prefix)
+        referenced = {s.init_stage for s in cfg.stages if s.init_stage}
+        if self.rank == 0 and args.stage_dir and (cfg.stage_exports or stage.name in referenced):
+            from vlforge.models.io import save_model_dir
+            from vlforge.train.tasks import model_spec
+
+            save_model_dir(fit_shapes(self.handoff, st.task.model), model_spec(cfg),
+                           os.path.join(args.stage_dir, stage.name), {"stage": stage.name})
+        if args.probe_file and st.index == len(cfg.stages) - 1:
+            _save_probe(st.engine, st.task, args.probe_file, self.rank, self.device)
+        self.tracker.log_loss_curve(self.state.history)
+        st.engine = None  # frees the engine before the next stage builds its own
+        dist.barrier()
+
+    # ------------------------------------------------------------------ steps
+
+    def _epoch(self, st: _Stage):
+        """The current epoch's batches, the ones a resume already consumed skipped."""
+        micro_batch = (st.cfg.data or self.cfg.data).batch_size
+        if st.stream is not None:
+            batches = st.stream.batches(st.epoch, self.rank, self.world, micro_batch, self.device)
+        else:
+            batches = iter(st.shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=self.device))
+        st.consumed = 0
+        for _ in range(st.skip):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            st.consumed += 1
+            st.last_id = int(batch["sample_id"][-1])
+        st.skip = 0
+        if st.stream_check is not None:
+            match = _gather(st.last_id, self.world) == st.stream_check
+            self.state.resumes[-1]["stream_match"] = match
+            if self.rank == 0:
+                say(f"[{st.cfg.name}] stream position restored: epoch {st.epoch}, {st.consumed} batches per rank "
+                    f"skipped; the last skipped samples {'match' if match else 'DIFFER from'} the saved ones")
+            st.stream_check = None
+        return batches
+
+    def _train_stage(self, st: _Stage) -> None:
+        cfg = self.cfg
+        data_cfg = st.cfg.data or cfg.data
         accum = cfg.deepspeed.grad_accum
-        progress = _Progress(stage, step, cfg.progress_every, micro_batch * accum * world, rank)
-        micro, sums = 0, {}
-        last_id: int | None = None
-        wait = data_wait.setdefault(stage.name, [0.0, 0.0])  # [seconds waiting for data, seconds of steps]
-        while step < stage.steps:
-            if stream is not None:
-                batches = stream.batches(epoch, rank, world, micro_batch, device)
-            else:
-                batches = iter(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device))
-            consumed = 0
-            for _ in range(skip):
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                consumed += 1
-                last_id = int(batch["sample_id"][-1])
-            skip = 0
-            if stream_check is not None:
-                match = _gather(last_id, world) == stream_check
-                resumes[-1]["stream_match"] = match
-                if rank == 0:
-                    say(f"[{stage.name}] stream position restored: epoch {epoch}, {consumed} batches per rank "
-                        f"skipped; the last skipped samples {'match' if match else 'DIFFER from'} the saved ones")
-                stream_check = None
+        progress = _Progress(st.cfg, st.step, cfg.progress_every, data_cfg.batch_size * accum * self.world, self.rank)
+        wait = self.state.data_wait.setdefault(st.cfg.name, [0.0, 0.0])
+        while st.step < st.cfg.steps:
+            batches = self._epoch(st)
             t_step = time.perf_counter()
-            while step < stage.steps:
+            while st.step < st.cfg.steps:
                 t_wait = time.perf_counter()
                 batch = next(batches, None)
                 wait[0] += time.perf_counter() - t_wait
                 if not _all_true(batch is not None):
                     break
-                consumed += 1
-                last_id = int(batch["sample_id"][-1])
-                sample_log.write(stage.name, epoch, global_step + 1, len(resumes), batch["sample_id"])
-                batch = finish_pixels(batch, data_cfg.image)
-                if bf16:
-                    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-                torch.manual_seed(cfg.seed * 1_000_003 + global_step * 1009 + micro * 31 + rank)
-                out = engine(batch)
-                engine.backward(out["loss"])
-                engine.step()
-                for k, v in out.items():
-                    if torch.is_tensor(v) and v.numel() == 1 and v.is_floating_point():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
-                micro += 1
-                if micro % accum:
+                self.train_step(st, batch)
+                if st.micro % accum:
                     continue
-                step += 1
-                global_step += 1
-                executed += 1
                 now = time.perf_counter()
                 wait[1] += now - t_step
                 t_step = now
-                if rank == 0:
-                    _write_progress(config.get("progress_file"), global_step)
-                metrics = _mean_across(sums)
-                sums = {}
-                history.setdefault(f"{stage.name}/loss", []).append([global_step, metrics["loss"]])
-                progress.update(step, metrics["loss"])
-                lr = engine.get_lr()[0] if engine.get_lr() else 0.0
-                tracker.log_metrics({**{f"{stage.name}/{k}": v for k, v in metrics.items()}, "lr": lr,
-                                     "samples_per_s": progress.rate, "stage_index": si,
-                                     "data_wait_frac": wait[0] / max(wait[1], 1e-9)}, global_step)
-                last = step == stage.steps
-                if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    save(consumed)
-                _maybe_fail(cfg, rank, global_step)
-            epoch += 1
-        handoff = ckpt_io.strip_prefix(full_state_dict(engine, cfg.deepspeed.zero_stage), task.prefix)
-        if rank == 0 and config.get("stage_dir") and (cfg.stage_exports or stage.name in referenced):
-            from vlforge.models.io import save_model_dir
-            from vlforge.train.tasks import model_spec
+                self._after_step(st, progress, wait)
+            st.epoch += 1
 
-            save_model_dir(fit_shapes(handoff, task.model), model_spec(cfg),
-                           os.path.join(config["stage_dir"], stage.name), {"stage": stage.name})
-        if config.get("probe_file") and si == len(cfg.stages) - 1:
-            _save_probe(engine, task, config["probe_file"], rank, device)
-        tracker.log_loss_curve(history)
-        engine = None  # frees the engine before the next stage builds its own
-        dist.barrier()
+    def train_step(self, st: _Stage, batch: dict[str, torch.Tensor]) -> None:
+        """Forward, backward and (at a gradient-accumulation boundary) the optimizer on one micro-batch."""
+        cfg = self.cfg
+        st.consumed += 1
+        st.last_id = int(batch["sample_id"][-1])
+        self.sample_log.write(st.cfg.name, st.epoch, self.state.global_step + 1, len(self.state.resumes),
+                              batch["sample_id"])
+        batch = finish_pixels(batch, (st.cfg.data or cfg.data).image)
+        if self.bf16:
+            batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+        torch.manual_seed(_step_seed(cfg.seed, self.state.global_step, st.micro, self.rank))
+        out = st.engine(batch)
+        st.engine.backward(out["loss"])
+        st.engine.step()
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1 and v.is_floating_point():
+                st.sums[k] = st.sums.get(k, 0.0) + float(v.detach()) / cfg.deepspeed.grad_accum
+        st.micro += 1
 
-    delivery = tracker.end("FINISHED")
-    if rank == 0 and cfg.tracking.enabled:
-        say(f"[{run_name}] MLflow: {delivery.summary()}")
+    def _after_step(self, st: _Stage, progress: _Progress, wait: list[float]) -> None:
+        """Count an optimizer step, log it, and checkpoint when it is due."""
+        cfg, state, name = self.cfg, self.state, st.cfg.name
+        st.step += 1
+        state.global_step += 1
+        state.executed_steps += 1
+        if self.rank == 0:
+            _write_progress(self.args.progress_file, state.global_step)
+        metrics = _mean_across(st.sums)
+        st.sums = {}
+        state.history.setdefault(f"{name}/loss", []).append([state.global_step, metrics["loss"]])
+        progress.update(st.step, metrics["loss"])
+        lr = st.engine.get_lr()[0] if st.engine.get_lr() else 0.0
+        self.tracker.log_metrics({**{f"{name}/{k}": v for k, v in metrics.items()}, "lr": lr,
+                                  "samples_per_s": progress.rate, "stage_index": st.index,
+                                  "data_wait_frac": wait[0] / max(wait[1], 1e-9)}, state.global_step)
+        if st.step == st.cfg.steps or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0):
+            self.save(st)
+        _maybe_fail(cfg, self.rank, state.global_step)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self, st: _Stage, weights_digest: str) -> dict[str, Any]:
+        """The state file of a checkpoint taken now (collective: gathers every rank's stream position)."""
+        s = self.state
+        s.stage_index, s.stage, s.step, s.epoch, s.batches_in_epoch = st.index, st.cfg.name, st.step, st.epoch, \
+            st.consumed
+        s.weights_digest = weights_digest
+        s.stream = "deterministic" if st.stream is not None else "streaming"
+        s.stream_last_ids = _gather(st.last_id, self.world)
+        return s.to_dict()
+
+    def save(self, st: _Stage) -> None:
+        """Checkpoint every rank's DeepSpeed shard through ``ray.train.report`` (validation on rank 0 first)."""
+        import ray.train
+
+        from vlforge.train import checkpoint as ckpt_io
+        from vlforge.train.engine import full_state_dict
+
+        cfg, stage, gs = self.cfg, st.cfg, self.state.global_step
+        sd = full_state_dict(st.engine, cfg.deepspeed.zero_stage)
+        state = self.state_dict(st, _weights_digest(sd))
+        losses = self.state.history.get(f"{stage.name}/loss")
+        metrics = {"stage": stage.name, "step": st.step, "global_step": gs, "loss": losses[-1][1] if losses else None,
+                   "final_report": st.index == len(cfg.stages) - 1 and st.step == stage.steps}
+        if self.args.validator is not None and self.rank == 0:
+            metrics.update(_validate(self.args.validator, cfg, ckpt_io.strip_prefix(sd, st.task.prefix), self.device))
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")}, gs)
+        with tempfile.TemporaryDirectory(prefix="vlforge-ckpt-") as tmp:
+            ckpt_io.save(st.engine, tmp, state, self.rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if self.args.counters is not None and self.rank == 0:
+            from vlforge.data.pipeline import Counters
+
+            self.tracker.log_counters(Counters(self.args.counters).snapshot(), gs)
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: ``config["args"]`` is the driver's ``WorkerArgs``."""
+    Trainer(config["args"]).train()

@@ -214,6 +214,7 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any =
 
     from vlforge.data.pipeline import build_dataset
     from vlforge.runtime import init_ray as start_ray
+    from vlforge.train.loop import WorkerArgs
 
     if init_ray:
         start_ray(num_train_workers=cfg.num_workers, worker_cpus=cfg.worker_cpus)
@@ -235,10 +236,10 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any =
     resources = {"CPU": cfg.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"cfg": to_dict(cfg), "run_name": cfg.name, "counters": counters.handle, "streams": streams,
-                           "progress_file": str(run_dir / "progress_step"), "stage_dir": str(run_dir / "stages"),
-                           "probe_file": str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None,
-                           "validator": validator},
+        train_loop_config={"args": WorkerArgs(
+            to_dict(cfg), cfg.name, counters=counters.handle, streams=streams,
+            progress_file=str(run_dir / "progress_step"), stage_dir=str(run_dir / "stages"),
+            probe_file=str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None, validator=validator)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
