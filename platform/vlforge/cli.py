@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = dsub.add_parser("build-corpus", help="render the built-in emoji-scene corpus (offline, deterministic)",
                         description="Render the built-in corpus from OpenMoji artwork (CC BY-SA 4.0). "
-                                    "Config keys: see CorpusConfig in vlforge/config.py.")
+                                    "Config keys: see CorpusConfig in vlforge/config/data.py.")
     b.add_argument("--config", help="YAML file with CorpusConfig keys")
     b.add_argument("--out", help="output directory (default data/corpus)")
     b.add_argument("--seed", type=int, help="random seed (default 0)")
