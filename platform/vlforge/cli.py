@@ -227,17 +227,12 @@ def _log_eval_run(row: dict, experiment: str, tracking_uri: str | None) -> str:
     """A new MLflow run in ``experiment`` holding ``row``: its figures as metrics, the rest as params."""
     from mlflow import MlflowClient
 
-    from vlforge.tracking.mlflow_tracker import resolve_tracking_uri
+    from vlforge.tracking.mlflow_tracker import experiment_id, resolve_tracking_uri
 
     uri = resolve_tracking_uri(C.TrackingConfig(tracking_uri=tracking_uri))
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
-    if exp_id is None:
-        if exp is not None:
-            raise ValueError(f"MLflow experiment {experiment!r} is deleted; restore it or pick another name")
-        exp_id = client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=f"eval {row['model']}", tags={"vlforge.kind": "evaluation"})
+    run = client.create_run(experiment_id(client, experiment), run_name=f"eval {row['model']}",
+                            tags={"vlforge.kind": "evaluation"})
     try:
         for k, v in row.items():
             if isinstance(v, bool):

@@ -492,3 +492,14 @@ def test_print0_bypasses_a_patched_print(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     vlog.print0("once")
     assert calls == [real]
+
+
+def test_one_experiment_helper_creates_finds_and_restores(cfg):
+    from vlforge.tracking.mlflow_tracker import experiment_id
+
+    client = _client(cfg)
+    first = experiment_id(client, "helper-exp")
+    assert experiment_id(client, "helper-exp") == first
+    client.delete_experiment(first)
+    assert experiment_id(client, "helper-exp") == first
+    assert client.get_experiment(first).lifecycle_stage == "active"

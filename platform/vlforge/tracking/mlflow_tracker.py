@@ -162,6 +162,27 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of MLflow experiment ``name``: created when absent (``artifact_location`` applies only
+    then; one created concurrently by another process is found), restored with a warning when deleted.
+    Every part of vlforge that logs into an experiment by name goes through here."""
+    from mlflow.entities import LifecycleStage
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == LifecycleStage.DELETED:
+        log.warning("MLflow experiment %r was deleted; restoring it", name)
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
 def _valid_name(name: str) -> bool:
     if not name or len(name) > MAX_KEY or not re.match(r"^[/\w.\- :]*$", name):
         return False
@@ -429,21 +450,7 @@ class Tracker:
         return self.run_id
 
     def _experiment_id(self) -> str:
-        from mlflow.entities import LifecycleStage
-        from mlflow.exceptions import MlflowException
-
-        exp = self.client.get_experiment_by_name(self.cfg.experiment)
-        if exp is None:
-            try:
-                return self.client.create_experiment(self.cfg.experiment)
-            except MlflowException:
-                exp = self.client.get_experiment_by_name(self.cfg.experiment)
-                if exp is None:
-                    raise
-        if exp.lifecycle_stage == LifecycleStage.DELETED:
-            log.warning("MLflow experiment %r was deleted; restoring it", self.cfg.experiment)
-            self.client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
+        return experiment_id(self.client, self.cfg.experiment)
 
     def _find_run(self, run_key: str):
         from mlflow.entities import ViewType

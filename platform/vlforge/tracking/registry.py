@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig, TrackingConfig
 from vlforge.models.io import SPEC_FILE, WEIGHTS_FILE, read_spec
-from vlforge.tracking.mlflow_tracker import redact, resolve_tracking_uri
+from vlforge.tracking.mlflow_tracker import experiment_id, redact, resolve_tracking_uri
 from vlforge.tracking.pyfunc_model import (
     ARTIFACT_KEY,
     AUTO,
@@ -365,24 +365,6 @@ def _use_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
-def _experiment_id(client, name: str, artifact_location: str | None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage != "active":
-            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or pick another name")
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException as exc:  # created concurrently
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        log.debug("experiment %s appeared while creating it: %s", name, exc)
-        return exp.experiment_id
-
-
 def _ensure_registered_model(client, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -478,7 +460,7 @@ def log_and_register(
         client = MlflowClient(tracking_uri=uri)
         own_run = run_id is None
         if own_run:
-            exp_id = _experiment_id(client, experiment, artifact_location)
+            exp_id = experiment_id(client, experiment, artifact_location)
             run = client.create_run(exp_id, run_name=f"register-{model_name}",
                                     tags={"vlforge.kind": "model-registration"})
             run_id = run.info.run_id

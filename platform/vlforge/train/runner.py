@@ -156,11 +156,18 @@ def prepare_local_mlflow(tracking) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    if client.get_experiment_by_name(tracking.experiment) is None:
-        db = Path(uri.removeprefix("sqlite:///"))
-        where = db.parent / "mlruns" / tracking.experiment
-        client.create_experiment(tracking.experiment, artifact_location=where.as_uri())
+    from vlforge.tracking.mlflow_tracker import experiment_id
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    experiment_id(MlflowClient(uri), tracking.experiment, (db.parent / "mlruns" / tracking.experiment).as_uri())
+
+
+SUMMARY_FILE = "summary.json"  # written beside a run's checkpoints when it has run to its end
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    """Whether the Train run in ``run_dir`` ran to its end (its ``summary.json``); an unfinished one resumes."""
+    return (Path(run_dir) / SUMMARY_FILE).exists()
 
 
 @dataclass
@@ -265,7 +272,7 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any =
             from vlforge.train.export import export_checkpoint
 
             export_dir = str(export_checkpoint(ckpt_path, run_dir / "export", cfg))
-    (run_dir / "summary.json").write_text(json.dumps({"checkpoint": ckpt_path, "export": export_dir,
+    (run_dir / SUMMARY_FILE).write_text(json.dumps({"checkpoint": ckpt_path, "export": export_dir,
                                                       "seconds": seconds}))
     return TrainResult(cfg.name, seconds, ckpt_path, export_dir, state, dict(result.metrics or {}))
 

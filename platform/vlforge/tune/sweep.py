@@ -369,7 +369,9 @@ def _trial_status(plan: SweepPlan, trial_id: str, errored: bool) -> str:
     """How a trial that Tune has ended ended: its Train run wrote summary.json only if it ran to the end."""
     if errored:
         return ERROR
-    return FINISHED if (plan.runs_dir / plan.trial_name(trial_id) / "summary.json").exists() else STOPPED
+    from vlforge.train.runner import is_finished
+
+    return FINISHED if is_finished(plan.runs_dir / plan.trial_name(trial_id)) else STOPPED
 
 
 def _status_file(plan: SweepPlan, trial_id: str) -> Path:

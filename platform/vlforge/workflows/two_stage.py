@@ -258,7 +258,9 @@ def _check_storage(cfg: TwoStageConfig, p: Plan) -> None:
 
 
 def _finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").exists()
+    from vlforge.train.runner import is_finished
+
+    return is_finished(run_dir)
 
 
 def _teacher_models(p: Plan, cfg: TwoStageConfig) -> dict[str, Path]:
