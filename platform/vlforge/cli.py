@@ -180,11 +180,14 @@ def cmd_eval(args) -> int:
                               batch_size=args.batch_size, storage=_storage(args), data=data)
     row["model"] = args.model_dir
     cols = [c for c in ("nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-                        "rmean") if c in row]
-    n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts") if k in row)
+                        "rmean", "bleu4", "rouge_l", "cider", "meteor", "objects_named") if c in row]
+    n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts", "n") if k in row)
     print(format_table(with_intervals([row], INTERVAL_COUNTS), ["task", *cols], decimals=1,
                        title=f"{args.model_dir} on {args.shards} ({n} samples)"))
     print(INTERVAL_NOTE)
+    if "tokenizer" in row:
+        print(f"captions tokenised with {row['tokenizer']}; objects_named: captions naming exactly the scene's "
+              "objects")
     if row.get("vqa_metric") == "vqav2":
         print("VQA: the VQAv2 metric, min(1, annotators who gave the predicted answer / 3), averaged; "
               "its interval treats each question as one trial.")

@@ -150,7 +150,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 # metric -> the row key of its sample count (rows of evaluate_retrieval / accuracy as the jobs build them)
-INTERVAL_COUNTS = {"nlvr2_acc": "nlvr2_n", "vqa_acc": "vqa_n", "i2t_r1": "n_images", "t2i_r1": "n_texts"}
+INTERVAL_COUNTS = {"nlvr2_acc": "nlvr2_n", "vqa_acc": "vqa_n", "i2t_r1": "n_images", "t2i_r1": "n_texts",
+                   "objects_named": "objects_n"}
 
 INTERVAL_NOTE = ("± = half the width of the Wilson 95 % interval of a binomial proportion over the "
                  "split's evaluation samples")

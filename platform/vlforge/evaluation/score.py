@@ -3,11 +3,12 @@
     vlforge eval out/ray_results/my-run/export data/corpus/scenes/test --max-samples 1000
     row = score_model_dir("out/ray_results/my-run/export", "data/corpus/nlvr/test")   # {"nlvr2_acc", "nlvr2_n", ...}
 
-The set's task comes from its manifest (``captions`` -> retrieval R@1/5/10 both ways,
-``nlvr`` -> true/false accuracy, ``vqa`` -> VQA accuracy); image size and text length come
-from the model's own config, so no data settings are needed. Retrieval scores a bare VLMo or a
-student with ITC embeddings; a VLMo or a fine-tuned fusion model (``method: vlmo`` / ``fusion``)
-re-ranks its ITC top ``rerank_k`` with its ITM head (0 = ITC only).
+The set's task comes from its manifest (``captions`` -> retrieval R@1/5/10 both ways, or for a
+captioning model (``frozen``, ``vcgpt``) its greedy captions' BLEU-4 / ROUGE-L / CIDEr / METEOR and
+the share naming the scene's objects, ``nlvr`` -> true/false accuracy, ``vqa`` -> VQA accuracy);
+image size and text length come from the model's own config, so no data settings are needed.
+Retrieval scores a bare VLMo or a student with ITC embeddings; a VLMo or a fine-tuned fusion model
+(``method: vlmo`` / ``fusion``) re-ranks its ITC top ``rerank_k`` with its ITM head (0 = ITC only).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
     from vlforge.models.io import load_model_dir, read_spec
 
     spec = read_spec(model_dir)
-    if spec.get("method") not in ("vlmo", "fusion", "distill"):
-        raise ValueError(f"{model_dir}: a {spec.get('method')!r} model generates text; vlforge eval scores "
-                         "retrieval, true/false and VQA heads (methods vlmo, fusion, distill)")
+    method = spec.get("method")
+    if method in ("frozen", "vcgpt"):
+        return _score_captioner(model_dir, shards, max_samples, batch_size, storage, data)
+    if method not in ("vlmo", "fusion", "distill"):
+        raise ValueError(f"{model_dir}: vlforge eval scores methods vlmo, fusion and distill (retrieval, true/false, "
+                         f"VQA) and frozen / vcgpt (captioning), not {method!r}")
     model = load_model_dir(model_dir)
     task = detect_task(shards, storage)
     data = dataclasses.replace(data or _data_for(model, storage), shards=shards)
@@ -59,4 +63,22 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
         row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
         if scored.get("metric") == "vqav2":
             row["vqa_metric"] = "vqav2"
+    return row
+
+
+def _score_captioner(model_dir: str, shards: str, max_samples: int | None, batch_size: int,
+                     storage: StorageConfig | None, data: DataConfig | None) -> dict[str, Any]:
+    from vlforge.data.pipeline import detect_task
+    from vlforge.evaluation.generation import score_captioner
+    from vlforge.models.io import load_model_dir
+
+    task = detect_task(shards, storage)
+    if task != "captions":
+        raise ValueError(f"{model_dir} is a captioning model; score it on a captions shard set, not {task}")
+    model = load_model_dir(model_dir)
+    data = data or DataConfig(image=ImageConfig(size=int(model.vision.img_size), augment=False),
+                              storage=storage or StorageConfig())
+    data = dataclasses.replace(data, shards=shards)
+    row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "captioning"}
+    row.update(score_captioner(model, shards, data, max_samples=max_samples, batch_size=batch_size))
     return row

@@ -1,0 +1,169 @@
+"""Generation metrics (``vlforge.evaluation.generation``) against hand-computed values, few-shot
+episodes (shots only from the pool, never the evaluated set) and object naming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlforge.evaluation.generation import (
+    caption_metrics,
+    few_shot_episodes,
+    java_available,
+    objects_named,
+    plain_tokenize,
+    vqa_accuracy,
+)
+
+pytestmark = pytest.mark.unit
+
+REFS = {"a": ["a cat sat on the mat"], "b": ["a red taxi left of a llama"], "c": ["two dogs"]}
+CANDS = {"a": "a cat on a mat", "b": "a red taxi left of a llama", "c": "a dog"}
+
+
+def _rouge_l(cand: str, ref: str, beta: float = 1.2) -> float:
+    c, r = cand.split(), ref.split()
+    table = [[0] * (len(r) + 1) for _ in range(len(c) + 1)]
+    for i in range(len(c)):
+        for j in range(len(r)):
+            table[i + 1][j + 1] = table[i][j] + 1 if c[i] == r[j] else max(table[i][j + 1], table[i + 1][j])
+    lcs = table[-1][-1]
+    if not lcs:
+        return 0.0
+    p, rec = lcs / len(c), lcs / len(r)
+    return (1 + beta**2) * p * rec / (rec + beta**2 * p)
+
+
+def test_caption_metrics_match_hand_computed_rouge_and_bleu():
+    out = caption_metrics(REFS, CANDS, java=False)
+    assert out["tokenizer"].startswith("plain") and out["n"] == 3 and "meteor" not in out
+    # "a cat on a mat" vs "a cat sat on the mat": LCS "a cat on mat" = 4 of 5 and 6 words.
+    expected = (_rouge_l(CANDS["a"], REFS["a"][0]) + 1.0 + _rouge_l(CANDS["c"], REFS["c"][0])) / 3
+    assert out["rouge_l"] == pytest.approx(100 * expected, abs=1e-6)
+    # Corpus BLEU-4: clipped n-gram matches 11/14, 7/11, 5/8, 4/6 over the three captions; the hypotheses
+    # have 14 words and the references 15, so the brevity penalty is exp(1 - 15/14).
+    import math
+
+    precisions = [11 / 14, 7 / 11, 5 / 8, 4 / 6]
+    bleu4 = math.exp(1 - 15 / 14) * math.exp(sum(math.log(p) for p in precisions) / 4)
+    assert out["bleu4"] == pytest.approx(100 * bleu4, rel=1e-4)
+    assert out["cider"] > 0
+
+
+def test_identical_captions_score_the_maximum():
+    refs = {k: [v[0]] for k, v in REFS.items()}
+    out = caption_metrics(refs, {k: v[0] for k, v in refs.items()}, java=False)
+    assert out["rouge_l"] == pytest.approx(100.0)
+    assert out["bleu4"] == pytest.approx(100.0, rel=1e-6)
+    worse = caption_metrics(refs, {"a": "", "b": "a llama", "c": "two dogs"}, java=False)  # an empty caption scores
+    assert worse["cider"] < out["cider"] and worse["bleu4"] < out["bleu4"]
+
+
+@pytest.mark.skipif(not java_available(), reason="needs Java (pycocoevalcap's PTB tokenizer and METEOR)")
+def test_with_java_the_ptb_tokenizer_and_meteor_run():
+    out = caption_metrics({"a": ["A cat sat on the mat."]}, {"a": "a cat sat on the mat"}, java=True)
+    assert out["tokenizer"] == "ptb" and out["rouge_l"] == pytest.approx(100.0)  # PTB drops the case and period
+    assert 0 < out["meteor"] <= 100
+
+
+def test_caption_metric_errors():
+    with pytest.raises(ValueError, match="no candidate"):
+        caption_metrics(REFS, {}, java=False)
+    with pytest.raises(KeyError, match="without references"):
+        caption_metrics(REFS, {"zzz": "x"}, java=False)
+
+
+def test_vqa_accuracy_exact_and_vqav2():
+    assert vqa_accuracy(["Yes.", "2", "no"], [["yes"], ["two"], ["no"]]) == {
+        "acc": pytest.approx(200 / 3), "n": 3, "metric": "exact match"}
+    ten = ["no"] * 8 + ["yes"] * 2
+    out = vqa_accuracy(["yes", "no"], [ten, ten])
+    assert out["acc"] == pytest.approx(100 * (2 / 3 + 1) / 2) and out["metric"].startswith("vqav2")
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        vqa_accuracy(["a", "b"], [["a"]])
+
+
+def test_few_shot_episodes_come_from_the_pool_only_and_repeat():
+    pool = [f"train-{i}" for i in range(10)]
+    evals = ["test-0", "test-1", "test-2"]
+    eps = few_shot_episodes(evals, pool, shots=4, seed=3)
+    assert len(eps) == 3 and all(len(e) == 4 and len(set(e)) == 4 and set(e) <= set(pool) for e in eps)
+    assert eps == few_shot_episodes(evals, pool, shots=4, seed=3)
+    assert eps != few_shot_episodes(evals, pool, shots=4, seed=4)
+    assert few_shot_episodes(evals, pool, shots=0) == [[], [], []]
+    with pytest.raises(ValueError, match="in the evaluated set"):
+        few_shot_episodes(evals, [*pool, "test-1"], shots=1)
+    with pytest.raises(ValueError, match="at least"):
+        few_shot_episodes(evals, pool[:2], shots=4)
+
+
+def test_objects_named_needs_exactly_the_scenes_objects():
+    vocab = ["llama", "taxi", "red car", "car", "cat"]
+    assert objects_named("A llama, left of a taxi.", ["llama", "taxi"], vocab)
+    assert not objects_named("a llama left of a cat", ["llama", "taxi"], vocab)
+    assert not objects_named("a llama", ["llama", "taxi"], vocab)
+    assert objects_named("the red car above a cat", ["red car", "cat"], vocab)  # "car" inside "red car" not counted
+    assert plain_tokenize("Hello,  World!") == "hello world"
+
+
+def _scene_set(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vlforge.data.shards import ShardWriter
+
+    scenes = [("a llama left of a taxi", ["llama", "taxi"]), ("a cat above a dog", ["cat", "dog"]),
+              ("a taxi below a cat", ["taxi", "cat"])]
+    out = tmp_path / "scenes" / "test"
+    with ShardWriter(out, samples_per_shard=2, params={"task": "scenes"}) as w:
+        for i, (text, names) in enumerate(scenes):
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(buf, format="PNG")
+            w.write(f"{i:06d}", image=buf.getvalue(), image_ext="png", text=text,
+                    meta={"objects": [{"name": n, "x": 0.5, "y": 0.5} for n in names]})
+    return out, scenes
+
+
+class _Captioner(torch.nn.Module):
+    """Returns fixed captions in sample order (the set is smaller than one generation batch)."""
+
+    def __init__(self, captions):
+        super().__init__()
+        self.captions = captions
+
+    def generate(self, pixel_values, max_new_tokens=20):
+        return self.captions[: len(pixel_values)]
+
+
+def test_score_captioner_scores_references_and_objects(tmp_path):
+    from vlforge.config import DataConfig, ImageConfig
+    from vlforge.evaluation.generation import score_captioner
+
+    shards, scenes = _scene_set(tmp_path)
+    data = DataConfig(image=ImageConfig(size=32, augment=False))
+    perfect = score_captioner(_Captioner([t for t, _ in scenes]), str(shards), data, java=False, examples=2)
+    assert perfect["rouge_l"] == pytest.approx(100.0) and perfect["objects_named"] == pytest.approx(100.0)
+    assert perfect["objects_n"] == 3 and perfect["n"] == 3
+    assert perfect["examples"][0]["caption"] == scenes[0][0] and perfect["examples"][0]["references"] == [scenes[0][0]]
+    wrong = ["a llama left of a cat", "a cat above a dog", "a taxi"]  # only the second names its objects
+    out = score_captioner(_Captioner(wrong), str(shards), data, java=False)
+    assert out["objects_named"] == pytest.approx(100 / 3) and out["rouge_l"] < 100
+
+
+def test_vlforge_eval_on_a_caption_model_directory(tmp_path, capsys):
+    import json
+
+    from vlforge.cli import main
+    from vlforge.models.io import build_from_spec, save_model_dir
+
+    shards, _ = _scene_set(tmp_path)
+    spec = {"model": "frozen_debug", "method": "frozen", "overrides": {}}
+    torch.manual_seed(0)
+    model_dir = save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "frozen")
+    report = tmp_path / "row.json"
+    assert main(["eval", str(model_dir), str(shards), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "bleu4" in out and "objects_named" in out and "captions tokenised with" in out
+    row = json.loads(report.read_text())
+    assert row["task"] == "captioning" and row["n"] == 3 and 0.0 <= row["cider"]
