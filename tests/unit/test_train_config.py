@@ -21,7 +21,8 @@ def _raw(**extra):
     return raw
 
 
-@pytest.mark.parametrize("name", ["vlmo_stagewise", "vlmo_stagewise_smoke", "frozen_lm", "frozen_lm_smoke"])
+@pytest.mark.parametrize("name", ["vlmo_stagewise", "vlmo_stagewise_smoke", "frozen_lm", "frozen_lm_smoke", "vcgpt",
+                                  "vcgpt_smoke"])
 def test_job_configs_load_strictly(name):
     cfg = load(TrainRunConfig, REPO / "jobs" / "configs" / f"{name}.yaml")
     assert cfg.stages
@@ -115,7 +116,8 @@ def test_optimizer_gets_trainable_params_only():
     assert {by_id[i] for i in in_opt} == set(names)
 
 
-@pytest.mark.parametrize("name", ["vlmo_stagewise", "vlmo_stagewise_smoke", "frozen_lm", "frozen_lm_smoke"])
+@pytest.mark.parametrize("name", ["vlmo_stagewise", "vlmo_stagewise_smoke", "frozen_lm", "frozen_lm_smoke", "vcgpt",
+                                  "vcgpt_smoke"])
 def test_job_configs_pass_validation(name):
     from vlforge.train.runner import validate
 

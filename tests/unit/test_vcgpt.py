@@ -132,3 +132,36 @@ def test_registered_sizes():
     from vlforge.models import list_models
 
     assert {"vcgpt_debug", "vcgpt_small"} <= set(list_models("vcgpt"))
+
+
+def test_the_platform_task_trains_vcgpt_on_pipeline_batches():
+    """method vcgpt: CaptionTask turns the pipeline's WordPiece ids into the LM's tokens; the loss on one
+    batch goes down with the vision tower and fusion branch trained and the LM frozen, as vcgpt_smoke.yaml does."""
+    from vlforge.config import TrainRunConfig, from_dict
+    from vlforge.data.tokenizer import load_tokenizer
+    from vlforge.models.trainable import set_trainable
+    from vlforge.train.tasks import CaptionTask, build_task
+
+    cfg = from_dict(TrainRunConfig, {
+        "method": "vcgpt", "model": "vcgpt_debug", "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
+        "stages": [{"name": "caption", "objectives": {"caption": 1.0}, "steps": 1,
+                    "trainable": ["vision.*", "visual_proj.*", "fusion.*", "fusion_norm.*", "fusion_head.*"]}]})
+    torch.manual_seed(0)
+    task = build_task(cfg, cfg.stages[0])
+    assert isinstance(task.module, CaptionTask) and task.prefix == "model."
+    set_trainable(task.model, cfg.stages[0].trainable)
+    assert not any(p.requires_grad for p in task.model.lm.parameters())
+    tok = load_tokenizer(cfg.data.tokenizer)(["a llama left of a taxi", "a cat above a dog"])
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.from_numpy(tok["input_ids"]),
+             "attention_mask": torch.from_numpy(tok["attention_mask"])}
+    assert task.module.captions(batch["input_ids"], batch["attention_mask"]) == ["a llama left of a taxi",
+                                                                                 "a cat above a dog"]
+    opt = torch.optim.AdamW([p for p in task.module.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = task.module(batch)
+        first = first if first is not None else out["loss"].item()
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["loss"].item() < 0.5 * first

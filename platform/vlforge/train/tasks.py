@@ -15,10 +15,10 @@ Methods:
 * ``distill``: a ``DualEncoderStudent`` taught by the frozen teacher in ``stage.teacher`` (a model
   directory: a pretrained VLMo for ``itm``, a fine-tuned fusion model for ``vqa`` / ``nlvr2``) with
   the stage's loss weights (``soft``, ``attn``, ``hard``, ``itc``; ``DistillationTask``).
-* ``frozen``: the Frozen model (objective ``caption``). The data pipeline gives BERT
-  WordPiece ids; ``FrozenCaptionTask`` decodes them back to text with the pipeline's
-  tokenizer (lower-cased, as the BERT uncased vocabulary is) and re-tokenises with the
-  LM's own tokenizer (``Frozen.tokenize``).
+* ``frozen`` and ``vcgpt``: a captioning model, Frozen or VC-GPT (objective ``caption``). The data
+  pipeline gives BERT WordPiece ids; ``CaptionTask`` decodes them back to text with the
+  pipeline's tokenizer (lower-cased, as the BERT uncased vocabulary is) and re-tokenises with
+  the LM's own tokenizer (the model's ``tokenize``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class TrainTask:
     prefix: str
 
 
-class FrozenCaptionTask(nn.Module):
-    """Frozen trained on pipeline batches: BERT ids -> caption text -> the LM's tokens."""
+class CaptionTask(nn.Module):
+    """A captioning model (Frozen, VC-GPT) trained on pipeline batches: BERT ids -> caption text -> the
+    LM's tokens -> the model's ``forward(batch)`` loss."""
 
     def __init__(self, model: nn.Module, data: DataConfig, weight: float = 1.0):
         super().__init__()
@@ -60,6 +61,9 @@ class FrozenCaptionTask(nn.Module):
         out = self.model({"pixel_values": batch["pixel_values"],
                           **{k: v.to(device) for k, v in tokens.items()}})
         return {**out, "loss": self.weight * out["loss"]}
+
+
+CAPTION_METHODS = ("frozen", "vcgpt")
 
 
 def task_prefix(method: str) -> str:
@@ -99,9 +103,9 @@ def build_task(cfg: TrainRunConfig, stage: StageConfig, model: nn.Module | None 
         from vlforge.models.vlmo import VLMoPretrainTask
 
         return TrainTask(VLMoPretrainTask(model, dict(stage.objectives), gather=gather), model, prefix)
-    if cfg.method == "frozen":
+    if cfg.method in CAPTION_METHODS:
         data = stage.data or cfg.data
-        return TrainTask(FrozenCaptionTask(model, data, stage.objectives.get("caption", 1.0)), model, prefix)
+        return TrainTask(CaptionTask(model, data, stage.objectives.get("caption", 1.0)), model, prefix)
     if cfg.method == "fusion":
         from vlforge.models.distill import FusionFinetuneTask
 
@@ -118,8 +122,8 @@ def build_task(cfg: TrainRunConfig, stage: StageConfig, model: nn.Module | None 
 def model_sizes(cfg: TrainRunConfig) -> dict[str, Any]:
     """``{"img_size", "max_text_len" (or None), "param_names"}`` of the configured model, built on
     the meta device (no memory, no weights), for validation before any Ray resource is taken."""
-    if cfg.method == "frozen":
-        model = _frozen_skeleton(cfg)
+    if cfg.method in CAPTION_METHODS:
+        model = _caption_skeleton(cfg)
     else:
         with torch.device("meta"):
             model = create(cfg)
@@ -131,12 +135,16 @@ def model_sizes(cfg: TrainRunConfig) -> dict[str, Any]:
     return {"img_size": model.config.vision.img_size, "max_text_len": None, "param_names": names}
 
 
-def _frozen_skeleton(cfg: TrainRunConfig) -> nn.Module:
-    """The configured Frozen model on the meta device with its LM swapped for the tiny random one
+def _caption_skeleton(cfg: TrainRunConfig) -> nn.Module:
+    """The configured captioning model on the meta device with its LM swapped for the tiny random one
     (loading pretrained weights under meta is refused): vision and prefix names and sizes are
-    exact, ``lm.*`` names are only representative."""
+    exact, ``lm.*`` names are only representative (VC-GPT's fusion layers take the tiny LM's width,
+    with one head, so that any head count of the real LM's width builds; the names do not change)."""
     from vlforge.models import create_model
     from vlforge.models.lm import LMConfig
 
+    swap: dict[str, Any] = {"lm": LMConfig()}
+    if cfg.method == "vcgpt":
+        swap["fusion_heads"] = 1
     with torch.device("meta"):
-        return create_model(cfg.model, **{**cfg.model_overrides, "lm": LMConfig()})
+        return create_model(cfg.model, **{**cfg.model_overrides, **swap})
