@@ -177,7 +177,7 @@ def cmd_eval(args) -> int:
         raise ValueError("--max-samples must be >= 1")
     with _model_source(args.model_dir, args.tracking_uri) as (model_dir, data):
         row = score_model_dir(model_dir, args.shards, max_samples=args.max_samples, rerank_k=args.rerank_k,
-                              batch_size=args.batch_size, storage=_storage(args), data=data)
+                              batch_size=args.batch_size, storage=_storage(args), data=data, branch=args.branch)
     row["model"] = args.model_dir
     cols = [c for c in ("nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                         "rmean", "bleu4", "rouge_l", "cider", "meteor", "objects_named") if c in row]
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rerank-k", type=int, default=0,
                     help="fusion models: re-rank the ITC top K with the ITM head (default 0: ITC only)")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--branch", choices=["ensemble", "fusion", "gpt"], default=None,
+                    help="VC-GPT: decode from these logits (default: the self-ensemble the model uses)")
     ev.add_argument("--json", metavar="PATH", help="also write the row as JSON")
     ev.add_argument("--mlflow-experiment", metavar="NAME",
                     help="also log the figures as a new run in this MLflow experiment")

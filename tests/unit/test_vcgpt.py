@@ -165,3 +165,11 @@ def test_the_platform_task_trains_vcgpt_on_pipeline_batches():
         out["loss"].backward()
         opt.step()
     assert out["loss"].item() < 0.5 * first
+
+
+def test_generate_from_one_branch(debug_model):
+    pv = torch.randn(2, 3, 32, 32)
+    for branch in ("ensemble", "fusion", "gpt"):
+        assert len(debug_model.generate(pv, max_new_tokens=3, branch=branch)) == 2
+    with pytest.raises(ValueError, match="branch"):
+        debug_model.generate(pv, branch="both")

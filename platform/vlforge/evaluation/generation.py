@@ -191,12 +191,14 @@ def _references(shards: str, storage, wanted: set[int]) -> dict[int, tuple[list[
 
 
 def score_captioner(model, shards: str, data, *, max_samples: int | None = None, max_new_tokens: int = 20,
-                    batch_size: int = 32, java: bool | None = None, examples: int = 0) -> dict[str, Any]:
+                    batch_size: int = 32, java: bool | None = None, examples: int = 0,
+                    generate_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Greedy captions of ``model`` (anything with ``generate(pixel_values, max_new_tokens)``) for the
     images of a captions shard set, scored against the set's captions (all of them, for COCO-style
     samples): ``caption_metrics`` plus ``objects_named`` (percent of captions naming exactly the
     scene's objects, where the samples' metadata lists them; corpus concept names as the vocabulary).
-    ``examples``: also return that many (sample id, caption, references) for a picture or a table."""
+    ``examples``: also return that many (sample id, caption, references) for a picture or a table;
+    ``generate_kwargs`` go to ``generate`` (VC-GPT's ``branch``, for the self-ensemble ablation)."""
     import torch
 
     from vlforge.data.corpus import load_concepts
@@ -211,7 +213,8 @@ def score_captioner(model, shards: str, data, *, max_samples: int | None = None,
     try:
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
-                captions += model.generate(ev["pixel_values"][start:start + batch_size], max_new_tokens=max_new_tokens)
+                captions += model.generate(ev["pixel_values"][start:start + batch_size], max_new_tokens=max_new_tokens,
+                                           **(generate_kwargs or {}))
     finally:
         model.train(was)
     keyed = {str(i): c for i, c in zip(ids, captions)}

@@ -30,7 +30,7 @@ def _data_for(model, storage: StorageConfig | None) -> DataConfig:
 
 def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = None, rerank_k: int = 0,
                     batch_size: int = 64, storage: StorageConfig | None = None,
-                    data: DataConfig | None = None) -> dict[str, Any]:
+                    data: DataConfig | None = None, branch: str | None = None) -> dict[str, Any]:
     """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``; ``data`` (image
     and tokenizer settings) defaults to the model's own sizes with the default tokenizer."""
     from vlforge.data.pipeline import detect_task
@@ -42,7 +42,10 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
     spec = read_spec(model_dir)
     method = spec.get("method")
     if method in ("frozen", "vcgpt"):
-        return _score_captioner(model_dir, shards, max_samples, batch_size, storage, data)
+        if branch is not None and method != "vcgpt":
+            raise ValueError(f"branch {branch!r} is VC-GPT's (its self-ensemble ablation); {model_dir} is {method!r}")
+        return _score_captioner(model_dir, shards, max_samples, batch_size, storage, data,
+                                {"branch": branch} if branch else None)
     if method not in ("vlmo", "fusion", "distill"):
         raise ValueError(f"{model_dir}: vlforge eval scores methods vlmo, fusion and distill (retrieval, true/false, "
                          f"VQA) and frozen / vcgpt (captioning), not {method!r}")
@@ -67,7 +70,8 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
 
 
 def _score_captioner(model_dir: str, shards: str, max_samples: int | None, batch_size: int,
-                     storage: StorageConfig | None, data: DataConfig | None) -> dict[str, Any]:
+                     storage: StorageConfig | None, data: DataConfig | None,
+                     generate_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     from vlforge.data.pipeline import detect_task
     from vlforge.evaluation.generation import score_captioner
     from vlforge.models.io import load_model_dir
@@ -80,5 +84,8 @@ def _score_captioner(model_dir: str, shards: str, max_samples: int | None, batch
                               storage=storage or StorageConfig())
     data = dataclasses.replace(data, shards=shards)
     row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "captioning"}
-    row.update(score_captioner(model, shards, data, max_samples=max_samples, batch_size=batch_size))
+    if generate_kwargs:
+        row.update(generate_kwargs)
+    row.update(score_captioner(model, shards, data, max_samples=max_samples, batch_size=batch_size,
+                               generate_kwargs=generate_kwargs))
     return row

@@ -145,8 +145,12 @@ class VCGPT(nn.Module):
         }
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20) -> list[str]:
-        """Greedy captions for [B, 3, H, W]; the whole prefix is re-run each step (fusion layers keep no cache)."""
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20, branch: str = "ensemble") -> list[str]:
+        """Greedy captions for [B, 3, H, W]; the whole prefix is re-run each step (fusion layers keep no cache).
+        ``branch``: decode from the self-ensembled logits (the model), or ``"fusion"`` / ``"gpt"`` alone (the
+        paper's ablation of the ensemble)."""
+        if branch not in ("ensemble", "fusion", "gpt"):
+            raise ValueError(f"branch must be 'ensemble', 'fusion' or 'gpt', got {branch!r}")
         visual = self.visual_tokens(pixel_values)  # [B, N, D]
         batch = pixel_values.shape[0]
         ids = torch.full((batch, 1), self.tokenizer.bos_id, dtype=torch.long, device=pixel_values.device)  # [B, 1]
@@ -154,7 +158,8 @@ class VCGPT(nn.Module):
         eos = self.tokenizer.eos_id
         for _ in range(max_new_tokens):
             gpt, fuse = self.branch_logits(visual, ids, torch.ones_like(ids))
-            nxt = (gpt + fuse)[:, -1].argmax(-1)  # [B]
+            logits = {"ensemble": gpt + fuse, "fusion": fuse, "gpt": gpt}[branch]  # [B, T, V]
+            nxt = logits[:, -1].argmax(-1)  # [B]
             nxt = torch.where(done, eos, nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             done |= nxt == eos
