@@ -24,6 +24,8 @@ def test_frozen_lm_job_keeps_lm_frozen(ray_local, corpus, tmp_path, capsys, load
 
     raw = yaml.safe_load((REPO / "jobs" / "configs" / "frozen_lm_smoke.yaml").read_text())
     raw["corpus"] = None
+    raw["model"] = "frozen_debug"  # the plumbing with a tiny random LM; the smoke recipe's SmolLM2 is measured apart
+    raw["data"]["image"]["size"] = 32
     raw["data"]["shards"] = str(corpus / "scenes" / "train")
     raw["data"]["batch_size"] = 4
     raw["stages"][0]["steps"] = 4
