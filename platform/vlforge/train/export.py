@@ -25,11 +25,14 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     from vlforge.models.io import build_from_spec, save_model_dir
     from vlforge.train.checkpoint import module_weights
     from vlforge.train.engine import fit_shapes
-    from vlforge.train.tasks import model_spec, task_prefix
+    from vlforge.train.tasks import CAPTION_METHODS, model_spec, task_prefix
 
     spec = model_spec(cfg)
-    with torch.device("meta"):
-        reference = build_from_spec(spec)
+    if cfg.method in CAPTION_METHODS:
+        reference = build_from_spec(spec)  # on the CPU: a pretrained LM refuses to load on the meta device
+    else:
+        with torch.device("meta"):
+            reference = build_from_spec(spec)
     sd = fit_shapes(module_weights(checkpoint_dir, task_prefix(cfg.method)), reference)
     out = save_model_dir(sd, spec, out_dir, {"source": str(checkpoint_dir)})
     (out / "config.yaml").write_text(dump_yaml(cfg))
