@@ -177,17 +177,22 @@ def cmd_eval(args) -> int:
         raise ValueError("--max-samples must be >= 1")
     with _model_source(args.model_dir, args.tracking_uri) as (model_dir, data):
         row = score_model_dir(model_dir, args.shards, max_samples=args.max_samples, rerank_k=args.rerank_k,
-                              batch_size=args.batch_size, storage=_storage(args), data=data, branch=args.branch)
+                              batch_size=args.batch_size, storage=_storage(args), data=data, branch=args.branch,
+                              shots=args.shots, pool=args.pool, blind=args.blind)
     row["model"] = args.model_dir
     cols = [c for c in ("nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                         "rmean", "bleu4", "rouge_l", "cider", "meteor", "objects_named") if c in row]
     n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts", "n") if k in row)
+    if "shots" in row:
+        cols = ["vqa_acc", "shots", "blind"]
     print(format_table(with_intervals([row], INTERVAL_COUNTS), ["task", *cols], decimals=1,
                        title=f"{args.model_dir} on {args.shards} ({n} samples)"))
     print(INTERVAL_NOTE)
     if "tokenizer" in row:
         print(f"captions tokenised with {row['tokenizer']}; objects_named: captions naming exactly the scene's "
               "objects")
+    for ex in row.get("examples", [])[:3]:
+        print(f"  e.g. {ex.get('question', ex.get('references'))!r} -> {ex.get('prediction', ex.get('caption'))!r}")
     if row.get("vqa_metric") == "vqav2":
         print("VQA: the VQAv2 metric, min(1, annotators who gave the predicted answer / 3), averaged; "
               "its interval treats each question as one trial.")
@@ -396,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rerank-k", type=int, default=0,
                     help="fusion models: re-rank the ITC top K with the ITM head (default 0: ITC only)")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--shots", type=int, default=0,
+                    help="Frozen on a VQA set: solved examples before each question (open-ended few-shot VQA)")
+    ev.add_argument("--pool", help="Frozen few-shot VQA: the shard set shots come from (default: the sibling train)")
+    ev.add_argument("--blind", action="store_true", help="Frozen few-shot VQA: the same prompts without images")
     ev.add_argument("--branch", choices=["ensemble", "fusion", "gpt"], default=None,
                     help="VC-GPT: decode from these logits (default: the self-ensemble the model uses)")
     ev.add_argument("--json", metavar="PATH", help="also write the row as JSON")

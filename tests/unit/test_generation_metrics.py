@@ -167,3 +167,100 @@ def test_vlforge_eval_on_a_caption_model_directory(tmp_path, capsys):
     assert "bleu4" in out and "objects_named" in out and "captions tokenised with" in out
     row = json.loads(report.read_text())
     assert row["task"] == "captioning" and row["n"] == 3 and 0.0 <= row["cider"]
+
+
+def _vqa_sets(tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+
+    from vlforge.data.shards import ShardWriter
+
+    def write(split, rows):
+        out = tmp_path / "vqa" / split
+        with ShardWriter(out, samples_per_shard=3, params={"task": "vqa"}) as w:
+            for i, (q, a) in enumerate(rows):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), (30 * i, 90, 160)).save(buf, format="PNG")
+                w.write(f"{split}{i:04d}", image=buf.getvalue(), image_ext="png", text=q, meta={"answer": a})
+        return out
+
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "answers.json").write_text(json.dumps(["yes", "no", "2", "llama"]))
+    pool = write("train", [(f"how many? {i}", "2") for i in range(6)])
+    test = write("test", [("is it a llama?", "yes"), ("what is it?", "llama"), ("how many cats?", "2")])
+    return test, pool
+
+
+class _PromptModel(torch.nn.Module):
+    """Records each prompt; answers "yes" when the prompt's last text asks about a llama, else "2."."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts = []
+
+    def generate_from_prompt(self, items, max_new_tokens=20):
+        self.prompts.append(items)
+        return " yes\nQ: next" if "llama" in items[-1] else " 2. and more"
+
+
+def test_few_shot_vqa_prompts_interleave_train_shots_and_blind_drops_images(tmp_path):
+    from vlforge.config import DataConfig, ImageConfig
+    from vlforge.evaluation.generation import first_answer, score_few_shot_vqa, vqa_prompt
+
+    test, pool = _vqa_sets(tmp_path)
+    data = DataConfig(image=ImageConfig(size=32, augment=False))
+    model = _PromptModel()
+    out = score_few_shot_vqa(model, str(test), str(pool), data, shots=2, seed=1)
+    assert out["n"] == 3 and out["shots"] == 2 and out["acc"] == pytest.approx(100 * 2 / 3)  # "what is it?" -> "2"
+    for items in model.prompts:
+        kinds = ["image" if isinstance(x, torch.Tensor) else "text" for x in items]
+        assert kinds == ["image", "text"] * 3  # two shots, then the query image and its open question
+        assert all(t.startswith("Q: how many? ") and t.endswith("A: 2") for t in items[1:4:2])  # from train
+        assert items[-1].endswith("A:")
+    blind = _PromptModel()
+    out = score_few_shot_vqa(blind, str(test), str(pool), data, shots=1, blind=True)
+    assert out["blind"] is True and all(not any(isinstance(x, torch.Tensor) for x in p) for p in blind.prompts)
+    zero = _PromptModel()
+    score_few_shot_vqa(zero, str(test), str(pool), data, shots=0)
+    assert all(len(p) == 2 for p in zero.prompts)
+    assert vqa_prompt("Is it red? ", "no") == "Q: Is it red? A: no"
+    assert first_answer(" yes\nQ: more") == "yes" and first_answer("two dogs. Q: x") == "two dogs"
+    with pytest.raises(ValueError, match="in the evaluated set"):
+        score_few_shot_vqa(_PromptModel(), str(test), str(test), data, shots=1)
+
+
+def test_few_shot_vqa_runs_on_a_real_frozen_model(tmp_path):
+    from vlforge.config import DataConfig, ImageConfig
+    from vlforge.evaluation.generation import score_few_shot_vqa
+    from vlforge.models import create_model
+
+    test, pool = _vqa_sets(tmp_path)
+    torch.manual_seed(0)
+    model = create_model("frozen_debug")
+    out = score_few_shot_vqa(model, str(test), str(pool), DataConfig(image=ImageConfig(size=32, augment=False)),
+                             shots=1, max_new_tokens=3)
+    assert out["n"] == 3 and 0.0 <= out["acc"] <= 100.0 and len(out["examples"]) == 3
+
+
+def test_vlforge_eval_few_shot_vqa_on_a_frozen_model_directory(tmp_path, capsys):
+    import json
+
+    from vlforge.cli import main
+    from vlforge.models.io import build_from_spec, save_model_dir
+
+    test, pool = _vqa_sets(tmp_path)
+    spec = {"model": "frozen_debug", "method": "frozen", "overrides": {}}
+    torch.manual_seed(0)
+    model_dir = save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "frozen")
+    report = tmp_path / "row.json"
+    assert main(["eval", str(model_dir), str(test), "--shots", "2", "--blind", "--json", str(report)]) == 0
+    row = json.loads(report.read_text())
+    assert row["task"] == "few-shot vqa" and row["shots"] == 2 and row["blind"] is True
+    assert row["pool"] == str(pool) and row["vqa_n"] == 3
+    assert "vqa_acc" in capsys.readouterr().out
+    vcgpt = {"model": "vcgpt_debug", "method": "vcgpt", "overrides": {}}
+    other = save_model_dir(build_from_spec(vcgpt).state_dict(), vcgpt, tmp_path / "vcgpt")
+    assert main(["eval", str(other), str(test), "--shots", "1"]) == 2
+    assert "interleaved prompts" in capsys.readouterr().err

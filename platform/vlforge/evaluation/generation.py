@@ -39,8 +39,8 @@ import numpy as np
 from vlforge.data.adapters import normalize_answer
 
 __all__ = [
-    "caption_metrics", "few_shot_episodes", "java_available", "objects_named", "plain_tokenize", "score_captioner",
-    "vqa_accuracy",
+    "caption_metrics", "few_shot_episodes", "first_answer", "java_available", "objects_named", "plain_tokenize",
+    "score_captioner", "score_few_shot_vqa", "vqa_accuracy", "vqa_prompt",
 ]
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -227,4 +227,78 @@ def score_captioner(model, shards: str, data, *, max_samples: int | None = None,
         out["objects_n"] = len(with_objects)
     if examples:
         out["examples"] = [{"sample_id": i, "caption": keyed[str(i)], "references": refs[i][0]} for i in ids[:examples]]
+    return out
+
+
+def vqa_prompt(question: str, answer: str | None = None) -> str:
+    """One VQA turn of a few-shot prompt: ``"Q: <question> A: <answer>"`` (the query leaves the answer open)."""
+    return f"Q: {question.strip()} A:" + (f" {answer}" if answer is not None else "")
+
+
+def first_answer(text: str) -> str:
+    """The answer a model generated after ``A:``: up to the first newline, ``Q:`` or sentence end."""
+    text = text.strip().split("\n", 1)[0]
+    text = re.split(r"\bQ:|[.?!;]", text, maxsplit=1)[0]
+    return text.strip()
+
+
+def _vqa_samples(shards: str, data, max_samples: int | None):
+    """(pixel values [N, 3, H, W], questions, human answers per question, keys) of a VQA shard set."""
+    import json
+
+    from vlforge.data.pipeline import sample_id
+    from vlforge.data.shards import iter_samples, list_shards
+    from vlforge.evaluation.data import load_eval_set
+
+    ev = load_eval_set(shards, data, task="vqa", max_samples=max_samples)
+    wanted = {sid: i for i, sid in enumerate(ev["sample_id"].tolist())}
+    questions: list[str | None] = [None] * len(wanted)
+    answers: list[list[str]] = [[] for _ in wanted]
+    keys: list[str] = [""] * len(wanted)
+    found = 0
+    for url in list_shards(shards, data.storage):
+        for s in iter_samples(url, data.storage):
+            i = wanted.get(sample_id(s["__key__"]))
+            if i is None:
+                continue
+            meta = json.loads(s.get("json") or b"{}")
+            questions[i] = (s.get("txt") or b"").decode("utf-8", "replace").strip()
+            answers[i] = [str(a) for a in meta.get("answers") or [meta["answer"]]]
+            keys[i] = s["__key__"]
+            found += 1
+        if found == len(wanted):
+            break
+    return ev["pixel_values"], questions, answers, keys
+
+
+def score_few_shot_vqa(model, eval_shards: str, pool_shards: str, data, *, shots: int, blind: bool = False,
+                       max_samples: int | None = None, pool_size: int = 200, seed: int = 0,
+                       max_new_tokens: int = 5) -> dict[str, Any]:
+    """Open-ended few-shot VQA of an interleaved-prompt model (Frozen: ``generate_from_prompt``): each
+    question of ``eval_shards`` is asked after ``shots`` solved examples drawn from ``pool_shards``
+    (the training split; ``few_shot_episodes`` refuses overlap). ``blind``: the same prompts with every
+    image left out (the paper's control). Returns ``vqa_accuracy`` plus the settings."""
+    import torch
+
+    pv, questions, answers, keys = _vqa_samples(eval_shards, data, max_samples)
+    pool_pv, pool_q, pool_a, pool_keys = _vqa_samples(pool_shards, data, pool_size)
+    episodes = few_shot_episodes(keys, pool_keys, shots, seed)
+    where = {k: i for i, k in enumerate(pool_keys)}
+    preds = []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, episode in enumerate(episodes):
+                items: list[Any] = []
+                for k in episode:
+                    j = where[k]
+                    items += ([] if blind else [pool_pv[j]]) + [vqa_prompt(pool_q[j], pool_a[j][0])]
+                items += ([] if blind else [pv[i]]) + [vqa_prompt(questions[i])]
+                preds.append(first_answer(model.generate_from_prompt(items, max_new_tokens=max_new_tokens)))
+    finally:
+        model.train(was)
+    out = vqa_accuracy(preds, answers)
+    out.update(shots=shots, blind=blind, examples=[{"question": q, "prediction": p, "answers": a[:3]}
+                                                   for q, p, a in list(zip(questions, preds, answers))[:5]])
     return out

@@ -30,7 +30,8 @@ def _data_for(model, storage: StorageConfig | None) -> DataConfig:
 
 def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = None, rerank_k: int = 0,
                     batch_size: int = 64, storage: StorageConfig | None = None,
-                    data: DataConfig | None = None, branch: str | None = None) -> dict[str, Any]:
+                    data: DataConfig | None = None, branch: str | None = None, shots: int = 0,
+                    pool: str | None = None, blind: bool = False) -> dict[str, Any]:
     """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``; ``data`` (image
     and tokenizer settings) defaults to the model's own sizes with the default tokenizer."""
     from vlforge.data.pipeline import detect_task
@@ -44,6 +45,8 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
     if method in ("frozen", "vcgpt"):
         if branch is not None and method != "vcgpt":
             raise ValueError(f"branch {branch!r} is VC-GPT's (its self-ensemble ablation); {model_dir} is {method!r}")
+        if detect_task(shards, storage) == "vqa":
+            return _score_few_shot(model_dir, shards, max_samples, storage, data, shots, pool, blind)
         return _score_captioner(model_dir, shards, max_samples, batch_size, storage, data,
                                 {"branch": branch} if branch else None)
     if method not in ("vlmo", "fusion", "distill"):
@@ -66,6 +69,27 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
         row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
         if scored.get("metric") == "vqav2":
             row["vqa_metric"] = "vqav2"
+    return row
+
+
+def _score_few_shot(model_dir: str, shards: str, max_samples: int | None, storage: StorageConfig | None,
+                    data: DataConfig | None, shots: int, pool: str | None, blind: bool) -> dict[str, Any]:
+    """Open-ended few-shot VQA of an interleaved-prompt model (Frozen); shots from ``pool``, by default
+    the set's sibling ``train`` split."""
+    from vlforge.evaluation.generation import score_few_shot_vqa
+    from vlforge.models.io import load_model_dir
+
+    model = load_model_dir(model_dir)
+    if not callable(getattr(model, "generate_from_prompt", None)):
+        raise ValueError(f"{model_dir}: {type(model).__name__} takes no interleaved prompts; few-shot VQA needs "
+                         "a Frozen model")
+    pool = pool or f"{shards.rstrip('/').rsplit('/', 1)[0]}/train"
+    data = data or DataConfig(image=ImageConfig(size=int(model.vision.img_size), augment=False),
+                              storage=storage or StorageConfig())
+    row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "few-shot vqa", "pool": pool}
+    scored = score_few_shot_vqa(model, shards, pool, data, shots=shots, blind=blind, max_samples=max_samples)
+    row.update({"vqa_acc": scored["acc"], "vqa_n": scored["n"], "vqa_metric": scored["metric"], "shots": shots,
+                "blind": blind, "examples": scored["examples"]})
     return row
 
 
