@@ -95,6 +95,7 @@ def test_mid_epoch_resume_from_s3_is_sample_exact_and_runs_repeat(ray_local, s3_
     assert (tmp_path / f"{name}.failed").exists(), "the injected failure did not fire"
     [resume] = result.state["resumes"]
     assert (resume["stage"], resume["step"], resume["stream_match"]) == ("itc", STEPS_PER_EPOCH + 2, True)
+    assert resume["skipped_batches"] == 2  # the two batches of the second epoch trained before the checkpoint
     assert result.state["stream"] == "deterministic"
 
     records = _records(log_dir)

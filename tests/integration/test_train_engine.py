@@ -157,3 +157,8 @@ def test_resume_on_another_worker_count_via_universal_checkpoint(ray_local, corp
     [resume] = result.state["resumes"]
     assert resume["workers"] == "2->1" and resume["step"] == 2 and resume["weights_match"] is True
     assert [s for s, _ in result.losses("mim")] == [1, 2, 3, 4]
+    # On another worker count the stream's split is another one: the resume is count-exact. The one
+    # worker skips as many samples as the two had consumed (2 steps x 2 workers x batch 4), and does not
+    # claim they are the same samples.
+    assert resume["skipped_batches"] * 1 * 4 == 2 * 2 * 4
+    assert "stream_match" not in resume

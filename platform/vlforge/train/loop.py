@@ -295,6 +295,7 @@ class _Stage:
     consumed: int = 0  # batches consumed in the current epoch
     last_id: int | None = None
     stream_check: list | None = None  # the saved last ids a resume compares its skipped batches with
+    resumed: bool = False  # the first epoch after a resume: record how many batches it skipped
     micro: int = 0
     sums: dict[str, float] = field(default_factory=dict)
 
@@ -441,6 +442,7 @@ class Trainer:
         saved = self.saved
         loaded = ckpt_io.load(st.engine, self.restored_dir, universal=from_universal)
         st.step, st.epoch, st.skip = loaded["step"], loaded["epoch"], loaded["batches_in_epoch"]
+        st.resumed = True
         if from_universal:
             # Batches per epoch change with the worker count: rescale what each rank skips.
             st.skip = st.skip * saved.world_size // self.world
@@ -498,6 +500,9 @@ class Trainer:
             st.consumed += 1
             st.last_id = int(batch["sample_id"][-1])
         st.skip = 0
+        if st.resumed:
+            self.state.resumes[-1]["skipped_batches"] = st.consumed  # per rank
+            st.resumed = False
         if st.stream_check is not None:
             match = _gather(st.last_id, self.world) == st.stream_check
             self.state.resumes[-1]["stream_match"] = match
