@@ -22,7 +22,7 @@ def _raw(**extra):
 
 
 @pytest.mark.parametrize("name", ["vlmo_stagewise", "vlmo_stagewise_smoke", "frozen_lm", "frozen_lm_smoke", "vcgpt",
-                                  "vcgpt_smoke"])
+                                  "vcgpt_smoke", "vlkd", "vlkd_smoke"])
 def test_job_configs_load_strictly(name):
     cfg = load(TrainRunConfig, REPO / "jobs" / "configs" / f"{name}.yaml")
     assert cfg.stages
@@ -138,3 +138,17 @@ def test_every_smoke_config_builds_the_same_corpus():
             got = load(CorpusConfig, None, [f"{k}={v}" for k, v in raw["corpus"].items() if k != "out"])
             assert (got.n_scenes, got.n_vqa, got.n_nlvr, got.n_concepts, got.seed) == (
                 want.n_scenes, want.n_vqa, want.n_nlvr, want.n_concepts, want.seed), path.name
+
+
+def test_vlkd_smoke_validates_against_its_teacher(tmp_path):
+    """vlkd_smoke names the main job's distilled student; with one there (here a tiny one of the same
+    image size) the config validates, and without one the error names the missing directory."""
+    from vlforge.models.io import build_from_spec, save_model_dir
+    from vlforge.train.runner import validate
+
+    path = REPO / "jobs" / "configs" / "vlkd_smoke.yaml"
+    with pytest.raises(FileNotFoundError, match="VLKD teacher: no model directory at .*nowhere"):
+        validate(load(TrainRunConfig, path, [f"model_overrides.teacher={tmp_path / 'nowhere'}"]))
+    spec = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0, "img_size": 128}}
+    teacher = save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "teacher")
+    validate(load(TrainRunConfig, path, [f"model_overrides.teacher={teacher}"]))

@@ -138,3 +138,67 @@ def test_registered_sizes():
     from vlforge.models import list_models
 
     assert {"vlkd_debug", "vlkd_base"} <= set(list_models("vlkd"))
+
+
+def _student_dir(tmp_path):
+    from vlforge.models.io import build_from_spec, save_model_dir
+
+    spec = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}}
+    torch.manual_seed(1)
+    return save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "teacher")
+
+
+def test_the_platform_task_distils_a_vlforge_dual_encoder(tmp_path):
+    """method vlkd: the teacher is a distilled student's model directory (CLIP's role), fed the pipeline's
+    WordPiece ids; the three weighted losses go down on one batch and the teacher does not move."""
+    from vlforge.config import TrainRunConfig, from_dict
+    from vlforge.data.tokenizer import load_tokenizer
+    from vlforge.models.trainable import set_trainable
+    from vlforge.models.vlkd import DualEncoderTeacher
+    from vlforge.train.runner import validate
+    from vlforge.train.tasks import VLKDTask, build_task
+
+    teacher_dir = _student_dir(tmp_path)
+    cfg = from_dict(TrainRunConfig, {
+        "method": "vlkd", "model": "vlkd_debug", "model_overrides": {"teacher": str(teacher_dir)},
+        "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
+        "stages": [{"name": "distill", "objectives": {"ttd": 1.0, "itc": 0.5, "icti": 1.0}, "steps": 1,
+                    "trainable": ["student.*", "text_proj.*", "image_prefix.*"]}]})
+    validate(cfg)
+    torch.manual_seed(0)
+    task = build_task(cfg, cfg.stages[0])
+    assert isinstance(task.module, VLKDTask) and isinstance(task.model.teacher, DualEncoderTeacher)
+    set_trainable(task.model, cfg.stages[0].trainable)
+    assert not any(p.requires_grad for p in task.model.teacher.parameters())
+    before = {k: v.clone() for k, v in task.model.teacher.state_dict().items()}
+    tok = load_tokenizer(cfg.data.tokenizer)(["a llama left of a taxi", "a cat above a dog", "a red bus",
+                                              "two owls"])
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": torch.from_numpy(tok["input_ids"]),
+             "attention_mask": torch.from_numpy(tok["attention_mask"])}
+    opt = torch.optim.AdamW([p for p in task.module.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    task.module.train()
+    for _ in range(40):
+        out = task.module(batch)
+        if first is None:
+            first = out
+            assert out["loss"].item() == pytest.approx(
+                (out["ttd_loss"] + 0.5 * out["itc_loss"] + out["icti_loss"]).item(), rel=1e-5)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["loss"].item() < 0.6 * first["loss"].item()
+    assert all(torch.equal(before[k], v) for k, v in task.model.teacher.state_dict().items())
+    assert task.model.teacher.training is False
+    assert len(task.model.generate(batch["pixel_values"][:1], max_new_tokens=4)) == 1
+
+
+def test_vlkd_teacher_errors(tmp_path):
+    from vlforge.models import create_model
+    from vlforge.models.io import save_model_dir
+
+    with pytest.raises(FileNotFoundError, match="VLKD teacher: no model directory"):
+        create_model("vlkd_debug", teacher=str(tmp_path / "nowhere"))
+    fusion = save_model_dir({}, {"model": "vlmo_debug", "method": "fusion"}, tmp_path / "fusion")
+    with pytest.raises(ValueError, match="dual encoder"):
+        create_model("vlkd_debug", teacher=str(fusion))

@@ -15,6 +15,7 @@ OBJECTIVES_BY_METHOD: dict[str, tuple[str, ...]] = {
     "vlmo": ("mim", "mlm_text", "itc", "itm", "mlm"),
     "frozen": ("caption",),
     "vcgpt": ("caption",),  # next-token cross-entropy on the self-ensembled logits
+    "vlkd": ("ttd", "itc", "icti"),  # text-text distance, image-text contrastive, image-conditioned infilling
     "fusion": ("hard",),  # fine-tuning the fusion teacher on a downstream task
     "distill": ("soft", "attn", "hard", "itc"),  # DistillationTask's loss weights
 }
@@ -146,7 +147,7 @@ class DebugConfig:
 class TrainRunConfig:
     """A training run: a method, a model and a list of stages, run by Ray Train + DeepSpeed."""
 
-    method: Literal["vlmo", "frozen", "vcgpt", "fusion", "distill"] = "vlmo"
+    method: Literal["vlmo", "frozen", "vcgpt", "vlkd", "fusion", "distill"] = "vlmo"
     model: str = "vlmo_debug"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=list)

@@ -42,7 +42,7 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
 
     spec = read_spec(model_dir)
     method = spec.get("method")
-    if method in ("frozen", "vcgpt"):
+    if method in ("frozen", "vcgpt", "vlkd"):
         if branch is not None and method != "vcgpt":
             raise ValueError(f"branch {branch!r} is VC-GPT's (its self-ensemble ablation); {model_dir} is {method!r}")
         if detect_task(shards, storage) == "vqa":
@@ -72,6 +72,14 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
     return row
 
 
+def _image_size(model) -> int:
+    """A generative model's input image size: its vision tower's, or (VLKD) its teacher's."""
+    vision = getattr(model, "vision", None)
+    if vision is not None:
+        return int(vision.img_size)
+    return int(model.teacher.img_size)
+
+
 def _score_few_shot(model_dir: str, shards: str, max_samples: int | None, storage: StorageConfig | None,
                     data: DataConfig | None, shots: int, pool: str | None, blind: bool) -> dict[str, Any]:
     """Open-ended few-shot VQA of an interleaved-prompt model (Frozen); shots from ``pool``, by default
@@ -84,7 +92,7 @@ def _score_few_shot(model_dir: str, shards: str, max_samples: int | None, storag
         raise ValueError(f"{model_dir}: {type(model).__name__} takes no interleaved prompts; few-shot VQA needs "
                          "a Frozen model")
     pool = pool or f"{shards.rstrip('/').rsplit('/', 1)[0]}/train"
-    data = data or DataConfig(image=ImageConfig(size=int(model.vision.img_size), augment=False),
+    data = data or DataConfig(image=ImageConfig(size=_image_size(model), augment=False),
                               storage=storage or StorageConfig())
     row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "few-shot vqa", "pool": pool}
     scored = score_few_shot_vqa(model, shards, pool, data, shots=shots, blind=blind, max_samples=max_samples)
@@ -104,7 +112,7 @@ def _score_captioner(model_dir: str, shards: str, max_samples: int | None, batch
     if task != "captions":
         raise ValueError(f"{model_dir} is a captioning model; score it on a captions shard set, not {task}")
     model = load_model_dir(model_dir)
-    data = data or DataConfig(image=ImageConfig(size=int(model.vision.img_size), augment=False),
+    data = data or DataConfig(image=ImageConfig(size=_image_size(model), augment=False),
                               storage=storage or StorageConfig())
     data = dataclasses.replace(data, shards=shards)
     row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "captioning"}

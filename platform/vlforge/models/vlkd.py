@@ -25,7 +25,9 @@ gradients. Its text input is ``batch["teacher_input_ids"]`` /
 ``batch["teacher_attention_mask"]`` when the batch has them (a teacher with its own
 tokenizer), else the student's ``input_ids``. ``vlkd_debug`` builds a tiny random
 :class:`ToyDualEncoder` teacher; a random teacher teaches nothing, so real runs pass
-``teacher=...`` (``create_model("vlkd_base", teacher=clip_like)``).
+``teacher=...`` (``create_model("vlkd_base", teacher=clip_like)``) or name a model directory of a
+vlforge dual encoder, a distilled student or a VLMo (``teacher="out/.../stages/retrieval"``), which
+:class:`DualEncoderTeacher` wraps; its weights then travel inside the VLKD's state dict.
 
     model = create_model("vlkd_debug")
     batch = {"pixel_values": torch.randn(4, 3, 32, 32), **model.tokenize(["a cat", ...])}
@@ -99,6 +101,37 @@ class ToyDualEncoder(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_proj(masked_mean(self.token_embed(input_ids), attention_mask))  # [B, Dt]
+
+
+class DualEncoderTeacher(nn.Module):
+    """A vlforge dual encoder as VLKD's CLIP: a VLMo's dual mode (a bare VLMo, or the ``encoder`` of a
+    distilled ``DualEncoderStudent``) giving its normalised ITC embeddings. Its text input is the
+    WordPiece ids the data pipeline makes (``teacher_input_ids``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.encoder = getattr(model, "encoder", model)
+        self.embed_dim = int(self.encoder.config.itc_embed_dim)
+        self.img_size = int(self.encoder.config.img_size)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder.image_embedding(self.encoder.encode_image(pixel_values))  # [B, Dt]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder.text_embedding(self.encoder.encode_text(input_ids, attention_mask))  # [B, Dt]
+
+
+def load_teacher(path: str) -> DualEncoderTeacher:
+    """The dual-encoder teacher in the model directory ``path`` (a distilled student or a VLMo)."""
+    from vlforge.models.io import load_model_dir, read_spec
+
+    try:
+        method = read_spec(path).get("method", "vlmo")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"VLKD teacher: no model directory at {path}") from None
+    if method not in ("vlmo", "distill"):
+        raise ValueError(f"{path}: VLKD's teacher is a dual encoder (method 'vlmo' or 'distill'), got {method!r}")
+    return DualEncoderTeacher(load_model_dir(path))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -179,9 +212,11 @@ class VLKD(nn.Module):
             raise ValueError("VLKD's text infilling needs a tokenizer with a mask token")
         self.student = student if student is not None else self._build_student()
         if teacher is None:
-            if config.teacher != "random":
-                raise ValueError(f"unknown teacher {config.teacher!r}: pass teacher=<CLIP-like module>")
-            teacher = ToyDualEncoder(config.teacher_vision, self.tokenizer.vocab_size, config.teacher_dim, config.seed)
+            if config.teacher == "random":
+                teacher = ToyDualEncoder(config.teacher_vision, self.tokenizer.vocab_size, config.teacher_dim,
+                                         config.seed)
+            else:  # a model directory: the platform's own dual encoder in CLIP's role
+                teacher = load_teacher(config.teacher)
         if isinstance(teacher, nn.Module):
             freeze(teacher)
         self.teacher = teacher

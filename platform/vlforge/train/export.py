@@ -28,8 +28,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     from vlforge.train.tasks import CAPTION_METHODS, model_spec, task_prefix
 
     spec = model_spec(cfg)
-    if cfg.method in CAPTION_METHODS:
-        reference = build_from_spec(spec)  # on the CPU: a pretrained LM refuses to load on the meta device
+    if cfg.method in (*CAPTION_METHODS, "vlkd"):
+        reference = build_from_spec(spec)  # on the CPU: a pretrained LM or teacher refuses the meta device
     else:
         with torch.device("meta"):
             reference = build_from_spec(spec)

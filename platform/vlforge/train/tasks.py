@@ -19,6 +19,9 @@ Methods:
   pipeline gives BERT WordPiece ids; ``CaptionTask`` decodes them back to text with the
   pipeline's tokenizer (lower-cased, as the BERT uncased vocabulary is) and re-tokenises with
   the LM's own tokenizer (the model's ``tokenize``).
+* ``vlkd``: VLKD's BART student taught by the frozen dual encoder its model config names
+  (``model_overrides.teacher``: a model directory), with the stage's weights on the three losses
+  (``ttd``, ``itc``, ``icti``; ``VLKDTask``).
 """
 
 from __future__ import annotations
@@ -66,6 +69,25 @@ class CaptionTask(nn.Module):
 CAPTION_METHODS = ("frozen", "vcgpt")
 
 
+class VLKDTask(CaptionTask):
+    """VLKD trained on pipeline batches: the pipeline's WordPiece ids are the dual-encoder teacher's
+    text input (``teacher_input_ids``); the captions, decoded, are re-tokenised for the BART student.
+    The stage's objective weights (``ttd``, ``itc``, ``icti``) weigh the model's three losses."""
+
+    def __init__(self, model: nn.Module, data: DataConfig, weights: dict[str, float]):
+        super().__init__(model, data)
+        for k in ("ttd", "itc", "icti"):  # the model sums its terms with these (0 for one the stage leaves out)
+            setattr(model.config, f"w_{k}", float(weights.get(k, 0.0)))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = batch["pixel_values"].device
+        tokens = self.model.tokenize(self.captions(batch["input_ids"], batch["attention_mask"]))
+        out = self.model({"pixel_values": batch["pixel_values"], "teacher_input_ids": batch["input_ids"],
+                          "teacher_attention_mask": batch["attention_mask"],
+                          **{k: v.to(device) for k, v in tokens.items()}})
+        return out
+
+
 def task_prefix(method: str) -> str:
     """Where the trained model sits inside the task module (its checkpoint keys start with it)."""
     return "student." if method == "distill" else "model."
@@ -106,6 +128,8 @@ def build_task(cfg: TrainRunConfig, stage: StageConfig, model: nn.Module | None 
     if cfg.method in CAPTION_METHODS:
         data = stage.data or cfg.data
         return TrainTask(CaptionTask(model, data, stage.objectives.get("caption", 1.0)), model, prefix)
+    if cfg.method == "vlkd":
+        return TrainTask(VLKDTask(model, stage.data or cfg.data, dict(stage.objectives)), model, prefix)
     if cfg.method == "fusion":
         from vlforge.models.distill import FusionFinetuneTask
 
@@ -124,6 +148,11 @@ def model_sizes(cfg: TrainRunConfig) -> dict[str, Any]:
     the meta device (no memory, no weights), for validation before any Ray resource is taken."""
     if cfg.method in CAPTION_METHODS:
         model = _caption_skeleton(cfg)
+    elif cfg.method == "vlkd":
+        model = create(cfg)  # on the CPU: its teacher loads from a model directory (small, for validation only)
+        names = [n for n, _ in model.named_parameters()]
+        img_size = getattr(model.teacher, "img_size", None) or model.config.teacher_vision.img_size
+        return {"img_size": int(img_size), "max_text_len": None, "param_names": names}
     else:
         with torch.device("meta"):
             model = create(cfg)
