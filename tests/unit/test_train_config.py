@@ -152,3 +152,15 @@ def test_vlkd_smoke_validates_against_its_teacher(tmp_path):
     spec = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0, "img_size": 128}}
     teacher = save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "teacher")
     validate(load(TrainRunConfig, path, [f"model_overrides.teacher={teacher}"]))
+
+
+def test_resolve_makes_the_vlkd_teacher_path_absolute(tmp_path, monkeypatch):
+    """Train workers run in other directories: a relative teacher directory is resolved on the driver."""
+    from vlforge.train.runner import resolve
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load(TrainRunConfig, REPO / "jobs" / "configs" / "vlkd_smoke.yaml", ["tracking.enabled=false"])
+    out = resolve(cfg)
+    assert out.model_overrides["teacher"] == str(tmp_path / "out/two_stage/vlkd-teacher.student-distilled/stages/"
+                                                             "retrieval")
+    assert cfg.model_overrides["teacher"].startswith("out/")  # the loaded config is left as it was

@@ -108,8 +108,11 @@ def resolve(cfg: TrainRunConfig) -> TrainRunConfig:
                                   teacher=absolute(s.teacher) if s.teacher else None)
               for s in cfg.stages]
     name = cfg.name or f"{cfg.method}-{cfg.model}-{uuid.uuid4().hex[:8]}"
+    overrides = dict(cfg.model_overrides)
+    if isinstance(overrides.get("teacher"), str) and overrides["teacher"] != "random":  # VLKD's teacher directory
+        overrides["teacher"] = absolute(overrides["teacher"])
     return dataclasses.replace(cfg, tracking=tracking, stages=stages, data=_absolute_data(cfg.data),
-                               storage_path=absolute(cfg.storage_path), name=name)
+                               storage_path=absolute(cfg.storage_path), name=name, model_overrides=overrides)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
