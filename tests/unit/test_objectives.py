@@ -55,7 +55,10 @@ def _itc_worker(rank: int, world: int, store: str) -> None:
     import torch.distributed as dist
 
     # A file rendezvous: a free TCP port picked before the spawn can be taken by then.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         b, e = 4, 8
         img_all, txt_all = _unit(world * b, e, seed=11), _unit(world * b, e, seed=12)
@@ -93,6 +96,9 @@ def _itc_worker(rank: int, world: int, store: str) -> None:
         neg_image_rows = out["pixel_values"][2 * b :, 0, 0, 0].long()
         own = torch.arange(rank * b, (rank + 1) * b)
         assert not (neg_text_rows == own).any() and not (neg_image_rows == own).any()
+        # Both ranks done before either tears gloo down: a rank that exits while the other is still in
+        # a collective aborts it ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
