@@ -52,10 +52,10 @@ def test_itc_is_low_for_aligned_pairs_and_high_for_shuffled():
 
 
 def _itc_worker(rank: int, world: int, store: str) -> None:
-    import torch.distributed as dist
-
     # A file rendezvous: a free TCP port picked before the spawn can be taken by then.
     from datetime import timedelta
+
+    import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
