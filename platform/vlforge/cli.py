@@ -178,7 +178,8 @@ def cmd_eval(args) -> int:
     with _model_source(args.model_dir, args.tracking_uri) as (model_dir, data):
         row = score_model_dir(model_dir, args.shards, max_samples=args.max_samples, rerank_k=args.rerank_k,
                               batch_size=args.batch_size, storage=_storage(args), data=data, branch=args.branch,
-                              shots=args.shots, pool=args.pool, blind=args.blind)
+                              shots=args.shots, pool=args.pool, blind=args.blind,
+                              max_new_tokens=args.max_new_tokens)
     row["model"] = args.model_dir
     cols = [c for c in ("nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                         "rmean", "bleu4", "rouge_l", "cider", "meteor", "objects_named") if c in row]
@@ -401,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rerank-k", type=int, default=0,
                     help="fusion models: re-rank the ITC top K with the ITM head (default 0: ITC only)")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-new-tokens", type=int, default=20,
+                    help="captioning models: tokens to generate per caption (a byte-level tokenizer needs more)")
     ev.add_argument("--shots", type=int, default=0,
                     help="Frozen on a VQA set: solved examples before each question (open-ended few-shot VQA)")
     ev.add_argument("--pool", help="Frozen few-shot VQA: the shard set shots come from (default: the sibling train)")

@@ -162,7 +162,7 @@ def test_vlforge_eval_on_a_caption_model_directory(tmp_path, capsys):
     torch.manual_seed(0)
     model_dir = save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "frozen")
     report = tmp_path / "row.json"
-    assert main(["eval", str(model_dir), str(shards), "--json", str(report)]) == 0
+    assert main(["eval", str(model_dir), str(shards), "--json", str(report), "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "bleu4" in out and "objects_named" in out and "captions tokenised with" in out
     row = json.loads(report.read_text())

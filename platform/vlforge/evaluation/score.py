@@ -31,7 +31,7 @@ def _data_for(model, storage: StorageConfig | None) -> DataConfig:
 def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = None, rerank_k: int = 0,
                     batch_size: int = 64, storage: StorageConfig | None = None,
                     data: DataConfig | None = None, branch: str | None = None, shots: int = 0,
-                    pool: str | None = None, blind: bool = False) -> dict[str, Any]:
+                    pool: str | None = None, blind: bool = False, max_new_tokens: int = 20) -> dict[str, Any]:
     """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``; ``data`` (image
     and tokenizer settings) defaults to the model's own sizes with the default tokenizer."""
     from vlforge.data.pipeline import detect_task
@@ -48,7 +48,7 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
         if detect_task(shards, storage) == "vqa":
             return _score_few_shot(model_dir, shards, max_samples, storage, data, shots, pool, blind)
         return _score_captioner(model_dir, shards, max_samples, batch_size, storage, data,
-                                {"branch": branch} if branch else None)
+                                {"branch": branch} if branch else None, max_new_tokens)
     if method not in ("vlmo", "fusion", "distill"):
         raise ValueError(f"{model_dir}: vlforge eval scores methods vlmo, fusion and distill (retrieval, true/false, "
                          f"VQA) and frozen / vcgpt (captioning), not {method!r}")
@@ -103,7 +103,7 @@ def _score_few_shot(model_dir: str, shards: str, max_samples: int | None, storag
 
 def _score_captioner(model_dir: str, shards: str, max_samples: int | None, batch_size: int,
                      storage: StorageConfig | None, data: DataConfig | None,
-                     generate_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+                     generate_kwargs: dict[str, Any] | None, max_new_tokens: int = 20) -> dict[str, Any]:
     from vlforge.data.pipeline import detect_task
     from vlforge.evaluation.generation import score_captioner
     from vlforge.models.io import load_model_dir
@@ -119,5 +119,5 @@ def _score_captioner(model_dir: str, shards: str, max_samples: int | None, batch
     if generate_kwargs:
         row.update(generate_kwargs)
     row.update(score_captioner(model, shards, data, max_samples=max_samples, batch_size=batch_size,
-                               generate_kwargs=generate_kwargs))
+                               generate_kwargs=generate_kwargs, max_new_tokens=max_new_tokens))
     return row
