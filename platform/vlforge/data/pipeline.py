@@ -167,6 +167,13 @@ def _to_table(pa, rows: list[dict]):
     })
 
 
+def check_against_manifest(uri: str, storage: StorageConfig | None = None) -> None:
+    """ValueError unless every shard matches the manifest's size and sha256 (``data.verify_sha256``)."""
+    problems = verify(uri, storage)
+    if problems:
+        raise ValueError(f"{uri}: shards do not match the manifest: " + "; ".join(problems[:5]))
+
+
 def read_raw(uri: str, storage: StorageConfig | None = None, shuffle_seed: int | None = None,
              verify_sha256: bool = False, chunk_rows: int = 128, paths: list[str] | None = None,
              **read_args) -> ray.data.Dataset:
@@ -177,9 +184,7 @@ def read_raw(uri: str, storage: StorageConfig | None = None, shuffle_seed: int |
 
     paths = list(paths) if paths is not None else list_shards(uri, storage)
     if verify_sha256:
-        problems = verify(uri, storage)
-        if problems:
-            raise ValueError(f"{uri}: shards do not match the manifest: " + "; ".join(problems[:5]))
+        check_against_manifest(uri, storage)
     fs, _ = arrow_filesystem(uri, storage)
     if fs is not None:
         paths = [p.split("://", 1)[1] for p in paths]
@@ -497,6 +502,15 @@ def build_dataset(cfg: DataConfig, *, train: bool = True, task: str | None = Non
     """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to."""
     if counters is None:
         counters = Counters.create()
+    task, answers = task_inputs(cfg, task)
+    raw = read_raw(cfg.shards, cfg.storage, shuffle_seed=cfg.seed if (train and cfg.shuffle_files) else None,
+                   verify_sha256=cfg.verify_sha256, chunk_rows=cfg.decode_batch_size, num_cpus=cfg.decode_cpus)
+    return decode(raw, cfg, task=task, answers=answers, train=train, counters=counters.handle), counters
+
+
+def task_inputs(cfg: DataConfig, task: str | None = None) -> tuple[str, list[str] | None]:
+    """The batch kind of ``cfg.shards`` (``task``, else its manifest's) and, for VQA, its answer vocabulary;
+    a bad kind, missing answers or an unknown tokenizer name fail here, before any reading."""
     task = task or detect_task(cfg.shards, cfg.storage)
     if task not in TASK_KINDS:
         raise ValueError(f"unknown task kind {task!r}; expected one of {TASK_KINDS}")
@@ -504,22 +518,26 @@ def build_dataset(cfg: DataConfig, *, train: bool = True, task: str | None = Non
     if task == "vqa" and not answers:
         raise FileNotFoundError(f"{cfg.shards}: VQA shards need an answers.json beside them (or one level up)")
     _tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_length, cfg.tokenizer.lowercase)  # fail fast on a bad name
-    raw = read_raw(cfg.shards, cfg.storage, shuffle_seed=cfg.seed if (train and cfg.shuffle_files) else None,
-                   verify_sha256=cfg.verify_sha256, chunk_rows=cfg.decode_batch_size, num_cpus=cfg.decode_cpus)
+    return task, answers
+
+
+def decode(raw: ray.data.Dataset, cfg: DataConfig, *, task: str, answers: list[str] | None, train: bool,
+           counters=None, keep: tuple[int, int, dict[str, int]] | None = None,
+           seed: int | None = None) -> ray.data.Dataset:
+    """``decode_batch`` over raw rows (``read_raw``) with ``cfg``'s image, tokenizer and decode resources."""
     # batch_size=None: decode whole read blocks, which lets Ray fuse read + decode
     # into one task per shard (Ray will not fuse a row-count-changing read with a
     # batch_size-bound map). Block size is set by the reader's chunking instead.
-    ds = raw.map_batches(
+    return raw.map_batches(
         decode_batch,
         batch_size=None,
         batch_format="numpy",
         fn_kwargs=dict(image=cfg.image, tokenizer=cfg.tokenizer, task=task, answers=answers, train=train,
-                       counters=counters.handle),
+                       counters=counters, keep=keep, seed=seed),
         num_cpus=cfg.decode_cpus,
         concurrency=cfg.decode_concurrency,
         zero_copy_batch=True,
     )
-    return ds, counters
 
 
 def exact_split_config(**kwargs):

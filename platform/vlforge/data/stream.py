@@ -69,18 +69,12 @@ class EpochStream:
     @classmethod
     def create(cls, data: DataConfig, counters=None, salt: int = 0) -> EpochStream:
         """Resolve the shard list, sample counts, task and VQA answers once (on the driver)."""
-        from vlforge.data.pipeline import Counters, _tokenizer, detect_task, find_answers
-        from vlforge.data.shards import list_shards, read_manifest, verify
+        from vlforge.data.pipeline import Counters, check_against_manifest, task_inputs
+        from vlforge.data.shards import list_shards, read_manifest
 
-        task = detect_task(data.shards, data.storage)
-        answers = find_answers(data.shards, data.storage) if task == "vqa" else None
-        if task == "vqa" and not answers:
-            raise FileNotFoundError(f"{data.shards}: VQA shards need an answers.json beside them (or one level up)")
-        _tokenizer(data.tokenizer.name, data.tokenizer.max_length, data.tokenizer.lowercase)
+        task, answers = task_inputs(data)
         if data.verify_sha256:
-            problems = verify(data.shards, data.storage)
-            if problems:
-                raise ValueError(f"{data.shards}: shards do not match the manifest: " + "; ".join(problems[:5]))
+            check_against_manifest(data.shards, data.storage)
         paths = list_shards(data.shards, data.storage)
         whole_set = not data.shards.endswith(".tar") and not any(c in data.shards for c in "*?[")
         manifest = read_manifest(data.shards, data.storage) if whole_set else None
@@ -116,24 +110,16 @@ class EpochStream:
 
     def dataset(self, epoch: int, rank: int, world: int) -> ray.data.Dataset:
         """This rank's decoded samples of ``epoch`` (read + decode fused, order preserved)."""
-        from vlforge.data.pipeline import decode_batch, read_raw
+        from vlforge.data.pipeline import decode, read_raw
 
         d = self.data
         ordered = [self.shards[i] for i in self.order(epoch)]
         if d.shards.startswith("s3://"):
             ordered = [f"s3://{p}" for p in ordered]
         raw = read_raw(d.shards, d.storage, paths=ordered, chunk_rows=d.decode_batch_size, num_cpus=d.decode_cpus)
-        ds = raw.map_batches(
-            decode_batch,
-            batch_size=None,
-            batch_format="numpy",
-            fn_kwargs=dict(image=d.image, tokenizer=d.tokenizer, task=self.task, answers=self.answers, train=True,
-                           counters=self.counters, keep=(rank, world, self.offsets(epoch)) if world > 1 else None,
-                           seed=self.epoch_seed(epoch) & 0xFFFF_FFFF),
-            num_cpus=d.decode_cpus,
-            concurrency=d.decode_concurrency,
-            zero_copy_batch=True,
-        )
+        ds = decode(raw, d, task=self.task, answers=self.answers, train=True, counters=self.counters,
+                    keep=(rank, world, self.offsets(epoch)) if world > 1 else None,
+                    seed=self.epoch_seed(epoch) & 0xFFFF_FFFF)
         ds.context.execution_options.preserve_order = True
         ds.context.enable_progress_bars = False
         return ds
