@@ -79,15 +79,18 @@ def make_ray_pipeline(cfg, data_cpus: int, stream: bool = False):
 
         def one_epoch() -> int:
             state["epoch"] += 1
-            return sum(len(finish_pixels(b, cfg.image)["sample_id"])
-                       for b in epochs.batches(state["epoch"], 0, 1, cfg.batch_size))
+            return sum(
+                len(finish_pixels(b, cfg.image)["sample_id"])
+                for b in epochs.batches(state["epoch"], 0, 1, cfg.batch_size)
+            )
 
         return one_epoch, counters
     ds, counters = build_dataset(cfg, train=True)
 
     def one_epoch() -> int:
-        return sum(len(finish_pixels(b, cfg.image)["sample_id"])
-                   for b in ds.iter_torch_batches(batch_size=cfg.batch_size))
+        return sum(
+            len(finish_pixels(b, cfg.image)["sample_id"]) for b in ds.iter_torch_batches(batch_size=cfg.batch_size)
+        )
 
     return one_epoch, counters
 
@@ -99,8 +102,9 @@ def timed(epoch_fn) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--shards", default=None, help="shard set to read (default: scenes/train of --corpus)")
     p.add_argument("--corpus", default="data/bench", help="where the benchmark corpus lives / is built")
     p.add_argument("--scenes", type=int, default=40000, help="scenes in the benchmark corpus when built")
@@ -109,10 +113,16 @@ def main(argv=None) -> int:
     p.add_argument("--decode-batch-size", type=int, default=256)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="physical cores to divide Ray's rate by")
     p.add_argument("--data-cpus", type=int, default=None, help="logical CPUs Ray Data may use (default 2 x cores)")
-    p.add_argument("--uint8", action="store_true",
-                   help="image.normalize=false: decode tasks ship uint8, the consumer normalises (both sides)")
-    p.add_argument("--stream", action="store_true",
-                   help="time the deterministic training stream (vlforge.data.stream) instead of build_dataset")
+    p.add_argument(
+        "--uint8",
+        action="store_true",
+        help="image.normalize=false: decode tasks ship uint8, the consumer normalises (both sides)",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="time the deterministic training stream (vlforge.data.stream) instead of build_dataset",
+    )
     args = p.parse_args(argv)
 
     from vlforge.config import CorpusConfig, DataConfig, ImageConfig
@@ -121,15 +131,30 @@ def main(argv=None) -> int:
 
     shards_uri = args.shards
     if shards_uri is None:
-        ensure_corpus(CorpusConfig(out=args.corpus, n_concepts=0, n_scenes=args.scenes, n_vqa=0, n_nlvr=0,
-                                   samples_per_shard=500, second_style=False))
+        ensure_corpus(
+            CorpusConfig(
+                out=args.corpus,
+                n_concepts=0,
+                n_scenes=args.scenes,
+                n_vqa=0,
+                n_nlvr=0,
+                samples_per_shard=500,
+                second_style=False,
+            )
+        )
         shards_uri = os.path.join(args.corpus, "scenes", "train")
-    cfg = DataConfig(shards=shards_uri, image=ImageConfig(size=args.image_size, normalize=not args.uint8),
-                     batch_size=256, decode_batch_size=args.decode_batch_size)
+    cfg = DataConfig(
+        shards=shards_uri,
+        image=ImageConfig(size=args.image_size, normalize=not args.uint8),
+        batch_size=256,
+        decode_batch_size=args.decode_batch_size,
+    )
     shards = list_shards(shards_uri, cfg.storage)
     data_cpus = args.data_cpus or 2 * args.cores
-    print(f"shards: {shards_uri} ({len(shards)} files), image size {args.image_size}, "
-          f"{args.epochs} timed epochs, {args.cores} cores, {data_cpus} logical CPUs for Ray Data")
+    print(
+        f"shards: {shards_uri} ({len(shards)} files), image size {args.image_size}, "
+        f"{args.epochs} timed epochs, {args.cores} cores, {data_cpus} logical CPUs for Ray Data"
+    )
 
     single_epoch = make_single_process(shards, cfg)
     ray_epoch, counters = make_ray_pipeline(cfg, data_cpus, stream=args.stream)

@@ -26,8 +26,9 @@ from pathlib import Path
 def main(argv=None) -> int:
     from vlforge.config import ConfigError, TwoStageConfig, load
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="jobs/configs/two_stage_smoke.yaml", help="TwoStageConfig YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--eval-every", type=int, default=10, help="optimizer steps between scorings (default 10)")
@@ -51,8 +52,9 @@ def main(argv=None) -> int:
     from vlforge.workflows.two_stage import ensure_data, eval_data, plan
 
     name = cfg.name or "bench-learning"
-    tracking = dataclasses.replace(cfg.tracking, experiment="bench_learning",
-                                   tracking_uri=resolve_tracking_uri(cfg.tracking))
+    tracking = dataclasses.replace(
+        cfg.tracking, experiment="bench_learning", tracking_uri=resolve_tracking_uri(cfg.tracking)
+    )
     cfg = dataclasses.replace(cfg, name=name, tracking=tracking, ablations=[], storage_path=args.out)
     ensure_data(cfg)
     run = plan(cfg, ablations=False).runs.get("teacher-pretrain")
@@ -66,14 +68,24 @@ def main(argv=None) -> int:
 
         shutil.rmtree(previous)  # a bench always starts from step 0, never resumes
     init_ray(num_train_workers=cfg.num_workers, worker_cpus=cfg.worker_cpus)
-    curves = lb.bench_learning(run, eval_shards=f"{absolute(cfg.data_root)}/{args.eval_shards}",
-                               data=eval_data(cfg), eval_every=args.eval_every, max_samples=args.max_samples,
-                               work=out, systems=tuple(args.systems))
+    curves = lb.bench_learning(
+        run,
+        eval_shards=f"{absolute(cfg.data_root)}/{args.eval_shards}",
+        data=eval_data(cfg),
+        eval_every=args.eval_every,
+        max_samples=args.max_samples,
+        work=out,
+        systems=tuple(args.systems),
+    )
     summary = lb.summarise(curves)
     table = lb.format_curves(curves, summary)
     print(table)
-    (out / "curves.json").write_text(json.dumps({"summary": summary, "points": {
-        k: [dataclasses.asdict(pt) for pt in v] for k, v in curves.items()}}, indent=1))
+    (out / "curves.json").write_text(
+        json.dumps(
+            {"summary": summary, "points": {k: [dataclasses.asdict(pt) for pt in v] for k, v in curves.items()}},
+            indent=1,
+        )
+    )
     (out / "curves.txt").write_text(table + "\n")
     png = lb.plot_curves(curves, out / "curves.png")
     if tracking.enabled:
@@ -99,8 +111,9 @@ def log_curves(tracking, cfg, curves, summary, files) -> str | None:
         tracker.log_config(cfg)
         for k, points in curves.items():
             for pt in points:
-                tracker.log_metrics({f"{k}/i2t_r1": pt.i2t_r1, f"{k}/t2i_r1": pt.t2i_r1,
-                                     f"{k}/minutes": pt.seconds / 60}, step=pt.step)
+                tracker.log_metrics(
+                    {f"{k}/i2t_r1": pt.i2t_r1, f"{k}/t2i_r1": pt.t2i_r1, f"{k}/minutes": pt.seconds / 60}, step=pt.step
+                )
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
         for path in files:
             tracker.log_artifact(path, "bench_learning")

@@ -44,8 +44,12 @@ def synthetic_batch(model_cfg, batch: int, seed: int, device="cpu"):
     lengths = torch.randint(T // 2, T + 1, (batch,), generator=g)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # [B, T]
     ids = ids * mask
-    out = {"pixel_values": torch.randn(batch, 3, model_cfg.img_size, model_cfg.img_size, generator=g),
-           "input_ids": ids, "attention_mask": mask, "sample_id": torch.arange(batch) + seed * batch}
+    out = {
+        "pixel_values": torch.randn(batch, 3, model_cfg.img_size, model_cfg.img_size, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "sample_id": torch.arange(batch) + seed * batch,
+    }
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -72,8 +76,12 @@ def engine_memory(engine, grads_after_backward: int) -> dict[str, int]:
     p_bytes = _storage_bytes(params, seen) + _storage_bytes(masters, seen)
     state = [v for st in basic.state.values() for v in st.values() if hasattr(v, "untyped_storage")]
     s_bytes = _storage_bytes(state, set())
-    return {"params": p_bytes, "grads": grads_after_backward, "optimizer_state": s_bytes,
-            "total": p_bytes + grads_after_backward + s_bytes}
+    return {
+        "params": p_bytes,
+        "grads": grads_after_backward,
+        "optimizer_state": s_bytes,
+        "total": p_bytes + grads_after_backward + s_bytes,
+    }
 
 
 def grad_bytes(engine) -> int:
@@ -151,8 +159,14 @@ def ray_worker(config: dict) -> None:
     if config["gpu"]:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    out = {"rank": rank, "seconds": seconds, "samples_per_s": config["steps"] * config["batch"] * world / seconds,
-           "memory": mem, "flops_per_step_rank": flops, "loss": float(loss)}
+    out = {
+        "rank": rank,
+        "seconds": seconds,
+        "samples_per_s": config["steps"] * config["batch"] * world / seconds,
+        "memory": mem,
+        "flops_per_step_rank": flops,
+        "loss": float(loss),
+    }
     if config["gpu"]:
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     Path(config["out"], f"ray_z{config['zero']}_rank{rank}.json").write_text(json.dumps(out))
@@ -166,8 +180,15 @@ def run_ray(args, zero: int, out: str) -> dict:
     res = {"CPU": 1, **({"GPU": 1} if args.gpu else {})}
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"model": args.model, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
-                           "zero": zero, "gpu": args.gpu, "out": out},
+        train_loop_config={
+            "model": args.model,
+            "batch": args.batch,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "zero": zero,
+            "gpu": args.gpu,
+            "out": out,
+        },
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu, resources_per_worker=res),
         torch_config=TorchConfig(backend="nccl" if args.gpu else "gloo"),
         run_config=RunConfig(name=f"bench-train-{uuid.uuid4().hex[:8]}", storage_path=os.path.abspath(args.storage)),
@@ -211,8 +232,15 @@ def ddp_worker(rank: int, world: int, port: int, args_dict: dict, out: str) -> N
         opt.step()
     dist.barrier()
     seconds = time.perf_counter() - t0
-    Path(out, f"ddp_rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "seconds": seconds, "samples_per_s": args_dict["steps"] * args_dict["batch"] * world / seconds}))
+    Path(out, f"ddp_rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "seconds": seconds,
+                "samples_per_s": args_dict["steps"] * args_dict["batch"] * world / seconds,
+            }
+        )
+    )
     dist.destroy_process_group()
 
 
@@ -233,8 +261,9 @@ def _mib(n: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="default: vlmo_small (CPU) / vlmo_base (--gpu)")
     p.add_argument("--batch", type=int, default=None, help="per-worker batch; default 16 (CPU) / 64 (--gpu)")
     p.add_argument("--workers", type=int, default=2)
@@ -253,14 +282,19 @@ def main(argv=None) -> int:
 
     init_ray(num_train_workers=args.workers, log_to_driver=False)
     out = tempfile.mkdtemp(prefix="bench-train-")
-    print(f"model {args.model}, task VLMo stage 3 (itc + itm + 0.25 mlm), {args.workers} workers x batch "
-          f"{args.batch}, warm-up {args.warmup}, timed {args.steps} steps, {'GPU bf16' if args.gpu else 'CPU fp32'}")
+    print(
+        f"model {args.model}, task VLMo stage 3 (itc + itm + 0.25 mlm), {args.workers} workers x batch "
+        f"{args.batch}, warm-up {args.warmup}, timed {args.steps} steps, {'GPU bf16' if args.gpu else 'CPU fp32'}"
+    )
     ray_results = {}
     for z in args.zero:
         t0 = time.perf_counter()
         ray_results[z] = run_ray(args, z, out)
-        print(f"  Ray Train + DeepSpeed ZeRO-{z}: {ray_results[z][0]['samples_per_s']:.2f} samples/s "
-              f"(run incl. start-up {time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"  Ray Train + DeepSpeed ZeRO-{z}: {ray_results[z][0]['samples_per_s']:.2f} samples/s "
+            f"(run incl. start-up {time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
     ddp = None
     if not args.gpu and not args.no_ddp:
         ddp = run_ddp(args, out)
@@ -281,8 +315,10 @@ def main(argv=None) -> int:
     for z, rs in ray_results.items():
         for r in rs:
             m = r["memory"]
-            print(f"  ZeRO-{z} rank {r['rank']}: {_mib(m['params'])} {_mib(m['grads'])} {_mib(m['optimizer_state'])} "
-                  f"{_mib(m['total'])}")
+            print(
+                f"  ZeRO-{z} rank {r['rank']}: {_mib(m['params'])} {_mib(m['grads'])} {_mib(m['optimizer_state'])} "
+                f"{_mib(m['total'])}"
+            )
     return 0
 
 

@@ -17,8 +17,9 @@ from vlforge import config as C
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="jobs/configs/data_demo_smoke.yaml", help="DataDemoConfig YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = p.parse_args(argv)
@@ -42,15 +43,22 @@ def main(argv=None) -> int:
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    result = run_probe(cfg.data, num_workers=cfg.num_workers, epochs=cfg.epochs,
-                       storage_path=os.path.abspath(cfg.storage_path), worker_cpus=cfg.worker_cpus)
+    result = run_probe(
+        cfg.data,
+        num_workers=cfg.num_workers,
+        epochs=cfg.epochs,
+        storage_path=os.path.abspath(cfg.storage_path),
+        worker_cpus=cfg.worker_cpus,
+    )
     counts = result.counters
     print(f"\n{cfg.num_workers} Train workers, {cfg.epochs} epochs, {result.seconds:.1f}s wall")
     print(f"{'epoch':>5}  {'samples per worker':<20} {'seconds':>8} {'samples/s':>10}")
     for e in result.per_epoch:
         print(f"{e['epoch']:>5}  {str(e['samples_per_rank']):<20} {e['seconds']:>8.2f} {e['samples_per_s']:>10.0f}")
-    print(f"data counters: read {counts.get('read', 0)}, kept {counts.get('ok', 0)}, "
-          f"skipped {Counters.skipped(counts) or 'none'}")
+    print(
+        f"data counters: read {counts.get('read', 0)}, kept {counts.get('ok', 0)}, "
+        f"skipped {Counters.skipped(counts) or 'none'}"
+    )
     expected = (summary["samples"] or 0) * cfg.epochs
     if summary["samples"] is not None and counts.get("read", 0) != expected:
         print(f"WARNING: read {counts.get('read', 0)} samples, expected {expected}")

@@ -24,14 +24,18 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("shards", help="shard set: directory, manifest.json, .tar, glob or s3:// URI")
     p.add_argument("--model", required=True, help="registered model name, e.g. vlforge-dual-encoder")
     p.add_argument("--alias", default="champion", help="registry alias to embed with (default: champion)")
     p.add_argument("--out", required=True, help="output directory for the Parquet files (must not hold files yet)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="rows per model call (default: 64)")
     p.add_argument("--concurrency", type=int, default=1, help="model actors running in parallel (default: 1)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (default: 0)")
@@ -45,8 +49,16 @@ def main(argv=None) -> int:
     if not ray.is_initialized():
         init_ray(num_train_workers=0)
     try:
-        result = embed_shards(args.model, args.alias, args.shards, args.out, tracking_uri=args.tracking_uri,
-                              batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus)
+        result = embed_shards(
+            args.model,
+            args.alias,
+            args.shards,
+            args.out,
+            tracking_uri=args.tracking_uri,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            num_gpus=args.num_gpus,
+        )
     except (LookupError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,8 +26,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "promote_smoke.ya
 def main(argv=None) -> int:
     from vlforge.tracking.promotion import add_arguments, run
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(p, str(DEFAULT_CONFIG))
     return run(p.parse_args(argv))
 

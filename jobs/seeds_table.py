@@ -42,8 +42,9 @@ def aggregate(dirs: list[Path], metrics: list[str]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("dirs", nargs="+", type=Path, help="two-stage job directories (<storage_path>/<name>)")
     p.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS)
     args = p.parse_args(argv)

@@ -21,8 +21,9 @@ import sys
 def main(argv=None) -> int:
     from vlforge.config import ConfigError
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("file", help="sweep YAML in sweeps/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key (repeatable)")
     args = p.parse_args(argv)

@@ -37,12 +37,18 @@ def main(argv=None) -> int:
 
     from vlforge.config import ConfigError, TwoStageConfig, load
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     default = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
     p.add_argument("--config", default=str(default), help="TwoStageConfig YAML (default: the smoke config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set student.stages.0.steps=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set student.stages.0.steps=100 (repeatable)",
+    )
     p.add_argument("--no-ablation", action="store_true", help="train only the distilled student")
     args = p.parse_args(argv)
     from vlforge.runtime import persistent_workdir

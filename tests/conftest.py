@@ -62,7 +62,8 @@ class S3Server:
     def start(self) -> S3Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port)
         return self
@@ -100,9 +101,21 @@ class SeededS3Server:
         log = self.tmp / f"seeded-s3-{len(self.logs)}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "integration" / "seeded_s3_server.py"), "--port", str(self.port),
-             "--bucket", self.bucket, "--prefix", self.prefix, "--src", str(self.src)],
-            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(REPO / "tests" / "integration" / "seeded_s3_server.py"),
+                "--port",
+                str(self.port),
+                "--bucket",
+                self.bucket,
+                "--prefix",
+                self.prefix,
+                "--src",
+                str(self.src),
+            ],
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for_port(self.port, timeout, self.proc)
         except (RuntimeError, TimeoutError) as exc:
@@ -159,16 +172,16 @@ def corpus(tmp_path_factory):
     from vlforge.data.corpus import build_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "corpus"
-    cfg = CorpusConfig(out=str(out), n_concepts=200, n_scenes=300, n_vqa=300, n_nlvr=300,
-                       samples_per_shard=60, workers=2)
+    cfg = CorpusConfig(
+        out=str(out), n_concepts=200, n_scenes=300, n_vqa=300, n_nlvr=300, samples_per_shard=60, workers=2
+    )
     build_corpus(cfg, progress=None)
     return out
 
 
 # ----------------------------------------------------------------------------- bad shards
 
-BAD_KINDS = ("corrupt_image", "truncated_image", "missing_caption", "bad_json", "missing_image",
-             "truncated_member")
+BAD_KINDS = ("corrupt_image", "truncated_image", "missing_caption", "bad_json", "missing_image", "truncated_member")
 
 
 def _jpeg(seed: int, size: int = 48) -> bytes:

@@ -50,30 +50,53 @@ def cmd_ingest(args) -> int:
     from vlforge.data.ingest import IngestError, ingest
 
     fmt = args.format
-    given = {"--image-col": args.image_col, "--caption-col": args.caption_col, "--annotations": args.annotations,
-             "--image-name": args.image_name, "--vocabulary": args.vocabulary,
-             "--min-answer-count": args.min_answer_count}
-    allowed = {"folder": ("--image-col", "--caption-col"),
-               "vqav2": ("--annotations", "--image-name", "--vocabulary", "--min-answer-count")}.get(fmt, ())
+    given = {
+        "--image-col": args.image_col,
+        "--caption-col": args.caption_col,
+        "--annotations": args.annotations,
+        "--image-name": args.image_name,
+        "--vocabulary": args.vocabulary,
+        "--min-answer-count": args.min_answer_count,
+    }
+    allowed = {
+        "folder": ("--image-col", "--caption-col"),
+        "vqav2": ("--annotations", "--image-name", "--vocabulary", "--min-answer-count"),
+    }.get(fmt, ())
     for flag, value in given.items():
         if value is not None and flag not in allowed:
             raise IngestError(f"{flag} does not apply to --format {fmt}")
     common = dict(samples_per_shard=args.samples_per_shard, strict=args.strict, progress=print)
     if fmt == "folder":
-        report = ingest(args.images, args.captions, args.out, image_col=args.image_col, caption_col=args.caption_col,
-                        split=args.split or "train", **common)
+        report = ingest(
+            args.images,
+            args.captions,
+            args.out,
+            image_col=args.image_col,
+            caption_col=args.caption_col,
+            split=args.split or "train",
+            **common,
+        )
     elif fmt == "coco":
         report = adapters.ingest_coco(args.captions, args.images, args.out, split=args.split or "train", **common)
     elif fmt == "karpathy":
         report = adapters.ingest_karpathy(args.captions, args.images, args.out, split=args.split, **common)
     elif fmt == "vqav2":
         if not args.annotations:
-            raise IngestError("--format vqav2 needs --annotations ANNOTATIONS.json (e.g. "
-                              "v2_mscoco_val2014_annotations.json) beside the questions file")
-        report = adapters.ingest_vqav2(args.captions, args.annotations, args.images, args.out,
-                                       image_name=args.image_name, split=args.split,
-                                       min_answer_count=args.min_answer_count or 1, vocabulary=args.vocabulary,
-                                       **common)
+            raise IngestError(
+                "--format vqav2 needs --annotations ANNOTATIONS.json (e.g. "
+                "v2_mscoco_val2014_annotations.json) beside the questions file"
+            )
+        report = adapters.ingest_vqav2(
+            args.captions,
+            args.annotations,
+            args.images,
+            args.out,
+            image_name=args.image_name,
+            split=args.split,
+            min_answer_count=args.min_answer_count or 1,
+            vocabulary=args.vocabulary,
+            **common,
+        )
     else:
         report = adapters.ingest_nlvr2(args.captions, args.images, args.out, split=args.split, **common)
     print(f"wrote {report.written} samples in {len(report.manifest.shards)} shard(s) to {args.out}")
@@ -92,8 +115,10 @@ def cmd_ls(args) -> int:
     summary = shard_set_summary(args.uri, _storage(args))
     for uri in list_shards(args.uri, _storage(args)):
         print(uri)
-    print(f"{summary['shards']} shard(s), {summary['samples'] if summary['samples'] is not None else '?'} samples"
-          + (f", {summary['bytes'] / 1e6:.1f} MB" if summary["bytes"] else ""))
+    print(
+        f"{summary['shards']} shard(s), {summary['samples'] if summary['samples'] is not None else '?'} samples"
+        + (f", {summary['bytes'] / 1e6:.1f} MB" if summary["bytes"] else "")
+    )
     return 0
 
 
@@ -110,15 +135,18 @@ def cmd_verify(args) -> int:
 def cmd_manifest(args) -> int:
     from vlforge.data.shards import write_manifest
 
-    manifest, scans = write_manifest(args.uri, _storage(args), task=args.task, force=args.force,
-                                     progress=None if args.quiet else print)
+    manifest, scans = write_manifest(
+        args.uri, _storage(args), task=args.task, force=args.force, progress=None if args.quiet else print
+    )
     for sc in scans:
         for line in sc.detail:
             print(f"problem: {line}")
     problems = manifest.params["scan_problems"]
-    print(f"wrote {args.uri.rstrip('/')}/manifest.json: {len(manifest.shards)} shard(s), "
-          f"{manifest.total_samples} samples, task {args.task}"
-          + (f"; problems: {', '.join(f'{k} {v}' for k, v in sorted(problems.items()))}" if problems else ""))
+    print(
+        f"wrote {args.uri.rstrip('/')}/manifest.json: {len(manifest.shards)} shard(s), "
+        f"{manifest.total_samples} samples, task {args.task}"
+        + (f"; problems: {', '.join(f'{k} {v}' for k, v in sorted(problems.items()))}" if problems else "")
+    )
     return 1 if problems else 0
 
 
@@ -161,8 +189,10 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.file, args.set or [])
     if args.check:
         plan = make_plan(sweep)
-        print(f"sweep {sweep.name}: ok; shared runs {[r.name for r in plan.shared] or '-'}, "
-              f"{plan.max_reports} reports per full trial, results under {plan.root}")
+        print(
+            f"sweep {sweep.name}: ok; shared runs {[r.name for r in plan.shared] or '-'}, "
+            f"{plan.max_reports} reports per full trial, results under {plan.root}"
+        )
         return 0
     result = run_sweep(sweep)
     print(result.summary(), flush=True)
@@ -176,27 +206,62 @@ def cmd_eval(args) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError("--max-samples must be >= 1")
     with _model_source(args.model_dir, args.tracking_uri) as (model_dir, data):
-        row = score_model_dir(model_dir, args.shards, max_samples=args.max_samples, rerank_k=args.rerank_k,
-                              batch_size=args.batch_size, storage=_storage(args), data=data, branch=args.branch,
-                              shots=args.shots, pool=args.pool, blind=args.blind,
-                              max_new_tokens=args.max_new_tokens)
+        row = score_model_dir(
+            model_dir,
+            args.shards,
+            max_samples=args.max_samples,
+            rerank_k=args.rerank_k,
+            batch_size=args.batch_size,
+            storage=_storage(args),
+            data=data,
+            branch=args.branch,
+            shots=args.shots,
+            pool=args.pool,
+            blind=args.blind,
+            max_new_tokens=args.max_new_tokens,
+        )
     row["model"] = args.model_dir
-    cols = [c for c in ("nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-                        "rmean", "bleu4", "rouge_l", "cider", "meteor", "objects_named") if c in row]
+    cols = [
+        c
+        for c in (
+            "nlvr2_acc",
+            "vqa_acc",
+            "i2t_r1",
+            "i2t_r5",
+            "i2t_r10",
+            "t2i_r1",
+            "t2i_r5",
+            "t2i_r10",
+            "rmean",
+            "bleu4",
+            "rouge_l",
+            "cider",
+            "meteor",
+            "objects_named",
+        )
+        if c in row
+    ]
     n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts", "n") if k in row)
     if "shots" in row:
         cols = ["vqa_acc", "shots", "blind"]
-    print(format_table(with_intervals([row], INTERVAL_COUNTS), ["task", *cols], decimals=1,
-                       title=f"{args.model_dir} on {args.shards} ({n} samples)"))
+    print(
+        format_table(
+            with_intervals([row], INTERVAL_COUNTS),
+            ["task", *cols],
+            decimals=1,
+            title=f"{args.model_dir} on {args.shards} ({n} samples)",
+        )
+    )
     print(INTERVAL_NOTE)
     if "tokenizer" in row:
-        print(f"captions tokenised with {row['tokenizer']}; objects_named: captions naming exactly the scene's "
-              "objects")
+        print(f"captions tokenised with {row['tokenizer']}; objects_named: captions naming exactly the scene's objects")
     for ex in row.get("examples", [])[:3]:
         print(f"  e.g. {ex.get('question', ex.get('references'))!r} -> {ex.get('prediction', ex.get('caption'))!r}")
     if row.get("vqa_metric") == "vqav2":
-        print("VQA: the VQAv2 metric, min(1, annotators who gave the predicted answer / 3), averaged; "
-              "its interval treats each question as one trial.")
+        print(
+            "VQA: the VQAv2 metric, min(1, annotators who gave the predicted answer / 3), averaged; "
+            "its interval treats each question as one trial."
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(row, fh, indent=1)
@@ -240,8 +305,9 @@ def _log_eval_run(row: dict, experiment: str, tracking_uri: str | None) -> str:
 
     uri = resolve_tracking_uri(C.TrackingConfig(tracking_uri=tracking_uri))
     client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(experiment_id(client, experiment), run_name=f"eval {row['model']}",
-                            tags={"vlforge.kind": "evaluation"})
+    run = client.create_run(
+        experiment_id(client, experiment), run_name=f"eval {row['model']}", tags={"vlforge.kind": "evaluation"}
+    )
     try:
         for k, v in row.items():
             if isinstance(v, bool):
@@ -269,9 +335,18 @@ def cmd_register(args) -> int:
         if not sep or not k:
             raise ValueError(f"--tag takes KEY=VALUE, got {t!r}")
         tags[k] = v
-    reg = register_model_dir(args.model_dir, args.name, alias=args.alias, evals=args.eval or [],
-                             max_samples=args.max_samples, rerank_k=args.rerank_k, tags=tags,
-                             tracking_uri=args.tracking_uri, experiment=args.experiment, storage=_storage(args))
+    reg = register_model_dir(
+        args.model_dir,
+        args.name,
+        alias=args.alias,
+        evals=args.eval or [],
+        max_samples=args.max_samples,
+        rerank_k=args.rerank_k,
+        tags=tags,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        storage=_storage(args),
+    )
     print(reg.summary())
     return 0
 
@@ -286,50 +361,76 @@ INGEST_FORMATS = """formats (--format; the second argument is the format's main 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlforge", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Run 'vlforge COMMAND --help' for details.")
+    p = argparse.ArgumentParser(
+        prog="vlforge",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'vlforge COMMAND --help' for details.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    data = sub.add_parser("data", help="shard sets: build the corpus, ingest, list, verify, upload, stream",
-                          description="Shard sets in the WebDataset / img2dataset layout with a manifest.json.")
+    data = sub.add_parser(
+        "data",
+        help="shard sets: build the corpus, ingest, list, verify, upload, stream",
+        description="Shard sets in the WebDataset / img2dataset layout with a manifest.json.",
+    )
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     def s3(sp):
-        sp.add_argument("--s3-endpoint",
-                        help="S3-compatible endpoint URL (default: $VLFORGE_S3_ENDPOINT / $AWS_ENDPOINT_URL)")
+        sp.add_argument(
+            "--s3-endpoint", help="S3-compatible endpoint URL (default: $VLFORGE_S3_ENDPOINT / $AWS_ENDPOINT_URL)"
+        )
 
-    b = dsub.add_parser("build-corpus", help="render the built-in emoji-scene corpus (offline, deterministic)",
-                        description="Render the built-in corpus from OpenMoji artwork (CC BY-SA 4.0). "
-                                    "Config keys: see CorpusConfig in vlforge/config/data.py.")
+    b = dsub.add_parser(
+        "build-corpus",
+        help="render the built-in emoji-scene corpus (offline, deterministic)",
+        description="Render the built-in corpus from OpenMoji artwork (CC BY-SA 4.0). "
+        "Config keys: see CorpusConfig in vlforge/config/data.py.",
+    )
     b.add_argument("--config", help="YAML file with CorpusConfig keys")
     b.add_argument("--out", help="output directory (default data/corpus)")
     b.add_argument("--seed", type=int, help="random seed (default 0)")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
     b.set_defaults(fn=cmd_build_corpus)
 
-    i = dsub.add_parser("ingest", help="a folder of images + CSV/JSONL captions, or COCO / Karpathy / VQAv2 / "
-                                       "NLVR2 files -> shards",
-                        description="Write shards from a folder of images and a CSV, TSV or JSONL file of captions,\n"
-                                    "or from a public dataset's files (--format).",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog=INGEST_FORMATS)
+    i = dsub.add_parser(
+        "ingest",
+        help="a folder of images + CSV/JSONL captions, or COCO / Karpathy / VQAv2 / NLVR2 files -> shards",
+        description="Write shards from a folder of images and a CSV, TSV or JSONL file of captions,\n"
+        "or from a public dataset's files (--format).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=INGEST_FORMATS,
+    )
     i.add_argument("images", help="folder with the image files")
-    i.add_argument("captions", help="CSV/TSV/JSONL with an image column and a caption column; with --format: "
-                                    "the format's main file (see below)")
+    i.add_argument(
+        "captions",
+        help="CSV/TSV/JSONL with an image column and a caption column; with --format: "
+        "the format's main file (see below)",
+    )
     i.add_argument("--out", required=True, help="output directory for shards + manifest.json")
-    i.add_argument("--format", choices=("folder", "coco", "karpathy", "vqav2", "nlvr2"), default="folder",
-                   help="input format (default folder)")
+    i.add_argument(
+        "--format",
+        choices=("folder", "coco", "karpathy", "vqav2", "nlvr2"),
+        default="folder",
+        help="input format (default folder)",
+    )
     i.add_argument("--samples-per-shard", type=int, default=1000)
     i.add_argument("--image-col", help="folder: column naming the image file (default: image/file/filename/path)")
     i.add_argument("--caption-col", help="folder: column holding the caption (default: caption/text)")
-    i.add_argument("--split", help="karpathy: keep only these splits (e.g. test, or train,restval); other formats: "
-                                   "split written to metadata (folder: when a row has none; default train)")
+    i.add_argument(
+        "--split",
+        help="karpathy: keep only these splits (e.g. test, or train,restval); other formats: "
+        "split written to metadata (folder: when a row has none; default train)",
+    )
     i.add_argument("--annotations", help="vqav2: the annotations JSON (v2_mscoco_*_annotations.json)")
-    i.add_argument("--image-name", help="vqav2: image file name pattern (default COCO_{subtype}_{image_id:012d}.jpg, "
-                                        "then any *{image_id:012d}.jpg in the folder)")
-    i.add_argument("--min-answer-count", type=int,
-                   help="vqav2: answers.json keeps answers seen at least this often (default 1)")
+    i.add_argument(
+        "--image-name",
+        help="vqav2: image file name pattern (default COCO_{subtype}_{image_id:012d}.jpg, "
+        "then any *{image_id:012d}.jpg in the folder)",
+    )
+    i.add_argument(
+        "--min-answer-count", type=int, help="vqav2: answers.json keeps answers seen at least this often (default 1)"
+    )
     i.add_argument("--vocabulary", help="vqav2: write this answers.json (e.g. the train set's) instead of building one")
     i.add_argument("--strict", action="store_true", help="fail instead of skipping bad rows")
     i.set_defaults(fn=cmd_ingest)
@@ -339,22 +440,32 @@ def build_parser() -> argparse.ArgumentParser:
     s3(ls)
     ls.set_defaults(fn=cmd_ls)
 
-    v = dsub.add_parser("verify", help="check shards against the manifest's sizes and sha256 (no manifest: read "
-                                       "every shard end to end and report what is wrong)")
+    v = dsub.add_parser(
+        "verify",
+        help="check shards against the manifest's sizes and sha256 (no manifest: read "
+        "every shard end to end and report what is wrong)",
+    )
     v.add_argument("uri")
     s3(v)
     v.set_defaults(fn=cmd_verify)
 
-    m = dsub.add_parser("manifest", help="write manifest.json for shards made elsewhere (img2dataset), as they are",
-                        description="Read every .tar under URI end to end (local or s3://) and write manifest.json "
-                                    "beside them: per shard its sample count, size and sha256, and the task. The "
-                                    "shards are not rewritten. Problems (unreadable tars, keys without an image or "
-                                    "caption, counts that disagree with img2dataset's *_stats.json) are printed and "
-                                    "counted in the manifest; the exit code is then 1. After this, 'vlforge data "
-                                    "verify' checks the shards against it and every job reads the set.")
+    m = dsub.add_parser(
+        "manifest",
+        help="write manifest.json for shards made elsewhere (img2dataset), as they are",
+        description="Read every .tar under URI end to end (local or s3://) and write manifest.json "
+        "beside them: per shard its sample count, size and sha256, and the task. The "
+        "shards are not rewritten. Problems (unreadable tars, keys without an image or "
+        "caption, counts that disagree with img2dataset's *_stats.json) are printed and "
+        "counted in the manifest; the exit code is then 1. After this, 'vlforge data "
+        "verify' checks the shards against it and every job reads the set.",
+    )
     m.add_argument("uri", help="the directory holding the shards")
-    m.add_argument("--task", default="captions", choices=["captions", "vqa", "nlvr"],
-                   help="what the samples hold (default: captions)")
+    m.add_argument(
+        "--task",
+        default="captions",
+        choices=["captions", "vqa", "nlvr"],
+        help="what the samples hold (default: captions)",
+    )
     m.add_argument("--force", action="store_true", help="rewrite an existing manifest.json")
     m.add_argument("--quiet", action="store_true", help="no line per shard")
     s3(m)
@@ -365,9 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     s3(u)
     u.set_defaults(fn=cmd_upload)
 
-    st = dsub.add_parser("stream", help="stream a shard set through the Ray Data pipeline and report",
-                         description="Decode a shard set with the training pipeline on a local Ray "
-                                     "(or RAY_ADDRESS) and print batch shapes, throughput and skip counts.")
+    st = dsub.add_parser(
+        "stream",
+        help="stream a shard set through the Ray Data pipeline and report",
+        description="Decode a shard set with the training pipeline on a local Ray "
+        "(or RAY_ADDRESS) and print batch shapes, throughput and skip counts.",
+    )
     st.add_argument("uri")
     st.add_argument("--config", help="YAML file with DataConfig keys")
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a DataConfig key; repeatable")
@@ -375,62 +489,100 @@ def build_parser() -> argparse.ArgumentParser:
     s3(st)
     st.set_defaults(fn=cmd_stream)
 
-    sw = sub.add_parser("sweep", help="run (or resume) a Ray Tune sweep defined by a file in sweeps/",
-                        description="Run the sweep a file in sweeps/ defines: a base experiment, a search "
-                                    "space over its config keys, a search algorithm (random, grid, optuna), "
-                                    "a scheduler (ASHA), a metric, a budget and per-trial resources. Shared "
-                                    "runs (a teacher, stages before the trial's) train once; each trial is a "
-                                    "Ray Train run reporting the validation metric to Tune. Started again "
-                                    "with the same name, a sweep resumes: finished trials are kept.",
-                        epilog="Results: <storage_path>/<name>/{results.txt,results.json,best_config.yaml,"
-                               "metric_vs_params.png}, and an MLflow parent run with one child run per trial.")
+    sw = sub.add_parser(
+        "sweep",
+        help="run (or resume) a Ray Tune sweep defined by a file in sweeps/",
+        description="Run the sweep a file in sweeps/ defines: a base experiment, a search "
+        "space over its config keys, a search algorithm (random, grid, optuna), "
+        "a scheduler (ASHA), a metric, a budget and per-trial resources. Shared "
+        "runs (a teacher, stages before the trial's) train once; each trial is a "
+        "Ray Train run reporting the validation metric to Tune. Started again "
+        "with the same name, a sweep resumes: finished trials are kept.",
+        epilog="Results: <storage_path>/<name>/{results.txt,results.json,best_config.yaml,"
+        "metric_vs_params.png}, and an MLflow parent run with one child run per trial.",
+    )
     sw.add_argument("file", help="sweep YAML (see vlforge.config.SweepConfig)")
-    sw.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a sweep key, e.g. --set search.num_samples=8 (repeatable)")
+    sw.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a sweep key, e.g. --set search.num_samples=8 (repeatable)",
+    )
     sw.add_argument("--check", action="store_true", help="check the file and every swept key, then stop")
     sw.set_defaults(fn=cmd_sweep)
 
-    ev = sub.add_parser("eval", help="score a model directory on a shard set (retrieval, true/false or VQA)",
-                        description="Score a model directory (an export, a stage's model, a fine-tuned teacher) on "
-                                    "a shard set for the task the set's manifest names: captions -> retrieval "
-                                    "R@1/5/10 both ways, nlvr -> true/false accuracy, vqa -> VQA accuracy. Image "
-                                    "size and text length come from the model. Prints the figures with binomial "
-                                    "95 % intervals.")
+    ev = sub.add_parser(
+        "eval",
+        help="score a model directory on a shard set (retrieval, true/false or VQA)",
+        description="Score a model directory (an export, a stage's model, a fine-tuned teacher) on "
+        "a shard set for the task the set's manifest names: captions -> retrieval "
+        "R@1/5/10 both ways, nlvr -> true/false accuracy, vqa -> VQA accuracy. Image "
+        "size and text length come from the model. Prints the figures with binomial "
+        "95 % intervals.",
+    )
     ev.add_argument("model_dir", help="a model directory (model.json + weights), or a registered NAME@ALIAS")
     ev.add_argument("shards", help="a shard set, local or s3://")
     ev.add_argument("--max-samples", type=int, default=None, help="score at most this many samples (default: all)")
-    ev.add_argument("--rerank-k", type=int, default=0,
-                    help="fusion models: re-rank the ITC top K with the ITM head (default 0: ITC only)")
+    ev.add_argument(
+        "--rerank-k",
+        type=int,
+        default=0,
+        help="fusion models: re-rank the ITC top K with the ITM head (default 0: ITC only)",
+    )
     ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--max-new-tokens", type=int, default=20,
-                    help="captioning models: tokens to generate per caption (a byte-level tokenizer needs more)")
-    ev.add_argument("--shots", type=int, default=0,
-                    help="Frozen on a VQA set: solved examples before each question (open-ended few-shot VQA)")
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=20,
+        help="captioning models: tokens to generate per caption (a byte-level tokenizer needs more)",
+    )
+    ev.add_argument(
+        "--shots",
+        type=int,
+        default=0,
+        help="Frozen on a VQA set: solved examples before each question (open-ended few-shot VQA)",
+    )
     ev.add_argument("--pool", help="Frozen few-shot VQA: the shard set shots come from (default: the sibling train)")
     ev.add_argument("--blind", action="store_true", help="Frozen few-shot VQA: the same prompts without images")
-    ev.add_argument("--branch", choices=["ensemble", "fusion", "gpt"], default=None,
-                    help="VC-GPT: decode from these logits (default: the self-ensemble the model uses)")
+    ev.add_argument(
+        "--branch",
+        choices=["ensemble", "fusion", "gpt"],
+        default=None,
+        help="VC-GPT: decode from these logits (default: the self-ensemble the model uses)",
+    )
     ev.add_argument("--json", metavar="PATH", help="also write the row as JSON")
-    ev.add_argument("--mlflow-experiment", metavar="NAME",
-                    help="also log the figures as a new run in this MLflow experiment")
+    ev.add_argument(
+        "--mlflow-experiment", metavar="NAME", help="also log the figures as a new run in this MLflow experiment"
+    )
     ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     ev.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
     ev.set_defaults(fn=cmd_eval)
 
-    rg = sub.add_parser("register", help="register an exported model directory in the MLflow registry",
-                        description="Log a model directory (a training run's export/, a stage's model, a fine-tuned "
-                                    "teacher) as the right pyfunc (dual encoder for distill / vlmo / fusion, caption "
-                                    "for frozen / vcgpt), register a new version of NAME and point ALIAS at it. Each "
-                                    "--eval shard set is scored first and its figures become eval.<set>.<metric> "
-                                    "tags. Preprocessing comes from the directory's config.yaml when it has one.")
+    rg = sub.add_parser(
+        "register",
+        help="register an exported model directory in the MLflow registry",
+        description="Log a model directory (a training run's export/, a stage's model, a fine-tuned "
+        "teacher) as the right pyfunc (dual encoder for distill / vlmo / fusion, caption "
+        "for frozen / vcgpt), register a new version of NAME and point ALIAS at it. Each "
+        "--eval shard set is scored first and its figures become eval.<set>.<metric> "
+        "tags. Preprocessing comes from the directory's config.yaml when it has one.",
+    )
     rg.add_argument("model_dir", help="a model directory (model.json + model.safetensors)")
     rg.add_argument("--name", required=True, help="registered model name")
     rg.add_argument("--alias", default="challenger", help="alias for the new version (default: challenger)")
-    rg.add_argument("--eval", action="append", metavar="[NAME=]SHARDS",
-                    help="score on this shard set first and tag the version with it (repeatable)")
+    rg.add_argument(
+        "--eval",
+        action="append",
+        metavar="[NAME=]SHARDS",
+        help="score on this shard set first and tag the version with it (repeatable)",
+    )
     rg.add_argument("--max-samples", type=int, default=None, help="score at most this many samples per set")
-    rg.add_argument("--rerank-k", type=int, default=0,
-                    help="vlmo / fusion retrieval: re-rank the ITC top K with the ITM head (default 0)")
+    rg.add_argument(
+        "--rerank-k",
+        type=int,
+        default=0,
+        help="vlmo / fusion retrieval: re-rank the ITC top K with the ITM head (default 0)",
+    )
     rg.add_argument("--tag", action="append", metavar="KEY=VALUE", help="an extra version tag (repeatable)")
     rg.add_argument("--experiment", default="vlforge", help="MLflow experiment of the registration run")
     rg.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
@@ -440,10 +592,13 @@ def build_parser() -> argparse.ArgumentParser:
     from vlforge.tracking.promotion import add_arguments
     from vlforge.tracking.promotion import run as run_promote
 
-    pr = sub.add_parser("promote", help="promote a registered model's challenger to champion, gated on evaluation",
-                        description="Re-evaluate the challenger and the champion of a registered model on a fixed "
-                                    "evaluation set; move the champion alias only when the declared metrics improve "
-                                    "by their margins and no guarded metric gets worse. Exit 1 when refused.")
+    pr = sub.add_parser(
+        "promote",
+        help="promote a registered model's challenger to champion, gated on evaluation",
+        description="Re-evaluate the challenger and the champion of a registered model on a fixed "
+        "evaluation set; move the champion alias only when the declared metrics improve "
+        "by their margins and no guarded metric gets worse. Exit 1 when refused.",
+    )
     add_arguments(pr, None)
     pr.set_defaults(fn=run_promote)
     return p

@@ -71,8 +71,10 @@ def persistent_workdir(log=print) -> str | None:
     home = os.path.abspath(os.path.expanduser(home or "~/vlforge"))
     os.makedirs(home, exist_ok=True)
     os.chdir(home)
-    log(f"working directory {home} (relative paths, results and the default MLflow store live here; "
-        f"set {HOME_ENV} to change it)")
+    log(
+        f"working directory {home} (relative paths, results and the default MLflow store live here; "
+        f"set {HOME_ENV} to change it)"
+    )
     return home
 
 
@@ -82,8 +84,14 @@ def local_cpus(num_train_workers: int, worker_cpus: float = 1.0, data_cpus: int 
     return int(num_train_workers * worker_cpus + data + 0.999)
 
 
-def init_ray(num_train_workers: int = 2, worker_cpus: float = 1.0, data_cpus: int | None = None,
-             address: str | None = None, quiet: bool = True, **kwargs):
+def init_ray(
+    num_train_workers: int = 2,
+    worker_cpus: float = 1.0,
+    data_cpus: int | None = None,
+    address: str | None = None,
+    quiet: bool = True,
+    **kwargs,
+):
     """``ray.init`` that suits both a laptop and ``ray job submit``; a no-op when Ray is up."""
     import ray
 

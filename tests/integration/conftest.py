@@ -33,8 +33,9 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, tmp: Path, port: int | None = None, artifacts: str | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self, tmp: Path, port: int | None = None, artifacts: str | None = None, env: dict[str, str] | None = None
+    ):
         self.tmp = tmp
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -54,12 +55,26 @@ class MlflowServer:
     def start(self, timeout: float = 90.0) -> MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         env.pop("MLFLOW_TRACKING_URI", None)
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
-               "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend,
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while not self._healthy():
             if self.proc.poll() is not None:
@@ -139,8 +154,11 @@ def mlflow_s3_server(s3_server, tmp_path_factory):
     """A real ``mlflow server`` whose artifacts live in a bucket of the S3-compatible test server
     (served through the tracking server: clients need no S3 settings)."""
     bucket = s3_server.new_bucket()
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_s3_server"), artifacts=f"s3://{bucket}/mlartifacts",
-                          env={"MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}).start()
+    server = MlflowServer(
+        tmp_path_factory.mktemp("mlflow_s3_server"),
+        artifacts=f"s3://{bucket}/mlartifacts",
+        env={"MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint},
+    ).start()
     server.bucket = bucket
     yield server
     server.stop()
@@ -159,23 +177,41 @@ class RayHead:
         self.num_cpus = num_cpus
         self.log_path = tmp / "ray_head.log"
         self.proc: subprocess.Popen | None = None
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled",
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
         self.env.pop("RAY_ADDRESS", None)
         self.system_env = system_env or {}
 
     def start(self, timeout: float = 120.0) -> RayHead:
         ray_cli = Path(sys.executable).parent / "ray"
         self.proc = subprocess.Popen(
-            [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
-             f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats",
-             # Agents default to fixed ports that the session's own local Ray already holds.
-             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-             f"--resources={json.dumps({'vlforge_head': 1})}"],
-            env={**self.env, **self.system_env}, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                str(ray_cli),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.gcs_port}",
+                f"--num-cpus={self.num_cpus}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                "--disable-usage-stats",
+                # Agents default to fixed ports that the session's own local Ray already holds.
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+                f"--resources={json.dumps({'vlforge_head': 1})}",
+            ],
+            env={**self.env, **self.system_env},
+            stdout=open(self.log_path, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -192,8 +228,17 @@ class RayHead:
     def submit(self, entrypoint: list[str], working_dir: Path, timeout: float) -> subprocess.CompletedProcess:
         """``ray job submit --working-dir ... -- <entrypoint>``; waits for the job and returns its output."""
         ray_cli = Path(sys.executable).parent / "ray"
-        cmd = [str(ray_cli), "job", "submit", "--address", self.address, "--working-dir", str(working_dir), "--",
-               *entrypoint]
+        cmd = [
+            str(ray_cli),
+            "job",
+            "submit",
+            "--address",
+            self.address,
+            "--working-dir",
+            str(working_dir),
+            "--",
+            *entrypoint,
+        ]
         deadline = time.monotonic() + 60
         while True:
             done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -249,17 +294,32 @@ class RayNode:
     def start(self, timeout: float = 90.0) -> RayNode:
         ray_cli = Path(sys.executable).parent / "ray"
         self.proc = subprocess.Popen(
-            [str(ray_cli), "start", f"--address={self.head.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
-             f"--num-cpus={self.num_cpus}", "--disable-usage-stats", f"--resources={json.dumps({self.resource: 1})}",
-             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-            env={**self.head.env, **self.head.system_env}, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                str(ray_cli),
+                "start",
+                f"--address={self.head.gcs_address}",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--num-cpus={self.num_cpus}",
+                "--disable-usage-stats",
+                f"--resources={json.dumps({self.resource: 1})}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+            ],
+            env={**self.head.env, **self.head.system_env},
+            stdout=open(self.log_path, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start (node {self.index}) exited {self.proc.returncode}:\n"
-                                   + self.log_path.read_text(errors="replace")[-3000:])
+                raise RuntimeError(
+                    f"ray start (node {self.index}) exited {self.proc.returncode}:\n"
+                    + self.log_path.read_text(errors="replace")[-3000:]
+                )
             if self.node_id() is not None:
                 return self
             time.sleep(1)
@@ -269,8 +329,9 @@ class RayNode:
         """This node's id while the head lists it alive."""
         from ray.util.state import list_nodes
 
-        for n in list_nodes(address=self.head.address, filters=[("state", "=", "ALIVE")],
-                            raise_on_missing_output=False):
+        for n in list_nodes(
+            address=self.head.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False
+        ):
             if self.resource in (n.resources_total or {}):
                 return n.node_id
         return None
@@ -290,8 +351,12 @@ class RayCluster:
     """A multi-node Ray cluster on this machine: a ``RayHead`` and ``RayNode``s. The head notices a
     dead node within a few seconds (health checks every 0.5 s, 3 misses) instead of Ray's default ~30 s."""
 
-    HEALTH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
-              "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    HEALTH = {
+        "RAY_health_check_initial_delay_ms": "1000",
+        "RAY_health_check_period_ms": "500",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+    }
 
     def __init__(self, tmp: Path, head_cpus: int, node_cpus: list[int]):
         self.head = RayHead(tmp, num_cpus=head_cpus, system_env=self.HEALTH)

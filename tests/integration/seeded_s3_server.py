@@ -40,8 +40,10 @@ def main(argv=None) -> None:
         client.put_object(Bucket=args.bucket, Key=key, Body=f.read_bytes())
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=args.port)
     server.start()
-    print(f"seeded {len(files)} objects into s3://{args.bucket}/{args.prefix}; serving on 127.0.0.1:{args.port}",
-          flush=True)
+    print(
+        f"seeded {len(files)} objects into s3://{args.bucket}/{args.prefix}; serving on 127.0.0.1:{args.port}",
+        flush=True,
+    )
     threading.Event().wait()
 
 

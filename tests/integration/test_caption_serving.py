@@ -50,8 +50,15 @@ def test_caption_model_by_alias(mlflow_server, tmp_path, monkeypatch):
     name = f"captioner-{uuid.uuid4().hex[:8]}"
     model_dir = _captioner(tmp_path / "frozen")
 
-    version = log_and_register(model_dir, data, model_name=name, tags={"stage": "frozen"}, alias="champion",
-                               tracking_uri=uri, experiment=f"it-caption-{uuid.uuid4().hex[:8]}")
+    version = log_and_register(
+        model_dir,
+        data,
+        model_name=name,
+        tags={"stage": "frozen"},
+        alias="champion",
+        tracking_uri=uri,
+        experiment=f"it-caption-{uuid.uuid4().hex[:8]}",
+    )
     mv = MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, "champion")
     assert str(mv.version) == version.version == "1" and mv.status == "READY"
 

@@ -33,14 +33,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _job_env(cluster) -> dict[str, str]:
     """A driver's environment for ``cluster``: the head's (venv on PATH, auth off) plus its address."""
-    return {**cluster.head.env, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    return {
+        **cluster.head.env,
+        "RAY_ADDRESS": cluster.address,
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
 
 
 def _two_stage_args(corpus: Path, out: Path, name: str, uri: str, model: str, *more: str) -> list[str]:
-    sets = [f"data_root={corpus}", "corpus=null", f"storage_path={out}", f"name={name}",
-            f"tracking.tracking_uri={uri}", f"tracking.buffer_dir={out / 'buffer'}", f"register.model_name={model}",
-            *more]
+    sets = [
+        f"data_root={corpus}",
+        "corpus=null",
+        f"storage_path={out}",
+        f"name={name}",
+        f"tracking.tracking_uri={uri}",
+        f"tracking.buffer_dir={out / 'buffer'}",
+        f"register.model_name={model}",
+        *more,
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -65,13 +76,30 @@ def test_two_stage_job_across_nodes_survives_a_node_kill(ray_cluster, corpus, ml
     experiment = f"multinode-{uuid.uuid4().hex[:6]}"
     every = 2
     args = _two_stage_args(
-        corpus, tmp_path, name, mlflow_server.uri, model, f"tracking.experiment={experiment}",
-        "max_steps=8", f"checkpoint_every={every}", "max_failures=3", "placement_strategy=STRICT_SPREAD",
-        "worker_cpus=1", "progress_every=1", "eval.max_samples=24", "eval.latency_ns=[8]",
-        "eval.max_teacher_pairs=100")
+        corpus,
+        tmp_path,
+        name,
+        mlflow_server.uri,
+        model,
+        f"tracking.experiment={experiment}",
+        "max_steps=8",
+        f"checkpoint_every={every}",
+        "max_failures=3",
+        "placement_strategy=STRICT_SPREAD",
+        "worker_cpus=1",
+        "progress_every=1",
+        "eval.max_samples=24",
+        "eval.latency_ns=[8]",
+        "eval.max_teacher_pairs=100",
+    )
     log_path = tmp_path / "job.log"
-    job = subprocess.Popen([sys.executable, "jobs/two_stage.py", "--no-ablation", *args], cwd=REPO,
-                           env=_job_env(ray_cluster), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    job = subprocess.Popen(
+        [sys.executable, "jobs/two_stage.py", "--no-ablation", *args],
+        cwd=REPO,
+        env=_job_env(ray_cluster),
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+    )
     teacher = tmp_path / f"{name}.teacher-pretrain"
     killed: dict = {}
     try:
@@ -79,13 +107,20 @@ def test_two_stage_job_across_nodes_survives_a_node_kill(ray_cluster, corpus, ml
         while time.monotonic() < deadline and job.poll() is None:
             step = _read_int(teacher / "progress_step")
             if step is not None and step > every:  # a checkpoint exists; the first stage (8 steps) is running
-                workers = list_actors(address=ray_cluster.head.address, raise_on_missing_output=False,
-                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                workers = list_actors(
+                    address=ray_cluster.head.address,
+                    raise_on_missing_output=False,
+                    filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                )
                 victims = [n for n in (ray_cluster.node_of(a.node_id) for a in workers) if n is not None]
                 if victims:
                     victims[0].kill()
-                    killed = {"step": step, "node": victims[0].index, "t": time.monotonic(),
-                              "worker_nodes": len({a.node_id for a in workers})}
+                    killed = {
+                        "step": step,
+                        "node": victims[0].index,
+                        "t": time.monotonic(),
+                        "worker_nodes": len({a.node_id for a in workers}),
+                    }
                     break
             time.sleep(0.1)
         assert killed, f"never saw the teacher's workers past step {every}:\n{log_path.read_text()[-4000:]}"
@@ -99,9 +134,11 @@ def test_two_stage_job_across_nodes_survives_a_node_kill(ray_cluster, corpus, ml
 
     state = read_state(latest_checkpoint(teacher))
     [resume] = state["resumes"]
-    print(f"\nnode {killed['node']} killed at teacher step {killed['step']} (workers on {killed['worker_nodes']} "
-          f"nodes); resumed at stage {resume['stage']} step {resume['step']}, {resume['lost_steps']} steps lost; "
-          f"the job finished {finished_s:.0f}s after the kill")
+    print(
+        f"\nnode {killed['node']} killed at teacher step {killed['step']} (workers on {killed['worker_nodes']} "
+        f"nodes); resumed at stage {resume['stage']} step {resume['step']}, {resume['lost_steps']} steps lost; "
+        f"the job finished {finished_s:.0f}s after the kill"
+    )
     assert killed["worker_nodes"] == 2, "STRICT_SPREAD put both workers on one node"
     assert resume["stage"] == "vl_concepts" and resume["weights_match"] is True
     assert resume["step"] % every == 0 and resume["lost_steps"] is not None and resume["lost_steps"] <= every
@@ -134,9 +171,15 @@ def test_s3_restart_while_shards_are_read(ray_local, corpus, seeded_s3_server):
     expected = sorted(sample_id(s["__key__"]) for sh in list_shards(str(local)) for s in iter_samples(sh))
     bucket = f"restart-{uuid.uuid4().hex[:6]}"
     server = seeded_s3_server(bucket, "scenes/train", local)
-    cfg = DataConfig(shards=f"s3://{bucket}/scenes/train", storage=StorageConfig(s3_endpoint_url=server.endpoint),
-                     batch_size=16, decode_batch_size=32, image=ImageConfig(size=32),
-                     tokenizer=TokenizerConfig(max_length=24), decode_concurrency=1)
+    cfg = DataConfig(
+        shards=f"s3://{bucket}/scenes/train",
+        storage=StorageConfig(s3_endpoint_url=server.endpoint),
+        batch_size=16,
+        decode_batch_size=32,
+        image=ImageConfig(size=32),
+        tokenizer=TokenizerConfig(max_length=24),
+        decode_concurrency=1,
+    )
     down_s = 4.0
     ds, counters = build_dataset(cfg, train=True)  # lists the shards and reads the manifest: server up
     server.kill()
@@ -164,10 +207,12 @@ def test_s3_restart_while_shards_are_read(ray_local, corpus, seeded_s3_server):
 
     before, after = shard_gets(logs[0]), shard_gets(logs[1])
     n_shards = len(list_shards(str(local)))
-    print(f"\nS3 down {restarted['t0'] - t_down:.1f}s (+{restarted['t1'] - restarted['t0']:.1f}s to seed and bind) "
-          f"as the epoch's reads started; {len(after)} shard GETs answered by the restarted server; "
-          f"first batch {first_batch_t - t_down:.1f}s after the kill; epoch done in {epoch_s:.1f}s; "
-          f"{len(got)} samples, {len(set(got))} distinct, {len(expected)} expected")
+    print(
+        f"\nS3 down {restarted['t0'] - t_down:.1f}s (+{restarted['t1'] - restarted['t0']:.1f}s to seed and bind) "
+        f"as the epoch's reads started; {len(after)} shard GETs answered by the restarted server; "
+        f"first batch {first_batch_t - t_down:.1f}s after the kill; epoch done in {epoch_s:.1f}s; "
+        f"{len(got)} samples, {len(set(got))} distinct, {len(expected)} expected"
+    )
     assert sorted(got) == expected, f"{len(got)} arrived ({len(set(got))} distinct), {len(expected)} expected"
     assert not before and len(after) >= n_shards, "the shards were not read from the restarted server"
     assert first_batch_t > restarted["t0"], "a batch arrived while the server was down: nothing was retried"
@@ -185,14 +230,25 @@ def test_training_finishes_through_an_mlflow_outage(ray_local, corpus, own_mlflo
 
     server = own_mlflow_server
     name, steps = f"outage-{uuid.uuid4().hex[:6]}", 300
-    cfg = from_dict(TrainRunConfig, {
-        "model": "vlmo_debug", "name": name, "storage_path": str(tmp_path / "ray"), "num_workers": 1,
-        "progress_every": 50, "checkpoint_every": 100,
-        "data": {"shards": str(corpus / "scenes" / "train"), "batch_size": 4, "image": {"size": 32},
-                 "tokenizer": {"max_length": 16}},
-        "stages": [{"name": "itc", "objectives": {"itc": 1.0}, "steps": steps, "optimizer": {"lr": 1e-3}}],
-        "tracking": {"tracking_uri": server.uri, "experiment": "outage", "buffer_dir": str(tmp_path / "buf")},
-    })
+    cfg = from_dict(
+        TrainRunConfig,
+        {
+            "model": "vlmo_debug",
+            "name": name,
+            "storage_path": str(tmp_path / "ray"),
+            "num_workers": 1,
+            "progress_every": 50,
+            "checkpoint_every": 100,
+            "data": {
+                "shards": str(corpus / "scenes" / "train"),
+                "batch_size": 4,
+                "image": {"size": 32},
+                "tokenizer": {"max_length": 16},
+            },
+            "stages": [{"name": "itc", "objectives": {"itc": 1.0}, "steps": steps, "optimizer": {"lr": 1e-3}}],
+            "tracking": {"tracking_uri": server.uri, "experiment": "outage", "buffer_dir": str(tmp_path / "buf")},
+        },
+    )
     progress = tmp_path / "ray" / name / "progress_step"
     seen: dict = {}
 
@@ -219,13 +275,16 @@ def test_training_finishes_through_an_mlflow_outage(ray_local, corpus, own_mlflo
         if "up_at" not in seen:
             server.start()
         client = MlflowClient(server.uri)
-        [run] = client.search_runs([client.get_experiment_by_name("outage").experiment_id],
-                                   f"tags.`vlforge.run_key` = '{name}'")
+        [run] = client.search_runs(
+            [client.get_experiment_by_name("outage").experiment_id], f"tags.`vlforge.run_key` = '{name}'"
+        )
         history = sorted(m.step for m in client.get_metric_history(run.info.run_id, "itc/loss"))
-        print(f"\nMLflow stopped at step {seen.get('down')} (gone by step {seen.get('down_done')}), restarted "
-              f"at step {seen.get('up_at')}, answering "
-              f"again at step {seen.get('back_at')} of {steps}; "
-              f"run {run.info.status}; itc/loss steps logged: {len(history)} of {steps}")
+        print(
+            f"\nMLflow stopped at step {seen.get('down')} (gone by step {seen.get('down_done')}), restarted "
+            f"at step {seen.get('up_at')}, answering "
+            f"again at step {seen.get('back_at')} of {steps}; "
+            f"run {run.info.status}; itc/loss steps logged: {len(history)} of {steps}"
+        )
     finally:
         watcher.join(5)
     assert "down" in seen and "up_at" in seen, f"the outage did not happen inside the run: {seen}"
@@ -239,16 +298,28 @@ def test_training_finishes_through_an_mlflow_outage(ray_local, corpus, own_mlflo
 # ---------------------------------------------------------------------------- 4. bad configs
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["teacher.pretrian=[]"], "unknown key teacher.pretrian"),
-    (["deepspeed.zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
-    (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], "offload_optimizer needs zero_stage >= 1"),
-    (["student.stages.1.data.shards=scenes/no-such-split"],
-     "run student-distilled, stage retrieval: shard set not found"),
-    (["data_root={tmp}/no-such-corpus"], "no-such-corpus does not exist"),
-    (["data_root=s3://vlforge-shards/corpus"], "S3 endpoint http://127.0.0.1:9 unreachable"),
-], ids=["unknown-key", "zero-stage-4", "offload-without-zero", "missing-shard-set", "missing-data-root",
-        "unreachable-s3"])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["teacher.pretrian=[]"], "unknown key teacher.pretrian"),
+        (["deepspeed.zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
+        (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], "offload_optimizer needs zero_stage >= 1"),
+        (
+            ["student.stages.1.data.shards=scenes/no-such-split"],
+            "run student-distilled, stage retrieval: shard set not found",
+        ),
+        (["data_root={tmp}/no-such-corpus"], "no-such-corpus does not exist"),
+        (["data_root=s3://vlforge-shards/corpus"], "S3 endpoint http://127.0.0.1:9 unreachable"),
+    ],
+    ids=[
+        "unknown-key",
+        "zero-stage-4",
+        "offload-without-zero",
+        "missing-shard-set",
+        "missing-data-root",
+        "unreachable-s3",
+    ],
+)
 def test_bad_config_fails_before_the_cluster_is_touched(ray_cluster, corpus, tmp_path, sets, message):
     import os
 
@@ -261,9 +332,22 @@ def test_bad_config_fails_before_the_cluster_is_touched(ray_cluster, corpus, tmp
     before_jobs = {j.job_id for j in list_jobs(address=ray_cluster.head.address)}
     before_pgs = len(list_placement_groups(address=ray_cluster.head.address, raise_on_missing_output=False))
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "jobs/two_stage.py", "--set", "corpus=null",
-                           "--set", f"storage_path={tmp_path / 'out'}", *[a for s in sets for a in ("--set", s)]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "jobs/two_stage.py",
+            "--set",
+            "corpus=null",
+            "--set",
+            f"storage_path={tmp_path / 'out'}",
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     took = time.monotonic() - t0
     print(f"\n{sets}: exit {done.returncode} in {took:.1f}s: {done.stderr.strip().splitlines()[-1][:200]}")
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]

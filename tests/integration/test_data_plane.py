@@ -41,8 +41,13 @@ def test_s3_into_two_train_workers_exactly_once(ray_local, s3_corpus, tmp_path):
     """2 Train workers on this 2-core machine, 2 epochs, every sample once per epoch."""
     uri = f"{s3_corpus}/scenes/train"
     expected = sorted(sample_id(k) for k in _keys(uri))
-    cfg = DataConfig(shards=uri, batch_size=16, decode_batch_size=32, image=ImageConfig(size=32),
-                     tokenizer=TokenizerConfig(max_length=24))
+    cfg = DataConfig(
+        shards=uri,
+        batch_size=16,
+        decode_batch_size=32,
+        image=ImageConfig(size=32),
+        tokenizer=TokenizerConfig(max_length=24),
+    )
     result = run_probe(cfg, num_workers=2, epochs=2, record_ids=True, storage_path=str(tmp_path / "ray"))
     for epoch in range(2):
         per_rank = result.ids(epoch)
@@ -55,8 +60,9 @@ def test_s3_into_two_train_workers_exactly_once(ray_local, s3_corpus, tmp_path):
 
 
 def test_bad_samples_counted_through_ray_data(ray_local, bad_shards):
-    ds, counters = build_dataset(DataConfig(shards=str(bad_shards["dir"]), image=ImageConfig(size=32)),
-                                 train=False, task="captions")
+    ds, counters = build_dataset(
+        DataConfig(shards=str(bad_shards["dir"]), image=ImageConfig(size=32)), train=False, task="captions"
+    )
     ids = []
     for batch in ds.iter_torch_batches(batch_size=8):
         ids.extend(batch["sample_id"].tolist())
@@ -69,8 +75,7 @@ def test_bad_samples_counted_through_ray_data(ray_local, bad_shards):
 
 @pytest.mark.parametrize("task, extra", [("vqa", {"answer_id"}), ("nlvr", {"pixel_values_2", "label"})])
 def test_task_batches_from_s3(ray_local, s3_corpus, corpus, task, extra):
-    ds, counters = build_dataset(DataConfig(shards=f"{s3_corpus}/{task}/val", image=ImageConfig(size=32)),
-                                 train=False)
+    ds, counters = build_dataset(DataConfig(shards=f"{s3_corpus}/{task}/val", image=ImageConfig(size=32)), train=False)
     batches = list(ds.iter_torch_batches(batch_size=50))
     keys = {"pixel_values", "input_ids", "attention_mask", "sample_id"} | extra
     assert all(set(b) == keys for b in batches)

@@ -39,8 +39,15 @@ def registered(mlflow_server, tmp_path_factory):
     torch.manual_seed(0)
     model_dir = save_model_dir(build_from_spec(SPEC).state_dict(), SPEC, tmp_path_factory.mktemp("student"))
     name = f"embed-student-{uuid.uuid4().hex[:8]}"
-    version = log_and_register(model_dir, DATA, model_name=name, tags={"seed": 0}, alias="champion",
-                               tracking_uri=mlflow_server.uri, experiment=f"it-embed-{uuid.uuid4().hex[:8]}")
+    version = log_and_register(
+        model_dir,
+        DATA,
+        model_name=name,
+        tags={"seed": 0},
+        alias="champion",
+        tracking_uri=mlflow_server.uri,
+        experiment=f"it-embed-{uuid.uuid4().hex[:8]}",
+    )
     return {"name": name, "dir": model_dir, "version": version, "uri": mlflow_server.uri}
 
 
@@ -66,8 +73,12 @@ def test_torch_by_alias_matches_registered_module(registered, tmp_path):
     assert torch.allclose(student_scores(loaded, pv, ids, mask), student_scores(original, pv, ids, mask), atol=1e-6)
 
     serving = download_serving_dir(name, "champion", tracking_uri=uri, dst=tmp_path / "dl")
-    assert {p.name for p in serving.iterdir()} >= {"model.json", "model.safetensors", "tokenizer.json",
-                                                     "preprocess.json"}
+    assert {p.name for p in serving.iterdir()} >= {
+        "model.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocess.json",
+    }
 
     image, text = _png((30, 160, 60)), "a green square"
     out = load_by_alias(name, "champion", tracking_uri=uri).predict(pd.DataFrame({"image": [image], "text": [text]}))
@@ -75,8 +86,12 @@ def test_torch_by_alias_matches_registered_module(registered, tmp_path):
     from vlforge.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(DATA.tokenizer)([text])
-    score = student_scores(loaded, torch.from_numpy(normalise(decode_image(image, 32)[None], DATA.image)),
-                           torch.from_numpy(tok["input_ids"]), torch.from_numpy(tok["attention_mask"]))
+    score = student_scores(
+        loaded,
+        torch.from_numpy(normalise(decode_image(image, 32)[None], DATA.image)),
+        torch.from_numpy(tok["input_ids"]),
+        torch.from_numpy(tok["attention_mask"]),
+    )
     np.testing.assert_allclose(out["score"].to_numpy(), score[0].numpy(), atol=1e-5)
 
     with pytest.raises(LookupError, match="no alias 'nope'"):
@@ -97,8 +112,21 @@ def test_embed_job_writes_matching_parquet(registered, ray_local, corpus, tmp_pa
     job = load_job("embed")
     name, uri = registered["name"], registered["uri"]
     shards, out = corpus / "scenes" / "val", tmp_path / "emb"
-    rc = job.main(["--model", name, "--alias", "champion", str(shards), "--out", str(out),
-                   "--tracking-uri", uri, "--batch-size", "16"])
+    rc = job.main(
+        [
+            "--model",
+            name,
+            "--alias",
+            "champion",
+            str(shards),
+            "--out",
+            str(out),
+            "--tracking-uri",
+            uri,
+            "--batch-size",
+            "16",
+        ]
+    )
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert f"models:/{name}/{registered['version'].version}" in printed.out
@@ -128,13 +156,19 @@ def test_embed_job_writes_matching_parquet(registered, ray_local, corpus, tmp_pa
     np.testing.assert_allclose(txt, ref_txt[order], atol=1e-5)
 
     # an existing output is refused before any work, and so is a missing alias
-    assert job.main(["--model", name, "--alias", "champion", str(shards), "--out", str(out),
-                     "--tracking-uri", uri]) == 2
+    assert (
+        job.main(["--model", name, "--alias", "champion", str(shards), "--out", str(out), "--tracking-uri", uri]) == 2
+    )
     assert "already exists" in capsys.readouterr().err
-    assert job.main(["--model", name, "--alias", "nope", str(shards), "--out", str(tmp_path / "e2"),
-                     "--tracking-uri", uri]) == 2
+    assert (
+        job.main(
+            ["--model", name, "--alias", "nope", str(shards), "--out", str(tmp_path / "e2"), "--tracking-uri", uri]
+        )
+        == 2
+    )
     assert "no alias 'nope'" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert job.main(["--model", name, str(tmp_path / "empty"), "--out", str(tmp_path / "e3"),
-                     "--tracking-uri", uri]) == 2
+    assert (
+        job.main(["--model", name, str(tmp_path / "empty"), "--out", str(tmp_path / "e3"), "--tracking-uri", uri]) == 2
+    )
     assert "no .tar shards" in capsys.readouterr().err

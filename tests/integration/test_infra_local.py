@@ -59,9 +59,14 @@ class LocalInfra:
     def __init__(self, tmp: Path):
         self.dir = tmp / "state"
         self.s3_port, self.mlflow_port = free_port(), free_port()
-        self.env = {**os.environ, "VLFORGE_LOCAL_DIR": str(self.dir), "VLFORGE_S3_PORT": str(self.s3_port),
-                    "VLFORGE_MLFLOW_PORT": str(self.mlflow_port), "PYTHON": sys.executable,
-                    "VLFORGE_LOCAL_TIMEOUT": "90"}
+        self.env = {
+            **os.environ,
+            "VLFORGE_LOCAL_DIR": str(self.dir),
+            "VLFORGE_S3_PORT": str(self.s3_port),
+            "VLFORGE_MLFLOW_PORT": str(self.mlflow_port),
+            "PYTHON": sys.executable,
+            "VLFORGE_LOCAL_TIMEOUT": "90",
+        }
 
     def run(self, script: Path) -> subprocess.CompletedProcess:
         done = subprocess.run(["bash", str(script)], env=self.env, capture_output=True, text=True, timeout=150)
@@ -75,7 +80,7 @@ class LocalInfra:
         out = {}
         for line in (self.dir / "env").read_text().splitlines():
             if line.startswith("export "):
-                key, _, value = line[len("export "):].partition("=")
+                key, _, value = line[len("export ") :].partition("=")
                 out[key] = value
         return out
 
@@ -103,8 +108,13 @@ def test_s3_server_has_the_buckets(infra):
     import boto3
 
     s = infra.settings()
-    s3 = boto3.client("s3", endpoint_url=s["VLFORGE_S3_ENDPOINT"], aws_access_key_id=s["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=s["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s["VLFORGE_S3_ENDPOINT"],
+        aws_access_key_id=s["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
     assert BUCKETS <= {b["Name"] for b in s3.list_buckets()["Buckets"]}
 
 
@@ -113,15 +123,22 @@ def test_run_artifact_lands_in_the_s3_bucket(infra):
     with urllib.request.urlopen(f"{uri}/health", timeout=5) as resp:
         assert resp.status == 200
     # In a child shell that sources the env file, as a user would; the test process's MLflow state stays untouched.
-    code = ("import mlflow\n"
-            "mlflow.set_experiment('infra-local')\n"
-            "with mlflow.start_run() as run:\n"
-            "    mlflow.log_metric('loss', 0.5)\n"
-            "    mlflow.log_text('hello', 'notes/hello.txt')\n"
-            "print(run.info.run_id)\n")
-    done = subprocess.run(["bash", "-c", f'source "{infra.dir}/env" && exec "{sys.executable}" -c "$0"', code],
-                          env={k: v for k, v in infra.env.items() if not k.startswith(("MLFLOW_", "AWS_"))},
-                          capture_output=True, text=True, timeout=120, cwd=infra.dir)
+    code = (
+        "import mlflow\n"
+        "mlflow.set_experiment('infra-local')\n"
+        "with mlflow.start_run() as run:\n"
+        "    mlflow.log_metric('loss', 0.5)\n"
+        "    mlflow.log_text('hello', 'notes/hello.txt')\n"
+        "print(run.info.run_id)\n"
+    )
+    done = subprocess.run(
+        ["bash", "-c", f'source "{infra.dir}/env" && exec "{sys.executable}" -c "$0"', code],
+        env={k: v for k, v in infra.env.items() if not k.startswith(("MLFLOW_", "AWS_"))},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=infra.dir,
+    )
     assert done.returncode == 0, done.stderr
     run_id = done.stdout.strip().splitlines()[-1]
 
@@ -131,8 +148,13 @@ def test_run_artifact_lands_in_the_s3_bucket(infra):
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.data.metrics["loss"] == 0.5
     s = infra.settings()
-    s3 = boto3.client("s3", endpoint_url=s["VLFORGE_S3_ENDPOINT"], aws_access_key_id=s["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=s["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s["VLFORGE_S3_ENDPOINT"],
+        aws_access_key_id=s["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow-artifacts").get("Contents", [])]
     hits = [k for k in keys if run_id in k and k.endswith("notes/hello.txt")]
     assert hits, keys

@@ -29,16 +29,35 @@ THRESHOLD = 15.0
 
 
 def _config(corpus: Path, tmp_path: Path, name: str, seed: int) -> Path:
-    data = {"shards": str(corpus / "scenes" / "train"), "image": {"size": 128},
-            "tokenizer": {"max_length": 32}, "batch_size": 32}
+    data = {
+        "shards": str(corpus / "scenes" / "train"),
+        "image": {"size": 128},
+        "tokenizer": {"max_length": 32},
+        "batch_size": 32,
+    }
     raw = {
-        "method": "vlmo", "model": "vlmo_small_effnet", "corpus": None, "data": data,
-        "deepspeed": {"zero_stage": 2, "clip_grad": 1.0}, "num_workers": 2, "checkpoint_every": 0,
-        "progress_every": 20, "seed": seed, "name": name, "storage_path": str(tmp_path / "ray"),
+        "method": "vlmo",
+        "model": "vlmo_small_effnet",
+        "corpus": None,
+        "data": data,
+        "deepspeed": {"zero_stage": 2, "clip_grad": 1.0},
+        "num_workers": 2,
+        "checkpoint_every": 0,
+        "progress_every": 20,
+        "seed": seed,
+        "name": name,
+        "storage_path": str(tmp_path / "ray"),
         "tracking": {"enabled": False},
-        "stages": [{"name": "itc", "objectives": {"itc": 1.0}, "trainable": ["*"], "steps": 60,
-                    "optimizer": {"lr": 1.0e-3, "weight_decay": 0.01},
-                    "schedule": {"kind": "cosine", "warmup_steps": 5}}],
+        "stages": [
+            {
+                "name": "itc",
+                "objectives": {"itc": 1.0},
+                "trainable": ["*"],
+                "steps": 60,
+                "optimizer": {"lr": 1.0e-3, "weight_decay": 0.01},
+                "schedule": {"kind": "cosine", "warmup_steps": 5},
+            }
+        ],
     }
     path = tmp_path / "learn.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -58,8 +58,11 @@ def models(corpus, tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    dirs = {"weak0": _untrained(0, out / "weak0"), "weak1": _untrained(1, out / "weak1"),
-            "trained": save_model_dir(student.state_dict(), SPEC, out / "trained")}
+    dirs = {
+        "weak0": _untrained(0, out / "weak0"),
+        "weak1": _untrained(1, out / "weak1"),
+        "trained": save_model_dir(student.state_dict(), SPEC, out / "trained"),
+    }
     test = load_eval_set(str(corpus / "concepts" / "test"), _data(), task="captions", max_samples=200)
     from vlforge.models.io import load_model_dir
 
@@ -78,14 +81,31 @@ def model_name(mlflow_s3_server, monkeypatch):
 def _register(server, name: str, model_dir: Path) -> str:
     from vlforge.tracking.registry import log_and_register
 
-    return log_and_register(model_dir, _data(), model_name=name, tags={"source": model_dir.name}, alias="challenger",
-                            tracking_uri=server.uri, experiment="it-promotion").version
+    return log_and_register(
+        model_dir,
+        _data(),
+        model_name=name,
+        tags={"source": model_dir.name},
+        alias="challenger",
+        tracking_uri=server.uri,
+        experiment="it-promotion",
+    ).version
 
 
 def _args(server, corpus, name: str, *more: str) -> list[str]:
-    return ["--config", str(REPO / "jobs" / "configs" / "promote_smoke.yaml"), "--model", name,
-            "--tracking-uri", server.uri, "--set", f"eval.shards={corpus / 'concepts' / 'test'}",
-            "--set", "eval.max_samples=200", *more]
+    return [
+        "--config",
+        str(REPO / "jobs" / "configs" / "promote_smoke.yaml"),
+        "--model",
+        name,
+        "--tracking-uri",
+        server.uri,
+        "--set",
+        f"eval.shards={corpus / 'concepts' / 'test'}",
+        "--set",
+        "eval.max_samples=200",
+        *more,
+    ]
 
 
 def _champion(server, name: str) -> str:
@@ -94,8 +114,9 @@ def _champion(server, name: str) -> str:
     return str(MlflowClient(server.uri).get_model_version_by_alias(name, "champion").version)
 
 
-def test_first_champion_promotion_refusal_dry_run_and_rollback(mlflow_s3_server, corpus, models, model_name, capsys,
-                                                               load_job):
+def test_first_champion_promotion_refusal_dry_run_and_rollback(
+    mlflow_s3_server, corpus, models, model_name, capsys, load_job
+):
     from mlflow import MlflowClient
 
     from vlforge.tracking.promotion import HISTORY_TAG
@@ -166,8 +187,11 @@ def test_the_champion_loaded_by_alias_scores_like_its_module(mlflow_s3_server, c
     texts = [s["txt"].decode() for s in samples]
     out = pyfunc.predict(pd.DataFrame({"image": images, "text": texts}))
     ev = load_eval_set(str(corpus / "concepts" / "test"), _data(), task="captions", max_samples=6)
-    direct = student_scores(load_model_dir(models["trained"]), ev["pixel_values"], ev["input_ids"],
-                            ev["attention_mask"]).diagonal().numpy()
+    direct = (
+        student_scores(load_model_dir(models["trained"]), ev["pixel_values"], ev["input_ids"], ev["attention_mask"])
+        .diagonal()
+        .numpy()
+    )
     np.testing.assert_allclose(out["score"].to_numpy(), direct, atol=1e-4)
 
 
@@ -181,9 +205,15 @@ def test_concurrent_promotions_cannot_both_win(mlflow_s3_server, corpus, models,
     _register(server, name, models["weak0"])
     assert load_job("promote").main(_args(server, corpus, name)) == 0
     a, b = _register(server, name, models["trained"]), _register(server, name, models["trained"])
-    procs = [subprocess.Popen([sys.executable, str(REPO / "jobs" / "promote.py"),
-                               *_args(server, corpus, name, "--challenger", v)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in (a, b)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "jobs" / "promote.py"), *_args(server, corpus, name, "--challenger", v)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for v in (a, b)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 1], outs

@@ -45,13 +45,21 @@ def test_register_twice_alias_and_score(mlflow_server, tmp_path, monkeypatch):
     experiment = f"it-registry-{uuid.uuid4().hex[:8]}"
     client = MlflowClient(tracking_uri=uri)
 
-    first = log_and_register(_student(0, tmp_path / "s0"), data, model_name=name, tags={"seed": 0},
-                             tracking_uri=uri, experiment=experiment)
+    first = log_and_register(
+        _student(0, tmp_path / "s0"), data, model_name=name, tags={"seed": 0}, tracking_uri=uri, experiment=experiment
+    )
     # the second goes into an existing (still running) run, as a training job would pass its own
     run = client.create_run(client.get_experiment_by_name(experiment).experiment_id)
     second_dir = _student(1, tmp_path / "s1")
-    second = log_and_register(second_dir, data, model_name=name, tags={"seed": 1},
-                              run_id=run.info.run_id, tracking_uri=uri, experiment=experiment)
+    second = log_and_register(
+        second_dir,
+        data,
+        model_name=name,
+        tags={"seed": 1},
+        run_id=run.info.run_id,
+        tracking_uri=uri,
+        experiment=experiment,
+    )
 
     assert (first.version, second.version) == ("1", "2")
     assert second.run_id == run.info.run_id and client.get_run(run.info.run_id).info.status == "RUNNING"
@@ -75,7 +83,8 @@ def test_register_twice_alias_and_score(mlflow_server, tmp_path, monkeypatch):
     with torch.no_grad():
         enc = student.encoder
         ie = enc.image_embedding(enc.encode_image(pv))
-        te = enc.text_embedding(enc.encode_text(torch.from_numpy(tok["input_ids"]),
-                                                torch.from_numpy(tok["attention_mask"])))
+        te = enc.text_embedding(
+            enc.encode_text(torch.from_numpy(tok["input_ids"]), torch.from_numpy(tok["attention_mask"]))
+        )
     np.testing.assert_allclose(out["score"].to_numpy(), (ie * te).sum(-1).numpy(), atol=1e-5)
     assert 0.0 <= float(out["match_prob"].iloc[0]) <= 1.0

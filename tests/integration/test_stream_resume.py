@@ -57,15 +57,31 @@ def _run(uri: str, tmp: Path, name: str, fail: bool):
     debug = {"sample_log": str(tmp / name / "samples")}
     if fail:
         debug.update(fail_at_step=STEPS_PER_EPOCH + 3, fail_rank=1, fail_marker=str(tmp / f"{name}.failed"))
-    cfg = from_dict(TrainRunConfig, {
-        "model": "vlmo_debug", "name": name, "storage_path": str(tmp / "ray"), "progress_every": 0,
-        "num_workers": WORKERS, "checkpoint_every": 2, "max_failures": 1, "debug": debug,
-        "tracking": {"enabled": False, "buffer_dir": str(tmp / "buf")},
-        "data": {"shards": uri, "batch_size": BATCH, "image": {"size": 32}, "tokenizer": {"max_length": 16},
-                 "shuffle_buffer": 8, "seed": 3},
-        "stages": [{"name": "itc", "objectives": {"itc": 1.0}, "steps": 2 * STEPS_PER_EPOCH,
-                    "optimizer": {"lr": 1e-3}}],
-    })
+    cfg = from_dict(
+        TrainRunConfig,
+        {
+            "model": "vlmo_debug",
+            "name": name,
+            "storage_path": str(tmp / "ray"),
+            "progress_every": 0,
+            "num_workers": WORKERS,
+            "checkpoint_every": 2,
+            "max_failures": 1,
+            "debug": debug,
+            "tracking": {"enabled": False, "buffer_dir": str(tmp / "buf")},
+            "data": {
+                "shards": uri,
+                "batch_size": BATCH,
+                "image": {"size": 32},
+                "tokenizer": {"max_length": 16},
+                "shuffle_buffer": 8,
+                "seed": 3,
+            },
+            "stages": [
+                {"name": "itc", "objectives": {"itc": 1.0}, "steps": 2 * STEPS_PER_EPOCH, "optimizer": {"lr": 1e-3}}
+            ],
+        },
+    )
     return run_training(cfg), tmp / name / "samples"
 
 
@@ -124,6 +140,8 @@ def test_mid_epoch_resume_from_s3_is_sample_exact_and_runs_repeat(ray_local, s3_
         first = [i for s in range(1, STEPS_PER_EPOCH + 1) for i in final[rank][s]]
         second = [i for s in range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1) for i in final[rank][s]]
         assert first != second
-    print(f"\n{SAMPLES} samples x 2 epochs on {WORKERS} ranks; resumed at step {resume['step']} "
-          f"(lost {resume['lost_steps']} steps); every epoch covered exactly once; redone step identical; "
-          f"the uninterrupted run identical step by step")
+    print(
+        f"\n{SAMPLES} samples x 2 epochs on {WORKERS} ranks; resumed at step {resume['step']} "
+        f"(lost {resume['lost_steps']} steps); every epoch covered exactly once; redone step identical; "
+        f"the uninterrupted run identical step by step"
+    )

@@ -49,24 +49,33 @@ def asha_sweep(ray_local, corpus, mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep_asha")
     name, experiment = f"asha-{uuid.uuid4().hex[:6]}", f"sweeps-{uuid.uuid4().hex[:6]}"
     path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "experiment": str(REPO / "jobs" / "configs" / "two_stage_smoke.yaml"),
-        "job": "two_stage",
-        "set": [f"data_root={corpus}", "corpus=null", "max_steps=6"],
-        "trial_stages": ["pretrain"],
-        "space": {"student.stages.0.objectives.itc": {"type": "grid", "values": [0.1, 10.0]}},
-        "search": {"algorithm": "grid", "num_samples": 2, "max_concurrent": 2},
-        # One rung that decides (1 report); the other is at max_t = 3, the final report, which
-        # FinishingASHA lets through. With reduction_factor 2 a second rung at 2 reports would
-        # pit the two weight-0.1 trials against each other and stop one of them by batch noise.
-        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 3},
-        "metric": "loss", "mode": "min", "report_every": 2,
-        "resources": {"num_workers": 1, "worker_cpus": 0.5, "trial_cpus": 0.01},
-        "validation": {"shards": "scenes/val", "max_samples": 24},
-        "storage_path": str(out),
-        "tracking": {"tracking_uri": mlflow_server.uri, "experiment": experiment,
-                     "buffer_dir": str(out / "buffer")},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": str(REPO / "jobs" / "configs" / "two_stage_smoke.yaml"),
+                "job": "two_stage",
+                "set": [f"data_root={corpus}", "corpus=null", "max_steps=6"],
+                "trial_stages": ["pretrain"],
+                "space": {"student.stages.0.objectives.itc": {"type": "grid", "values": [0.1, 10.0]}},
+                "search": {"algorithm": "grid", "num_samples": 2, "max_concurrent": 2},
+                # One rung that decides (1 report); the other is at max_t = 3, the final report, which
+                # FinishingASHA lets through. With reduction_factor 2 a second rung at 2 reports would
+                # pit the two weight-0.1 trials against each other and stop one of them by batch noise.
+                "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 3},
+                "metric": "loss",
+                "mode": "min",
+                "report_every": 2,
+                "resources": {"num_workers": 1, "worker_cpus": 0.5, "trial_cpus": 0.01},
+                "validation": {"shards": "scenes/val", "max_samples": 24},
+                "storage_path": str(out),
+                "tracking": {
+                    "tracking_uri": mlflow_server.uri,
+                    "experiment": experiment,
+                    "buffer_dir": str(out / "buffer"),
+                },
+            }
+        )
+    )
     t0 = time.perf_counter()
     result = run_sweep(load_sweep(path), init_ray=False)
     print(result.summary())
@@ -111,8 +120,9 @@ def test_mlflow_has_the_parent_and_one_child_per_trial(asha_sweep):
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     pid = parent[0].info.run_id
     trials = [r for r in runs if r.data.tags.get("vlforge.sweep.role") == "trial"]
-    assert (sorted(r.data.tags["vlforge.trial_id"] for r in trials)
-            == sorted(r["trial_id"] for r in asha_sweep["result"].rows))
+    assert sorted(r.data.tags["vlforge.trial_id"] for r in trials) == sorted(
+        r["trial_id"] for r in asha_sweep["result"].rows
+    )
     status = {r["trial_id"]: r["status"] for r in asha_sweep["result"].rows}
     for run in trials:
         tid = run.data.tags["vlforge.trial_id"]
@@ -145,11 +155,15 @@ STAGE3 = {
     "experiment": str(REPO / "jobs" / "configs" / "vlmo_stagewise_smoke.yaml"),
     "job": "train",
     "trial_stages": ["vl"],
-    "space": {"stages.2.optimizer.lr": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3},
-              "stages.2.optimizer.weight_decay": {"type": "choice", "values": [0.0, 0.01]}},
+    "space": {
+        "stages.2.optimizer.lr": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3},
+        "stages.2.optimizer.weight_decay": {"type": "choice", "values": [0.0, 0.01]},
+    },
     "search": {"algorithm": "random", "num_samples": 3, "max_concurrent": 1, "seed": 3},
     "scheduler": {"kind": "fifo"},
-    "metric": "val_rmean", "mode": "max", "report_every": 2,
+    "metric": "val_rmean",
+    "mode": "max",
+    "report_every": 2,
     "resources": {"num_workers": 1, "worker_cpus": 0.5, "trial_cpus": 0.01},
 }
 
@@ -169,24 +183,46 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float, seen: list
     raise AssertionError(f"no line matching {pattern!r} in {timeout}s; output:\n{''.join(seen[-60:])}")
 
 
-def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, ray_head, corpus, mlflow_server,
-                                                                        tmp_path, load_job):
+def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
+    ray_local, ray_head, corpus, mlflow_server, tmp_path, load_job
+):
     name, experiment = f"resume-{uuid.uuid4().hex[:6]}", f"sweeps-{uuid.uuid4().hex[:6]}"
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        **STAGE3,
-        "set": ["corpus=null", f"data.shards={corpus}/scenes/train", f"stages.0.data.shards={corpus}/concepts/train",
-                "num_workers=1", "stages.0.steps=2", "stages.1.steps=2", "stages.2.steps=4",
-                "stages.0.schedule.warmup_steps=1", "stages.1.schedule.warmup_steps=1",
-                "stages.2.schedule.warmup_steps=1"],
-        "validation": {"shards": f"{corpus}/scenes/val", "max_samples": 24},
-        "storage_path": str(tmp_path / "out"),
-        "tracking": {"tracking_uri": mlflow_server.uri, "experiment": experiment,
-                     "buffer_dir": str(tmp_path / "buffer")},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                **STAGE3,
+                "set": [
+                    "corpus=null",
+                    f"data.shards={corpus}/scenes/train",
+                    f"stages.0.data.shards={corpus}/concepts/train",
+                    "num_workers=1",
+                    "stages.0.steps=2",
+                    "stages.1.steps=2",
+                    "stages.2.steps=4",
+                    "stages.0.schedule.warmup_steps=1",
+                    "stages.1.schedule.warmup_steps=1",
+                    "stages.2.schedule.warmup_steps=1",
+                ],
+                "validation": {"shards": f"{corpus}/scenes/val", "max_samples": 24},
+                "storage_path": str(tmp_path / "out"),
+                "tracking": {
+                    "tracking_uri": mlflow_server.uri,
+                    "experiment": experiment,
+                    "buffer_dir": str(tmp_path / "buffer"),
+                },
+            }
+        )
+    )
     env = {**ray_head.env, "RAY_ADDRESS": f"127.0.0.1:{ray_head.gcs_port}", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), str(path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "sweep.py"), str(path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen: list[str] = []
     try:
         first = _read_until(proc, r"trial (\w+): finished after", 400, seen).group(1)

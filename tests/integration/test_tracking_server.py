@@ -18,8 +18,9 @@ pytestmark = pytest.mark.integration
 
 
 def _cfg(server, tmp_path, **kw) -> TrackingConfig:
-    return TrackingConfig(tracking_uri=server.uri, experiment=f"it-{uuid.uuid4().hex[:8]}",
-                          buffer_dir=str(tmp_path / "buffer"), **kw)
+    return TrackingConfig(
+        tracking_uri=server.uri, experiment=f"it-{uuid.uuid4().hex[:8]}", buffer_dir=str(tmp_path / "buffer"), **kw
+    )
 
 
 def _client(server):
@@ -50,8 +51,9 @@ def test_run_on_server_with_params_metrics_artifacts(mlflow_server, tmp_path, mo
     assert run.data.params["data.batch_size"] == str(demo.data.batch_size)
     assert run.data.tags[RUN_KEY_TAG] == "server-run" and run.data.tags["team"] == "vl"
     assert run.data.tags["vlforge.env.mlflow"]
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == \
-        [(s, 1.0 / (s + 1)) for s in range(6)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
+        (s, 1.0 / (s + 1)) for s in range(6)
+    ]
     assert run.data.metrics["data/skipped/bad_json"] == 2
     assert {f.path for f in client.list_artifacts(run_id)} >= {"config.yaml", "loss_curve.png"}
     assert list(mlflow_server.artifacts.rglob("config.yaml"))
@@ -118,12 +120,14 @@ def test_server_outage_loses_nothing(mlflow_server, tmp_path, monkeypatch):
     assert "loss_curve.png" in {f.path for f in client.list_artifacts(run_id)}
 
     down = timings["down"]
-    print(f"\noutage: {len(down)} logging calls while the server was down: max {max(down):.3f} s, "
-          f"mean {sum(down) / len(down):.4f} s, {attempts_steps} delivery attempts failed (backoff); "
-          f"log_loss_curve + set_tags while down {other_s:.2f} s; "
-          f"calls while up: max {max(timings['up']):.3f} s; server restart {restart_s:.1f} s; "
-          f"{pending_before} records pending after the restart, {pending_after_step} after the next "
-          f"log_metrics, close() took {close_s:.2f} s")
+    print(
+        f"\noutage: {len(down)} logging calls while the server was down: max {max(down):.3f} s, "
+        f"mean {sum(down) / len(down):.4f} s, {attempts_steps} delivery attempts failed (backoff); "
+        f"log_loss_curve + set_tags while down {other_s:.2f} s; "
+        f"calls while up: max {max(timings['up']):.3f} s; server restart {restart_s:.1f} s; "
+        f"{pending_before} records pending after the restart, {pending_after_step} after the next "
+        f"log_metrics, close() took {close_s:.2f} s"
+    )
     assert max(down) < 2.0 and other_s < 5.0
     assert 1 <= attempts_steps < len(down)
 

@@ -30,8 +30,12 @@ def _cfg(corpus: Path, tmp: Path, name: str, **extra):
 
     raw = {
         "model": "vlmo_debug",
-        "data": {"shards": str(corpus / "scenes" / "train"), "batch_size": 4, "image": {"size": 32},
-                 "tokenizer": {"max_length": 16}},
+        "data": {
+            "shards": str(corpus / "scenes" / "train"),
+            "batch_size": 4,
+            "image": {"size": 32},
+            "tokenizer": {"max_length": 16},
+        },
         "name": name,
         "storage_path": str(tmp / "ray"),
         "progress_every": 2,
@@ -59,16 +63,33 @@ def test_zero2_stages_restart_after_worker_failure_and_mlflow(ray_local, corpus,
     from vlforge.train.runner import run_training
 
     name = f"z2-{uuid.uuid4().hex[:8]}"
-    cfg = _cfg(corpus, tmp_path, name,
-               deepspeed={"zero_stage": 2},
-               checkpoint_every=2, max_failures=1, keep_checkpoints=0,
-               debug={"fail_at_step": 3, "fail_rank": 1, "fail_marker": str(tmp_path / "failed-once")},
-               tracking={"tracking_uri": mlflow_server.uri, "experiment": "train-it",
-                         "buffer_dir": str(tmp_path / "buf")},
-               stages=[{"name": "mim", "objectives": {"mim": 1.0}, "steps": 4,
-                        "optimizer": {"lr": 1e-3}, "schedule": {"kind": "constant"}},
-                       {"name": "text", "objectives": {"mlm_text": 1.0}, "steps": 4,
-                        "trainable": STAGE2_TRAINABLE, "optimizer": {"lr": 1e-3}}])
+    cfg = _cfg(
+        corpus,
+        tmp_path,
+        name,
+        deepspeed={"zero_stage": 2},
+        checkpoint_every=2,
+        max_failures=1,
+        keep_checkpoints=0,
+        debug={"fail_at_step": 3, "fail_rank": 1, "fail_marker": str(tmp_path / "failed-once")},
+        tracking={"tracking_uri": mlflow_server.uri, "experiment": "train-it", "buffer_dir": str(tmp_path / "buf")},
+        stages=[
+            {
+                "name": "mim",
+                "objectives": {"mim": 1.0},
+                "steps": 4,
+                "optimizer": {"lr": 1e-3},
+                "schedule": {"kind": "constant"},
+            },
+            {
+                "name": "text",
+                "objectives": {"mlm_text": 1.0},
+                "steps": 4,
+                "trainable": STAGE2_TRAINABLE,
+                "optimizer": {"lr": 1e-3},
+            },
+        ],
+    )
     result = run_training(cfg)
     print(result.summary())
 
@@ -110,11 +131,21 @@ def test_zero3_frozen_bit_identical_rerun_resumes_and_export(ray_local, corpus, 
     from vlforge.train.runner import run_training
 
     name = f"z3-{uuid.uuid4().hex[:8]}"
-    common = dict(deepspeed={"zero_stage": 3}, checkpoint_every=2, max_failures=0,
-                  debug={"fail_at_step": 3, "fail_rank": 0, "fail_marker": str(tmp_path / "failed-once"),
-                         "probe_outputs": True},
-                  stages=[{"name": "text", "objectives": {"mlm_text": 1.0}, "steps": 4,
-                           "trainable": STAGE2_TRAINABLE, "optimizer": {"lr": 1e-3}}])
+    common = dict(
+        deepspeed={"zero_stage": 3},
+        checkpoint_every=2,
+        max_failures=0,
+        debug={"fail_at_step": 3, "fail_rank": 0, "fail_marker": str(tmp_path / "failed-once"), "probe_outputs": True},
+        stages=[
+            {
+                "name": "text",
+                "objectives": {"mlm_text": 1.0},
+                "steps": 4,
+                "trainable": STAGE2_TRAINABLE,
+                "optimizer": {"lr": 1e-3},
+            }
+        ],
+    )
     with pytest.raises(Exception, match="injected failure"):
         run_training(_cfg(corpus, tmp_path, name, **common))
     result = run_training(_cfg(corpus, tmp_path, name, **common))  # same name: Train restores the run
@@ -144,9 +175,13 @@ def test_resume_on_another_worker_count_via_universal_checkpoint(ray_local, corp
     from vlforge.train.runner import run_training
 
     name = f"univ-{uuid.uuid4().hex[:8]}"
-    common = dict(deepspeed={"zero_stage": 2}, checkpoint_every=2, max_failures=0,
-                  debug={"fail_at_step": 3, "fail_rank": 0, "fail_marker": str(tmp_path / "failed-once")},
-                  stages=[{"name": "mim", "objectives": {"mim": 1.0}, "steps": 4}])
+    common = dict(
+        deepspeed={"zero_stage": 2},
+        checkpoint_every=2,
+        max_failures=0,
+        debug={"fail_at_step": 3, "fail_rank": 0, "fail_marker": str(tmp_path / "failed-once")},
+        stages=[{"name": "mim", "objectives": {"mim": 1.0}, "steps": 4}],
+    )
     with pytest.raises(Exception, match="injected failure"):
         run_training(_cfg(corpus, tmp_path, name, **common))
     with pytest.raises(CheckpointMismatch, match="written by 2 workers .* this run has 1.*ds_to_universal"):

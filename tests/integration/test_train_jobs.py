@@ -31,9 +31,17 @@ def test_frozen_lm_job_keeps_lm_frozen(ray_local, corpus, tmp_path, capsys, load
     raw["stages"][0]["steps"] = 4
     raw["stages"][0]["schedule"]["warmup_steps"] = 1
     name = f"frozen-{uuid.uuid4().hex[:8]}"
-    raw.update(name=name, storage_path=str(tmp_path / "ray"), checkpoint_every=0,
-               tracking={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                         "buffer_dir": str(tmp_path / "buf"), "experiment": "frozen-it"})
+    raw.update(
+        name=name,
+        storage_path=str(tmp_path / "ray"),
+        checkpoint_every=0,
+        tracking={
+            "enabled": True,
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "buffer_dir": str(tmp_path / "buf"),
+            "experiment": "frozen-it",
+        },
+    )
     path = tmp_path / "frozen.yaml"
     path.write_text(yaml.safe_dump(raw))
 

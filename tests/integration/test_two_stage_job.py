@@ -16,9 +16,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(corpus: Path, out: Path, name: str, uri: str, model: str, *more: str) -> list[str]:
-    sets = [f"data_root={corpus}", "corpus=null", "max_steps=2", "eval.max_samples=24", "eval.latency_ns=[8,16]",
-            "eval.max_teacher_pairs=100", f"storage_path={out}", f"name={name}", f"tracking.tracking_uri={uri}",
-            f"tracking.buffer_dir={out / 'buffer'}", f"register.model_name={model}", *more]
+    sets = [
+        f"data_root={corpus}",
+        "corpus=null",
+        "max_steps=2",
+        "eval.max_samples=24",
+        "eval.latency_ns=[8,16]",
+        "eval.max_teacher_pairs=100",
+        f"storage_path={out}",
+        f"name={name}",
+        f"tracking.tracking_uri={uri}",
+        f"tracking.buffer_dir={out / 'buffer'}",
+        f"register.model_name={model}",
+        *more,
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -65,11 +76,13 @@ def test_smoke_job_trains_evaluates_and_registers(smoke_job, corpus, mlflow_serv
 
     parent = client.get_run(version.run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == smoke_job["name"]
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert sorted(r.info.run_name for r in children) == sorted(
-        f"{smoke_job['name']}.{k}" for k in ("teacher-pretrain", "teacher-finetune", "student-distilled",
-                                            "student-soft_only"))
+        f"{smoke_job['name']}.{k}"
+        for k in ("teacher-pretrain", "teacher-finetune", "student-distilled", "student-soft_only")
+    )
     assert all(r.info.status == "FINISHED" for r in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert {"results/results.txt", "results/results.png", "results/latency.png"} <= artifacts
@@ -83,15 +96,27 @@ def test_smoke_job_trains_evaluates_and_registers(smoke_job, corpus, mlflow_serv
     assert scored["match_prob"].between(0, 1).all()
 
 
-def test_teacher_is_reused_and_a_second_version_registered(smoke_job, corpus, mlflow_server, tmp_path, capsys,
-                                                           load_job):
+def test_teacher_is_reused_and_a_second_version_registered(
+    smoke_job, corpus, mlflow_server, tmp_path, capsys, load_job
+):
     from mlflow.tracking import MlflowClient
 
     assert smoke_job["code"] == 0
     name = f"ts-{uuid.uuid4().hex[:6]}"
-    code = load_job("two_stage").main([*_args(corpus, tmp_path, name, mlflow_server.uri, smoke_job["model"],
-                               f"teacher.checkpoint={smoke_job['root'] / 'teacher'}", "eval.latency=false"),
-                        "--no-ablation"])
+    code = load_job("two_stage").main(
+        [
+            *_args(
+                corpus,
+                tmp_path,
+                name,
+                mlflow_server.uri,
+                smoke_job["model"],
+                f"teacher.checkpoint={smoke_job['root'] / 'teacher'}",
+                "eval.latency=false",
+            ),
+            "--no-ablation",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert f"{name}.teacher-pretrain" not in printed and f"{name}.student-distilled" in printed
@@ -103,8 +128,15 @@ def test_teacher_is_reused_and_a_second_version_registered(smoke_job, corpus, ml
 def test_ray_job_submit_to_a_local_head(smoke_job, ray_head, corpus, mlflow_server, tmp_path):
     assert smoke_job["code"] == 0
     name = f"ts-{uuid.uuid4().hex[:6]}"
-    args = _args(corpus, tmp_path, name, mlflow_server.uri, f"dual-{uuid.uuid4().hex[:6]}",
-                 f"teacher.checkpoint={smoke_job['root'] / 'teacher'}", "eval.latency_ns=[8]")
+    args = _args(
+        corpus,
+        tmp_path,
+        name,
+        mlflow_server.uri,
+        f"dual-{uuid.uuid4().hex[:6]}",
+        f"teacher.checkpoint={smoke_job['root'] / 'teacher'}",
+        "eval.latency_ns=[8]",
+    )
     done = ray_head.submit([sys.executable, "jobs/two_stage.py", "--no-ablation", *args], REPO, timeout=900)
     logs = done.stdout + done.stderr
     assert done.returncode == 0, logs[-4000:]

@@ -66,12 +66,27 @@ def _write(path, doc) -> str:
 
 
 def _coco(tmp_path):
-    images = [{"id": 1, "file_name": "a.png", "license": 3}, {"id": 2, "file_name": "b.jpg"},
-              {"id": 3, "file_name": "rgba.png"}, {"id": 4, "file_name": "missing.png"},
-              {"id": 5, "file_name": "a.png"}, {"id": 6, "file_name": "../outside.png"},
-              {"id": 7, "file_name": "bad.png"}]
-    caps = [(1, "a red square"), (2, "a blue square"), (1, "  red, again "), (1, ""), (3, "see-through"),
-            (4, "gone"), (5, "   "), (6, "escape"), (7, "broken"), (99, "nobody's")]
+    images = [
+        {"id": 1, "file_name": "a.png", "license": 3},
+        {"id": 2, "file_name": "b.jpg"},
+        {"id": 3, "file_name": "rgba.png"},
+        {"id": 4, "file_name": "missing.png"},
+        {"id": 5, "file_name": "a.png"},
+        {"id": 6, "file_name": "../outside.png"},
+        {"id": 7, "file_name": "bad.png"},
+    ]
+    caps = [
+        (1, "a red square"),
+        (2, "a blue square"),
+        (1, "  red, again "),
+        (1, ""),
+        (3, "see-through"),
+        (4, "gone"),
+        (5, "   "),
+        (6, "escape"),
+        (7, "broken"),
+        (99, "nobody's"),
+    ]
     anns = [{"id": 10 + n, "image_id": i, "caption": c} for n, (i, c) in enumerate(caps)]
     return _write(tmp_path / "captions_val2014.json", {"info": {}, "images": images, "annotations": anns})
 
@@ -79,8 +94,13 @@ def _coco(tmp_path):
 def test_coco_one_sample_per_image_with_every_caption(tmp_path, imgs):
     rep = ingest_coco(_coco(tmp_path), imgs, tmp_path / "out", split="val", samples_per_shard=2)
     assert rep.written == 3
-    assert rep.skipped == {"missing_image": 1, "missing_caption": 1, "outside_folder": 1, "unreadable_image": 1,
-                           "unknown_image_id": 1}
+    assert rep.skipped == {
+        "missing_image": 1,
+        "missing_caption": 1,
+        "outside_folder": 1,
+        "unreadable_image": 1,
+        "unknown_image_id": 1,
+    }
     samples = _samples(tmp_path / "out")
     assert [s["txt"].decode() for s in samples] == ["a red square", "a blue square", "see-through"]
     meta = [json.loads(s["json"]) for s in samples]
@@ -118,20 +138,26 @@ def _karpathy(tmp_path, imgs):
     (imgs / "val2014" / "COCO_val2014_000000000042.jpg").write_bytes(_img(BLUE, "JPEG"))
 
     def entry(n, name, split, raws, filepath=None):
-        e = {"filename": name, "imgid": n, "split": split, "cocoid": 1000 + n,
-             "sentences": [{"raw": r, "tokens": r.split(), "imgid": n, "sentid": 5 * n + k}
-                           for k, r in enumerate(raws)]}
+        e = {
+            "filename": name,
+            "imgid": n,
+            "split": split,
+            "cocoid": 1000 + n,
+            "sentences": [{"raw": r, "tokens": r.split(), "imgid": n, "sentid": 5 * n + k} for k, r in enumerate(raws)],
+        }
         if filepath:
             e["filepath"] = filepath
         return e
 
-    images = [entry(0, "COCO_val2014_000000000042.jpg", "test", ["one", "two", "three"], "val2014"),
-              entry(1, "a.png", "restval", ["restval caption"], "val2014"),  # found in the folder itself
-              entry(2, "b.jpg", "train", ["train caption", " "]),
-              entry(3, "rgba.png", "val", ["val caption"]),
-              entry(4, "missing.jpg", "test", ["gone"]),
-              entry(5, "a.png", "test", ["", "  "]),
-              {"filename": "a.png", "imgid": 6, "sentences": []}]
+    images = [
+        entry(0, "COCO_val2014_000000000042.jpg", "test", ["one", "two", "three"], "val2014"),
+        entry(1, "a.png", "restval", ["restval caption"], "val2014"),  # found in the folder itself
+        entry(2, "b.jpg", "train", ["train caption", " "]),
+        entry(3, "rgba.png", "val", ["val caption"]),
+        entry(4, "missing.jpg", "test", ["gone"]),
+        entry(5, "a.png", "test", ["", "  "]),
+        {"filename": "a.png", "imgid": 6, "sentences": []},
+    ]
     return _write(tmp_path / "dataset_coco.json", {"images": images, "dataset": "coco"})
 
 
@@ -187,8 +213,15 @@ def test_karpathy_sets_are_scored_with_the_coco_protocol(tmp_path, imgs):
 def _vqa(tmp_path, imgs):
     (imgs / "COCO_val2014_000000000001.jpg").write_bytes(_img(RED, "JPEG"))
     (imgs / "other_name_000000000002.jpg").write_bytes(_img(BLUE, "JPEG"))  # found by the id fallback
-    qs = [(1, 101, "How many squares?"), (1, 102, "Is it blue?"), (2, 201, "Is it blue?"), (1, 103, "Is it red?"),
-          (3, 301, "Where is it?"), (1, 104, "No annotation?"), (1, 105, "  ")]
+    qs = [
+        (1, 101, "How many squares?"),
+        (1, 102, "Is it blue?"),
+        (2, 201, "Is it blue?"),
+        (1, 103, "Is it red?"),
+        (3, 301, "Where is it?"),
+        (1, 104, "No annotation?"),
+        (1, 105, "  "),
+    ]
     answers = {
         101: ("2", ["2"] * 4 + ["two"] * 3 + ["3"] * 3),
         102: ("No.", ["Yes"] + ["no"] * 9),
@@ -197,11 +230,22 @@ def _vqa(tmp_path, imgs):
         301: ("nowhere", ["nowhere"] * 10),
         105: ("x", ["x"] * 10),
     }
-    questions = {"data_subtype": "val2014", "questions": [{"image_id": i, "question_id": q, "question": t}
-                                                          for i, q, t in qs]}
-    anns = {"annotations": [{"question_id": q, "image_id": 0, "multiple_choice_answer": mca, "answer_type": "other",
-                             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
-                                         for k, a in enumerate(ten)]} for q, (mca, ten) in answers.items()]}
+    questions = {
+        "data_subtype": "val2014",
+        "questions": [{"image_id": i, "question_id": q, "question": t} for i, q, t in qs],
+    }
+    anns = {
+        "annotations": [
+            {
+                "question_id": q,
+                "image_id": 0,
+                "multiple_choice_answer": mca,
+                "answer_type": "other",
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(ten)],
+            }
+            for q, (mca, ten) in answers.items()
+        ]
+    }
     return _write(tmp_path / "q.json", questions), _write(tmp_path / "a.json", anns)
 
 
@@ -306,8 +350,13 @@ def test_fusion_finetune_uses_bce_and_the_vqa_score_on_soft_targets():
     torch.nn.Module.__init__(task)
     task.model, task.task, task.weight = Head(), "vqa", 1.0
     targets = torch.tensor([[1 / 3, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    batch = {"pixel_values": None, "input_ids": None, "attention_mask": None, "answer_id": torch.tensor([1, 2]),
-             "answer_targets": targets}
+    batch = {
+        "pixel_values": None,
+        "input_ids": None,
+        "attention_mask": None,
+        "answer_id": torch.tensor([1, 2]),
+        "answer_targets": targets,
+    }
     out = task(batch)
     assert out["hard"].item() == pytest.approx(multilabel_bce(task.model.w, targets).item())
     assert out["acc"].item() == pytest.approx((1 / 3 + 1.0) / 2)  # argmaxes 0 and 2
@@ -335,13 +384,23 @@ def _nlvr(tmp_path, imgs):
     (imgs / "7" / "train-5-1-img0.png").write_bytes(_img(RED))
     (imgs / "7" / "train-5-1-img1.png").write_bytes(_img(BLUE, "JPEG"))
     rows = [
-        {"identifier": "dev-1-0-0", "sentence": "The left image is red.", "label": "True",
-         "left_url": "https://example.com/a.jpg", "right_url": "https://example.com/b.jpg"},
+        {
+            "identifier": "dev-1-0-0",
+            "sentence": "The left image is red.",
+            "label": "True",
+            "left_url": "https://example.com/a.jpg",
+            "right_url": "https://example.com/b.jpg",
+        },
         {"identifier": "dev-1-0-1", "sentence": "Both images are red.", "label": "False"},
         {"identifier": "dev-2-0-0", "sentence": "Maybe.", "label": "maybe"},
         {"identifier": "dev-3-0-0", "sentence": "No images.", "label": "True"},
-        {"identifier": "dev-4-0-0", "sentence": "Escapes.", "label": "True", "left": "../outside.png",
-         "right": "x.png"},
+        {
+            "identifier": "dev-4-0-0",
+            "sentence": "Escapes.",
+            "label": "True",
+            "left": "../outside.png",
+            "right": "x.png",
+        },
         {"identifier": "dev-1-0-2", "sentence": "  ", "label": "True"},
         {"identifier": "train-5-1-0", "sentence": "From a train folder.", "label": True, "directory": 7},
         {"sentence": "Named files.", "label": "false", "left": "a.png", "right": "x.png"},
@@ -353,14 +412,24 @@ def _nlvr(tmp_path, imgs):
 
 def test_nlvr2_pairs_labels_and_decoding(tmp_path, imgs):
     assert [parse_label(v) for v in ("True", "false", True, 0, "1", "maybe", 2, None)] == [
-        True, False, True, False, True, None, None, None]
+        True,
+        False,
+        True,
+        False,
+        True,
+        None,
+        None,
+        None,
+    ]
     out = tmp_path / "nlvr"
     rep = ingest_nlvr2(_nlvr(tmp_path, imgs), imgs, out)
     assert rep.written == 5
     assert rep.skipped == {"bad_label": 1, "missing_image": 1, "outside_folder": 1, "missing_sentence": 1}
     samples = _samples(out)
     assert [sorted(k for k in s if not k.startswith("__")) for s in samples[1:3]] == [
-        ["json", "png", "right.png", "txt"], ["json", "png", "right.jpg", "txt"]]
+        ["json", "png", "right.png", "txt"],
+        ["json", "png", "right.jpg", "txt"],
+    ]
     meta = [json.loads(s["json"]) for s in samples]
     assert [m["label"] for m in meta] == [True, False, True, False, True]
     assert [m["identifier"] for m in meta[:3]] == ["dev-1-0-0", "dev-1-0-1", "train-5-1-0"]
@@ -387,12 +456,14 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 def test_cli_formats(tmp_path, imgs, capsys):
     rc, out, _ = _cli(capsys, imgs, _coco(tmp_path), "--format", "coco", "--out", tmp_path / "c")
     assert rc == 0 and "wrote 3 samples in 1 shard(s)" in out and "skipped 5" in out and "missing_image: " in out
-    rc, out, _ = _cli(capsys, imgs, _karpathy(tmp_path, imgs), "--format", "karpathy", "--split", "test",
-                      "--out", tmp_path / "k")
+    rc, out, _ = _cli(
+        capsys, imgs, _karpathy(tmp_path, imgs), "--format", "karpathy", "--split", "test", "--out", tmp_path / "k"
+    )
     assert rc == 0 and "wrote 1 samples" in out
     q, a = _vqa(tmp_path, imgs)
-    rc, out, _ = _cli(capsys, imgs, q, "--format", "vqav2", "--annotations", a, "--min-answer-count", "2",
-                      "--out", tmp_path / "v")
+    rc, out, _ = _cli(
+        capsys, imgs, q, "--format", "vqav2", "--annotations", a, "--min-answer-count", "2", "--out", tmp_path / "v"
+    )
     assert rc == 0 and "wrote 4 samples" in out and "answers.json: 1 answers" in out
     assert json.loads((tmp_path / "v" / "answers.json").read_text()) == ["no"]
     rc, out, _ = _cli(capsys, imgs, _nlvr(tmp_path, imgs), "--format", "nlvr2", "--out", tmp_path / "n")
@@ -414,8 +485,9 @@ def test_cli_errors(tmp_path, imgs, capsys):
     assert rc == 2 and "--format vqav2 needs --annotations" in err
     rc, _, err = _cli(capsys, imgs, tmp_path / "nope.json", "--format", "coco", "--out", tmp_path / "o")
     assert rc == 2 and "nope.json does not exist" in err
-    rc, _, err = _cli(capsys, imgs, _write(tmp_path / "k.json", {"imgs": []}), "--format", "karpathy",
-                      "--out", tmp_path / "o")
+    rc, _, err = _cli(
+        capsys, imgs, _write(tmp_path / "k.json", {"imgs": []}), "--format", "karpathy", "--out", tmp_path / "o"
+    )
     assert rc == 2 and "no 'images' key" in err
     rc, _, err = _cli(capsys, imgs, q, "--format", "vqav2", "--annotations", q, "--out", tmp_path / "o")
     assert rc == 2 and "no 'annotations' key" in err

@@ -58,8 +58,14 @@ def decode_all(paths, task="captions"):
     for p in paths:
         rows = read_rows(p)
         batch = {k: np.array(v, dtype=object) for k, v in rows.items()}
-        out = decode_batch(batch, image=ImageConfig(size=32), tokenizer=TokenizerConfig(max_length=8),
-                           task=task, answers=["yes"], counters=counters.add)
+        out = decode_batch(
+            batch,
+            image=ImageConfig(size=32),
+            tokenizer=TokenizerConfig(max_length=8),
+            task=task,
+            answers=["yes"],
+            counters=counters.add,
+        )
         if not out:
             continue
         n = len(out["sample_id"])
@@ -103,7 +109,7 @@ def test_fuzzed_shards_never_crash(bad_shards, tmp_path):
             data = data[: rng.randrange(1, len(data))]
         else:
             start = rng.randrange(len(data))
-            data[start:start + rng.randint(1, 2000)] = bytes(rng.randrange(256) for _ in range(rng.randint(0, 50)))
+            data[start : start + rng.randint(1, 2000)] = bytes(rng.randrange(256) for _ in range(rng.randint(0, 50)))
         p = tmp_path / f"fuzz{trial}.tar"
         p.write_bytes(bytes(data))
         try:

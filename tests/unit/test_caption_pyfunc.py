@@ -61,9 +61,12 @@ def test_prepare_caption_serving_dir(frozen_dir, tmp_path):
     out = prepare_serving_dir(frozen_dir, DATA, tmp_path / "serving")
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "preprocess.json"]
     pre = json.loads((out / "preprocess.json").read_text())
-    assert pre == {"kind": "caption", "method": "frozen", "lm": {"source": "random", "tokenizer": "bytes"},
-                   "image": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                             "background": [255, 255, 255]}}
+    assert pre == {
+        "kind": "caption",
+        "method": "frozen",
+        "lm": {"source": "random", "tokenizer": "bytes"},
+        "image": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "background": [255, 255, 255]},
+    }
     assert serving_kind(out) == CAPTION
     with pytest.raises(ValueError, match="holds a caption model"):
         serving_preprocessing(out)
@@ -112,8 +115,9 @@ def test_signatures_per_kind():
     assert not any(r.startswith("transformers==") for r in serving_requirements())
 
 
-@pytest.mark.parametrize("spec", [{"model": "vcgpt_debug", "method": "vcgpt"},
-                                  {"model": "frozen_debug", "method": "frozen"}])
+@pytest.mark.parametrize(
+    "spec", [{"model": "vcgpt_debug", "method": "vcgpt"}, {"model": "frozen_debug", "method": "frozen"}]
+)
 def test_pyfunc_captions_like_generate(spec, tmp_path, monkeypatch):
     from vlforge.data.pipeline import decode_image, normalise
     from vlforge.models.io import load_model_dir

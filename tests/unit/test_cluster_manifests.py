@@ -37,8 +37,7 @@ S3_SECRET = "vlforge-s3"
 SHARED_PVC = "vlforge-shared"  # infra/k8s/shared-pvc.yaml
 NAMESPACE = "vlforge"
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|API_KEY", re.I)
-SECRET_ASSIGNMENT = re.compile(r"\b\w*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*\s*[=:]\s*[\"']?[A-Za-z0-9/+]{8,}",
-                               re.I)
+SECRET_ASSIGNMENT = re.compile(r"\b\w*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*\s*[=:]\s*[\"']?[A-Za-z0-9/+]{8,}", re.I)
 
 
 def load_yaml(path: Path) -> list:
@@ -125,8 +124,15 @@ def literal_secrets(obj, path: str = "") -> list[str]:
 
 
 def test_cluster_dir_has_the_expected_files():
-    for name in ("ray-cluster.yaml", "runtime_env.yaml", "runtime_env.aws.yaml", "README.md",
-                 "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/schema.json"):
+    for name in (
+        "ray-cluster.yaml",
+        "runtime_env.yaml",
+        "runtime_env.aws.yaml",
+        "README.md",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/schema.json",
+    ):
         assert (CLUSTER / name).is_file(), name
 
 
@@ -144,21 +150,30 @@ def test_no_literal_credentials(path):
     assert not re.search(r"\bAKIA[0-9A-Z]{16}\b", text)
 
 
-@pytest.mark.parametrize("planted", [
-    {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]},
-    {"env_vars": {"MLFLOW_TRACKING_PASSWORD": "hunter2"}},
-    {"env": [{"name": "HF_TOKEN", "value": "x"}]},
-    {"setup_commands": ["export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCY"]},
-    {"runtimeEnvYAML": "env_vars:\n  MLFLOW_TRACKING_TOKEN: abcdef\n"},
-    {"setup_commands": ["aws configure set aws_access_key_id AKIAABCDEFGHIJKLMNOP"]},
-])
+@pytest.mark.parametrize(
+    "planted",
+    [
+        {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]},
+        {"env_vars": {"MLFLOW_TRACKING_PASSWORD": "hunter2"}},
+        {"env": [{"name": "HF_TOKEN", "value": "x"}]},
+        {"setup_commands": ["export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCY"]},
+        {"runtimeEnvYAML": "env_vars:\n  MLFLOW_TRACKING_TOKEN: abcdef\n"},
+        {"setup_commands": ["aws configure set aws_access_key_id AKIAABCDEFGHIJKLMNOP"]},
+    ],
+)
 def test_credential_scan_catches_planted_literals(planted):
     assert literal_secrets(planted)
 
 
 def test_credential_scan_accepts_secret_references():
-    ok = {"env": [{"name": "AWS_SECRET_ACCESS_KEY",
-                   "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": "AWS_SECRET_ACCESS_KEY"}}}]}
+    ok = {
+        "env": [
+            {
+                "name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": "AWS_SECRET_ACCESS_KEY"}},
+            }
+        ]
+    }
     assert literal_secrets(ok) == []
 
 
@@ -203,8 +218,9 @@ def _commands_not_a_list(c):
     c["setup_commands"] = "bash scripts/install.sh"
 
 
-@pytest.mark.parametrize("breakage", [_unknown_top_key, _string_resource, _unknown_node_key, _bad_head_type,
-                                      _commands_not_a_list])
+@pytest.mark.parametrize(
+    "breakage", [_unknown_top_key, _string_resource, _unknown_node_key, _bad_head_type, _commands_not_a_list]
+)
 def test_broken_launcher_config_is_rejected(breakage):
     config = copy.deepcopy(launcher())
     breakage(config)
@@ -287,8 +303,11 @@ def kuberay_validator() -> jsonschema.Draft202012Validator:
 def check_pod_template(template: dict) -> None:
     import kubernetes_validate
 
-    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                                  "template": template}, K8S_VERSION, strict=True)
+    kubernetes_validate.validate(
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+        K8S_VERSION,
+        strict=True,
+    )
 
 
 def test_both_kinds_are_present():
@@ -336,21 +355,31 @@ def test_broken_kuberay_manifest_is_rejected(kind, breakage):
     assert list(kuberay_validator().iter_errors(doc))
 
 
-@pytest.mark.parametrize("field, value", [("shutdownAfterJobFinish", True), ("ttlSecondsAfterFinished", "600"),
-                                          ("submissionMode", "K8sMode"), ("clusterSelector", {"a": "b"}),
-                                          ("activeDeadlineSeconds", 0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("shutdownAfterJobFinish", True),
+        ("ttlSecondsAfterFinished", "600"),
+        ("submissionMode", "K8sMode"),
+        ("clusterSelector", {"a": "b"}),
+        ("activeDeadlineSeconds", 0),
+    ],
+)
 def test_broken_rayjob_fields_are_rejected(field, value):
     doc = copy.deepcopy(kuberay_docs()["RayJob"])
     doc["spec"][field] = value
     assert list(kuberay_validator().iter_errors(doc))
 
 
-@pytest.mark.parametrize("breakage", [
-    lambda t: containers(t)[0].update(env={"VLFORGE_S3_ENDPOINT": S3_ENDPOINT}),
-    lambda t: containers(t)[0].update(volumeMount=[]),
-    lambda t: containers(t)[0]["resources"].update(request={"cpu": "1"}),
-    lambda t: t["spec"].update(volumes={"name": "shared"}),
-])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda t: containers(t)[0].update(env={"VLFORGE_S3_ENDPOINT": S3_ENDPOINT}),
+        lambda t: containers(t)[0].update(volumeMount=[]),
+        lambda t: containers(t)[0]["resources"].update(request={"cpu": "1"}),
+        lambda t: t["spec"].update(volumes={"name": "shared"}),
+    ],
+)
 def test_broken_pod_template_is_rejected(breakage):
     import kubernetes_validate
 
@@ -366,8 +395,11 @@ def test_every_pod_mounts_the_shared_volume_where_the_config_stores_runs():
     assert load(TwoStageConfig, REPO / "jobs/configs/two_stage.yaml").storage_path.startswith("/mnt/shared/")
     for doc in kuberay_docs().values():
         for group, template in pod_templates(doc):
-            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-                      for v in template["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+            claims = {
+                v["name"]: v["persistentVolumeClaim"]["claimName"]
+                for v in template["spec"].get("volumes", [])
+                if "persistentVolumeClaim" in v
+            }
             mounts = {m["mountPath"]: m["name"] for c in containers(template) for m in c.get("volumeMounts", [])}
             assert claims.get(mounts.get("/mnt/shared")) == SHARED_PVC, (doc["kind"], group)
 
@@ -446,8 +478,10 @@ def test_rayjob_runs_the_main_job_with_accepted_overrides():
     assert cfg.name, "a fixed name lets a retried or resubmitted job resume"
     assert cfg.storage_path.startswith("/mnt/shared/")
     gpu = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}["gpu"]
-    assert int(containers(gpu["template"])[0]["resources"]["limits"]["nvidia.com/gpu"]) * gpu["replicas"] \
+    assert (
+        int(containers(gpu["template"])[0]["resources"]["limits"]["nvidia.com/gpu"]) * gpu["replicas"]
         == cfg.num_workers
+    )
 
 
 def test_rayjob_runtime_env_builds_and_matches_the_pods():

@@ -45,16 +45,19 @@ def test_unknown_key_inside_list_names_index():
         from_dict(Outer, {"stages": [{"lr": 1.0}, {"bogus": 2}]})
 
 
-@pytest.mark.parametrize("raw, pattern", [
-    ({"inner": {"steps": "ten"}}, r"inner\.steps: expected int, got str 'ten'"),
-    ({"inner": {"steps": True}}, r"inner\.steps: expected int, got bool"),
-    ({"inner": {"lr": "fast"}}, r"inner\.lr: expected float"),
-    ({"inner": {"mode": "c"}}, r"inner\.mode: expected one of \['a', 'b'\]"),
-    ({"inner": 3}, r"inner: expected a mapping for Inner"),
-    ({"stages": {"lr": 1}}, r"stages: expected a list"),
-    ({"tags": {"k": 1}}, r"tags\.k: expected str"),
-    ({"name": None}, r"name: expected str"),
-])
+@pytest.mark.parametrize(
+    "raw, pattern",
+    [
+        ({"inner": {"steps": "ten"}}, r"inner\.steps: expected int, got str 'ten'"),
+        ({"inner": {"steps": True}}, r"inner\.steps: expected int, got bool"),
+        ({"inner": {"lr": "fast"}}, r"inner\.lr: expected float"),
+        ({"inner": {"mode": "c"}}, r"inner\.mode: expected one of \['a', 'b'\]"),
+        ({"inner": 3}, r"inner: expected a mapping for Inner"),
+        ({"stages": {"lr": 1}}, r"stages: expected a list"),
+        ({"tags": {"k": 1}}, r"tags\.k: expected str"),
+        ({"name": None}, r"name: expected str"),
+    ],
+)
 def test_wrong_types_name_full_path(raw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         from_dict(Outer, raw)

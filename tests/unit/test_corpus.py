@@ -85,7 +85,7 @@ def test_vqa_answers_are_right(corpus):
         objs = [Obj(**o) for o in m["objects"]]
         q, a = m["question"], m["answer"]
         if m["question_type"] == "relation":
-            rel, target = q[len("what is "):-1].rsplit(" the ", 1)
+            rel, target = q[len("what is ") : -1].rsplit(" the ", 1)
             b = next(o for o in objs if o.name == target)
             hits = [o.name for o in objs if o is not b and relation(o, b) == rel]
             assert hits == [a]
@@ -94,7 +94,7 @@ def test_vqa_answers_are_right(corpus):
         elif m["question_type"] == "count":
             assert a == {2: "two", 3: "three"}[len(objs)]
         else:
-            asked = q[len("is there "):-1].split(" ", 1)[1]
+            asked = q[len("is there ") : -1].split(" ", 1)[1]
             assert (a == "yes") == (asked in [o.name for o in objs])
     assert set(kinds) == {"relation", "color", "count", "exists"}
     answers = json.loads((corpus / "answers.json").read_text())
@@ -126,7 +126,7 @@ def test_relation_is_unambiguous_in_every_scene():
     for s in samples["scenes"]:
         objs = s.scenes[0].objects
         for i, a in enumerate(objs):
-            for b in objs[i + 1:]:
+            for b in objs[i + 1 :]:
                 assert abs(abs(a.x - b.x) - abs(a.y - b.y)) >= 0.12 - 1e-3
 
 

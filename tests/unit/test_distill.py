@@ -183,7 +183,9 @@ def test_student_overfits_one_batch(task_name):
     first, last, steps = overfit(task, batch, max_steps=300)
     torch.manual_seed(1234)
     terms = {k: round(v.item(), 4) for k, v in task(batch).items()}
-    print(f"distillation student ({task_name}, soft+attn) overfit: {first:.4f} -> {last:.4f} "
-          f"in {steps} steps, {time.time() - start:.1f}s; terms now {terms}")
+    print(
+        f"distillation student ({task_name}, soft+attn) overfit: {first:.4f} -> {last:.4f} "
+        f"in {steps} steps, {time.time() - start:.1f}s; terms now {terms}"
+    )
     assert first > 0.2  # the sharpened teacher gives the student something to learn
     assert last < first / 5

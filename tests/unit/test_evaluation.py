@@ -66,9 +66,7 @@ def test_recall_perfect_and_keys():
 
 
 def test_recall_second_best_positive():
-    scores = torch.tensor([[0.8, 0.9, 0.1],
-                           [0.2, 0.7, 0.3],
-                           [0.1, 0.2, 0.6]])
+    scores = torch.tensor([[0.8, 0.9, 0.1], [0.2, 0.7, 0.3], [0.1, 0.2, 0.6]])
     pos = torch.eye(3, dtype=torch.bool)
     out = recall_at_k(scores, pos, ks=(1, 2))
     # image 0 ranks its own text second (0.9 > 0.8); the others rank theirs first.
@@ -93,10 +91,7 @@ def test_caption_positives_and_duplicate_captions():
     expected[0, 2] = expected[2, 0] = True
     assert torch.equal(pos, expected)
     # Image 0's best text is text 2, the same caption: a hit. Image 2 prefers text 1: a miss.
-    scores = torch.tensor([[0.5, 0.1, 0.9, 0.0],
-                           [0.0, 0.9, 0.1, 0.2],
-                           [0.3, 0.8, 0.4, 0.0],
-                           [0.0, 0.1, 0.2, 0.7]])
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.0], [0.0, 0.9, 0.1, 0.2], [0.3, 0.8, 0.4, 0.0], [0.0, 0.1, 0.2, 0.7]])
     out = recall_at_k(scores, pos, ks=(1, 2))
     assert out["i2t_r1"] == 75.0
     assert out["i2t_r2"] == 100.0
@@ -146,8 +141,9 @@ def test_teacher_scores_rerank_shortlist(teacher):
     shortlist.scatter_(0, itc.topk(2, dim=0).indices, True)
     assert torch.equal(rescored, shortlist)
     torch.testing.assert_close(got[~shortlist], itc[~shortlist])
-    torch.testing.assert_close(got[shortlist] - RERANK_OFFSET, _full_itm(teacher, pv, ids, am)[shortlist],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        got[shortlist] - RERANK_OFFSET, _full_itm(teacher, pv, ids, am)[shortlist], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_evaluate_retrieval_both_kinds(teacher, student):
@@ -189,8 +185,12 @@ class FakePairModel(nn.Module):
 def _indexed_set(n: int) -> dict[str, torch.Tensor]:
     pv = torch.zeros(n, 3, 4, 4)
     pv[:, 0, 0, 0] = torch.arange(n).float()
-    return {"pixel_values": pv, "pixel_values_2": pv.clone(), "input_ids": torch.ones(n, 3, dtype=torch.long),
-            "attention_mask": torch.ones(n, 3, dtype=torch.long)}
+    return {
+        "pixel_values": pv,
+        "pixel_values_2": pv.clone(),
+        "input_ids": torch.ones(n, 3, dtype=torch.long),
+        "attention_mask": torch.ones(n, 3, dtype=torch.long),
+    }
 
 
 def test_accuracy_nlvr2():
@@ -216,11 +216,14 @@ def test_accuracy_vqa_counts_unknown_answers_wrong():
 # ----------------------------------------------------------------------------- eval sets
 
 
-@pytest.mark.parametrize("task_dir, kind, extra", [
-    ("scenes", "captions", set()),
-    ("vqa", "vqa", {"answer_id"}),
-    ("nlvr", "nlvr", {"pixel_values_2", "label"}),
-])
+@pytest.mark.parametrize(
+    "task_dir, kind, extra",
+    [
+        ("scenes", "captions", set()),
+        ("vqa", "vqa", {"answer_id"}),
+        ("nlvr", "nlvr", {"pixel_values_2", "label"}),
+    ],
+)
 def test_load_eval_set(corpus, task_dir, kind, extra):
     data = DataConfig(image=ImageConfig(size=32), decode_batch_size=8)
     uri = str(corpus / task_dir / "val")
@@ -253,8 +256,16 @@ def test_latency_table_structure(teacher, student):
     pv, ids, am = make_inputs(3)
     rows = latency_table(teacher, student, pv, ids, am, ns=(4, 8), max_teacher_pairs=20, batch_size=16)
     assert [r["n"] for r in rows] == [4, 8]
-    keys = {"n", "teacher_s", "teacher_extrapolated", "teacher_pairs_timed", "student_s", "student_cached_s",
-            "speedup", "speedup_cached"}
+    keys = {
+        "n",
+        "teacher_s",
+        "teacher_extrapolated",
+        "teacher_pairs_timed",
+        "student_s",
+        "student_cached_s",
+        "speedup",
+        "speedup_cached",
+    }
     for r in rows:
         assert set(r) == keys
         assert all(r[k] > 0 for k in ("teacher_s", "student_s", "student_cached_s", "speedup", "speedup_cached"))
@@ -276,8 +287,10 @@ def test_growth_on_synthetic_rows():
 
 
 def test_format_table():
-    rows = [{"model": "teacher", "i2t_r1": 85.25, "speedup": 1.0, "lat": 0.01234, "n": 300, "ok": True},
-            {"model": "student", "i2t_r1": 7.0, "lat": None, "n": 300, "ok": False}]
+    rows = [
+        {"model": "teacher", "i2t_r1": 85.25, "speedup": 1.0, "lat": 0.01234, "n": 300, "ok": True},
+        {"model": "student", "i2t_r1": 7.0, "lat": None, "n": 300, "ok": False},
+    ]
     text = format_table(rows, ["model", "i2t_r1", "speedup", "lat", "n", "ok"], title="results")
     lines = text.splitlines()
     assert lines[0] == "results"
@@ -292,8 +305,10 @@ def test_plots_write_pngs(tmp_path):
     rows = [{"model": "teacher", "i2t_r1": 80.0, "acc": 70.0}, {"model": "student", "i2t_r1": 60.0}]
     p = plot_results(rows, ["i2t_r1", "acc"], tmp_path / "sub" / "results.png")
     assert p.read_bytes().startswith(PNG_MAGIC) and p.stat().st_size > 1000
-    lat = [{"n": 10, "teacher_s": 0.1, "teacher_extrapolated": False, "student_s": 0.01, "student_cached_s": 0.005},
-           {"n": 100, "teacher_s": 10.0, "teacher_extrapolated": True, "student_s": 0.1, "student_cached_s": 0.05}]
+    lat = [
+        {"n": 10, "teacher_s": 0.1, "teacher_extrapolated": False, "student_s": 0.01, "student_cached_s": 0.005},
+        {"n": 100, "teacher_s": 10.0, "teacher_extrapolated": True, "student_s": 0.1, "student_cached_s": 0.05},
+    ]
     q = plot_latency(lat, tmp_path / "latency.png")
     assert q.read_bytes().startswith(PNG_MAGIC) and q.stat().st_size > 1000
 

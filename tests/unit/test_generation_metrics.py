@@ -75,7 +75,10 @@ def test_caption_metric_errors():
 
 def test_vqa_accuracy_exact_and_vqav2():
     assert vqa_accuracy(["Yes.", "2", "no"], [["yes"], ["two"], ["no"]]) == {
-        "acc": pytest.approx(200 / 3), "n": 3, "metric": "exact match"}
+        "acc": pytest.approx(200 / 3),
+        "n": 3,
+        "metric": "exact match",
+    }
     ten = ["no"] * 8 + ["yes"] * 2
     out = vqa_accuracy(["yes", "no"], [ten, ten])
     assert out["acc"] == pytest.approx(100 * (2 / 3 + 1) / 2) and out["metric"].startswith("vqav2")
@@ -113,15 +116,23 @@ def _scene_set(tmp_path):
 
     from vlforge.data.shards import ShardWriter
 
-    scenes = [("a llama left of a taxi", ["llama", "taxi"]), ("a cat above a dog", ["cat", "dog"]),
-              ("a taxi below a cat", ["taxi", "cat"])]
+    scenes = [
+        ("a llama left of a taxi", ["llama", "taxi"]),
+        ("a cat above a dog", ["cat", "dog"]),
+        ("a taxi below a cat", ["taxi", "cat"]),
+    ]
     out = tmp_path / "scenes" / "test"
     with ShardWriter(out, samples_per_shard=2, params={"task": "scenes"}) as w:
         for i, (text, names) in enumerate(scenes):
             buf = io.BytesIO()
             Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(buf, format="PNG")
-            w.write(f"{i:06d}", image=buf.getvalue(), image_ext="png", text=text,
-                    meta={"objects": [{"name": n, "x": 0.5, "y": 0.5} for n in names]})
+            w.write(
+                f"{i:06d}",
+                image=buf.getvalue(),
+                image_ext="png",
+                text=text,
+                meta={"objects": [{"name": n, "x": 0.5, "y": 0.5} for n in names]},
+            )
     return out, scenes
 
 
@@ -239,8 +250,9 @@ def test_few_shot_vqa_runs_on_a_real_frozen_model(tmp_path):
     test, pool = _vqa_sets(tmp_path)
     torch.manual_seed(0)
     model = create_model("frozen_debug")
-    out = score_few_shot_vqa(model, str(test), str(pool), DataConfig(image=ImageConfig(size=32, augment=False)),
-                             shots=1, max_new_tokens=3)
+    out = score_few_shot_vqa(
+        model, str(test), str(pool), DataConfig(image=ImageConfig(size=32, augment=False)), shots=1, max_new_tokens=3
+    )
     assert out["n"] == 3 and 0.0 <= out["acc"] <= 100.0 and len(out["examples"]) == 3
 
 

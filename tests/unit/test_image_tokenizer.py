@@ -23,8 +23,12 @@ def _batch(b: int = 4, t: int = 8, img: int = 64, seed: int = 0) -> dict[str, to
     am[1, 5:] = 0
     ids[:, 0] = 101
     ids[am == 0] = 0
-    return {"pixel_values": torch.rand(b, 3, img, img, generator=g) * 2 - 1, "input_ids": ids,
-            "attention_mask": am, "sample_id": torch.arange(b)}
+    return {
+        "pixel_values": torch.rand(b, 3, img, img, generator=g) * 2 - 1,
+        "input_ids": ids,
+        "attention_mask": am,
+        "sample_id": torch.arange(b),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +108,29 @@ def test_one_step_lowers_the_loss_and_mim_regresses_features(small):
         opt.step()
     torch.manual_seed(0)
     assert task(b)["loss"].item() < first
-    assert small.mim_targets(b["pixel_values"]).shape == (6, small.num_patches,
-                                                          TOKENIZERS["efficientnet_lite0"].channels)
+    assert small.mim_targets(b["pixel_values"]).shape == (
+        6,
+        small.num_patches,
+        TOKENIZERS["efficientnet_lite0"].channels,
+    )
 
 
 def test_model_dir_round_trip_keeps_the_tokenizer(small, tmp_path):
-    spec = {"model": "vlmo_small_effnet", "method": "vlmo",
-            "overrides": {"img_size": 64, "depth": 2, "embed_dim": 64, "num_heads": 2, "itc_embed_dim": 64}}
+    spec = {
+        "model": "vlmo_small_effnet",
+        "method": "vlmo",
+        "overrides": {"img_size": 64, "depth": 2, "embed_dim": 64, "num_heads": 2, "itc_embed_dim": 64},
+    }
     save_model_dir(small.state_dict(), spec, tmp_path / "m")
     assert json.loads((tmp_path / "m" / "model.json").read_text())["model"] == "vlmo_small_effnet"
     back = load_model_dir(tmp_path / "m")
     b = _batch()
     small.eval()
     with torch.no_grad():
-        torch.testing.assert_close(back.image_embedding(back.encode_image(b["pixel_values"])),
-                                   small.image_embedding(small.encode_image(b["pixel_values"])))
+        torch.testing.assert_close(
+            back.image_embedding(back.encode_image(b["pixel_values"])),
+            small.image_embedding(small.encode_image(b["pixel_values"])),
+        )
 
 
 def test_meta_device_builds_without_weights():

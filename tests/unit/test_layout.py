@@ -24,10 +24,12 @@ def test_platform_dir_is_not_a_package():
 
 
 def test_cli_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "vlforge.cli", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vlforge.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "data" in out
-    out = subprocess.run([sys.executable, "-m", "vlforge.cli", "data", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vlforge.cli", "data", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for sub in ("build-corpus", "ingest", "ls", "verify", "upload", "stream"):
         assert sub in out

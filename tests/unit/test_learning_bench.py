@@ -10,10 +10,11 @@ from vlforge.workflows.learning_bench import CurvePoint, _samples, checkpoint_st
 
 def _run(every: int) -> TrainRunConfig:
     data = DataConfig(shards="x", batch_size=8)
-    stages = [StageConfig(name="a", objectives={"itc": 1.0}, steps=20),
-              StageConfig(name="b", objectives={"itc": 1.0}, steps=15)]
-    return TrainRunConfig(name="r", model="vlmo_debug", data=data, stages=stages, num_workers=2,
-                          checkpoint_every=every)
+    stages = [
+        StageConfig(name="a", objectives={"itc": 1.0}, steps=20),
+        StageConfig(name="b", objectives={"itc": 1.0}, steps=15),
+    ]
+    return TrainRunConfig(name="r", model="vlmo_debug", data=data, stages=stages, num_workers=2, checkpoint_every=every)
 
 
 def test_checkpoint_steps_follow_the_loop():
@@ -41,8 +42,10 @@ def test_time_to_interpolates_and_says_never():
 
 
 def test_summary_ratio_is_platform_over_torch():
-    curves = {"platform": _pts("platform", [(60.0, 10.0), (120.0, 40.0)]),
-              "torch": _pts("torch", [(10.0, 20.0), (20.0, 50.0)])}
+    curves = {
+        "platform": _pts("platform", [(60.0, 10.0), (120.0, 40.0)]),
+        "torch": _pts("torch", [(10.0, 20.0), (20.0, 50.0)]),
+    }
     s = summarise(curves)
     assert s["target_r1"] == pytest.approx(32.0)  # 0.8 x the lower final (40)
     assert s["platform_seconds_to_target"] == pytest.approx(60 + 22 / 30 * 60)

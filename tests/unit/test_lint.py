@@ -1,5 +1,5 @@
-"""The code passes ruff (pycodestyle, pyflakes, import order, pyupgrade) and the import-layer contract
-(lint-imports); both configured in pyproject.toml."""
+"""The code passes ruff (pycodestyle, pyflakes, import order, pyupgrade), is ruff-formatted, and keeps
+the import-layer contract (lint-imports); all configured in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+LINTED = ("platform", "jobs", "tests", "scripts")
 
 
 def _ruff() -> list[str]:
@@ -24,9 +25,16 @@ def _ruff() -> list[str]:
 
 
 def test_ruff_check_passes():
-    out = subprocess.run([*_ruff(), "check", "platform", "jobs", "tests", "scripts"], cwd=REPO,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [*_ruff(), "check", "platform", "jobs", "tests", "scripts"], cwd=REPO, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_format_is_applied():
+    """``ruff format`` (its defaults, line length from pyproject.toml) leaves nothing to change."""
+    out = subprocess.run([*_ruff(), "format", "--check", *LINTED], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr
 
 
 def test_layer_contract_holds():

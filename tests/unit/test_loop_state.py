@@ -12,18 +12,41 @@ pytestmark = pytest.mark.unit
 
 
 def test_state_round_trips_through_json():
-    st = LoopState(stage_index=1, stage="text", step=3, epoch=2, batches_in_epoch=5, global_step=7, world_size=2,
-                   zero_stage=2, history={"mim/loss": [[1, 2.5]]}, executed_steps=9,
-                   resumes=[{"stage": "mim", "step": 2}], weights_digest="ab", data_wait={"mim": [0.5, 10.0]},
-                   stream_last_ids=[11, 12])
+    st = LoopState(
+        stage_index=1,
+        stage="text",
+        step=3,
+        epoch=2,
+        batches_in_epoch=5,
+        global_step=7,
+        world_size=2,
+        zero_stage=2,
+        history={"mim/loss": [[1, 2.5]]},
+        executed_steps=9,
+        resumes=[{"stage": "mim", "step": 2}],
+        weights_digest="ab",
+        data_wait={"mim": [0.5, 10.0]},
+        stream_last_ids=[11, 12],
+    )
     back = LoopState.from_dict(json.loads(json.dumps(st.to_dict())))
     assert back == st
 
 
 def test_older_checkpoints_read_with_defaults():
-    raw = {"stage_index": 0, "stage": "mim", "step": 2, "epoch": 0, "batches_in_epoch": 2, "global_step": 2,
-           "world_size": 2, "zero_stage": 0, "history": {"mim/loss": [(1, 3.0), (2, 2.0)]}, "resumes": [],
-           "weights_digest": "x", "unknown_future_key": 1}
+    raw = {
+        "stage_index": 0,
+        "stage": "mim",
+        "step": 2,
+        "epoch": 0,
+        "batches_in_epoch": 2,
+        "global_step": 2,
+        "world_size": 2,
+        "zero_stage": 0,
+        "history": {"mim/loss": [(1, 3.0), (2, 2.0)]},
+        "resumes": [],
+        "weights_digest": "x",
+        "unknown_future_key": 1,
+    }
     st = LoopState.from_dict(raw)
     assert st.executed_steps == 2 and st.data_wait == {} and st.stream_last_ids is None
     assert st.history == {"mim/loss": [[1, 3.0], [2, 2.0]]}

@@ -57,8 +57,9 @@ def _itc_worker(rank: int, world: int, store: str) -> None:
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     try:
         b, e = 4, 8
         img_all, txt_all = _unit(world * b, e, seed=11), _unit(world * b, e, seed=12)

@@ -16,8 +16,9 @@ SMOKE = REPO / "jobs" / "configs" / "two_stage_smoke.yaml"
 
 
 def _cfg(corpus: Path, tmp_path: Path, *sets: str) -> TwoStageConfig:
-    return load(TwoStageConfig, SMOKE, [f"data_root={corpus}", "corpus=null", f"storage_path={tmp_path / 'out'}",
-                                        *sets])
+    return load(
+        TwoStageConfig, SMOKE, [f"data_root={corpus}", "corpus=null", f"storage_path={tmp_path / 'out'}", *sets]
+    )
 
 
 def test_preflight_returns_the_plan_when_everything_is_there(corpus, tmp_path):
@@ -69,17 +70,21 @@ def test_check_reachable_says_when_credentials_are_missing(monkeypatch):
 def test_s3_filesystem_retries_with_backoff():
     from vlforge.data.storage import filesystem_for
 
-    fs, path = filesystem_for("s3://bucket/corpus", StorageConfig(s3_endpoint_url="http://127.0.0.1:9", max_attempts=7,
-                                                                   connect_timeout_s=3))
+    fs, path = filesystem_for(
+        "s3://bucket/corpus", StorageConfig(s3_endpoint_url="http://127.0.0.1:9", max_attempts=7, connect_timeout_s=3)
+    )
     assert path == "bucket/corpus" and fs.retries == 7
     assert fs.config_kwargs["retries"] == {"max_attempts": 7, "mode": "standard"}
     assert fs.config_kwargs["connect_timeout"] == 3
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["data.storage.max_attempts=0"], "max_attempts must be >= 1"),
-    (["placement_strategy=SPRED"], "placement_strategy"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["data.storage.max_attempts=0"], "max_attempts must be >= 1"),
+        (["placement_strategy=SPRED"], "placement_strategy"),
+    ],
+)
 def test_bad_storage_and_placement_settings(sets, message):
     from vlforge.config import TrainRunConfig
 

@@ -23,15 +23,20 @@ def test_promotes_when_every_margin_is_met_and_no_guard_drops():
 
     ok, reason, rows = compare({"rmean": 20.5, "i2t_r1": 5.0, "t2i_r1": 7.0}, CHAMP, _cfg())
     assert ok and "rmean +0.50" in reason
-    assert [(r["metric"], r["rule"], r["ok"]) for r in rows] == [("rmean", "improve", "yes"),
-                                                                ("i2t_r1", "guard", "yes"),
-                                                                ("t2i_r1", "guard", "yes")]
+    assert [(r["metric"], r["rule"], r["ok"]) for r in rows] == [
+        ("rmean", "improve", "yes"),
+        ("i2t_r1", "guard", "yes"),
+        ("t2i_r1", "guard", "yes"),
+    ]
 
 
-@pytest.mark.parametrize("challenger, words", [
-    ({"rmean": 20.4, "i2t_r1": 5.0, "t2i_r1": 6.0}, "rmean +0.40 (needs >= +0.5)"),
-    ({"rmean": 25.0, "i2t_r1": 4.9, "t2i_r1": 6.0}, "guarded i2t_r1 -0.10 (may drop at most 0)"),
-])
+@pytest.mark.parametrize(
+    "challenger, words",
+    [
+        ({"rmean": 20.4, "i2t_r1": 5.0, "t2i_r1": 6.0}, "rmean +0.40 (needs >= +0.5)"),
+        ({"rmean": 25.0, "i2t_r1": 4.9, "t2i_r1": 6.0}, "guarded i2t_r1 -0.10 (may drop at most 0)"),
+    ],
+)
 def test_refuses_a_small_gain_or_a_guarded_drop(challenger, words):
     from vlforge.tracking.promotion import compare
 
@@ -46,14 +51,17 @@ def test_a_guard_tolerance_allows_a_small_drop():
     assert ok
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"improve": {}}, "at least one metric"),
-    ({"improve": {"accuracy": 1.0}}, "unknown metrics"),
-    ({"guard": {"rmean": -1.0}}, ">= 0"),
-    ({"challenger": "champion"}, "must differ"),
-    ({"eval": {"max_samples": 1}}, "max_samples"),
-    ({"colour": 1}, "unknown key colour"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"improve": {}}, "at least one metric"),
+        ({"improve": {"accuracy": 1.0}}, "unknown metrics"),
+        ({"guard": {"rmean": -1.0}}, ">= 0"),
+        ({"challenger": "champion"}, "must differ"),
+        ({"eval": {"max_samples": 1}}, "max_samples"),
+        ({"colour": 1}, "unknown key colour"),
+    ],
+)
 def test_bad_promotion_configs_are_refused(raw, message):
     with pytest.raises(ConfigError, match=message):
         _cfg(**raw)
@@ -66,8 +74,11 @@ def test_summary_and_exit_codes():
     d = Decision("m", "refused", "3", "2", reason, comparisons=rows, eval_set="x (first 10)")
     text = d.summary()
     assert "version 3 vs champion 2" in text and "refused: rmean -1.00" in text and d.exit_code == 1
-    assert Decision("m", "promoted", "3", None, "first", dry_run=True).summary().endswith(
-        "DRY RUN: would be promoted: first")
+    assert (
+        Decision("m", "promoted", "3", None, "first", dry_run=True)
+        .summary()
+        .endswith("DRY RUN: would be promoted: first")
+    )
     assert Decision("m", "promoted", "3", "2", "ok").exit_code == 0
 
 
@@ -140,8 +151,13 @@ def test_command_line_values_stay_strings(tmp_path, monkeypatch):
     from vlforge.tracking import promotion
 
     seen = {}
-    monkeypatch.setattr(promotion, "promote", lambda cfg, dry_run: seen.setdefault("cfg", cfg) and None
-                        or promotion.Decision(cfg.model_name, "unchanged", "7", "7", "same"))
+    monkeypatch.setattr(
+        promotion,
+        "promote",
+        lambda cfg, dry_run: (
+            seen.setdefault("cfg", cfg) and None or promotion.Decision(cfg.model_name, "unchanged", "7", "7", "same")
+        ),
+    )
     p = argparse.ArgumentParser()
     promotion.add_arguments(p, None)
     assert promotion.run(p.parse_args(["--model", "123", "--challenger", "7", "--tracking-uri", "http://h:5000"])) == 0

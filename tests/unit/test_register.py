@@ -84,8 +84,7 @@ def test_eval_names_and_tags():
     assert eval_name("data/mine/scenes/test") == ("scenes/test", "data/mine/scenes/test")
     assert eval_name("coco=s3://b/coco/val") == ("coco", "s3://b/coco/val")
     assert eval_name("s3://b/x=y/val") == ("x=y/val", "s3://b/x=y/val")
-    tags = eval_tags("coco", {"model": "m", "task": "captions", "i2t_r1": 12.345, "n_texts": 30,
-                              "vqa_metric": "vqav2"})
+    tags = eval_tags("coco", {"model": "m", "task": "captions", "i2t_r1": 12.345, "n_texts": 30, "vqa_metric": "vqav2"})
     assert tags == {"eval.coco.i2t_r1": "12.35", "eval.coco.n_texts": "30", "eval.coco.vqa_metric": "vqav2"}
 
 
@@ -97,8 +96,22 @@ def test_register_a_vlmo_export_serve_it_and_eval_it_by_alias(export, shards, tm
     monkeypatch.setenv("VLFORGE_SERVING_DEVICE", "cpu")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)  # artifacts of the default experiment land under the test's tmp dir
-    code = main(["register", str(export), "--name", "stagewise-vlmo", "--eval", f"colors={shards}",
-                 "--tag", "team=vision", "--tracking-uri", uri, "--experiment", "unit-register"])
+    code = main(
+        [
+            "register",
+            str(export),
+            "--name",
+            "stagewise-vlmo",
+            "--eval",
+            f"colors={shards}",
+            "--tag",
+            "team=vision",
+            "--tracking-uri",
+            uri,
+            "--experiment",
+            "unit-register",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "registered stagewise-vlmo version 1 as @challenger" in out and "config.yaml" in out
@@ -130,8 +143,19 @@ def test_register_a_vlmo_export_serve_it_and_eval_it_by_alias(export, shards, tm
 
     # The same figures again, scored from the registry with the preprocessing it was registered with.
     report = tmp_path / "row.json"
-    code = main(["eval", "stagewise-vlmo@challenger", str(shards), "--tracking-uri", uri, "--json", str(report),
-                 "--mlflow-experiment", "unit-eval"])
+    code = main(
+        [
+            "eval",
+            "stagewise-vlmo@challenger",
+            str(shards),
+            "--tracking-uri",
+            uri,
+            "--json",
+            str(report),
+            "--mlflow-experiment",
+            "unit-eval",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     row = json.loads(report.read_text())

@@ -38,8 +38,12 @@ def _png(color, size=40, shape="square") -> bytes:
     return buf.getvalue()
 
 
-IMAGES = [_png((220, 30, 30)), _png((30, 200, 40), shape="circle"), _png((20, 40, 230), size=32),
-          _png((90, 90, 90), size=64)]
+IMAGES = [
+    _png((220, 30, 30)),
+    _png((30, 200, 40), shape="circle"),
+    _png((20, 40, 230), size=32),
+    _png((90, 90, 90), size=64),
+]
 
 
 def _data() -> DataConfig:
@@ -64,9 +68,13 @@ def registered(student_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     version = log_and_register(
-        student_dir, _data(), model_name="vlforge-student",
+        student_dir,
+        _data(),
+        model_name="vlforge-student",
         tags={"stage": "distill", "steps": 12, "api_token": "abc123456", "note": "key s3cr3t-value-xyz"},
-        tracking_uri=uri, experiment="unit-registry", artifact_location=(tmp / "artifacts").as_uri(),
+        tracking_uri=uri,
+        experiment="unit-registry",
+        artifact_location=(tmp / "artifacts").as_uri(),
     )
     yield version, uri, tmp
     mp.undo()
@@ -93,12 +101,17 @@ def _reference(student_dir, images, texts):
 
 def test_prepare_serving_dir(student_dir, tmp_path):
     out = prepare_serving_dir(student_dir, _data(), tmp_path / "serving")
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "preprocess.json",
-                                                      "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.json",
+        "model.safetensors",
+        "preprocess.json",
+        "tokenizer.json",
+    ]
     pre = json.loads((out / "preprocess.json").read_text())
-    assert pre == {"image": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                             "background": [255, 255, 255]},
-                   "tokenizer": {"max_length": 16, "lowercase": True}}
+    assert pre == {
+        "image": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "background": [255, 255, 255]},
+        "tokenizer": {"max_length": 16, "lowercase": True},
+    }
     from tokenizers import Tokenizer
 
     assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size() == 30522
@@ -138,8 +151,9 @@ def test_no_pickles_in_logged_model(registered):
 
     version, uri, tmp = registered
     location = MlflowClient(tracking_uri=uri).get_model_version_download_uri(version.name, version.version)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=uri,
-                                                     dst_path=str(tmp / "download")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=uri, dst_path=str(tmp / "download"))
+    )
     names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
     assert not [n for n in names if n.endswith((".pkl", ".pickle"))], names
     assert str(tmp / "artifacts") in location  # the experiment's artifact location, not ./mlruns

@@ -19,8 +19,14 @@ def _png(color=(255, 0, 0), size=(8, 8), fmt="PNG") -> bytes:
 def test_round_trip_and_manifest(tmp_path):
     with ShardWriter(tmp_path / "set", samples_per_shard=3, params={"p": 1}) as w:
         for i in range(7):
-            w.write(f"k{i:03d}", image=_png((i, 0, 0)), image_ext="png", text=f"caption {i}",
-                    meta={"i": i}, extra={"right.png": _png((0, i, 0))} if i % 2 else None)
+            w.write(
+                f"k{i:03d}",
+                image=_png((i, 0, 0)),
+                image_ext="png",
+                text=f"caption {i}",
+                meta={"i": i},
+                extra={"right.png": _png((0, i, 0))} if i % 2 else None,
+            )
     m = read_manifest(str(tmp_path / "set"))
     assert [s.samples for s in m.shards] == [3, 3, 1] and m.total_samples == 7 and m.params == {"p": 1}
     shards = list_shards(str(tmp_path / "set"))
@@ -84,14 +90,19 @@ def test_ingest_csv_and_jsonl(tmp_path):
     (img / "c.bmp").write_bytes(_png(fmt="BMP"))
     (img / "bad.png").write_bytes(b"not an image")
     csv = tmp_path / "caps.csv"
-    csv.write_text("file,caption,label\na.png,a red square,1\nb.jpg,another,0\nc.bmp,bitmap,1\n"
-                   "missing.png,gone,0\nbad.png,broken,1\na.png,,0\n../caps.csv,escape,0\n")
+    csv.write_text(
+        "file,caption,label\na.png,a red square,1\nb.jpg,another,0\nc.bmp,bitmap,1\n"
+        "missing.png,gone,0\nbad.png,broken,1\na.png,,0\n../caps.csv,escape,0\n"
+    )
     rep = ingest(img, csv, tmp_path / "out", samples_per_shard=2)
     assert rep.written == 3
     assert rep.skipped == {"missing_image": 1, "unreadable_image": 1, "missing_caption": 1, "outside_folder": 1}
     samples = [s for sh in list_shards(str(tmp_path / "out")) for s in iter_samples(sh)]
     assert [sorted(k for k in s if not k.startswith("__")) for s in samples] == [
-        ["json", "png", "txt"], ["jpg", "json", "txt"], ["json", "png", "txt"]]
+        ["json", "png", "txt"],
+        ["jpg", "json", "txt"],
+        ["json", "png", "txt"],
+    ]
     assert json.loads(samples[0]["json"]) == {"label": "1", "split": "train", "source": "a.png"}
     with pytest.raises(IngestError, match="4 rows skipped"):
         ingest(img, csv, tmp_path / "strict", strict=True)
@@ -150,8 +161,11 @@ def test_img2dataset_shards_verify_and_manifest_without_rewriting(tmp_path, caps
     d = tmp_path / "laion"
     d.mkdir()
     _img2dataset_shard(d / "00000.tar", [(f"{i:09d}", True, f"caption {i}") for i in range(3)], stats=3)
-    _img2dataset_shard(d / "00001.tar", [("000010000", True, "ok"), ("000010001", False, "no image"),
-                                         ("000010002", True, None)], stats=3)
+    _img2dataset_shard(
+        d / "00001.tar",
+        [("000010000", True, "ok"), ("000010001", False, "no image"), ("000010002", True, None)],
+        stats=3,
+    )
     before = {p.name: p.read_bytes() for p in d.iterdir()}
 
     scan = scan_shard(str(d / "00001.tar"))

@@ -18,8 +18,15 @@ pytestmark = pytest.mark.unit
 def _stream(seed=0, counts=(5, 3, 4, 6), shuffle=True, salt=0, n=None) -> EpochStream:
     data = DataConfig(shards="unused", seed=seed, shuffle_files=shuffle)
     n = n if n is not None else len(counts)
-    return EpochStream(data, "captions", None, [f"b/s{i}.tar" for i in range(n)],
-                       list(counts) if counts is not None else None, None, salt)
+    return EpochStream(
+        data,
+        "captions",
+        None,
+        [f"b/s{i}.tar" for i in range(n)],
+        list(counts) if counts is not None else None,
+        None,
+        salt,
+    )
 
 
 def test_same_seed_same_order_other_seed_or_epoch_other_order():
@@ -49,8 +56,11 @@ def _raw(stream: EpochStream) -> dict[str, np.ndarray]:
     for i, n in enumerate(stream.counts):
         urls += [stream.shards[i]] * n
         index += list(range(n))
-    return {"key": np.array([f"{u}#{j}" for u, j in zip(urls, index)], dtype=object),
-            "url": np.array(urls, dtype=object), "index": np.array(index)}
+    return {
+        "key": np.array([f"{u}#{j}" for u, j in zip(urls, index)], dtype=object),
+        "url": np.array(urls, dtype=object),
+        "index": np.array(index),
+    }
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -79,12 +89,16 @@ def test_seeded_decoding_is_repeatable():
         return b.getvalue()
 
     n = 6
-    raw = {"key": np.array([f"k{i}" for i in range(n)], dtype=object), "url": np.array(["u"] * n, dtype=object),
-           "index": np.arange(n), "image": np.array([png(20 * i) for i in range(n)], dtype=object),
-           "image_2": np.array([None] * n, dtype=object),
-           "text": np.array([b"a caption"] * n, dtype=object),
-           "json": np.array([b'{"captions": ["one", "two", "three", "four"]}'] * n, dtype=object),
-           "error": np.array([None] * n, dtype=object)}
+    raw = {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "url": np.array(["u"] * n, dtype=object),
+        "index": np.arange(n),
+        "image": np.array([png(20 * i) for i in range(n)], dtype=object),
+        "image_2": np.array([None] * n, dtype=object),
+        "text": np.array([b"a caption"] * n, dtype=object),
+        "json": np.array([b'{"captions": ["one", "two", "three", "four"]}'] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+    }
     image = dataclasses.replace(ImageConfig(size=16), augment=True, max_shift=0.2, brightness=0.3)
     tok = TokenizerConfig(max_length=8)
     a, b = (decode_batch(dict(raw), image=image, tokenizer=tok, seed=5) for _ in range(2))

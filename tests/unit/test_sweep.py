@@ -63,21 +63,24 @@ def test_every_sweep_file_loads_and_has_a_smoke_twin(path):
         assert Path(twin.experiment).name == Path(sweep.experiment).name.replace(".yaml", "_smoke.yaml")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"colour": "red"}, "unknown key colour"),
-    ({"space": {}}, "at least one config key"),
-    ({"metric": "accuracy"}, "known metrics"),
-    ({"space": {"a": {"type": "uniform", "low": 2, "high": 1}}}, "low 2.0 must be < high"),
-    ({"space": {"a": {"type": "loguniform", "low": 0, "high": 1}}}, "low must be > 0"),
-    ({"space": {"a": {"type": "choice"}}}, "non-empty values"),
-    ({"space": {"a": {"type": "normal", "low": 0, "high": 1}}}, "type"),
-    ({"search": {"algorithm": "optuna"}, "space": {"a": {"type": "grid", "values": [1, 2]}}}, "choice, not grid"),
-    ({"search": {"algorithm": "grid"}}, "key of type grid"),
-    ({"search": {"algorithm": "hyperband"}}, "algorithm"),
-    ({"scheduler": {"kind": "asha", "reduction_factor": 1}}, "reduction_factor > 1"),
-    ({"resources": {"num_workers": 0}}, "num_workers >= 1"),
-    ({"report_every": 0}, "report_every"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": "red"}, "unknown key colour"),
+        ({"space": {}}, "at least one config key"),
+        ({"metric": "accuracy"}, "known metrics"),
+        ({"space": {"a": {"type": "uniform", "low": 2, "high": 1}}}, "low 2.0 must be < high"),
+        ({"space": {"a": {"type": "loguniform", "low": 0, "high": 1}}}, "low must be > 0"),
+        ({"space": {"a": {"type": "choice"}}}, "non-empty values"),
+        ({"space": {"a": {"type": "normal", "low": 0, "high": 1}}}, "type"),
+        ({"search": {"algorithm": "optuna"}, "space": {"a": {"type": "grid", "values": [1, 2]}}}, "choice, not grid"),
+        ({"search": {"algorithm": "grid"}}, "key of type grid"),
+        ({"search": {"algorithm": "hyperband"}}, "algorithm"),
+        ({"scheduler": {"kind": "asha", "reduction_factor": 1}}, "reduction_factor > 1"),
+        ({"resources": {"num_workers": 0}}, "num_workers >= 1"),
+        ({"report_every": 0}, "report_every"),
+    ],
+)
 def test_bad_sweep_files_are_refused_with_the_key(change, message):
     raw = {"experiment": "x.yaml", "space": {"a": {"type": "uniform", "low": 0.0, "high": 1.0}}}
     raw.update(change)
@@ -91,16 +94,23 @@ def test_distill_plan_trains_the_teacher_once_and_cuts_the_student(tmp_path, cor
     plan = make_plan(load_sweep(_sweep(tmp_path, corpus, DISTILL)))
     # The trial stages are taught by the pretrained teacher only: no fine-tuned teacher is trained.
     assert [r.name for r in plan.shared] == ["s.teacher-pretrain"]
-    run = plan.trial_run({"student.stages.0.objectives.attn,student.stages.1.objectives.attn": 0.25,
-                          "student.stages.0.temperature": 2.0}, "abc_00001")
+    run = plan.trial_run(
+        {
+            "student.stages.0.objectives.attn,student.stages.1.objectives.attn": 0.25,
+            "student.stages.0.temperature": 2.0,
+        },
+        "abc_00001",
+    )
     assert isinstance(run, TrainRunConfig) and run.method == "distill" and run.name == "s.abc_00001"
     assert [s.name for s in run.stages] == ["pretrain", "retrieval"]
     assert [s.objectives["attn"] for s in run.stages] == [0.25, 0.25]
     assert run.stages[0].temperature == 2.0 and run.stages[1].temperature == 1.0
     assert run.stages[0].teacher == str(plan.runs_dir / "s" / "teacher" / "pretrain")
     assert run.checkpoint_every == 10 and run.num_workers == 1 and run.worker_cpus == 0.5
-    assert (run.tracking.tags["vlforge.trial_id"] == "abc_00001"
-            and run.tracking.experiment == plan.sweep.tracking.experiment)
+    assert (
+        run.tracking.tags["vlforge.trial_id"] == "abc_00001"
+        and run.tracking.experiment == plan.sweep.tracking.experiment
+    )
     assert plan.max_reports == 2 + 5  # the smoke config's 20 and 50 steps, a report every 10
     assert plan.validation_shards == str(corpus / "scenes" / "val")
 
@@ -112,16 +122,20 @@ def test_a_swept_key_that_changes_the_shared_teacher_is_refused(tmp_path, corpus
     with pytest.raises(ConfigError, match="teacher.pretrain.0.optimizer.lr changes a shared run"):
         make_plan(load_sweep(_sweep(tmp_path, corpus, text)))
     with pytest.raises(ConfigError, match="no_such_key"):
-        make_plan(load_sweep(_sweep(tmp_path, corpus, DISTILL.replace("student.stages.0.temperature:",
-                                                                      "student.no_such_key:"))))
+        make_plan(
+            load_sweep(
+                _sweep(tmp_path, corpus, DISTILL.replace("student.stages.0.temperature:", "student.no_such_key:"))
+            )
+        )
 
 
 def test_stage3_plan_shares_stages_1_2_and_starts_stage_3_from_them(tmp_path, corpus):
     from vlforge.tune import load_sweep, make_plan
     from vlforge.tune.sweep import search_space
 
-    sweep = load_sweep(_sweep(tmp_path, corpus, STAGE3.replace("type: grid, values: [0.0, 0.1]",
-                                                                   "type: choice, values: [0.0, 0.1]")))
+    sweep = load_sweep(
+        _sweep(tmp_path, corpus, STAGE3.replace("type: grid, values: [0.0, 0.1]", "type: choice, values: [0.0, 0.1]"))
+    )
     plan = make_plan(sweep)
     assert [r.name for r in plan.shared] == ["s.base"]
     assert [s.name for s in plan.shared[0].stages] == ["image_mim", "text_mlm"] and plan.shared[0].stage_exports
@@ -132,8 +146,9 @@ def test_stage3_plan_shares_stages_1_2_and_starts_stage_3_from_them(tmp_path, co
     space = search_space(sweep)
     assert set(space) == set(sweep.space)
     with pytest.raises(ConfigError, match="changes a shared run"):
-        make_plan(load_sweep(_sweep(tmp_path, corpus, STAGE3.replace("stages.2.optimizer.lr",
-                                                                     "stages.0.optimizer.lr"))))
+        make_plan(
+            load_sweep(_sweep(tmp_path, corpus, STAGE3.replace("stages.2.optimizer.lr", "stages.0.optimizer.lr")))
+        )
 
 
 def test_trial_stages_must_exist_and_be_consecutive(tmp_path, corpus):
@@ -160,10 +175,10 @@ def test_results_table_best_config_and_plot(tmp_path, corpus):
     sweep = load_sweep(_sweep(tmp_path, corpus, DISTILL))
     plan = make_plan(sweep)
     k1, k2 = list(sweep.space)
-    rows = [{"trial_id": "a_00000", k1: 0.3, k2: 1.0, "metric": 20.0, "best_seen": 21.0, "reports": 9,
-             "status": FINISHED},
-            {"trial_id": "a_00001", k1: 4.0, k2: 2.0, "metric": 12.5, "best_seen": 12.5, "reports": 1,
-             "status": STOPPED}]
+    rows = [
+        {"trial_id": "a_00000", k1: 0.3, k2: 1.0, "metric": 20.0, "best_seen": 21.0, "reports": 9, "status": FINISHED},
+        {"trial_id": "a_00001", k1: 4.0, k2: 2.0, "metric": 12.5, "best_seen": 12.5, "reports": 1, "status": STOPPED},
+    ]
     table = _table(rows, [k1, k2], "val_rmean")
     assert "attn" in table and "stopped_early" in table and "20.0" in table
     plan.root.mkdir(parents=True)
@@ -196,8 +211,9 @@ class _Trial:
 def test_asha_stops_a_trailing_trial_but_never_at_its_final_report():
     from vlforge.tune.sweep import FinishingASHA
 
-    asha = FinishingASHA(time_attr="training_iteration", metric="loss", mode="min", grace_period=1,
-                         reduction_factor=2, max_t=2)
+    asha = FinishingASHA(
+        time_attr="training_iteration", metric="loss", mode="min", grace_period=1, reduction_factor=2, max_t=2
+    )
     a, b, c = _Trial("a"), _Trial("b"), _Trial("c")
     for t in (a, b, c):
         asha.on_trial_add(None, t)
@@ -226,8 +242,10 @@ def test_a_sweep_started_again_with_another_file_is_refused_and_no_secret_is_wri
     from vlforge.tune.sweep import _check_same_sweep
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-secret")
-    text = DISTILL.replace('tracking: {tracking_uri: "sqlite:///OUT/mlflow.db"}',
-                           'tracking: {tracking_uri: "https://me:hunter2-secret@mlflow.example"}')
+    text = DISTILL.replace(
+        'tracking: {tracking_uri: "sqlite:///OUT/mlflow.db"}',
+        'tracking: {tracking_uri: "https://me:hunter2-secret@mlflow.example"}',
+    )
     plan = make_plan(load_sweep(_sweep(tmp_path, corpus, text)))
     _check_same_sweep(plan)
     _check_same_sweep(plan)  # the same sweep again: a resume

@@ -43,8 +43,9 @@ def store_uri(tmp_path_factory):
 @pytest.fixture
 def cfg(store_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    return TrackingConfig(tracking_uri=store_uri, experiment=f"unit-{uuid.uuid4().hex[:8]}",
-                          buffer_dir=str(tmp_path / "buffer"))
+    return TrackingConfig(
+        tracking_uri=store_uri, experiment=f"unit-{uuid.uuid4().hex[:8]}", buffer_dir=str(tmp_path / "buffer")
+    )
 
 
 def _client(cfg):
@@ -74,11 +75,29 @@ def test_resolve_tracking_uri(monkeypatch, tmp_path):
 
 
 def test_secret_names():
-    for name in ("secret_key", "storage.aws_secret_access_key", "db.password", "hf_token", "hfToken",
-                 "api_key", "apiKey", "credentials", "s3.access_key", "MLFLOW_TRACKING_TOKEN", "private-key"):
+    for name in (
+        "secret_key",
+        "storage.aws_secret_access_key",
+        "db.password",
+        "hf_token",
+        "hfToken",
+        "api_key",
+        "apiKey",
+        "credentials",
+        "s3.access_key",
+        "MLFLOW_TRACKING_TOKEN",
+        "private-key",
+    ):
         assert is_secret_name(name), name
-    for name in ("tokenizer.name", "tokenizer.max_length", "max_tokens", "data.shards", "keyframes",
-                 "TOKENIZERS_PARALLELISM", "passes"):
+    for name in (
+        "tokenizer.name",
+        "tokenizer.max_length",
+        "max_tokens",
+        "data.shards",
+        "keyframes",
+        "TOKENIZERS_PARALLELISM",
+        "passes",
+    ):
         assert not is_secret_name(name), name
 
 
@@ -127,8 +146,11 @@ def test_secrets_never_reach_mlflow(cfg, tmp_path, monkeypatch, store_uri):
     token_secret = f"hftok{uuid.uuid4().hex}"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", env_secret)
     config = {
-        "storage": {"secret_key": cfg_secret, "endpoint": f"https://bob:{url_secret}@s3.example.com/x",
-                    "region": "eu-west-1"},
+        "storage": {
+            "secret_key": cfg_secret,
+            "endpoint": f"https://bob:{url_secret}@s3.example.com/x",
+            "region": "eu-west-1",
+        },
         "hf_token": token_secret,
         "note": f"copied by mistake: {env_secret}",
         "tokenizer": {"name": "minilm", "max_length": 40},
@@ -143,8 +165,12 @@ def test_secrets_never_reach_mlflow(cfg, tmp_path, monkeypatch, store_uri):
     client = _client(cfg)
     run = client.get_run(run_id)
     files = _all_artifacts(client, run_id, tmp_path / "dl")
-    blobs = [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(run.data.metrics),
-             *(b.decode("utf-8", "replace") for b in files.values())]
+    blobs = [
+        json.dumps(run.data.params),
+        json.dumps(run.data.tags),
+        json.dumps(run.data.metrics),
+        *(b.decode("utf-8", "replace") for b in files.values()),
+    ]
     db = store_uri.removeprefix("sqlite:///")
     blobs.append(open(db, "rb").read().decode("latin-1"))
     for secret in (env_secret, cfg_secret, url_secret, token_secret):
@@ -261,8 +287,9 @@ def test_null_tracker_mirrors_tracker_api():
     for name in public + ["__enter__", "__exit__"]:
         assert hasattr(NullTracker, name), name
         if name != "__exit__":
-            assert (list(inspect.signature(getattr(NullTracker, name)).parameters)
-                    == list(inspect.signature(getattr(Tracker, name)).parameters)), name
+            assert list(inspect.signature(getattr(NullTracker, name)).parameters) == list(
+                inspect.signature(getattr(Tracker, name)).parameters
+            ), name
 
 
 def test_print0(capsys, monkeypatch):

@@ -15,14 +15,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _raw(**extra):
-    raw = {"model": "vlmo_debug", "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
-           "stages": [{"name": "a", "objectives": {"mim": 1.0}, "steps": 4}]}
+    raw = {
+        "model": "vlmo_debug",
+        "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
+        "stages": [{"name": "a", "objectives": {"mim": 1.0}, "steps": 4}],
+    }
     raw.update(extra)
     return raw
 
 
-@pytest.mark.parametrize("name", ["vlmo_stagewise", "vlmo_stagewise_smoke", "frozen_lm", "frozen_lm_smoke", "vcgpt",
-                                  "vcgpt_smoke", "vlkd", "vlkd_smoke"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vlmo_stagewise",
+        "vlmo_stagewise_smoke",
+        "frozen_lm",
+        "frozen_lm_smoke",
+        "vcgpt",
+        "vcgpt_smoke",
+        "vlkd",
+        "vlkd_smoke",
+    ],
+)
 def test_job_configs_load_strictly(name):
     cfg = load(TrainRunConfig, REPO / "jobs" / "configs" / f"{name}.yaml")
     assert cfg.stages
@@ -36,31 +50,41 @@ def test_vlmo_smoke_stages_follow_the_paper():
     assert "blocks.*.experts.l.*" in cfg.stages[1].trainable and "*" not in cfg.stages[1].trainable
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"stages": [{"name": "a", "objectives": {"nope": 1.0}}]}, "unknown objectives"),
-    ({"deepspeed": {"zero_stage": 4}}, "zero_stage must be 0, 1, 2 or 3"),
-    ({"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "offload_optimizer needs zero_stage >= 1"),
-    ({"stages": []}, "at least one stage"),
-    ({"stages": [{"name": "a", "objectives": {"mim": 0.0}}]}, "non-zero weight"),
-    ({"stages": [{"name": "a", "objectives": {"mim": 1}}, {"name": "a", "objectives": {"mim": 1}}]}, "unique"),
-    ({"stages": [{"name": "a", "objectives": {"mim": 1}, "steps": 3, "schedule": {"warmup_steps": 3}}]},
-     "warmup_steps"),
-    ({"stages": [{"name": "a", "objectives": {"mim": 1}, "stepz": 3}]}, "unknown key stages"),
-    ({"deepspeed": {"zero_stage": "two"}}, "expected int"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stages": [{"name": "a", "objectives": {"nope": 1.0}}]}, "unknown objectives"),
+        ({"deepspeed": {"zero_stage": 4}}, "zero_stage must be 0, 1, 2 or 3"),
+        ({"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "offload_optimizer needs zero_stage >= 1"),
+        ({"stages": []}, "at least one stage"),
+        ({"stages": [{"name": "a", "objectives": {"mim": 0.0}}]}, "non-zero weight"),
+        ({"stages": [{"name": "a", "objectives": {"mim": 1}}, {"name": "a", "objectives": {"mim": 1}}]}, "unique"),
+        (
+            {"stages": [{"name": "a", "objectives": {"mim": 1}, "steps": 3, "schedule": {"warmup_steps": 3}}]},
+            "warmup_steps",
+        ),
+        ({"stages": [{"name": "a", "objectives": {"mim": 1}, "stepz": 3}]}, "unknown key stages"),
+        ({"deepspeed": {"zero_stage": "two"}}, "expected int"),
+    ],
+)
 def test_impossible_settings_fail_at_load(change, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(TrainRunConfig, _raw(**change))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"stages": [{"name": "a", "objectives": {"mim": 1.0}, "trainable": ["blocks.*.experts.typo.*"]}]},
-     "match no parameter"),
-    ({"data": {"image": {"size": 64}, "tokenizer": {"max_length": 16}}}, "image.size 64 != vlmo_debug img_size 32"),
-    ({"data": {"image": {"size": 32}, "tokenizer": {"max_length": 32}}}, "max_text_len 16"),
-    ({"stages": [{"name": "a", "objectives": {"mim": 1.0}, "init": "/no/such/checkpoint"}]}, "does not exist"),
-    ({"model": "vlmo_nope"}, "unknown model"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"stages": [{"name": "a", "objectives": {"mim": 1.0}, "trainable": ["blocks.*.experts.typo.*"]}]},
+            "match no parameter",
+        ),
+        ({"data": {"image": {"size": 64}, "tokenizer": {"max_length": 16}}}, "image.size 64 != vlmo_debug img_size 32"),
+        ({"data": {"image": {"size": 32}, "tokenizer": {"max_length": 32}}}, "max_text_len 16"),
+        ({"stages": [{"name": "a", "objectives": {"mim": 1.0}, "init": "/no/such/checkpoint"}]}, "does not exist"),
+        ({"model": "vlmo_nope"}, "unknown model"),
+    ],
+)
 def test_validate_before_ray(change, message):
     from vlforge.train.runner import validate
 
@@ -71,9 +95,17 @@ def test_validate_before_ray(change, message):
 def test_deepspeed_config_overrides_merged_last():
     from vlforge.train.engine import deepspeed_config
 
-    cfg = DeepSpeedConfig(zero_stage=3, grad_accum=2, clip_grad=0.5, offload_optimizer=True,
-                          overrides={"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000},
-                                     "gradient_clipping": 2.0, "bf16": {"enabled": True}})
+    cfg = DeepSpeedConfig(
+        zero_stage=3,
+        grad_accum=2,
+        clip_grad=0.5,
+        offload_optimizer=True,
+        overrides={
+            "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000},
+            "gradient_clipping": 2.0,
+            "bf16": {"enabled": True},
+        },
+    )
     ds = deepspeed_config(cfg, micro_batch=4, world_size=2, on_gpu=False)
     assert ds["train_batch_size"] == 4 * 2 * 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 2  # the override wins
@@ -116,8 +148,9 @@ def test_optimizer_gets_trainable_params_only():
     assert {by_id[i] for i in in_opt} == set(names)
 
 
-@pytest.mark.parametrize("name", ["vlmo_stagewise", "vlmo_stagewise_smoke", "frozen_lm", "frozen_lm_smoke", "vcgpt",
-                                  "vcgpt_smoke"])
+@pytest.mark.parametrize(
+    "name", ["vlmo_stagewise", "vlmo_stagewise_smoke", "frozen_lm", "frozen_lm_smoke", "vcgpt", "vcgpt_smoke"]
+)
 def test_job_configs_pass_validation(name):
     from vlforge.train.runner import validate
 
@@ -137,7 +170,12 @@ def test_every_smoke_config_builds_the_same_corpus():
         if isinstance(raw.get("corpus"), dict) and "two_stage" not in path.name:
             got = load(CorpusConfig, None, [f"{k}={v}" for k, v in raw["corpus"].items() if k != "out"])
             assert (got.n_scenes, got.n_vqa, got.n_nlvr, got.n_concepts, got.seed) == (
-                want.n_scenes, want.n_vqa, want.n_nlvr, want.n_concepts, want.seed), path.name
+                want.n_scenes,
+                want.n_vqa,
+                want.n_nlvr,
+                want.n_concepts,
+                want.seed,
+            ), path.name
 
 
 def test_vlkd_smoke_validates_against_its_teacher(tmp_path):
@@ -161,6 +199,7 @@ def test_resolve_makes_the_vlkd_teacher_path_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load(TrainRunConfig, REPO / "jobs" / "configs" / "vlkd_smoke.yaml", ["tracking.enabled=false"])
     out = resolve(cfg)
-    assert out.model_overrides["teacher"] == str(tmp_path / "out/two_stage/vlkd-teacher.student-distilled/stages/"
-                                                             "retrieval")
+    assert out.model_overrides["teacher"] == str(
+        tmp_path / "out/two_stage/vlkd-teacher.student-distilled/stages/retrieval"
+    )
     assert cfg.model_overrides["teacher"].startswith("out/")  # the loaded config is left as it was

@@ -40,8 +40,13 @@ def test_handoff_from_export_and_zero0_checkpoint_loads_weights_only(tmp_path):
     # A ZeRO-0 DeepSpeed checkpoint: task-level names ("model." prefix), optimizer state beside it.
     ckpt = tmp_path / "ckpt" / TAG
     ckpt.mkdir(parents=True)
-    torch.save({"module": {f"model.{k}": v for k, v in src.state_dict().items()},
-                "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}}}, ckpt / "mp_rank_00_model_states.pt")
+    torch.save(
+        {
+            "module": {f"model.{k}": v for k, v in src.state_dict().items()},
+            "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}},
+        },
+        ckpt / "mp_rank_00_model_states.pt",
+    )
 
     for path in (export, tmp_path / "ckpt"):
         torch.manual_seed(2)
@@ -78,10 +83,16 @@ def test_driver_refuses_resume_with_other_worker_count_before_ray(tmp_path):
 
     ckpt = tmp_path / "run1" / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
-    (ckpt / "vlforge_state.json").write_text(json.dumps(
-        {"stage_index": 0, "stage": "a", "step": 2, "global_step": 2, "world_size": 2, "zero_stage": 2}))
-    raw = {"model": "vlmo_debug", "name": "run1", "storage_path": str(tmp_path), "num_workers": 4,
-           "stages": [{"name": "a", "objectives": {"mim": 1.0}}]}
+    (ckpt / "vlforge_state.json").write_text(
+        json.dumps({"stage_index": 0, "stage": "a", "step": 2, "global_step": 2, "world_size": 2, "zero_stage": 2})
+    )
+    raw = {
+        "model": "vlmo_debug",
+        "name": "run1",
+        "storage_path": str(tmp_path),
+        "num_workers": 4,
+        "stages": [{"name": "a", "objectives": {"mim": 1.0}}],
+    }
     with pytest.raises(CheckpointMismatch, match="written by 2 workers .* this run has 4"):
         check_existing_run(from_dict(TrainRunConfig, raw))
     check_existing_run(from_dict(TrainRunConfig, {**raw, "num_workers": 2}))

@@ -26,14 +26,14 @@ def _rgba() -> Image.Image:
     """Left half opaque blue; right half alpha 0 over stored red (what convert('RGB') would show)."""
     a = np.zeros((S, S, 4), np.uint8)
     a[:, : S // 2] = (0, 0, 255, 255)
-    a[:, S // 2:] = (255, 0, 0, 0)
+    a[:, S // 2 :] = (255, 0, 0, 0)
     return Image.fromarray(a, "RGBA")
 
 
 def _la() -> Image.Image:
     a = np.zeros((S, S, 2), np.uint8)
     a[:, : S // 2] = (30, 255)
-    a[:, S // 2:] = (0, 0)  # black under full transparency
+    a[:, S // 2 :] = (0, 0)  # black under full transparency
     return Image.fromarray(a, "LA")
 
 
@@ -47,16 +47,23 @@ def _palette() -> Image.Image:
     return im
 
 
-@pytest.mark.parametrize("make, opaque, fmt", [(_rgba, (0, 0, 255), "PNG"), (_la, (30, 30, 30), "PNG"),
-                                              (_palette, (0, 200, 0), "PNG"), (_palette, (0, 200, 0), "GIF")])
+@pytest.mark.parametrize(
+    "make, opaque, fmt",
+    [
+        (_rgba, (0, 0, 255), "PNG"),
+        (_la, (30, 30, 30), "PNG"),
+        (_palette, (0, 200, 0), "PNG"),
+        (_palette, (0, 200, 0), "GIF"),
+    ],
+)
 def test_decode_composites_transparency_over_the_background(make, opaque, fmt):
     im = make()
     data = _save(im, fmt, transparency=0) if fmt == "GIF" else _save(im)
     white = decode_image(data, S)
     assert tuple(white[0, 0]) == opaque
-    assert (white[:, S // 2 + 1:] == 255).all()  # transparent: white, not the red / black stored under it
+    assert (white[:, S // 2 + 1 :] == 255).all()  # transparent: white, not the red / black stored under it
     black = decode_image(data, S, background=(0, 0, 0))
-    assert (black[:, S // 2 + 1:] == 0).all()
+    assert (black[:, S // 2 + 1 :] == 0).all()
 
 
 def test_half_transparent_pixels_blend():
@@ -87,7 +94,7 @@ def test_ingest_keeps_alpha_and_the_pipeline_composites_it(tmp_path):
     ev = load_eval_set(str(tmp_path / "out"), data, task="captions")
     px = np.rint((ev["pixel_values"].numpy() * 0.5 + 0.5) * 255)  # [3, 3, S, S] back to 0-255, file order
     assert px.shape == (3, 3, S, S)
-    assert (px[:, :, :, S // 2 + 1:] == 255).all()
+    assert (px[:, :, :, S // 2 + 1 :] == 255).all()
     assert tuple(px[0, :, 0, 0]) == (0, 0, 255) and tuple(px[2, :, 0, 0]) == (0, 200, 0)
 
 

@@ -38,12 +38,15 @@ def test_smoke_config_loads_and_anchors_expand():
     assert cfg.ablations == []  # the ablations are opt-in: --set ablations=[soft_only,hard_only]
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"ablations": ["no_such"]}, "ablations: unknown"),
-    ({"bogus": 1}, "unknown key bogus"),
-    ({"max_steps": -1}, "max_steps"),
-    ({"name": "has space"}, "may hold only"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"ablations": ["no_such"]}, "ablations: unknown"),
+        ({"bogus": 1}, "unknown key bogus"),
+        ({"max_steps": -1}, "max_steps"),
+        ({"name": "has space"}, "may hold only"),
+    ],
+)
 def test_bad_two_stage_configs_fail_clearly(change, message):
     raw = _smoke_raw()
     raw.update(change)
@@ -77,11 +80,15 @@ def test_plan_builds_every_run(corpus, tmp_path):
 
     from vlforge.workflows.two_stage import plan
 
-    cfg = _cfg(corpus, "name=job1", f"storage_path={tmp_path}", "max_steps=3",
-               "ablations=[soft_only,hard_only]")
+    cfg = _cfg(corpus, "name=job1", f"storage_path={tmp_path}", "max_steps=3", "ablations=[soft_only,hard_only]")
     p = plan(cfg)
-    assert list(p.runs) == ["teacher-pretrain", "teacher-finetune", "student-distilled", "student-soft_only",
-                            "student-hard_only"]
+    assert list(p.runs) == [
+        "teacher-pretrain",
+        "teacher-finetune",
+        "student-distilled",
+        "student-soft_only",
+        "student-hard_only",
+    ]
     assert p.num_answers == len(json.loads((corpus / "answers.json").read_text()))
     assert all(s.steps == 3 and s.schedule.warmup_steps < 3 for r in p.runs.values() for s in r.stages)
     assert all(Path(s.data.shards).is_relative_to(corpus) for r in p.runs.values() for s in r.stages)
@@ -96,8 +103,11 @@ def test_plan_builds_every_run(corpus, tmp_path):
     hard = p.runs["student-hard_only"]
     assert all(s.teacher is None and set(s.objectives) <= {"itc", "hard"} for s in hard.stages)
     # every student variant starts from the pretrained teacher's weights (`init: teacher:pretrain`)
-    assert all(r.stages[0].init == str(tmp_path / "job1" / "teacher" / "pretrain")
-               for k, r in p.runs.items() if k.startswith("student-"))
+    assert all(
+        r.stages[0].init == str(tmp_path / "job1" / "teacher" / "pretrain")
+        for k, r in p.runs.items()
+        if k.startswith("student-")
+    )
     assert distilled.stages[1].init == "previous"
     assert p.student_model("distilled", "vqa") == tmp_path / "job1.student-distilled" / "stages" / "vqa"
     assert list(plan(cfg, ablations=False).runs)[-1] == "student-distilled"
@@ -126,20 +136,27 @@ def test_missing_answers_are_a_config_error(corpus, tmp_path):
 
 def _train_raw(method: str, **stage) -> dict:
     s = {"name": "a", "objectives": {"hard": 1.0}, "steps": 2, "task": "nlvr2", **stage}
-    return {"method": method, "model": "vlmo_debug", "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
-            "stages": [s]}
+    return {
+        "method": method,
+        "model": "vlmo_debug",
+        "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
+        "stages": [s],
+    }
 
 
-@pytest.mark.parametrize("method, stage, extra, message", [
-    ("distill", {"objectives": {"soft": 1.0}}, {}, "needs a teacher model directory"),
-    ("fusion", {"task": "itm"}, {}, "fine-tunes vqa or nlvr2"),
-    ("distill", {"task": None}, {}, "needs a task"),
-    ("vlmo", {"objectives": {"itc": 1.0}, "task": "itm"}, {}, "methods 'fusion' and 'distill' only"),
-    ("distill", {"task": "vqa"}, {}, "num_answers"),
-    ("distill", {"init": "stage:b"}, {}, "names no earlier stage"),
-    ("distill", {"objectives": {"itc": 1.0}}, {}, "only for task 'itm'"),
-    ("distill", {"task": "xyz"}, {}, "task must be one of"),
-])
+@pytest.mark.parametrize(
+    "method, stage, extra, message",
+    [
+        ("distill", {"objectives": {"soft": 1.0}}, {}, "needs a teacher model directory"),
+        ("fusion", {"task": "itm"}, {}, "fine-tunes vqa or nlvr2"),
+        ("distill", {"task": None}, {}, "needs a task"),
+        ("vlmo", {"objectives": {"itc": 1.0}, "task": "itm"}, {}, "methods 'fusion' and 'distill' only"),
+        ("distill", {"task": "vqa"}, {}, "num_answers"),
+        ("distill", {"init": "stage:b"}, {}, "names no earlier stage"),
+        ("distill", {"objectives": {"itc": 1.0}}, {}, "only for task 'itm'"),
+        ("distill", {"task": "xyz"}, {}, "task must be one of"),
+    ],
+)
 def test_pair_method_stage_errors(method, stage, extra, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(TrainRunConfig, {**_train_raw(method, **stage), **extra})
@@ -210,10 +227,15 @@ def test_vlmo_weights_load_into_the_pair_models(capsys):
 def _pair_batch(b: int = 4, answers: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 2000, (b, 16), generator=g)
-    return {"pixel_values": torch.randn(b, 3, 32, 32, generator=g),
-            "pixel_values_2": torch.randn(b, 3, 32, 32, generator=g),
-            "input_ids": ids, "attention_mask": torch.ones_like(ids), "label": torch.tensor([0, 1] * (b // 2)),
-            "answer_id": torch.tensor([1, 2, -100, 3][:b]), "sample_id": torch.arange(b)}
+    return {
+        "pixel_values": torch.randn(b, 3, 32, 32, generator=g),
+        "pixel_values_2": torch.randn(b, 3, 32, 32, generator=g),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "label": torch.tensor([0, 1] * (b // 2)),
+        "answer_id": torch.tensor([1, 2, -100, 3][:b]),
+        "sample_id": torch.arange(b),
+    }
 
 
 def test_fusion_finetune_task_trains_the_head_and_ignores_unknown_answers():
@@ -271,8 +293,13 @@ def test_full_size_config_plans_gpu_zero3_runs_from_s3(monkeypatch):
     cfg = load(TwoStageConfig, REPO / "jobs" / "configs" / "two_stage.yaml")
     monkeypatch.setattr(ts, "_num_answers", lambda cfg: 276)  # answers.json lives in the bucket
     p = ts.plan(cfg)
-    assert list(p.runs) == ["teacher-pretrain", "teacher-finetune", "student-distilled", "student-soft_only",
-                            "student-hard_only"]
+    assert list(p.runs) == [
+        "teacher-pretrain",
+        "teacher-finetune",
+        "student-distilled",
+        "student-soft_only",
+        "student-hard_only",
+    ]
     for run in p.runs.values():
         assert run.use_gpu and run.deepspeed.zero_stage == 3 and run.num_workers == 8
         assert run.model == "vlmo_base" and run.tracking.tracking_uri is None  # MLFLOW_TRACKING_URI decides
@@ -286,8 +313,9 @@ def test_vqa_soft_labels_follow_the_teachers_training():
     from vlforge.objectives.distillation import soft_label_bce, soft_label_kl
 
     torch.manual_seed(0)
-    student = build_from_spec({"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0},
-                               "num_answers": 7}).eval()
+    student = build_from_spec(
+        {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}, "num_answers": 7}
+    ).eval()
     teacher = build_from_spec({"model": "vlmo_debug", "method": "fusion", "num_answers": 7}).eval()
     batch = _pair_batch()
     args = ("vqa", batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
@@ -324,12 +352,14 @@ def test_finished_runs_are_reused_and_the_teacher_directory_refilled(corpus, tmp
     cfg = _cfg(corpus, "name=done", f"storage_path={tmp_path}")
     p = plan(cfg)
     vlmo = build_from_spec({"model": "vlmo_small"})
-    save_model_dir(vlmo.state_dict(), {"model": "vlmo_small", "method": "vlmo"},
-                   p.run_dir("teacher-pretrain") / "export")
+    save_model_dir(
+        vlmo.state_dict(), {"model": "vlmo_small", "method": "vlmo"}, p.run_dir("teacher-pretrain") / "export"
+    )
     fusion_spec = {"model": "vlmo_small", "method": "fusion", "num_answers": p.num_answers}
     for stage in ("nlvr2", "vqa"):
-        save_model_dir(build_from_spec(fusion_spec).state_dict(), fusion_spec,
-                       p.run_dir("teacher-finetune") / "stages" / stage)
+        save_model_dir(
+            build_from_spec(fusion_spec).state_dict(), fusion_spec, p.run_dir("teacher-finetune") / "stages" / stage
+        )
     for key in p.runs:
         p.run_dir(key).mkdir(parents=True, exist_ok=True)
         (p.run_dir(key) / "summary.json").write_text("{}")

@@ -142,20 +142,37 @@ def test_the_platform_task_trains_vcgpt_on_pipeline_batches():
     from vlforge.models.trainable import set_trainable
     from vlforge.train.tasks import CaptionTask, build_task
 
-    cfg = from_dict(TrainRunConfig, {
-        "method": "vcgpt", "model": "vcgpt_debug", "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
-        "stages": [{"name": "caption", "objectives": {"caption": 1.0}, "steps": 1,
-                    "trainable": ["vision.*", "visual_proj.*", "fusion.*", "fusion_norm.*", "fusion_head.*"]}]})
+    cfg = from_dict(
+        TrainRunConfig,
+        {
+            "method": "vcgpt",
+            "model": "vcgpt_debug",
+            "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
+            "stages": [
+                {
+                    "name": "caption",
+                    "objectives": {"caption": 1.0},
+                    "steps": 1,
+                    "trainable": ["vision.*", "visual_proj.*", "fusion.*", "fusion_norm.*", "fusion_head.*"],
+                }
+            ],
+        },
+    )
     torch.manual_seed(0)
     task = build_task(cfg, cfg.stages[0])
     assert isinstance(task.module, CaptionTask) and task.prefix == "model."
     set_trainable(task.model, cfg.stages[0].trainable)
     assert not any(p.requires_grad for p in task.model.lm.parameters())
     tok = load_tokenizer(cfg.data.tokenizer)(["a llama left of a taxi", "a cat above a dog"])
-    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.from_numpy(tok["input_ids"]),
-             "attention_mask": torch.from_numpy(tok["attention_mask"])}
-    assert task.module.captions(batch["input_ids"], batch["attention_mask"]) == ["a llama left of a taxi",
-                                                                                 "a cat above a dog"]
+    batch = {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        "input_ids": torch.from_numpy(tok["input_ids"]),
+        "attention_mask": torch.from_numpy(tok["attention_mask"]),
+    }
+    assert task.module.captions(batch["input_ids"], batch["attention_mask"]) == [
+        "a llama left of a taxi",
+        "a cat above a dog",
+    ]
     opt = torch.optim.AdamW([p for p in task.module.parameters() if p.requires_grad], lr=3e-3)
     first = None
     for _ in range(30):

@@ -54,8 +54,9 @@ def test_debug_shapes_and_terms(debug_model):
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     assert all(not out[k].requires_grad for k in ("ttd_loss", "itc_loss", "icti_loss"))
     c = debug_model.config
-    assert torch.allclose(out["loss"],
-                          c.w_ttd * out["ttd_loss"] + c.w_itc * out["itc_loss"] + c.w_icti * out["icti_loss"])
+    assert torch.allclose(
+        out["loss"], c.w_ttd * out["ttd_loss"] + c.w_itc * out["itc_loss"] + c.w_icti * out["icti_loss"]
+    )
     assert debug_model.encode_text(batch["input_ids"], batch["attention_mask"]).shape == (4, c.teacher_dim)
     image, text = debug_model.teacher_embeddings(batch)
     assert image.shape == text.shape == (4, c.teacher_dim)
@@ -159,11 +160,23 @@ def test_the_platform_task_distils_a_vlforge_dual_encoder(tmp_path):
     from vlforge.train.tasks import VLKDTask, build_task
 
     teacher_dir = _student_dir(tmp_path)
-    cfg = from_dict(TrainRunConfig, {
-        "method": "vlkd", "model": "vlkd_debug", "model_overrides": {"teacher": str(teacher_dir)},
-        "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
-        "stages": [{"name": "distill", "objectives": {"ttd": 1.0, "itc": 0.5, "icti": 1.0}, "steps": 1,
-                    "trainable": ["student.*", "text_proj.*", "image_prefix.*"]}]})
+    cfg = from_dict(
+        TrainRunConfig,
+        {
+            "method": "vlkd",
+            "model": "vlkd_debug",
+            "model_overrides": {"teacher": str(teacher_dir)},
+            "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
+            "stages": [
+                {
+                    "name": "distill",
+                    "objectives": {"ttd": 1.0, "itc": 0.5, "icti": 1.0},
+                    "steps": 1,
+                    "trainable": ["student.*", "text_proj.*", "image_prefix.*"],
+                }
+            ],
+        },
+    )
     validate(cfg)
     torch.manual_seed(0)
     task = build_task(cfg, cfg.stages[0])
@@ -171,10 +184,12 @@ def test_the_platform_task_distils_a_vlforge_dual_encoder(tmp_path):
     set_trainable(task.model, cfg.stages[0].trainable)
     assert not any(p.requires_grad for p in task.model.teacher.parameters())
     before = {k: v.clone() for k, v in task.model.teacher.state_dict().items()}
-    tok = load_tokenizer(cfg.data.tokenizer)(["a llama left of a taxi", "a cat above a dog", "a red bus",
-                                              "two owls"])
-    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": torch.from_numpy(tok["input_ids"]),
-             "attention_mask": torch.from_numpy(tok["attention_mask"])}
+    tok = load_tokenizer(cfg.data.tokenizer)(["a llama left of a taxi", "a cat above a dog", "a red bus", "two owls"])
+    batch = {
+        "pixel_values": torch.randn(4, 3, 32, 32),
+        "input_ids": torch.from_numpy(tok["input_ids"]),
+        "attention_mask": torch.from_numpy(tok["attention_mask"]),
+    }
     opt = torch.optim.AdamW([p for p in task.module.parameters() if p.requires_grad], lr=3e-3)
     first = None
     task.module.train()
@@ -183,7 +198,8 @@ def test_the_platform_task_distils_a_vlforge_dual_encoder(tmp_path):
         if first is None:
             first = out
             assert out["loss"].item() == pytest.approx(
-                (out["ttd_loss"] + 0.5 * out["itc_loss"] + out["icti_loss"]).item(), rel=1e-5)
+                (out["ttd_loss"] + 0.5 * out["itc_loss"] + out["icti_loss"]).item(), rel=1e-5
+            )
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

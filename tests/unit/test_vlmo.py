@@ -56,7 +56,13 @@ def test_sizes_on_meta_device(name, dim, depth, heads, vl_layers, img, patch, pa
         out = model.forward_fusion(torch.zeros(b, 3, img, img), torch.zeros(b, t, dtype=torch.long), None)
     cfg = model.config
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.vl_layers, cfg.img_size, cfg.patch_size) == (
-        dim, depth, heads, vl_layers, img, patch)
+        dim,
+        depth,
+        heads,
+        vl_layers,
+        img,
+        patch,
+    )
     n_img = 1 + (img // patch) ** 2
     assert out.hidden.shape == (b, t + n_img, dim)
     assert out.q.shape == out.k.shape == (b, heads, t + n_img, dim // heads)
@@ -111,12 +117,29 @@ def test_overrides_and_config_validation():
 def test_parameter_names_are_regular():
     names = set(dict(create_model("vlmo_debug").named_parameters()))
     for expected in [
-        "image_embed.patch.weight", "image_embed.cls_token", "image_embed.pos", "image_embed.type_embed",
-        "image_embed.mask_token", "text_embed.word.weight", "text_embed.pos.weight", "text_embed.type_embed",
-        "blocks.0.attn.qkv.weight", "blocks.0.attn.norm.weight", "blocks.0.experts.v.fc1.weight",
-        "blocks.0.experts.l.fc2.bias", "blocks.1.experts.vl.norm.weight", "norm.v.weight", "norm.l.weight",
-        "norm.vl.weight", "pooler.dense.weight", "heads.itc.logit_scale", "heads.itc.image_proj.weight",
-        "heads.itm.weight", "heads.mlm.dense.weight", "heads.mlm.bias", "heads.mim.weight",
+        "image_embed.patch.weight",
+        "image_embed.cls_token",
+        "image_embed.pos",
+        "image_embed.type_embed",
+        "image_embed.mask_token",
+        "text_embed.word.weight",
+        "text_embed.pos.weight",
+        "text_embed.type_embed",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.norm.weight",
+        "blocks.0.experts.v.fc1.weight",
+        "blocks.0.experts.l.fc2.bias",
+        "blocks.1.experts.vl.norm.weight",
+        "norm.v.weight",
+        "norm.l.weight",
+        "norm.vl.weight",
+        "pooler.dense.weight",
+        "heads.itc.logit_scale",
+        "heads.itc.image_proj.weight",
+        "heads.itm.weight",
+        "heads.mlm.dense.weight",
+        "heads.mlm.bias",
+        "heads.mim.weight",
     ]:
         assert expected in names, expected
     assert "blocks.0.experts.vl.fc1.weight" not in names
@@ -142,8 +165,11 @@ def test_modality_routing():
 
     def outputs():
         with torch.no_grad():
-            return (model.encode_image(pv).hidden, model.encode_text(ids, am).hidden,
-                    model.forward_fusion(pv, ids, am).hidden)
+            return (
+                model.encode_image(pv).hidden,
+                model.encode_text(ids, am).hidden,
+                model.forward_fusion(pv, ids, am).hidden,
+            )
 
     img0, txt0, joint0 = outputs()
 

@@ -86,6 +86,7 @@ class ImageConfig:
     def __post_init__(self):
         if len(self.background) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.background):
             raise ValueError(f"image.background must be three integers 0-255 (RGB), got {list(self.background)}")
+
     # false: decode tasks ship uint8 pixels (4x fewer bytes through the object store) and the
     # consumer normalises them (vlforge.data.pipeline.finish_pixels; the training loop does).
     normalize: bool = True
@@ -136,5 +137,3 @@ class DataDemoConfig:
     def __post_init__(self):
         if self.num_workers < 1 or self.epochs < 1:
             raise ValueError("num_workers and epochs must be >= 1")
-
-

@@ -266,5 +266,3 @@ def flatten(cfg: Any, sep: str = ".") -> dict[str, Any]:
 
     walk("", to_dict(cfg))
     return out
-
-

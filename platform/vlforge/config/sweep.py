@@ -12,8 +12,16 @@ from vlforge.config.tracking import TrackingConfig
 
 PARAM_TYPES = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
-SWEEP_METRICS = ("val_rmean", "val_i2t_r1", "val_i2t_r5", "val_i2t_r10", "val_t2i_r1", "val_t2i_r5",
-                 "val_t2i_r10", "loss")
+SWEEP_METRICS = (
+    "val_rmean",
+    "val_i2t_r1",
+    "val_i2t_r5",
+    "val_i2t_r10",
+    "val_t2i_r1",
+    "val_t2i_r5",
+    "val_t2i_r10",
+    "loss",
+)
 
 
 @dataclass
@@ -153,9 +161,8 @@ class SweepConfig:
         if self.search.algorithm == "optuna" and grid:
             raise ValueError(f"search.algorithm optuna samples its own points; use choice, not grid, for {grid}")
         if self.search.algorithm == "grid" and len(grid) != len(self.space):
-            raise ValueError("search.algorithm grid: every key must be of type grid, "
-                             f"not {sorted(set(self.space) - set(grid))}")
+            raise ValueError(
+                f"search.algorithm grid: every key must be of type grid, not {sorted(set(self.space) - set(grid))}"
+            )
         if len(set(self.trial_stages)) != len(self.trial_stages):
             raise ValueError(f"trial_stages: names must be unique, got {self.trial_stages}")
-
-

@@ -18,5 +18,3 @@ class TrackingConfig:
     log_every: int = 1  # steps between metric logs
     buffer_dir: str = "out/mlflow_buffer"  # metrics kept here while the server is unreachable
     tags: dict[str, str] = field(default_factory=dict)
-
-

@@ -103,7 +103,6 @@ class StageConfig:
     teacher: str | None = None
     temperature: float = 1.0
 
-
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9_.-]+$", self.name):
             raise ValueError(f"stage name {self.name!r} may hold only letters, digits, '_', '-', '.'")
@@ -181,8 +180,9 @@ class TrainRunConfig:
         for s in self.stages:
             unknown = sorted(set(s.objectives) - set(known))
             if unknown:
-                raise ValueError(f"stage {s.name}: unknown objectives {unknown} for method "
-                                 f"{self.method!r}; known: {list(known)}")
+                raise ValueError(
+                    f"stage {s.name}: unknown objectives {unknown} for method {self.method!r}; known: {list(known)}"
+                )
         if self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         if self.checkpoint_every < 0 or self.progress_every < 0 or self.max_failures < -1:
@@ -205,5 +205,3 @@ class TrainRunConfig:
                 raise ValueError(f"stage {s.name}: task vqa needs num_answers > 0 (the size of answers.json)")
             if s.init_stage is not None and s.init_stage not in [t.name for t in self.stages[:i]]:
                 raise ValueError(f"stage {s.name}: init {s.init!r} names no earlier stage of this run")
-
-

@@ -129,9 +129,9 @@ class TwoStageConfig:
             if s.task is None:
                 raise ValueError(f"student stage {s.name}: needs a task ({list(PAIR_TASKS)})")
             if s.teacher is not None and s.teacher != "pretrain" and s.teacher not in ft:
-                raise ValueError(f"student stage {s.name}: teacher {s.teacher!r} is neither 'pretrain' nor a "
-                                 f"teacher.finetune stage ({ft})")
+                raise ValueError(
+                    f"student stage {s.name}: teacher {s.teacher!r} is neither 'pretrain' nor a "
+                    f"teacher.finetune stage ({ft})"
+                )
             if s.task in ("vqa", "nlvr2") and s.teacher == "pretrain":
                 raise ValueError(f"student stage {s.name}: task {s.task} needs a fine-tuned teacher")
-
-

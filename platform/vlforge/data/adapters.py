@@ -102,8 +102,9 @@ def _text(value: Any) -> str:
 class _Sink:
     """A ShardWriter plus the report, image lookup inside the folder and a small image cache."""
 
-    def __init__(self, out: str | Path, samples_per_shard: int, images_dir: Path, params: dict[str, Any],
-                 progress: Progress):
+    def __init__(
+        self, out: str | Path, samples_per_shard: int, images_dir: Path, params: dict[str, Any], progress: Progress
+    ):
         self.report = IngestReport()
         self.images_dir = images_dir
         self.root = images_dir.resolve()
@@ -146,11 +147,13 @@ class _Sink:
             return None
         return got
 
-    def write(self, image: tuple[bytes, str], text: str, meta: dict[str, Any],
-              right: tuple[bytes, str] | None = None) -> None:
+    def write(
+        self, image: tuple[bytes, str], text: str, meta: dict[str, Any], right: tuple[bytes, str] | None = None
+    ) -> None:
         extra = {f"right.{right[1]}": right[0]} if right else None
-        self.writer.write(f"{self.report.written:09d}", image=image[0], image_ext=image[1], text=text, meta=meta,
-                          extra=extra)
+        self.writer.write(
+            f"{self.report.written:09d}", image=image[0], image_ext=image[1], text=text, meta=meta, extra=extra
+        )
         self.report.written += 1
         if self.progress and self.report.written % 1000 == 0:
             self.progress(f"  {self.report.written} samples")
@@ -160,8 +163,9 @@ class _Sink:
         if strict and report.skipped:
             raise IngestError(f"{sum(report.skipped.values())} rows skipped: " + "; ".join(report.examples))
         if report.written == 0:
-            raise IngestError(f"no usable samples in {source}{note}"
-                              + (": " + "; ".join(report.examples) if report.examples else ""))
+            raise IngestError(
+                f"no usable samples in {source}{note}" + (": " + "; ".join(report.examples) if report.examples else "")
+            )
         self.writer.params.update(params)
         self.writer.params["skipped"] = report.skipped
         report.manifest = self.writer.close()
@@ -171,8 +175,16 @@ class _Sink:
 # ----------------------------------------------------------------------------- COCO captions
 
 
-def ingest_coco(annotations_json: str | Path, images_dir: str | Path, out: str | Path, *, split: str = "train",
-                samples_per_shard: int = 1000, strict: bool = False, progress: Progress = None) -> IngestReport:
+def ingest_coco(
+    annotations_json: str | Path,
+    images_dir: str | Path,
+    out: str | Path,
+    *,
+    split: str = "train",
+    samples_per_shard: int = 1000,
+    strict: bool = False,
+    progress: Progress = None,
+) -> IngestReport:
     """A COCO captions file (``images``: id, file_name; ``annotations``: image_id, caption) -> one
     sample per image with all its captions; ``split`` is written into each sample's metadata."""
     images_dir = _images_dir(images_dir)
@@ -180,8 +192,13 @@ def ingest_coco(annotations_json: str | Path, images_dir: str | Path, out: str |
     what = "a COCO captions file"
     images = _list(doc, "images", path, what)
     annotations = _list(doc, "annotations", path, what)
-    sink = _Sink(out, samples_per_shard, images_dir,
-                 {"source": path.name, "format": "coco", "task": "captions", "split": split}, progress)
+    sink = _Sink(
+        out,
+        samples_per_shard,
+        images_dir,
+        {"source": path.name, "format": "coco", "task": "captions", "split": split},
+        progress,
+    )
     captions: dict[Any, list[str]] = {}
     for n, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
@@ -209,8 +226,14 @@ def ingest_coco(annotations_json: str | Path, images_dir: str | Path, out: str |
         image = found and sink.image(found[0], where)
         if not image:
             continue
-        meta = {"captions": caps, "image_id": image_id, "file_name": name, "split": split, "source": found[1],
-                "format": "coco"}
+        meta = {
+            "captions": caps,
+            "image_id": image_id,
+            "file_name": name,
+            "split": split,
+            "source": found[1],
+            "format": "coco",
+        }
         if "license" in im:
             meta["license"] = im["license"]
         sink.write(image, caps[0], meta)
@@ -230,9 +253,16 @@ def _splits(split: str | Iterable[str] | None) -> set[str] | None:
     return wanted or None
 
 
-def ingest_karpathy(dataset_json: str | Path, images_dir: str | Path, out: str | Path, *,
-                    split: str | Iterable[str] | None = None, samples_per_shard: int = 1000, strict: bool = False,
-                    progress: Progress = None) -> IngestReport:
+def ingest_karpathy(
+    dataset_json: str | Path,
+    images_dir: str | Path,
+    out: str | Path,
+    *,
+    split: str | Iterable[str] | None = None,
+    samples_per_shard: int = 1000,
+    strict: bool = False,
+    progress: Progress = None,
+) -> IngestReport:
     """A Karpathy split file (``dataset_coco.json``, ``dataset_flickr30k.json``, ...) -> one sample per
     image with all its sentences. ``split`` ("test", "train,restval", a list; None = all) filters by
     the file's own ``split``, which is written as it is ("restval" stays "restval")."""
@@ -241,9 +271,18 @@ def ingest_karpathy(dataset_json: str | Path, images_dir: str | Path, out: str |
     images = _list(doc, "images", path, "a Karpathy split file")
     wanted = _splits(split)
     dataset = doc.get("dataset")
-    sink = _Sink(out, samples_per_shard, images_dir,
-                 {"source": path.name, "format": "karpathy", "task": "captions",
-                  "split": ",".join(sorted(wanted)) if wanted else "all"}, progress)
+    sink = _Sink(
+        out,
+        samples_per_shard,
+        images_dir,
+        {
+            "source": path.name,
+            "format": "karpathy",
+            "task": "captions",
+            "split": ",".join(sorted(wanted)) if wanted else "all",
+        },
+        progress,
+    )
     filtered, seen = 0, set()
     for n, im in enumerate(images):
         where = f"{path.name}: images[{n}]"
@@ -280,8 +319,15 @@ def ingest_karpathy(dataset_json: str | Path, images_dir: str | Path, out: str |
         if not image:
             continue
         image_id = im.get("cocoid", im.get("imgid"))
-        meta = {"captions": caps, "split": its_split, "image_id": image_id, "imgid": im.get("imgid"),
-                "file_name": name, "source": found[1], "format": "karpathy"}
+        meta = {
+            "captions": caps,
+            "split": its_split,
+            "image_id": image_id,
+            "imgid": im.get("imgid"),
+            "file_name": name,
+            "source": found[1],
+            "format": "karpathy",
+        }
         if folder:
             meta["filepath"] = folder
         if dataset is not None:
@@ -325,8 +371,10 @@ class _CocoImages:
             try:
                 self.image_name.format(image_id=1, subtype=subtype or "x")
             except (KeyError, IndexError, ValueError) as exc:
-                raise IngestError(f"image name pattern {self.image_name!r}: {exc!r}; "
-                                  "it may use {image_id} (e.g. {image_id:012d}) and {subtype}") from None
+                raise IngestError(
+                    f"image name pattern {self.image_name!r}: {exc!r}; "
+                    "it may use {image_id} (e.g. {image_id:012d}) and {subtype}"
+                ) from None
 
     def names(self, image_id: Any) -> Iterator[str]:
         if callable(self.image_name):
@@ -343,10 +391,20 @@ class _CocoImages:
             yield self._index[image_id]
 
 
-def ingest_vqav2(questions_json: str | Path, annotations_json: str | Path, images_dir: str | Path,
-                 out: str | Path, *, image_name: str | Callable[[int], str] | None = None, split: str | None = None,
-                 min_answer_count: int = 1, vocabulary: str | Path | None = None, samples_per_shard: int = 1000,
-                 strict: bool = False, progress: Progress = None) -> IngestReport:
+def ingest_vqav2(
+    questions_json: str | Path,
+    annotations_json: str | Path,
+    images_dir: str | Path,
+    out: str | Path,
+    *,
+    image_name: str | Callable[[int], str] | None = None,
+    split: str | None = None,
+    min_answer_count: int = 1,
+    vocabulary: str | Path | None = None,
+    samples_per_shard: int = 1000,
+    strict: bool = False,
+    progress: Progress = None,
+) -> IngestReport:
     """VQAv2 questions + annotations -> one sample per question, and ``answers.json`` in ``out``.
 
     ``image_name`` maps an image id to its file (a pattern with ``{image_id}`` / ``{subtype}`` or a
@@ -372,9 +430,13 @@ def ingest_vqav2(questions_json: str | Path, annotations_json: str | Path, image
     split = split or subtype or "train"
     names = _CocoImages(images_dir, image_name, subtype)
     out = Path(out)
-    sink = _Sink(out, samples_per_shard, images_dir,
-                 {"source": qpath.name, "annotations": apath.name, "format": "vqav2", "task": "vqa",
-                  "split": split}, progress)
+    sink = _Sink(
+        out,
+        samples_per_shard,
+        images_dir,
+        {"source": qpath.name, "annotations": apath.name, "format": "vqav2", "task": "vqa", "split": split},
+        progress,
+    )
     by_question: dict[Any, dict] = {}
     for n, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "question_id" not in ann:
@@ -413,8 +475,17 @@ def ingest_vqav2(questions_json: str | Path, annotations_json: str | Path, image
         image = found and sink.image(found[0], where)
         if not image:
             continue
-        meta = {"question": question, "answer": answer, "answers": answers, "answer_scores": answer_scores(answers),
-                "question_id": qid, "image_id": image_id, "split": split, "source": found[1], "format": "vqav2"}
+        meta = {
+            "question": question,
+            "answer": answer,
+            "answers": answers,
+            "answer_scores": answer_scores(answers),
+            "question_id": qid,
+            "image_id": image_id,
+            "split": split,
+            "source": found[1],
+            "format": "vqav2",
+        }
         for key in ("question_type", "answer_type"):
             if key in ann:
                 meta[key] = ann[key]
@@ -423,8 +494,13 @@ def ingest_vqav2(questions_json: str | Path, annotations_json: str | Path, image
     vocab = fixed_vocab if fixed_vocab is not None else answer_vocabulary(counts, min_answer_count)
     if not vocab and sink.report.written:
         raise IngestError(f"no answer occurs {min_answer_count} or more times; lower min_answer_count")
-    report = sink.finish(qpath, strict, answers=len(vocab), min_answer_count=min_answer_count,
-                         vocabulary=str(vocabulary) if vocabulary is not None else "built")
+    report = sink.finish(
+        qpath,
+        strict,
+        answers=len(vocab),
+        min_answer_count=min_answer_count,
+        vocabulary=str(vocabulary) if vocabulary is not None else "built",
+    )
     (out / "answers.json").write_text(json.dumps(vocab, indent=1) + "\n")
     return report
 
@@ -449,8 +525,9 @@ def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield i, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise IngestError(f"{path}:{i}: not valid JSON ({exc.msg}); NLVR2 files hold one object per line") \
-                    from None
+                raise IngestError(
+                    f"{path}:{i}: not valid JSON ({exc.msg}); NLVR2 files hold one object per line"
+                ) from None
 
 
 def parse_label(value: Any) -> bool | None:
@@ -485,8 +562,16 @@ def _nlvr_names(row: dict, side: int, identifier: str) -> list[str]:
     return names
 
 
-def ingest_nlvr2(jsonl: str | Path, images_dir: str | Path, out: str | Path, *, split: str | None = None,
-                 samples_per_shard: int = 1000, strict: bool = False, progress: Progress = None) -> IngestReport:
+def ingest_nlvr2(
+    jsonl: str | Path,
+    images_dir: str | Path,
+    out: str | Path,
+    *,
+    split: str | None = None,
+    samples_per_shard: int = 1000,
+    strict: bool = False,
+    progress: Progress = None,
+) -> IngestReport:
     """NLVR2 rows (``identifier``, ``sentence``, ``label``) -> one sample per row: left image as the
     main image, right image as ``KEY.right.*``, json ``label`` as a bool. ``split`` (default: the
     identifier's prefix, e.g. "dev") is written into the metadata."""
@@ -494,8 +579,13 @@ def ingest_nlvr2(jsonl: str | Path, images_dir: str | Path, out: str | Path, *, 
     path = Path(jsonl)
     if not path.is_file():
         raise IngestError(f"{path} does not exist (an NLVR2 JSONL file)")
-    sink = _Sink(out, samples_per_shard, images_dir, {"source": path.name, "format": "nlvr2", "task": "nlvr",
-                                                      "split": split or "from identifiers"}, progress)
+    sink = _Sink(
+        out,
+        samples_per_shard,
+        images_dir,
+        {"source": path.name, "format": "nlvr2", "task": "nlvr", "split": split or "from identifiers"},
+        progress,
+    )
     for line, row in _jsonl(path):
         where = f"{path.name}:{line}"
         if not isinstance(row, dict):
@@ -527,9 +617,15 @@ def ingest_nlvr2(jsonl: str | Path, images_dir: str | Path, out: str | Path, *, 
             sides.append((found[1], image))
         if len(sides) != 2:
             continue
-        meta = {"label": label, "identifier": identifier, "sentence": sentence,
-                "split": split or (identifier.split("-", 1)[0] if identifier else "train"),
-                "source": sides[0][0], "source_right": sides[1][0], "format": "nlvr2"}
+        meta = {
+            "label": label,
+            "identifier": identifier,
+            "sentence": sentence,
+            "split": split or (identifier.split("-", 1)[0] if identifier else "train"),
+            "source": sides[0][0],
+            "source_right": sides[1][0],
+            "format": "nlvr2",
+        }
         for key in ("synset", "query", "writer"):
             if key in row:
                 meta[key] = row[key]
@@ -538,6 +634,15 @@ def ingest_nlvr2(jsonl: str | Path, images_dir: str | Path, out: str | Path, *, 
 
 
 __all__ = [
-    "FORMATS", "KARPATHY_SPLITS", "VQA_IMAGE_NAME", "answer_scores", "answer_vocabulary", "ingest_coco",
-    "ingest_karpathy", "ingest_nlvr2", "ingest_vqav2", "normalize_answer", "parse_label",
+    "FORMATS",
+    "KARPATHY_SPLITS",
+    "VQA_IMAGE_NAME",
+    "answer_scores",
+    "answer_vocabulary",
+    "ingest_coco",
+    "ingest_karpathy",
+    "ingest_nlvr2",
+    "ingest_vqav2",
+    "normalize_answer",
+    "parse_label",
 ]

@@ -53,47 +53,283 @@ SPLITS = ("train", "val", "test", "heldout")
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "animal": (
-        "dog", "cat", "mouse", "hamster", "rabbit", "fox", "bear", "panda", "koala", "tiger", "lion", "cow",
-        "pig", "frog", "monkey", "chicken", "penguin", "bird", "duck", "eagle", "owl", "bat", "wolf", "boar",
-        "horse", "unicorn", "honeybee", "butterfly", "snail", "lady beetle", "ant", "spider", "scorpion",
-        "turtle", "snake", "lizard", "octopus", "squid", "shrimp", "crab", "lobster", "fish", "tropical fish",
-        "blowfish", "dolphin", "whale", "shark", "crocodile", "zebra", "giraffe", "elephant", "rhinoceros",
-        "hippopotamus", "camel", "llama", "kangaroo", "goat", "ram", "deer", "sloth", "otter", "skunk",
-        "flamingo", "peacock", "parrot", "swan", "hedgehog", "badger", "raccoon", "bison", "beaver", "seal",
-        "dodo", "sauropod", "worm", "rooster", "turkey", "dove", "poodle", "gorilla", "orangutan", "jellyfish",
+        "dog",
+        "cat",
+        "mouse",
+        "hamster",
+        "rabbit",
+        "fox",
+        "bear",
+        "panda",
+        "koala",
+        "tiger",
+        "lion",
+        "cow",
+        "pig",
+        "frog",
+        "monkey",
+        "chicken",
+        "penguin",
+        "bird",
+        "duck",
+        "eagle",
+        "owl",
+        "bat",
+        "wolf",
+        "boar",
+        "horse",
+        "unicorn",
+        "honeybee",
+        "butterfly",
+        "snail",
+        "lady beetle",
+        "ant",
+        "spider",
+        "scorpion",
+        "turtle",
+        "snake",
+        "lizard",
+        "octopus",
+        "squid",
+        "shrimp",
+        "crab",
+        "lobster",
+        "fish",
+        "tropical fish",
+        "blowfish",
+        "dolphin",
+        "whale",
+        "shark",
+        "crocodile",
+        "zebra",
+        "giraffe",
+        "elephant",
+        "rhinoceros",
+        "hippopotamus",
+        "camel",
+        "llama",
+        "kangaroo",
+        "goat",
+        "ram",
+        "deer",
+        "sloth",
+        "otter",
+        "skunk",
+        "flamingo",
+        "peacock",
+        "parrot",
+        "swan",
+        "hedgehog",
+        "badger",
+        "raccoon",
+        "bison",
+        "beaver",
+        "seal",
+        "dodo",
+        "sauropod",
+        "worm",
+        "rooster",
+        "turkey",
+        "dove",
+        "poodle",
+        "gorilla",
+        "orangutan",
+        "jellyfish",
     ),
     "food": (
-        "grapes", "melon", "watermelon", "tangerine", "lemon", "banana", "pineapple", "mango", "red apple",
-        "green apple", "pear", "peach", "cherries", "strawberry", "kiwi fruit", "tomato", "coconut", "avocado",
-        "eggplant", "potato", "carrot", "ear of corn", "hot pepper", "cucumber", "broccoli", "garlic", "onion",
-        "peanuts", "bread", "croissant", "pretzel", "bagel", "pancakes", "waffle", "cheese wedge", "hamburger",
-        "french fries", "pizza", "hot dog", "sandwich", "taco", "burrito", "popcorn", "doughnut", "cookie",
-        "birthday cake", "lollipop", "candy", "chocolate bar", "cupcake", "pie", "honey pot", "egg",
-        "glass of milk", "blueberries", "bell pepper", "shortcake", "dumpling",
+        "grapes",
+        "melon",
+        "watermelon",
+        "tangerine",
+        "lemon",
+        "banana",
+        "pineapple",
+        "mango",
+        "red apple",
+        "green apple",
+        "pear",
+        "peach",
+        "cherries",
+        "strawberry",
+        "kiwi fruit",
+        "tomato",
+        "coconut",
+        "avocado",
+        "eggplant",
+        "potato",
+        "carrot",
+        "ear of corn",
+        "hot pepper",
+        "cucumber",
+        "broccoli",
+        "garlic",
+        "onion",
+        "peanuts",
+        "bread",
+        "croissant",
+        "pretzel",
+        "bagel",
+        "pancakes",
+        "waffle",
+        "cheese wedge",
+        "hamburger",
+        "french fries",
+        "pizza",
+        "hot dog",
+        "sandwich",
+        "taco",
+        "burrito",
+        "popcorn",
+        "doughnut",
+        "cookie",
+        "birthday cake",
+        "lollipop",
+        "candy",
+        "chocolate bar",
+        "cupcake",
+        "pie",
+        "honey pot",
+        "egg",
+        "glass of milk",
+        "blueberries",
+        "bell pepper",
+        "shortcake",
+        "dumpling",
     ),
     "vehicle": (
-        "locomotive", "bus", "ambulance", "fire engine", "police car", "taxi", "automobile", "delivery truck",
-        "tractor", "racing car", "motorcycle", "bicycle", "kick scooter", "skateboard", "sailboat", "canoe",
-        "speedboat", "ship", "airplane", "helicopter", "rocket", "flying saucer", "trolleybus", "minibus",
-        "pickup truck", "motor scooter", "roller skate", "tram", "articulated lorry", "sport utility vehicle",
+        "locomotive",
+        "bus",
+        "ambulance",
+        "fire engine",
+        "police car",
+        "taxi",
+        "automobile",
+        "delivery truck",
+        "tractor",
+        "racing car",
+        "motorcycle",
+        "bicycle",
+        "kick scooter",
+        "skateboard",
+        "sailboat",
+        "canoe",
+        "speedboat",
+        "ship",
+        "airplane",
+        "helicopter",
+        "rocket",
+        "flying saucer",
+        "trolleybus",
+        "minibus",
+        "pickup truck",
+        "motor scooter",
+        "roller skate",
+        "tram",
+        "articulated lorry",
+        "sport utility vehicle",
     ),
     "object": (
-        "umbrella", "glasses", "necktie", "t-shirt", "jeans", "dress", "kimono", "purse", "handbag", "backpack",
-        "running shoe", "crown", "top hat", "lipstick", "ring", "gem stone", "guitar", "trumpet", "violin",
-        "drum", "saxophone", "banjo", "accordion", "telephone", "laptop", "printer", "camera", "television",
-        "radio", "light bulb", "flashlight", "candle", "books", "envelope", "pencil", "scissors", "paperclip",
-        "hammer", "axe", "wrench", "key", "locked", "magnet", "balloon", "kite", "teddy bear", "soccer ball",
-        "basketball", "baseball", "tennis", "trophy", "alarm clock", "watch", "anchor", "compass", "tent",
-        "house", "castle", "hourglass done", "bucket", "basket", "teapot", "toothbrush", "microscope",
-        "telescope", "boomerang", "yo-yo", "puzzle piece", "bell", "gift", "magnifying glass tilted left",
+        "umbrella",
+        "glasses",
+        "necktie",
+        "t-shirt",
+        "jeans",
+        "dress",
+        "kimono",
+        "purse",
+        "handbag",
+        "backpack",
+        "running shoe",
+        "crown",
+        "top hat",
+        "lipstick",
+        "ring",
+        "gem stone",
+        "guitar",
+        "trumpet",
+        "violin",
+        "drum",
+        "saxophone",
+        "banjo",
+        "accordion",
+        "telephone",
+        "laptop",
+        "printer",
+        "camera",
+        "television",
+        "radio",
+        "light bulb",
+        "flashlight",
+        "candle",
+        "books",
+        "envelope",
+        "pencil",
+        "scissors",
+        "paperclip",
+        "hammer",
+        "axe",
+        "wrench",
+        "key",
+        "locked",
+        "magnet",
+        "balloon",
+        "kite",
+        "teddy bear",
+        "soccer ball",
+        "basketball",
+        "baseball",
+        "tennis",
+        "trophy",
+        "alarm clock",
+        "watch",
+        "anchor",
+        "compass",
+        "tent",
+        "house",
+        "castle",
+        "hourglass done",
+        "bucket",
+        "basket",
+        "teapot",
+        "toothbrush",
+        "microscope",
+        "telescope",
+        "boomerang",
+        "yo-yo",
+        "puzzle piece",
+        "bell",
+        "gift",
+        "magnifying glass tilted left",
     ),
     "plant": (
-        "cactus", "palm tree", "evergreen tree", "deciduous tree", "sunflower", "rose", "tulip", "hibiscus",
-        "cherry blossom", "four leaf clover", "maple leaf", "herb", "seedling", "mushroom", "blossom",
+        "cactus",
+        "palm tree",
+        "evergreen tree",
+        "deciduous tree",
+        "sunflower",
+        "rose",
+        "tulip",
+        "hibiscus",
+        "cherry blossom",
+        "four leaf clover",
+        "maple leaf",
+        "herb",
+        "seedling",
+        "mushroom",
+        "blossom",
     ),
     "nature": (
-        "sun", "cloud", "snowman", "fire", "droplet", "crescent moon", "rainbow", "snowflake",
-        "high voltage", "volcano", "star",
+        "sun",
+        "cloud",
+        "snowman",
+        "fire",
+        "droplet",
+        "crescent moon",
+        "rainbow",
+        "snowflake",
+        "high voltage",
+        "volcano",
+        "star",
     ),
 }
 
@@ -274,12 +510,23 @@ class _Planner:
             for i in range(count):
                 name = self.rng.choice(pool)
                 s = self.rng.uniform(0.45, 0.7)
-                obj = Obj(name, round(self.rng.uniform(s / 2, 1 - s / 2), 4),
-                          round(self.rng.uniform(s / 2, 1 - s / 2), 4), round(s, 4))
+                obj = Obj(
+                    name,
+                    round(self.rng.uniform(s / 2, 1 - s / 2), 4),
+                    round(self.rng.uniform(s / 2, 1 - s / 2), 4),
+                    round(s, 4),
+                )
                 bg = self.background()
-                out.append(Sample(f"concepts-{split}-{i:06d}", "concepts", split,
-                                  f"{with_article(name)} on {article(bg)} {bg} background",
-                                  [SceneSpec(bg, [obj])], {"concept": name}))
+                out.append(
+                    Sample(
+                        f"concepts-{split}-{i:06d}",
+                        "concepts",
+                        split,
+                        f"{with_article(name)} on {article(bg)} {bg} background",
+                        [SceneSpec(bg, [obj])],
+                        {"concept": name},
+                    )
+                )
         return out
 
     def random_scene(self, split: str) -> tuple[list[str], list[Obj], str]:
@@ -296,11 +543,13 @@ class _Planner:
                 parts = [f"{with_article(objs[0].name)} {relation(objs[0], objs[1])} {with_article(objs[1].name)}"]
                 if k == 3:
                     anchor = self.rng.choice((0, 1))
-                    parts.append(f"{with_article(objs[2].name)} {relation(objs[2], objs[anchor])} "
-                                 f"the {objs[anchor].name}")
+                    parts.append(
+                        f"{with_article(objs[2].name)} {relation(objs[2], objs[anchor])} the {objs[anchor].name}"
+                    )
                 text = ", ".join(parts) + f" on {article(bg)} {bg} background"
-                out.append(Sample(f"scenes-{split}-{i:06d}", "scenes", split, text, [SceneSpec(bg, objs)],
-                                  {"concepts": names}))
+                out.append(
+                    Sample(f"scenes-{split}-{i:06d}", "scenes", split, text, [SceneSpec(bg, objs)], {"concepts": names})
+                )
         return out
 
     def vqa(self, n: int) -> list[Sample]:
@@ -323,8 +572,16 @@ class _Planner:
                     if split == "heldout" and not present:
                         pool = [c for c in self.heldout if c not in names]
                     q, a = f"is there {with_article(self.rng.choice(pool))}?", "yes" if present else "no"
-                out.append(Sample(f"vqa-{split}-{i:06d}", "vqa", split, q, [SceneSpec(bg, objs)],
-                                  {"question": q, "answer": a, "question_type": kind, "concepts": names}))
+                out.append(
+                    Sample(
+                        f"vqa-{split}-{i:06d}",
+                        "vqa",
+                        split,
+                        q,
+                        [SceneSpec(bg, objs)],
+                        {"question": q, "answer": a, "question_type": kind, "concepts": names},
+                    )
+                )
         return out
 
     def _relation_question(self, objs: list[Obj]) -> tuple[str, str]:
@@ -356,9 +613,22 @@ class _Planner:
                     "exactly_one": f"in exactly one image the {a} is {rel} the {b}",
                     "neither": f"in neither image is the {a} {rel} the {b}",
                 }[template]
-                out.append(Sample(f"nlvr-{split}-{i:06d}", "nlvr", split, text, scenes,
-                                  {"label": label, "template": template, "relation": rel, "concepts": [a, b],
-                                   "relation_holds": list(holds)}))
+                out.append(
+                    Sample(
+                        f"nlvr-{split}-{i:06d}",
+                        "nlvr",
+                        split,
+                        text,
+                        scenes,
+                        {
+                            "label": label,
+                            "template": template,
+                            "relation": rel,
+                            "concepts": [a, b],
+                            "relation_holds": list(holds),
+                        },
+                    )
+                )
         return out
 
     def _truths(self, template: str, label: bool) -> tuple[bool, bool]:
@@ -406,8 +676,9 @@ class Renderer:
         if name not in self._glyphs:
             side = 160
             im = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-            ImageDraw.Draw(im).text((side // 2, side // 2), self.chars[name], font=self.font,
-                                    embedded_color=True, anchor="mm")
+            ImageDraw.Draw(im).text(
+                (side // 2, side // 2), self.chars[name], font=self.font, embedded_color=True, anchor="mm"
+            )
             bbox = im.getbbox()
             if bbox is None:
                 raise RuntimeError(f"font draws nothing for {name!r}")
@@ -452,8 +723,11 @@ def _render_sample(sample: Sample) -> list[bytes]:
 
 def _sample_meta(s: Sample, style: str) -> dict[str, Any]:
     meta = {
-        "split": s.split, "task": s.task, "style": style,
-        "source": "vlforge-emoji-corpus", "license": LICENSE,
+        "split": s.split,
+        "task": s.task,
+        "style": style,
+        "source": "vlforge-emoji-corpus",
+        "license": LICENSE,
         "background": s.scenes[0].background,
         "objects": [asdict(o) for o in s.scenes[0].objects],
     }
@@ -492,13 +766,28 @@ def build_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = pri
                     if not todo:
                         continue
                     name = split if style == "openmoji" else f"{split}_style2"
-                    writer = ShardWriter(out / task / name, cfg.samples_per_shard,
-                                         params={**params, "task": task, "split": name, "style": style,
-                                                 "license": LICENSE, "artwork": ARTWORK})
+                    writer = ShardWriter(
+                        out / task / name,
+                        cfg.samples_per_shard,
+                        params={
+                            **params,
+                            "task": task,
+                            "split": name,
+                            "style": style,
+                            "license": LICENSE,
+                            "artwork": ARTWORK,
+                        },
+                    )
                     for s, images in zip(todo, pool.imap(_render_sample, todo, chunksize=32)):
                         extra = {f"right.{cfg.image_format}": images[1]} if len(images) > 1 else None
-                        writer.write(s.key, image=images[0], image_ext=cfg.image_format, text=s.text,
-                                     meta=_sample_meta(s, style), extra=extra)
+                        writer.write(
+                            s.key,
+                            image=images[0],
+                            image_ext=cfg.image_format,
+                            text=s.text,
+                            meta=_sample_meta(s, style),
+                            extra=extra,
+                        )
                         if task == "vqa":
                             answers.add(s.meta["answer"])
                     writer.close()
@@ -546,8 +835,9 @@ def ensure_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = pr
     want = _params(cfg)
     if have is not None and have != json.loads(json.dumps(want)):
         changed = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        (progress or (lambda _m: None))(f"corpus at {cfg.out} was built with other parameters ({', '.join(changed)}); "
-                                        "rebuilding it")
+        (progress or (lambda _m: None))(
+            f"corpus at {cfg.out} was built with other parameters ({', '.join(changed)}); rebuilding it"
+        )
         have = None
     if have is None:
         build_corpus(cfg, progress)

@@ -98,23 +98,37 @@ def _image_bytes(path: Path) -> tuple[bytes, str]:
         return buf.getvalue(), "png"
 
 
-def ingest(images_dir: str | Path, captions: str | Path, out: str | Path, *, samples_per_shard: int = 1000,
-           image_col: str | None = None, caption_col: str | None = None, split: str = "train",
-           strict: bool = False, progress=None) -> IngestReport:
+def ingest(
+    images_dir: str | Path,
+    captions: str | Path,
+    out: str | Path,
+    *,
+    samples_per_shard: int = 1000,
+    image_col: str | None = None,
+    caption_col: str | None = None,
+    split: str = "train",
+    strict: bool = False,
+    progress=None,
+) -> IngestReport:
     images_dir, captions = Path(images_dir), Path(captions)
     if not images_dir.is_dir():
         raise IngestError(f"{images_dir} is not a directory")
     if not captions.is_file():
         raise IngestError(f"{captions} does not exist")
     report = IngestReport()
-    writer = ShardWriter(out, samples_per_shard, params={"source": str(captions.name), "task": "captions",
-                                                        "ingested_from": str(images_dir.name)})
+    writer = ShardWriter(
+        out,
+        samples_per_shard,
+        params={"source": str(captions.name), "task": "captions", "ingested_from": str(images_dir.name)},
+    )
     cols: tuple[str, str] | None = None
     for line, row in _rows(captions):
         where = f"{captions.name}:{line}"
         if cols is None:
-            cols = (_pick(row, image_col, IMAGE_COLUMNS, "image", where),
-                    _pick(row, caption_col, CAPTION_COLUMNS, "caption", where))
+            cols = (
+                _pick(row, image_col, IMAGE_COLUMNS, "image", where),
+                _pick(row, caption_col, CAPTION_COLUMNS, "caption", where),
+            )
         icol, ccol = cols
         name, caption = row.get(icol), row.get(ccol)
         if not name:
@@ -145,8 +159,9 @@ def ingest(images_dir: str | Path, captions: str | Path, out: str | Path, *, sam
     if strict and report.skipped:
         raise IngestError(f"{sum(report.skipped.values())} rows skipped: " + "; ".join(report.examples))
     if report.written == 0:
-        raise IngestError(f"no usable rows in {captions}"
-                          + (": " + "; ".join(report.examples) if report.examples else ""))
+        raise IngestError(
+            f"no usable rows in {captions}" + (": " + "; ".join(report.examples) if report.examples else "")
+        )
     writer.params["skipped"] = report.skipped
     report.manifest = writer.close()
     return report

@@ -56,8 +56,14 @@ if TYPE_CHECKING:
 
 RAW_COLUMNS = ("key", "url", "index", "image", "image_2", "text", "json", "error")
 SKIP_REASONS = (
-    "truncated_member", "corrupt_tar", "missing_image", "missing_caption", "bad_json", "missing_field",
-    "corrupt_image", "truncated_image",
+    "truncated_member",
+    "corrupt_tar",
+    "missing_image",
+    "missing_caption",
+    "bad_json",
+    "missing_field",
+    "corrupt_image",
+    "truncated_image",
 )
 TASK_KINDS = ("captions", "vqa", "nlvr")
 READ_CHUNK_ROWS = 128
@@ -121,8 +127,16 @@ def raw_row(sample: dict[str, Any], url: str, index: int | None = None) -> dict[
             text = value
         elif parts == ["json"]:
             meta = value
-    return {"key": sample["__key__"], "url": url, "index": index, "image": image, "image_2": image_2, "text": text,
-            "json": meta, "error": error}
+    return {
+        "key": sample["__key__"],
+        "url": url,
+        "index": index,
+        "image": image,
+        "image_2": image_2,
+        "text": text,
+        "json": meta,
+        "error": error,
+    }
 
 
 def read_stream(stream, path: str, chunk_rows: int = READ_CHUNK_ROWS) -> Iterator[pyarrow.Table]:
@@ -155,16 +169,18 @@ def _datasource_class():
 
 
 def _to_table(pa, rows: list[dict]):
-    return pa.table({
-        "key": pa.array([r["key"] for r in rows], pa.string()),
-        "url": pa.array([r["url"] for r in rows], pa.string()),
-        "index": pa.array([r["index"] for r in rows], pa.int64()),
-        "image": pa.array([r["image"] for r in rows], pa.binary()),
-        "image_2": pa.array([r["image_2"] for r in rows], pa.binary()),
-        "text": pa.array([r["text"] for r in rows], pa.binary()),
-        "json": pa.array([r["json"] for r in rows], pa.binary()),
-        "error": pa.array([r["error"] for r in rows], pa.string()),
-    })
+    return pa.table(
+        {
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "url": pa.array([r["url"] for r in rows], pa.string()),
+            "index": pa.array([r["index"] for r in rows], pa.int64()),
+            "image": pa.array([r["image"] for r in rows], pa.binary()),
+            "image_2": pa.array([r["image_2"] for r in rows], pa.binary()),
+            "text": pa.array([r["text"] for r in rows], pa.binary()),
+            "json": pa.array([r["json"] for r in rows], pa.binary()),
+            "error": pa.array([r["error"] for r in rows], pa.string()),
+        }
+    )
 
 
 def check_against_manifest(uri: str, storage: StorageConfig | None = None) -> None:
@@ -174,9 +190,15 @@ def check_against_manifest(uri: str, storage: StorageConfig | None = None) -> No
         raise ValueError(f"{uri}: shards do not match the manifest: " + "; ".join(problems[:5]))
 
 
-def read_raw(uri: str, storage: StorageConfig | None = None, shuffle_seed: int | None = None,
-             verify_sha256: bool = False, chunk_rows: int = 128, paths: list[str] | None = None,
-             **read_args) -> ray.data.Dataset:
+def read_raw(
+    uri: str,
+    storage: StorageConfig | None = None,
+    shuffle_seed: int | None = None,
+    verify_sha256: bool = False,
+    chunk_rows: int = 128,
+    paths: list[str] | None = None,
+    **read_args,
+) -> ray.data.Dataset:
     """One row per sample with raw byte columns (``RAW_COLUMNS``), from local or ``s3://`` shards;
     ``paths``: these shards of the set, in this order (one read task each), instead of all of them."""
     import ray.data
@@ -230,8 +252,8 @@ def augment(images: np.ndarray, cfg: ImageConfig, rng: np.random.Generator) -> n
     pad = int(round(cfg.max_shift * h))
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge") if pad else images
     for i in range(b):
-        dy, dx = (rng.integers(0, 2 * pad + 1, size=2) if pad else (0, 0))
-        out[i] = padded[i, dy:dy + h, dx:dx + w]
+        dy, dx = rng.integers(0, 2 * pad + 1, size=2) if pad else (0, 0)
+        out[i] = padded[i, dy : dy + h, dx : dx + w]
     if cfg.brightness > 0:
         factor = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness, size=(b, 1, 1, 1))
         out = np.clip(out.astype(np.float32) * factor, 0, 255).astype(np.uint8)
@@ -287,10 +309,18 @@ def _as_bytes(v: Any) -> bytes | None:
     return bytes(v)
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer: TokenizerConfig,
-                 task: str = "captions", answers: list[str] | None = None, train: bool = True,
-                 counters=None, keep: tuple[int, int, dict[str, int]] | None = None,
-                 seed: int | None = None) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    image: ImageConfig,
+    tokenizer: TokenizerConfig,
+    task: str = "captions",
+    answers: list[str] | None = None,
+    train: bool = True,
+    counters=None,
+    keep: tuple[int, int, dict[str, int]] | None = None,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
     """Raw rows -> the batch contract; bad rows are dropped and counted by reason.
 
     ``keep`` = ``(rank, world, offsets)``: only the rows whose stream position ``offsets[url] +
@@ -379,8 +409,11 @@ def decode_batch(batch: dict[str, np.ndarray], *, image: ImageConfig, tokenizer:
     stack = np.stack(imgs)
     if train and image.augment:
         stack = augment(stack, image, rng)
-    out = {"pixel_values": normalise(stack, image), **tok(texts),
-           "sample_id": np.array([sample_id(k) for k in keys], dtype=np.int64)}
+    out = {
+        "pixel_values": normalise(stack, image),
+        **tok(texts),
+        "sample_id": np.array([sample_id(k) for k in keys], dtype=np.int64),
+    }
     if task == "nlvr":
         stack2 = np.stack(imgs2)
         if train and image.augment:
@@ -400,8 +433,9 @@ def _rows_for_rank(batch: dict[str, np.ndarray], rank: int, world: int, offsets:
     return {k: v[mine] for k, v in batch.items()}
 
 
-def answer_targets(scores: list[dict[str, float] | None], answer_ids: list[int],
-                   answer_index: dict[str, int]) -> np.ndarray:
+def answer_targets(
+    scores: list[dict[str, float] | None], answer_ids: list[int], answer_index: dict[str, int]
+) -> np.ndarray:
     """VQAv2 soft targets ``[B, A]`` float32: each vocabulary answer's ``min(1, count / 3)`` score
     (``answer_scores`` written by the VQAv2 adapter; answers outside the vocabulary are dropped).
     A row without scores gets a one-hot of its ``answer_id`` (none when that is -100)."""
@@ -489,22 +523,32 @@ def detect_task(uri: str, storage: StorageConfig | None = None) -> str:
 def find_answers(uri: str, storage: StorageConfig | None = None) -> list[str] | None:
     """The VQA answer vocabulary: ``answers.json`` beside the shard set or one level up."""
     fs, path = filesystem_for(uri, storage)
-    for candidate in (f"{path}/answers.json", f"{path.rsplit('/', 1)[0]}/answers.json",
-                      f"{path.rsplit('/', 2)[0]}/answers.json"):
+    for candidate in (
+        f"{path}/answers.json",
+        f"{path.rsplit('/', 1)[0]}/answers.json",
+        f"{path.rsplit('/', 2)[0]}/answers.json",
+    ):
         if fs.exists(candidate):
             with fs.open(candidate, "rb") as f:
                 return json.loads(f.read())
     return None
 
 
-def build_dataset(cfg: DataConfig, *, train: bool = True, task: str | None = None,
-                  counters: Counters | None = None) -> tuple[ray.data.Dataset, Counters]:
+def build_dataset(
+    cfg: DataConfig, *, train: bool = True, task: str | None = None, counters: Counters | None = None
+) -> tuple[ray.data.Dataset, Counters]:
     """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to."""
     if counters is None:
         counters = Counters.create()
     task, answers = task_inputs(cfg, task)
-    raw = read_raw(cfg.shards, cfg.storage, shuffle_seed=cfg.seed if (train and cfg.shuffle_files) else None,
-                   verify_sha256=cfg.verify_sha256, chunk_rows=cfg.decode_batch_size, num_cpus=cfg.decode_cpus)
+    raw = read_raw(
+        cfg.shards,
+        cfg.storage,
+        shuffle_seed=cfg.seed if (train and cfg.shuffle_files) else None,
+        verify_sha256=cfg.verify_sha256,
+        chunk_rows=cfg.decode_batch_size,
+        num_cpus=cfg.decode_cpus,
+    )
     return decode(raw, cfg, task=task, answers=answers, train=train, counters=counters.handle), counters
 
 
@@ -521,9 +565,17 @@ def task_inputs(cfg: DataConfig, task: str | None = None) -> tuple[str, list[str
     return task, answers
 
 
-def decode(raw: ray.data.Dataset, cfg: DataConfig, *, task: str, answers: list[str] | None, train: bool,
-           counters=None, keep: tuple[int, int, dict[str, int]] | None = None,
-           seed: int | None = None) -> ray.data.Dataset:
+def decode(
+    raw: ray.data.Dataset,
+    cfg: DataConfig,
+    *,
+    task: str,
+    answers: list[str] | None,
+    train: bool,
+    counters=None,
+    keep: tuple[int, int, dict[str, int]] | None = None,
+    seed: int | None = None,
+) -> ray.data.Dataset:
     """``decode_batch`` over raw rows (``read_raw``) with ``cfg``'s image, tokenizer and decode resources."""
     # batch_size=None: decode whole read blocks, which lets Ray fuse read + decode
     # into one task per shard (Ray will not fuse a row-count-changing read with a
@@ -532,8 +584,16 @@ def decode(raw: ray.data.Dataset, cfg: DataConfig, *, task: str, answers: list[s
         decode_batch,
         batch_size=None,
         batch_format="numpy",
-        fn_kwargs=dict(image=cfg.image, tokenizer=cfg.tokenizer, task=task, answers=answers, train=train,
-                       counters=counters, keep=keep, seed=seed),
+        fn_kwargs=dict(
+            image=cfg.image,
+            tokenizer=cfg.tokenizer,
+            task=task,
+            answers=answers,
+            train=train,
+            counters=counters,
+            keep=keep,
+            seed=seed,
+        ),
         num_cpus=cfg.decode_cpus,
         concurrency=cfg.decode_concurrency,
         zero_copy_batch=True,

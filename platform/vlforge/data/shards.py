@@ -71,8 +71,12 @@ class Manifest:
             shards = [ShardInfo(**s) for s in d["shards"]]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{where}: not a vlforge manifest ({exc})") from None
-        return cls(shards=shards, params=d.get("params", {}), format=d.get("format", FORMAT),
-                   created_by=d.get("created_by", "unknown"))
+        return cls(
+            shards=shards,
+            params=d.get("params", {}),
+            format=d.get("format", FORMAT),
+            created_by=d.get("created_by", "unknown"),
+        )
 
 
 class ShardWriter:
@@ -82,8 +86,13 @@ class ShardWriter:
     Keys must be unique and are written in the order given.
     """
 
-    def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000, prefix: str = "shard",
-                 params: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        samples_per_shard: int = 1000,
+        prefix: str = "shard",
+        params: dict[str, Any] | None = None,
+    ):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         self.out_dir = Path(out_dir)
@@ -106,8 +115,16 @@ class ShardWriter:
         elif self._tar is not None:
             self._tar.close()
 
-    def write(self, key: str, *, image: bytes, image_ext: str = "jpg", text: str | None = None,
-              meta: dict[str, Any] | None = None, extra: dict[str, bytes] | None = None) -> None:
+    def write(
+        self,
+        key: str,
+        *,
+        image: bytes,
+        image_ext: str = "jpg",
+        text: str | None = None,
+        meta: dict[str, Any] | None = None,
+        extra: dict[str, bytes] | None = None,
+    ) -> None:
         """Add one sample. ``extra`` maps further suffixes (e.g. ``right.jpg``) to bytes."""
         if not key or "." in key or "/" in key:
             raise ValueError(f"bad sample key {key!r}: must be non-empty, without '.' or '/'")
@@ -272,7 +289,7 @@ def scan_shard(shard_uri: str, storage: StorageConfig | None = None, name: str |
         if not suffixes & {"txt", "text", "caption"}:
             scan.note("missing_caption", f"{key.rsplit('/', 1)[-1]} has no .txt")
     scan.bytes, scan.sha256 = reader.bytes, reader.sha.hexdigest()
-    stats = f"{path[:-len('.tar')]}_stats.json"
+    stats = f"{path[: -len('.tar')]}_stats.json"
     if path.endswith(".tar") and fs.exists(stats):
         try:
             with fs.open(stats, "rb") as f:
@@ -280,13 +297,16 @@ def scan_shard(shard_uri: str, storage: StorageConfig | None = None, name: str |
         except (ValueError, UnicodeDecodeError):
             successes = None
         if isinstance(successes, int) and successes != scan.samples:
-            scan.note("stats_mismatch", f"{stats.rsplit('/', 1)[-1]} counts {successes} successes, "
-                                        f"the tar holds {scan.samples} samples")
+            scan.note(
+                "stats_mismatch",
+                f"{stats.rsplit('/', 1)[-1]} counts {successes} successes, the tar holds {scan.samples} samples",
+            )
     return scan
 
 
-def write_manifest(uri: str, storage: StorageConfig | None = None, *, task: str = "captions",
-                   force: bool = False, progress=None) -> tuple[Manifest, list[ShardScan]]:
+def write_manifest(
+    uri: str, storage: StorageConfig | None = None, *, task: str = "captions", force: bool = False, progress=None
+) -> tuple[Manifest, list[ShardScan]]:
     """Scan the shards of a set that has no manifest (img2dataset's output, say) and write
     ``manifest.json`` beside them, leaving the shards as they are. The scans' problems are
     returned and counted in ``params.scan_problems``; an existing manifest is kept unless ``force``."""
@@ -305,7 +325,7 @@ def write_manifest(uri: str, storage: StorageConfig | None = None, *, task: str 
         raise FileNotFoundError(f"no .tar shards under {uri}")
     scans = []
     for i, p in enumerate(found):
-        scans.append(scan_shard(f"{scheme}{p}", storage, name=p[len(base) + 1:]))
+        scans.append(scan_shard(f"{scheme}{p}", storage, name=p[len(base) + 1 :]))
         if progress is not None:
             progress(f"scanned {i + 1}/{len(found)} {scans[-1].name}: {scans[-1].samples} samples")
     problems: dict[str, int] = {}
@@ -313,8 +333,11 @@ def write_manifest(uri: str, storage: StorageConfig | None = None, *, task: str 
         for k, v in sc.problems.items():
             problems[k] = problems.get(k, 0) + v
     source = "img2dataset" if any(fs.exists(f"{p[:-4]}_stats.json") for p in found[:3]) else "scanned"
-    manifest = Manifest([ShardInfo(sc.name, sc.samples, sc.bytes, sc.sha256) for sc in scans],
-                        {"task": task, "source": source, "scan_problems": problems}, created_by="vlforge data manifest")
+    manifest = Manifest(
+        [ShardInfo(sc.name, sc.samples, sc.bytes, sc.sha256) for sc in scans],
+        {"task": task, "source": source, "scan_problems": problems},
+        created_by="vlforge data manifest",
+    )
     with fs.open(mpath, "wb") as f:
         f.write(manifest.to_json().encode("utf-8"))
     return manifest, scans
@@ -383,6 +406,16 @@ def shard_set_summary(uri: str, storage: StorageConfig | None = None) -> dict[st
 
 
 __all__ = [
-    "MANIFEST", "Manifest", "ShardInfo", "ShardScan", "ShardWriter", "iter_samples", "list_shards",
-    "read_manifest", "scan_shard", "shard_set_summary", "verify", "write_manifest",
+    "MANIFEST",
+    "Manifest",
+    "ShardInfo",
+    "ShardScan",
+    "ShardWriter",
+    "iter_samples",
+    "list_shards",
+    "read_manifest",
+    "scan_shard",
+    "shard_set_summary",
+    "verify",
+    "write_manifest",
 ]

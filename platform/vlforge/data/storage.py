@@ -57,8 +57,11 @@ def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.A
             anon=cfg.anonymous,
             endpoint_url=s3_endpoint(cfg),
             client_kwargs=client_kwargs,
-            config_kwargs={"retries": {"max_attempts": cfg.max_attempts, "mode": "standard"},
-                           "connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s},
+            config_kwargs={
+                "retries": {"max_attempts": cfg.max_attempts, "mode": "standard"},
+                "connect_timeout": cfg.connect_timeout_s,
+                "read_timeout": cfg.read_timeout_s,
+            },
             skip_instance_cache=True,
         )
         fs.retries = cfg.max_attempts  # s3fs's own retry loop (dropped connections mid-read)
@@ -121,10 +124,14 @@ def check_reachable(uri: str, cfg: StorageConfig | None = None) -> None:
     except FileNotFoundError:
         raise StorageUnreachable(f"{uri}: bucket {bucket!r} does not exist at {where}") from None
     except PermissionError as exc:
-        raise StorageUnreachable(f"{uri}: access to bucket {bucket!r} at {where} denied ({exc}); "
-                                 "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+        raise StorageUnreachable(
+            f"{uri}: access to bucket {bucket!r} at {where} denied ({exc}); "
+            "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        ) from None
     except Exception as exc:  # botocore / aiohttp connection errors have no common base worth naming
         if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-            raise StorageUnreachable(f"{uri}: no S3 credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                                     "or give the machine an identity") from None
+            raise StorageUnreachable(
+                f"{uri}: no S3 credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                "or give the machine an identity"
+            ) from None
         raise StorageUnreachable(f"{uri}: S3 endpoint {where} unreachable: {type(exc).__name__}: {exc}") from None

@@ -117,9 +117,16 @@ class EpochStream:
         if d.shards.startswith("s3://"):
             ordered = [f"s3://{p}" for p in ordered]
         raw = read_raw(d.shards, d.storage, paths=ordered, chunk_rows=d.decode_batch_size, num_cpus=d.decode_cpus)
-        ds = decode(raw, d, task=self.task, answers=self.answers, train=True, counters=self.counters,
-                    keep=(rank, world, self.offsets(epoch)) if world > 1 else None,
-                    seed=self.epoch_seed(epoch) & 0xFFFF_FFFF)
+        ds = decode(
+            raw,
+            d,
+            task=self.task,
+            answers=self.answers,
+            train=True,
+            counters=self.counters,
+            keep=(rank, world, self.offsets(epoch)) if world > 1 else None,
+            seed=self.epoch_seed(epoch) & 0xFFFF_FFFF,
+        )
         ds.context.execution_options.preserve_order = True
         ds.context.enable_progress_bars = False
         return ds
@@ -127,7 +134,12 @@ class EpochStream:
     def batches(self, epoch: int, rank: int, world: int, batch_size: int, device=None) -> Iterator[dict]:
         """Torch batches of ``batch_size`` (the last partial one dropped) for this rank and epoch."""
         shuffle = self.data.shuffle_buffer or None
-        return iter(self.dataset(epoch, rank, world).iter_torch_batches(
-            batch_size=batch_size, drop_last=True, device=device if device is not None else "cpu",
-            local_shuffle_buffer_size=shuffle,
-            local_shuffle_seed=_mix(self.data.seed, self.salt, epoch, rank) & 0xFFFF_FFFF if shuffle else None))
+        return iter(
+            self.dataset(epoch, rank, world).iter_torch_batches(
+                batch_size=batch_size,
+                drop_last=True,
+                device=device if device is not None else "cpu",
+                local_shuffle_buffer_size=shuffle,
+                local_shuffle_seed=_mix(self.data.seed, self.salt, epoch, rank) & 0xFFFF_FFFF if shuffle else None,
+            )
+        )

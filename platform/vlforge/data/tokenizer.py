@@ -57,8 +57,9 @@ class TextTokenizer:
         if backend is not None:
             backend.enable_truncation(max_length)
             pad_id = _first_id(backend, ("[PAD]", "<pad>", "<|endoftext|>"))
-            backend.enable_padding(length=max_length, pad_id=pad_id or 0,
-                                   pad_token=backend.id_to_token(pad_id or 0) or "[PAD]")
+            backend.enable_padding(
+                length=max_length, pad_id=pad_id or 0, pad_token=backend.id_to_token(pad_id or 0) or "[PAD]"
+            )
             self.vocab_size = backend.get_vocab_size()
             self.special = SpecialTokens(
                 pad=pad_id or 0,
@@ -79,8 +80,9 @@ class TextTokenizer:
             ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), self.max_length)
             mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(len(texts), self.max_length)
         else:
-            out = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                          return_tensors="np")
+            out = self.hf(
+                list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np"
+            )
             ids = out["input_ids"].astype(np.int64)
             mask = out["attention_mask"].astype(np.int64)
         return {"input_ids": ids, "attention_mask": mask}

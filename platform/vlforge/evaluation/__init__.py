@@ -49,7 +49,22 @@ from vlforge.evaluation.retrieval import (
 )
 
 __all__ = [
-    "RERANK_OFFSET", "accuracy", "caption_positives", "evaluate_retrieval", "format_table", "growth",
-    "latency_table", "load_eval_set", "mean_std", "plot_latency", "plot_results", "recall_at_k",
-    "student_scores", "teacher_scores", "INTERVAL_COUNTS", "INTERVAL_NOTE", "wilson_interval", "with_intervals",
+    "RERANK_OFFSET",
+    "accuracy",
+    "caption_positives",
+    "evaluate_retrieval",
+    "format_table",
+    "growth",
+    "latency_table",
+    "load_eval_set",
+    "mean_std",
+    "plot_latency",
+    "plot_results",
+    "recall_at_k",
+    "student_scores",
+    "teacher_scores",
+    "INTERVAL_COUNTS",
+    "INTERVAL_NOTE",
+    "wilson_interval",
+    "with_intervals",
 ]

@@ -63,21 +63,31 @@ def image_tokens(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:
 def image_embeddings(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:
     """Normalised ITC image embeddings [Ni, E] on the encoder's device (no grad, caller's mode)."""
     dev = device_of(enc)
-    parts = [enc.image_embedding(enc.encode_image(pixel_values[s].to(dev)))
-             for s in chunks(len(pixel_values), batch_size)]
+    parts = [
+        enc.image_embedding(enc.encode_image(pixel_values[s].to(dev))) for s in chunks(len(pixel_values), batch_size)
+    ]
     return torch.cat(parts)  # [Ni, E]
 
 
 def text_embeddings(enc: VLMo, input_ids: Tensor, attention_mask: Tensor, batch_size: int) -> Tensor:
     """Normalised ITC text embeddings [Nt, E] on the encoder's device (no grad, caller's mode)."""
     dev = device_of(enc)
-    parts = [enc.text_embedding(enc.encode_text(input_ids[s].to(dev), attention_mask[s].to(dev)))
-             for s in chunks(len(input_ids), batch_size)]
+    parts = [
+        enc.text_embedding(enc.encode_text(input_ids[s].to(dev), attention_mask[s].to(dev)))
+        for s in chunks(len(input_ids), batch_size)
+    ]
     return torch.cat(parts)  # [Nt, E]
 
 
-def itm_probs(enc: VLMo, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-              image_idx: Tensor, text_idx: Tensor, batch_size: int) -> Tensor:
+def itm_probs(
+    enc: VLMo,
+    pixel_values: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    image_idx: Tensor,
+    text_idx: Tensor,
+    batch_size: int,
+) -> Tensor:
     """Fusion ITM match probability (softmax class 1) of the pairs (image_idx[p], text_idx[p]): [P]."""
     dev = device_of(enc)
     out = []

@@ -27,9 +27,9 @@ from vlforge.models.distill import TARGET_KEYS
 __all__ = ["accuracy"]
 
 
-
-def accuracy(model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str, Tensor],
-             batch_size: int = 64) -> dict[str, float]:
+def accuracy(
+    model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str, Tensor], batch_size: int = 64
+) -> dict[str, float]:
     """``{"acc": percent correct (or mean VQAv2 score), "n": samples, "metric": "exact" | "vqav2"}`` of
     ``model``'s argmax predictions on ``eval_set``."""
     task = "nlvr2" if task == "nlvr" else task
@@ -51,8 +51,13 @@ def accuracy(model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str
     with eval_mode(model):
         for s in chunks(n, batch_size):
             pv2 = eval_set["pixel_values_2"][s].to(dev) if task == "nlvr2" else None
-            logits = model(task, eval_set["pixel_values"][s].to(dev), eval_set["input_ids"][s].to(dev),
-                           eval_set["attention_mask"][s].to(dev), pixel_values_2=pv2).logits  # [B, C]
+            logits = model(
+                task,
+                eval_set["pixel_values"][s].to(dev),
+                eval_set["input_ids"][s].to(dev),
+                eval_set["attention_mask"][s].to(dev),
+                pixel_values_2=pv2,
+            ).logits  # [B, C]
             pred = logits.argmax(dim=-1).cpu()  # [B]
             if soft is not None:
                 correct += float(soft[s].float().gather(1, pred[:, None]).sum())

@@ -56,8 +56,9 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_eval_set(shards: str, data: DataConfig, task: str | None = None,
-                  max_samples: int | None = None) -> dict[str, Tensor]:
+def load_eval_set(
+    shards: str, data: DataConfig, task: str | None = None, max_samples: int | None = None
+) -> dict[str, Tensor]:
     """Decode the shard set ``shards`` (local path, manifest, glob or ``s3://`` URI) into one batch.
 
     ``data`` supplies the image, tokenizer and storage settings (``data.shards`` is
@@ -81,8 +82,9 @@ def load_eval_set(shards: str, data: DataConfig, task: str | None = None,
     def flush() -> None:
         nonlocal kept, rows
         if rows:
-            out = decode_batch(_columns(rows), image=data.image, tokenizer=data.tokenizer, task=task,
-                               answers=answers, train=False)
+            out = decode_batch(
+                _columns(rows), image=data.image, tokenizer=data.tokenizer, task=task, answers=answers, train=False
+            )
             if out:
                 parts.append(out)
                 kept += len(out["input_ids"])
@@ -146,6 +148,8 @@ def _all_captions(batch: dict[str, Tensor], captions: dict[int, list[str]], data
             ids.append(first[i : i + 1])
             masks.append(batch["attention_mask"][i : i + 1])
         owner.append(torch.full((len(ids[-1]),), i, dtype=torch.int64))
-    return {"caption_input_ids": torch.cat(ids).to(first.dtype),
-            "caption_attention_mask": torch.cat(masks).to(batch["attention_mask"].dtype),
-            "caption_image": torch.cat(owner)}
+    return {
+        "caption_input_ids": torch.cat(ids).to(first.dtype),
+        "caption_attention_mask": torch.cat(masks).to(batch["attention_mask"].dtype),
+        "caption_image": torch.cat(owner),
+    }

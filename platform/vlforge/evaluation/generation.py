@@ -39,8 +39,16 @@ import numpy as np
 from vlforge.data.adapters import normalize_answer
 
 __all__ = [
-    "caption_metrics", "few_shot_episodes", "first_answer", "java_available", "objects_named", "plain_tokenize",
-    "score_captioner", "score_few_shot_vqa", "vqa_accuracy", "vqa_prompt",
+    "caption_metrics",
+    "few_shot_episodes",
+    "first_answer",
+    "java_available",
+    "objects_named",
+    "plain_tokenize",
+    "score_captioner",
+    "score_few_shot_vqa",
+    "vqa_accuracy",
+    "vqa_prompt",
 ]
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -74,8 +82,13 @@ def _tokenized(refs: Mapping[str, Sequence[str]], cands: Mapping[str, str], ptb:
     return ({k: [plain_tokenize(c) for c in refs[k]] for k in cands}, {k: [plain_tokenize(cands[k])] for k in cands})
 
 
-def caption_metrics(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str], *,
-                    java: bool | None = None, meteor: bool = True) -> dict[str, Any]:
+def caption_metrics(
+    references: Mapping[str, Sequence[str]],
+    candidates: Mapping[str, str],
+    *,
+    java: bool | None = None,
+    meteor: bool = True,
+) -> dict[str, Any]:
     """BLEU-4, ROUGE-L, CIDEr-D (and METEOR with Java) of ``candidates`` (one caption per key) against
     ``references`` (one or more per key), in percent; ``java`` None = use it when available."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -92,8 +105,11 @@ def caption_metrics(references: Mapping[str, Sequence[str]], candidates: Mapping
     # pycocoevalcap's scorers crash on an empty hypothesis; an empty caption scores as a lone unknown word.
     res = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in res.items()}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    out: dict[str, Any] = {"bleu4": 100 * bleu[3], "rouge_l": 100 * Rouge().compute_score(gts, res)[0],
-                           "cider": 100 * Cider().compute_score(gts, res)[0]}
+    out: dict[str, Any] = {
+        "bleu4": 100 * bleu[3],
+        "rouge_l": 100 * Rouge().compute_score(gts, res)[0],
+        "cider": 100 * Cider().compute_score(gts, res)[0],
+    }
     if use_java and meteor:
         from pycocoevalcap.meteor.meteor import Meteor
 
@@ -129,12 +145,14 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
             total += min(1.0, counts[p] / 3)
         else:
             total += float(counts[p] > 0)
-    return {"acc": 100.0 * total / len(predictions), "n": len(predictions),
-            "metric": "vqav2 min(1, n/3)" if multi else "exact match"}
+    return {
+        "acc": 100.0 * total / len(predictions),
+        "n": len(predictions),
+        "metric": "vqav2 min(1, n/3)" if multi else "exact match",
+    }
 
 
-def few_shot_episodes(eval_keys: Sequence[str], pool_keys: Sequence[str], shots: int,
-                      seed: int = 0) -> list[list[str]]:
+def few_shot_episodes(eval_keys: Sequence[str], pool_keys: Sequence[str], shots: int, seed: int = 0) -> list[list[str]]:
     """For each evaluated key, the keys of its ``shots`` shots, drawn without replacement from the
     training pool with a fixed seed (the same episodes every run). The pool must not share a key
     with the evaluated set."""
@@ -142,8 +160,10 @@ def few_shot_episodes(eval_keys: Sequence[str], pool_keys: Sequence[str], shots:
         raise ValueError(f"shots must be >= 0, got {shots}")
     shared = set(eval_keys) & set(pool_keys)
     if shared:
-        raise ValueError(f"{len(shared)} shot candidate(s) are in the evaluated set, e.g. {sorted(shared)[0]!r}: "
-                         "shots come from the training split only")
+        raise ValueError(
+            f"{len(shared)} shot candidate(s) are in the evaluated set, e.g. {sorted(shared)[0]!r}: "
+            "shots come from the training split only"
+        )
     if shots and len(pool_keys) < shots:
         raise ValueError(f"{shots} shots need at least that many pool samples, got {len(pool_keys)}")
     rng = np.random.default_rng(seed)
@@ -190,9 +210,18 @@ def _references(shards: str, storage, wanted: set[int]) -> dict[int, tuple[list[
     return out
 
 
-def score_captioner(model, shards: str, data, *, max_samples: int | None = None, max_new_tokens: int = 20,
-                    batch_size: int = 32, java: bool | None = None, examples: int = 0,
-                    generate_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def score_captioner(
+    model,
+    shards: str,
+    data,
+    *,
+    max_samples: int | None = None,
+    max_new_tokens: int = 20,
+    batch_size: int = 32,
+    java: bool | None = None,
+    examples: int = 0,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Greedy captions of ``model`` (anything with ``generate(pixel_values, max_new_tokens)``) for the
     images of a captions shard set, scored against the set's captions (all of them, for COCO-style
     samples): ``caption_metrics`` plus ``objects_named`` (percent of captions naming exactly the
@@ -213,8 +242,11 @@ def score_captioner(model, shards: str, data, *, max_samples: int | None = None,
     try:
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
-                captions += model.generate(ev["pixel_values"][start:start + batch_size], max_new_tokens=max_new_tokens,
-                                           **(generate_kwargs or {}))
+                captions += model.generate(
+                    ev["pixel_values"][start : start + batch_size],
+                    max_new_tokens=max_new_tokens,
+                    **(generate_kwargs or {}),
+                )
     finally:
         model.train(was)
     keyed = {str(i): c for i, c in zip(ids, captions)}
@@ -271,9 +303,19 @@ def _vqa_samples(shards: str, data, max_samples: int | None):
     return ev["pixel_values"], questions, answers, keys
 
 
-def score_few_shot_vqa(model, eval_shards: str, pool_shards: str, data, *, shots: int, blind: bool = False,
-                       max_samples: int | None = None, pool_size: int = 200, seed: int = 0,
-                       max_new_tokens: int = 5) -> dict[str, Any]:
+def score_few_shot_vqa(
+    model,
+    eval_shards: str,
+    pool_shards: str,
+    data,
+    *,
+    shots: int,
+    blind: bool = False,
+    max_samples: int | None = None,
+    pool_size: int = 200,
+    seed: int = 0,
+    max_new_tokens: int = 5,
+) -> dict[str, Any]:
     """Open-ended few-shot VQA of an interleaved-prompt model (Frozen: ``generate_from_prompt``): each
     question of ``eval_shards`` is asked after ``shots`` solved examples drawn from ``pool_shards``
     (the training split; ``few_shot_episodes`` refuses overlap). ``blind``: the same prompts with every
@@ -299,6 +341,11 @@ def score_few_shot_vqa(model, eval_shards: str, pool_shards: str, data, *, shots
     finally:
         model.train(was)
     out = vqa_accuracy(preds, answers)
-    out.update(shots=shots, blind=blind, examples=[{"question": q, "prediction": p, "answers": a[:3]}
-                                                   for q, p, a in list(zip(questions, preds, answers))[:5]])
+    out.update(
+        shots=shots,
+        blind=blind,
+        examples=[
+            {"question": q, "prediction": p, "answers": a[:3]} for q, p, a in list(zip(questions, preds, answers))[:5]
+        ],
+    )
     return out

@@ -83,9 +83,17 @@ def _tile(x: Tensor, n: int) -> Tensor:
     return x[torch.arange(n) % len(x)]
 
 
-def latency_table(teacher: nn.Module, student: nn.Module, pixel_values: Tensor, input_ids: Tensor,
-                  attention_mask: Tensor, ns: Sequence[int] = (100, 300, 1000), max_teacher_pairs: int = 20000,
-                  batch_size: int = 64, repeats: int = 1) -> list[dict]:
+def latency_table(
+    teacher: nn.Module,
+    student: nn.Module,
+    pixel_values: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    ns: Sequence[int] = (100, 300, 1000),
+    max_teacher_pairs: int = 20000,
+    batch_size: int = 64,
+    repeats: int = 1,
+) -> list[dict]:
     """One row per N: ``n``, ``teacher_s``, ``teacher_extrapolated``, ``teacher_pairs_timed``,
     ``student_s``, ``student_cached_s``, ``speedup``, ``speedup_cached`` (seconds, ratios).
 
@@ -119,16 +127,18 @@ def latency_table(teacher: nn.Module, student: nn.Module, pixel_values: Tensor, 
             cached = image_embeddings(s_enc, spv, batch_size)  # [N, E]
             sync(s_dev)
             student_cached_s = _timed(partial(_student_cached, s_enc, cached, sids, sam, batch_size), s_dev, repeats)
-            out.append({
-                "n": n,
-                "teacher_s": teacher_s,
-                "teacher_extrapolated": pairs < n * n,
-                "teacher_pairs_timed": pairs,
-                "student_s": student_s,
-                "student_cached_s": student_cached_s,
-                "speedup": teacher_s / student_s,
-                "speedup_cached": teacher_s / student_cached_s,
-            })
+            out.append(
+                {
+                    "n": n,
+                    "teacher_s": teacher_s,
+                    "teacher_extrapolated": pairs < n * n,
+                    "teacher_pairs_timed": pairs,
+                    "student_s": student_s,
+                    "student_cached_s": student_cached_s,
+                    "speedup": teacher_s / student_s,
+                    "speedup_cached": teacher_s / student_cached_s,
+                }
+            )
     return out
 
 

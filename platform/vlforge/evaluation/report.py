@@ -21,8 +21,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["format_table", "mean_std", "plot_latency", "plot_results", "wilson_interval", "with_intervals",
-           "INTERVAL_COUNTS", "INTERVAL_NOTE"]
+__all__ = [
+    "format_table",
+    "mean_std",
+    "plot_latency",
+    "plot_results",
+    "wilson_interval",
+    "with_intervals",
+    "INTERVAL_COUNTS",
+    "INTERVAL_NOTE",
+]
 
 MISSING = "-"
 LATENCY_SERIES = (
@@ -48,14 +56,13 @@ def _cell(v: Any, decimals: int) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        if v != 0 and math.isfinite(v) and abs(v) < 10 ** -decimals:
+        if v != 0 and math.isfinite(v) and abs(v) < 10**-decimals:
             return f"{v:.2e}"
         return f"{v:.{decimals}f}"
     return str(v)
 
 
-def format_table(rows: list[dict], columns: list[str], title: str | None = None,
-                 decimals: int | None = None) -> str:
+def format_table(rows: list[dict], columns: list[str], title: str | None = None, decimals: int | None = None) -> str:
     """Rows as a fixed-width table; numbers right-aligned, text left-aligned, missing values as ``-``.
 
     Floats get ``decimals`` decimals, or when None 1 in a column whose largest float is
@@ -129,8 +136,15 @@ def plot_latency(rows: list[dict], path: str | os.PathLike) -> Path:
         if key == "teacher_s":
             extra = [(r["n"], r[key]) for r in rows if r.get("teacher_extrapolated") and r.get(key)]
             if extra:
-                ax.plot([p[0] for p in extra], [p[1] for p in extra], "o", markersize=9, markerfacecolor="white",
-                        color=line.get_color(), label="teacher, extrapolated")
+                ax.plot(
+                    [p[0] for p in extra],
+                    [p[1] for p in extra],
+                    "o",
+                    markersize=9,
+                    markerfacecolor="white",
+                    color=line.get_color(),
+                    label="teacher, extrapolated",
+                )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("N images = N texts")
@@ -150,11 +164,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 # metric -> the row key of its sample count (rows of evaluate_retrieval / accuracy as the jobs build them)
-INTERVAL_COUNTS = {"nlvr2_acc": "nlvr2_n", "vqa_acc": "vqa_n", "i2t_r1": "n_images", "t2i_r1": "n_texts",
-                   "objects_named": "objects_n"}
+INTERVAL_COUNTS = {
+    "nlvr2_acc": "nlvr2_n",
+    "vqa_acc": "vqa_n",
+    "i2t_r1": "n_images",
+    "t2i_r1": "n_texts",
+    "objects_named": "objects_n",
+}
 
-INTERVAL_NOTE = ("± = half the width of the Wilson 95 % interval of a binomial proportion over the "
-                 "split's evaluation samples")
+INTERVAL_NOTE = (
+    "± = half the width of the Wilson 95 % interval of a binomial proportion over the split's evaluation samples"
+)
 
 
 def wilson_interval(percent: float, n: int, z: float = 1.96) -> tuple[float, float]:

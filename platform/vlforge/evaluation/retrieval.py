@@ -43,7 +43,12 @@ from vlforge.evaluation._common import (
 )
 
 __all__ = [
-    "RERANK_OFFSET", "caption_positives", "evaluate_retrieval", "recall_at_k", "retrieval_texts", "student_scores",
+    "RERANK_OFFSET",
+    "caption_positives",
+    "evaluate_retrieval",
+    "recall_at_k",
+    "retrieval_texts",
+    "student_scores",
     "teacher_scores",
 ]
 
@@ -106,8 +111,9 @@ def retrieval_texts(eval_set: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor
     return eval_set["input_ids"], eval_set["attention_mask"], caption_positives(eval_set["input_ids"])
 
 
-def student_scores(student: nn.Module, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                   batch_size: int = 64) -> Tensor:
+def student_scores(
+    student: nn.Module, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, batch_size: int = 64
+) -> Tensor:
     """Dual-encoder scores [Ni, Nt]: dot products of normalised ITC embeddings, on the CPU.
 
     ``student`` is a ``DualEncoderStudent`` or a bare ``VLMo``.
@@ -119,8 +125,14 @@ def student_scores(student: nn.Module, pixel_values: Tensor, input_ids: Tensor, 
         return (img @ txt.t()).float().cpu()  # [Ni, Nt]
 
 
-def teacher_scores(teacher: nn.Module, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                   rerank_k: int = 16, batch_size: int = 64) -> Tensor:
+def teacher_scores(
+    teacher: nn.Module,
+    pixel_values: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    rerank_k: int = 16,
+    batch_size: int = 64,
+) -> Tensor:
     """Fusion-encoder retrieval scores [Ni, Nt], on the CPU (ITC shortlist, ITM re-rank).
 
     ``teacher`` is a ``FusionTeacher`` (its ``.encoder`` is used) or a bare ``VLMo``.
@@ -159,8 +171,14 @@ def teacher_scores(teacher: nn.Module, pixel_values: Tensor, input_ids: Tensor, 
         return scores
 
 
-def evaluate_retrieval(model: nn.Module, eval_set: dict[str, Tensor], kind: Literal["teacher", "student"],
-                       rerank_k: int = 16, batch_size: int = 64, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def evaluate_retrieval(
+    model: nn.Module,
+    eval_set: dict[str, Tensor],
+    kind: Literal["teacher", "student"],
+    rerank_k: int = 16,
+    batch_size: int = 64,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
     """Recall@K of ``model`` on a captions eval set; adds ``n_images``, ``n_texts``.
 
     Texts are the set's ``caption_input_ids`` when it has them (several captions per image; positives

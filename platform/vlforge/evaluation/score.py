@@ -23,15 +23,28 @@ def _data_for(model, storage: StorageConfig | None) -> DataConfig:
     from vlforge.evaluation._common import encoder_of
 
     enc = encoder_of(model)
-    return DataConfig(image=ImageConfig(size=enc.config.img_size, augment=False),
-                      tokenizer=TokenizerConfig(max_length=enc.config.max_text_len),
-                      storage=storage or StorageConfig())
+    return DataConfig(
+        image=ImageConfig(size=enc.config.img_size, augment=False),
+        tokenizer=TokenizerConfig(max_length=enc.config.max_text_len),
+        storage=storage or StorageConfig(),
+    )
 
 
-def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = None, rerank_k: int = 0,
-                    batch_size: int = 64, storage: StorageConfig | None = None,
-                    data: DataConfig | None = None, branch: str | None = None, shots: int = 0,
-                    pool: str | None = None, blind: bool = False, max_new_tokens: int = 20) -> dict[str, Any]:
+def score_model_dir(
+    model_dir: str,
+    shards: str,
+    *,
+    max_samples: int | None = None,
+    rerank_k: int = 0,
+    batch_size: int = 64,
+    storage: StorageConfig | None = None,
+    data: DataConfig | None = None,
+    branch: str | None = None,
+    shots: int = 0,
+    pool: str | None = None,
+    blind: bool = False,
+    max_new_tokens: int = 20,
+) -> dict[str, Any]:
     """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``; ``data`` (image
     and tokenizer settings) defaults to the model's own sizes with the default tokenizer."""
     from vlforge.data.pipeline import detect_task
@@ -47,11 +60,21 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
             raise ValueError(f"branch {branch!r} is VC-GPT's (its self-ensemble ablation); {model_dir} is {method!r}")
         if detect_task(shards, storage) == "vqa":
             return _score_few_shot(model_dir, shards, max_samples, storage, data, shots, pool, blind)
-        return _score_captioner(model_dir, shards, max_samples, batch_size, storage, data,
-                                {"branch": branch} if branch else None, max_new_tokens)
+        return _score_captioner(
+            model_dir,
+            shards,
+            max_samples,
+            batch_size,
+            storage,
+            data,
+            {"branch": branch} if branch else None,
+            max_new_tokens,
+        )
     if method not in ("vlmo", "fusion", "distill"):
-        raise ValueError(f"{model_dir}: vlforge eval scores methods vlmo, fusion and distill (retrieval, true/false, "
-                         f"VQA) and frozen / vcgpt (captioning), not {method!r}")
+        raise ValueError(
+            f"{model_dir}: vlforge eval scores methods vlmo, fusion and distill (retrieval, true/false, "
+            f"VQA) and frozen / vcgpt (captioning), not {method!r}"
+        )
     model = load_model_dir(model_dir)
     task = detect_task(shards, storage)
     data = dataclasses.replace(data or _data_for(model, storage), shards=shards)
@@ -63,8 +86,10 @@ def score_model_dir(model_dir: str, shards: str, *, max_samples: int | None = No
     else:
         t = "nlvr2" if task == "nlvr" else task
         if spec.get("method") not in ("fusion", "distill"):
-            raise ValueError(f"{model_dir}: a {spec.get('method')!r} model has no {t} head; "
-                             f"score a fine-tuned (fusion) or distilled model on {task} shards")
+            raise ValueError(
+                f"{model_dir}: a {spec.get('method')!r} model has no {t} head; "
+                f"score a fine-tuned (fusion) or distilled model on {task} shards"
+            )
         scored = accuracy(model, t, ev, batch_size=batch_size)
         row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
         if scored.get("metric") == "vqav2":
@@ -80,8 +105,16 @@ def _image_size(model) -> int:
     return int(model.teacher.img_size)
 
 
-def _score_few_shot(model_dir: str, shards: str, max_samples: int | None, storage: StorageConfig | None,
-                    data: DataConfig | None, shots: int, pool: str | None, blind: bool) -> dict[str, Any]:
+def _score_few_shot(
+    model_dir: str,
+    shards: str,
+    max_samples: int | None,
+    storage: StorageConfig | None,
+    data: DataConfig | None,
+    shots: int,
+    pool: str | None,
+    blind: bool,
+) -> dict[str, Any]:
     """Open-ended few-shot VQA of an interleaved-prompt model (Frozen); shots from ``pool``, by default
     the set's sibling ``train`` split."""
     from vlforge.evaluation.generation import score_few_shot_vqa
@@ -89,21 +122,38 @@ def _score_few_shot(model_dir: str, shards: str, max_samples: int | None, storag
 
     model = load_model_dir(model_dir)
     if not callable(getattr(model, "generate_from_prompt", None)):
-        raise ValueError(f"{model_dir}: {type(model).__name__} takes no interleaved prompts; few-shot VQA needs "
-                         "a Frozen model")
+        raise ValueError(
+            f"{model_dir}: {type(model).__name__} takes no interleaved prompts; few-shot VQA needs a Frozen model"
+        )
     pool = pool or f"{shards.rstrip('/').rsplit('/', 1)[0]}/train"
-    data = data or DataConfig(image=ImageConfig(size=_image_size(model), augment=False),
-                              storage=storage or StorageConfig())
+    data = data or DataConfig(
+        image=ImageConfig(size=_image_size(model), augment=False), storage=storage or StorageConfig()
+    )
     row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "few-shot vqa", "pool": pool}
     scored = score_few_shot_vqa(model, shards, pool, data, shots=shots, blind=blind, max_samples=max_samples)
-    row.update({"vqa_acc": scored["acc"], "vqa_n": scored["n"], "vqa_metric": scored["metric"], "shots": shots,
-                "blind": blind, "examples": scored["examples"]})
+    row.update(
+        {
+            "vqa_acc": scored["acc"],
+            "vqa_n": scored["n"],
+            "vqa_metric": scored["metric"],
+            "shots": shots,
+            "blind": blind,
+            "examples": scored["examples"],
+        }
+    )
     return row
 
 
-def _score_captioner(model_dir: str, shards: str, max_samples: int | None, batch_size: int,
-                     storage: StorageConfig | None, data: DataConfig | None,
-                     generate_kwargs: dict[str, Any] | None, max_new_tokens: int = 20) -> dict[str, Any]:
+def _score_captioner(
+    model_dir: str,
+    shards: str,
+    max_samples: int | None,
+    batch_size: int,
+    storage: StorageConfig | None,
+    data: DataConfig | None,
+    generate_kwargs: dict[str, Any] | None,
+    max_new_tokens: int = 20,
+) -> dict[str, Any]:
     from vlforge.data.pipeline import detect_task
     from vlforge.evaluation.generation import score_captioner
     from vlforge.models.io import load_model_dir
@@ -112,12 +162,22 @@ def _score_captioner(model_dir: str, shards: str, max_samples: int | None, batch
     if task != "captions":
         raise ValueError(f"{model_dir} is a captioning model; score it on a captions shard set, not {task}")
     model = load_model_dir(model_dir)
-    data = data or DataConfig(image=ImageConfig(size=_image_size(model), augment=False),
-                              storage=storage or StorageConfig())
+    data = data or DataConfig(
+        image=ImageConfig(size=_image_size(model), augment=False), storage=storage or StorageConfig()
+    )
     data = dataclasses.replace(data, shards=shards)
     row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "captioning"}
     if generate_kwargs:
         row.update(generate_kwargs)
-    row.update(score_captioner(model, shards, data, max_samples=max_samples, batch_size=batch_size,
-                               generate_kwargs=generate_kwargs, max_new_tokens=max_new_tokens))
+    row.update(
+        score_captioner(
+            model,
+            shards,
+            data,
+            max_samples=max_samples,
+            batch_size=batch_size,
+            generate_kwargs=generate_kwargs,
+            max_new_tokens=max_new_tokens,
+        )
+    )
     return row

@@ -59,8 +59,19 @@ from vlforge.objectives.distillation import (
 from vlforge.objectives.itc import contrastive_logits, itc_loss_from_logits
 from vlforge.objectives.itm import sample_hard_negatives
 
-__all__ = ["TASKS", "PairOutput", "FusionTeacher", "DualEncoderStudent", "DistillationTask", "FusionFinetuneTask",
-           "fusion_qk", "dual_qk", "as_teacher", "task_targets", "TARGET_KEYS"]
+__all__ = [
+    "TASKS",
+    "PairOutput",
+    "FusionTeacher",
+    "DualEncoderStudent",
+    "DistillationTask",
+    "FusionFinetuneTask",
+    "fusion_qk",
+    "dual_qk",
+    "as_teacher",
+    "task_targets",
+    "TARGET_KEYS",
+]
 
 TASKS = ("itm", "vqa", "nlvr2")
 TARGET_KEYS = {"nlvr2": "label", "vqa": "answer_id"}  # the batch field holding each task's class ids
@@ -152,9 +163,7 @@ class DualEncoderStudent(nn.Module):
             heads["vqa"] = _classifier(d, 2 * d, num_answers)
         self.heads = nn.ModuleDict(heads)
 
-    def encode(
-        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor
-    ) -> tuple[VLMoOutput, VLMoOutput]:
+    def encode(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[VLMoOutput, VLMoOutput]:
         return self.encoder.encode_image(pixel_values), self.encoder.encode_text(input_ids, attention_mask)
 
     def pair_features(self, image_cls: Tensor, text_cls: Tensor) -> Tensor:
@@ -352,8 +361,9 @@ class FusionFinetuneTask(nn.Module):
         self.model, self.task, self.weight = model, task, weight
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.model(self.task, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                         batch.get("pixel_values_2"))
+        out = self.model(
+            self.task, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("pixel_values_2")
+        )
         if self.task == "vqa" and "answer_targets" in batch:
             targets = batch["answer_targets"]  # [B, A], VQAv2 soft scores
             hard = multilabel_bce(out.logits, targets)

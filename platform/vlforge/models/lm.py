@@ -190,8 +190,9 @@ def load_gguf_causal_lm(gguf: Path, dtype: torch.dtype = torch.float32):
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"GGUF weights do not fit {type(model).__name__}: "
-                           f"missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"GGUF weights do not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}"
+        )
     model.tie_weights()
     return model.eval(), tokenizer
 

@@ -44,9 +44,7 @@ def set_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     return trainable
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, no_decay: Sequence[str] = NO_DECAY_PATTERNS
-) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay: Sequence[str] = NO_DECAY_PATTERNS) -> list[dict]:
     """Trainable parameters only, split into decayed and non-decayed optimizer groups."""
     decay, skip = [], []
     for name, param in model.named_parameters():

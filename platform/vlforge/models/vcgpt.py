@@ -186,4 +186,3 @@ def vcgpt_small(**overrides) -> VCGPT:
         VCGPTConfig(vision=vision_config("small"), lm=LMConfig(source="smollm2"), fusion_layers=3, fusion_heads=9),
         overrides,
     )
-

@@ -108,8 +108,9 @@ class VisionTower(nn.Module):
         classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
         unexpected = [k for k in unexpected if not any(k.startswith(c + ".") for c in classifiers)]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path} does not fit {self.timm_name}: "
-                               f"missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(
+                f"checkpoint {path} does not fit {self.timm_name}: missing {missing}, unexpected {unexpected}"
+            )
 
     @property
     def num_prefix_tokens(self) -> int:

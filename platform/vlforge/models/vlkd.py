@@ -213,8 +213,9 @@ class VLKD(nn.Module):
         self.student = student if student is not None else self._build_student()
         if teacher is None:
             if config.teacher == "random":
-                teacher = ToyDualEncoder(config.teacher_vision, self.tokenizer.vocab_size, config.teacher_dim,
-                                         config.seed)
+                teacher = ToyDualEncoder(
+                    config.teacher_vision, self.tokenizer.vocab_size, config.teacher_dim, config.seed
+                )
             else:  # a model directory: the platform's own dual encoder in CLIP's role
                 teacher = load_teacher(config.teacher)
         if isinstance(teacher, nn.Module):
@@ -292,8 +293,9 @@ class VLKD(nn.Module):
         text = self.student.get_input_embeddings()(input_ids)  # [B, T, d]
         return torch.cat([prefix, text], 1), torch.cat([prefix_mask, attention_mask], 1)
 
-    def forward(self, batch: dict[str, torch.Tensor],
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         cfg, tok = self.config, self.tokenizer
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         t_image, t_text = self.teacher_embeddings(batch)
@@ -362,8 +364,15 @@ def vlkd_base(**overrides) -> VLKD:
     if "teacher" not in overrides:
         warnings.warn("vlkd_base without teacher=...: using a random toy teacher, which teaches nothing")
     config = VLKDConfig(
-        student=BartSize(d_model=768, encoder_layers=6, decoder_layers=6, heads=12, ffn_dim=3072,
-                         max_position_embeddings=1024, dropout=0.1),
+        student=BartSize(
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            heads=12,
+            ffn_dim=3072,
+            max_position_embeddings=1024,
+            dropout=0.1,
+        ),
         tokenizer="smollm2",
         teacher_dim=512,
         teacher_vision=vision_config("small"),

@@ -184,8 +184,16 @@ class Attention(nn.Module):
     returned q / k are the normalised ones, the ones the attention used.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, eps: float,
-                 qk_norm: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool,
+        attn_drop: float,
+        proj_drop: float,
+        eps: float,
+        qk_norm: bool = False,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -280,8 +288,9 @@ class ImageEmbed(nn.Module):
     LayerNorm + Linear; then ``pixel_values`` may also hold cached features [B, C, h, w].
     """
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, drop: float,
-                 tokenizer: str | None = None) -> None:
+    def __init__(
+        self, img_size: int, patch_size: int, in_chans: int, dim: int, drop: float, tokenizer: str | None = None
+    ) -> None:
         super().__init__()
         self.img_size = img_size
         self.num_patches = (img_size // patch_size) ** 2
@@ -409,8 +418,12 @@ class VLMo(nn.Module):
                 "itc": ITCHead(d, cfg.itc_embed_dim, cfg.logit_scale_init, cfg.logit_scale_max),
                 "itm": nn.Linear(d, 2),
                 "mlm": MLMHead(d, cfg.vocab_size, cfg.tie_mlm_decoder, cfg.layer_norm_eps),
-                "mim": nn.Linear(d, self.image_embed.tokenizer.channels if cfg.image_tokenizer
-                                 else cfg.patch_size * cfg.patch_size * cfg.in_chans),
+                "mim": nn.Linear(
+                    d,
+                    self.image_embed.tokenizer.channels
+                    if cfg.image_tokenizer
+                    else cfg.patch_size * cfg.patch_size * cfg.in_chans,
+                ),
             }
         )
         self.reset_parameters()
@@ -431,8 +444,13 @@ class VLMo(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for p in (self.image_embed.cls_token, self.image_embed.mask_token, self.image_embed.pos,
-                  self.image_embed.type_embed, self.text_embed.type_embed):
+        for p in (
+            self.image_embed.cls_token,
+            self.image_embed.mask_token,
+            self.image_embed.pos,
+            self.image_embed.type_embed,
+            self.text_embed.type_embed,
+        ):
             nn.init.trunc_normal_(p, std=std)
         nn.init.zeros_(self.heads["mlm"].bias)
         with torch.no_grad():
@@ -546,8 +564,16 @@ def _create(defaults: dict, overrides: dict) -> VLMo:
 def vlmo_debug(**overrides) -> VLMo:
     """Tiny VLMo for unit tests: 32px images, patch 8, dim 32, 2 blocks (top 1 with VL expert)."""
     return _create(
-        dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vl_layers=1,
-             max_text_len=16, itc_embed_dim=32),
+        dict(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            vl_layers=1,
+            max_text_len=16,
+            itc_embed_dim=32,
+        ),
         overrides,
     )
 
@@ -556,8 +582,16 @@ def vlmo_debug(**overrides) -> VLMo:
 def vlmo_small(**overrides) -> VLMo:
     """CPU-sized VLMo for the built-in 64x64 emoji corpus: patch 8, dim 192, 4 blocks (top 1 VL)."""
     return _create(
-        dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, vl_layers=1,
-             max_text_len=32, itc_embed_dim=192),
+        dict(
+            img_size=64,
+            patch_size=8,
+            embed_dim=192,
+            depth=4,
+            num_heads=3,
+            vl_layers=1,
+            max_text_len=32,
+            itc_embed_dim=192,
+        ),
         overrides,
     )
 
@@ -568,8 +602,18 @@ def vlmo_small_effnet(**overrides) -> VLMo:
     EfficientNet-Lite0 (Apache-2.0, ``vlforge.models.image_tokenizer``) into a 4x4 grid, dim 192,
     4 blocks (top 1 VL), mean pooling, QK-norm; everything above the tokenizer is trained."""
     return _create(
-        dict(img_size=128, image_tokenizer="efficientnet_lite0", embed_dim=192, depth=4, num_heads=3,
-             vl_layers=1, max_text_len=32, itc_embed_dim=192, pool="mean", qk_norm=True),
+        dict(
+            img_size=128,
+            image_tokenizer="efficientnet_lite0",
+            embed_dim=192,
+            depth=4,
+            num_heads=3,
+            vl_layers=1,
+            max_text_len=32,
+            itc_embed_dim=192,
+            pool="mean",
+            qk_norm=True,
+        ),
         overrides,
     )
 
@@ -578,8 +622,17 @@ def vlmo_small_effnet(**overrides) -> VLMo:
 def vlmo_base(**overrides) -> VLMo:
     """VLMo-Base (paper): 224px, patch 16, 12 blocks, dim 768, 12 heads, top 2 blocks with VL experts."""
     return _create(
-        dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, vl_layers=2,
-             max_text_len=40, itc_embed_dim=768, drop_path_rate=0.1),
+        dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            vl_layers=2,
+            max_text_len=40,
+            itc_embed_dim=768,
+            drop_path_rate=0.1,
+        ),
         overrides,
     )
 
@@ -588,8 +641,17 @@ def vlmo_base(**overrides) -> VLMo:
 def vlmo_large(**overrides) -> VLMo:
     """VLMo-Large (paper): 224px, patch 16, 24 blocks, dim 1024, 16 heads, top 3 blocks with VL experts."""
     return _create(
-        dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, vl_layers=3,
-             max_text_len=40, itc_embed_dim=1024, drop_path_rate=0.1),
+        dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=1024,
+            depth=24,
+            num_heads=16,
+            vl_layers=3,
+            max_text_len=40,
+            itc_embed_dim=1024,
+            drop_path_rate=0.1,
+        ),
         overrides,
     )
 
@@ -635,9 +697,7 @@ class VLMoPretrainTask(nn.Module):
         self.gather = gather
 
     def _mask(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return mask_tokens(
-            input_ids, attention_mask, self.model.config.vocab_size, self.mlm_prob, **self.special
-        )
+        return mask_tokens(input_ids, attention_mask, self.model.config.vocab_size, self.mlm_prob, **self.special)
 
     def _mlm_term(self, text_hidden: Tensor, labels: Tensor) -> Tensor:
         chosen = labels != IGNORE_INDEX  # [B, T]

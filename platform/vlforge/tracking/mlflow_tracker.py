@@ -117,7 +117,8 @@ def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of environment variables whose names say they hold secrets, longest first."""
     environ = os.environ if environ is None else environ
     values = {
-        v for k, v in environ.items()
+        v
+        for k, v in environ.items()
         if is_secret_name(k) and len(v) >= 6 and v.lower() not in _NOT_SECRET_VALUES and not v.isdigit()
     }
     return sorted(values, key=len, reverse=True)
@@ -138,8 +139,10 @@ def redact(obj: Any, secrets: Sequence[str] | None = None) -> Any:
 
     def walk(v: Any) -> Any:
         if isinstance(v, Mapping):
-            return {k: (REDACTED if is_secret_name(str(k)) and x not in (None, "", {}, []) else walk(x))
-                    for k, x in v.items()}
+            return {
+                k: (REDACTED if is_secret_name(str(k)) and x not in (None, "", {}, []) else walk(x))
+                for k, x in v.items()
+            }
         if isinstance(v, (list, tuple)):
             return [walk(x) for x in v]
         if isinstance(v, str):
@@ -317,7 +320,7 @@ class _Outbox:
             os.replace(tmp, self.path)
         elif self._on_disk < len(self.records):
             with self.path.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.records[self._on_disk:])
+                f.writelines(json.dumps(r) + "\n" for r in self.records[self._on_disk :])
         self._on_disk, self._front_dropped = len(self.records), False
 
     def counts(self) -> dict[str, int]:
@@ -333,8 +336,16 @@ class _Outbox:
 class Tracker:
     """An MLflow run written from global rank 0. See the module docstring for the flow."""
 
-    def __init__(self, cfg: TrackingConfig, *, http_retries: int = 0, http_timeout_s: int = 5,
-                 artifact_timeout_s: int = 120, backoff_s: float = 1.0, max_backoff_s: float = 30.0):
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        *,
+        http_retries: int = 0,
+        http_timeout_s: int = 5,
+        artifact_timeout_s: int = 120,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+    ):
         self.cfg = cfg
         self.tracking_uri = resolve_tracking_uri(cfg)
         self.run_id: str | None = None
@@ -371,13 +382,15 @@ class Tracker:
         return self._client
 
     def _http(self, timeout_s: int | None = None):
-        return _env({
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self._http_retries),
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s or self._http_timeout_s),
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
-            "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
-        })
+        return _env(
+            {
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self._http_retries),
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s or self._http_timeout_s),
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+                "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
+            }
+        )
 
     def _require_run(self) -> str:
         if self.run_id is None:
@@ -394,8 +407,13 @@ class Tracker:
 
     # ------------------------------------------------------------------ run lifecycle
 
-    def start(self, run_key: str, run_name: str | None = None, parent_run_id: str | None = None,
-              tags: Mapping[str, Any] | None = None) -> str:
+    def start(
+        self,
+        run_key: str,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> str:
         """Create the run, or continue the one tagged ``vlforge.run_key == run_key``; returns its id."""
         if self.run_id is not None:
             raise RuntimeError(f"tracker already started run {self.run_id}")
@@ -442,11 +460,20 @@ class Tracker:
         waiting = self._outbox.load()
         if waiting:
             self._params.update({r["key"]: r["value"] for r in self._outbox.records if r["kind"] == "param"})
-            log.warning("MLflow run %s: %d records buffered by an earlier attempt in %s; delivering them first",
-                        self.run_id, waiting, self._outbox.path)
+            log.warning(
+                "MLflow run %s: %d records buffered by an earlier attempt in %s; delivering them first",
+                self.run_id,
+                waiting,
+                self._outbox.path,
+            )
             self._deliver(force=True)
-        log.info("MLflow run %s %s (experiment %s, %s)", self.run_id, "resumed" if self.resumed else "created",
-                 self.cfg.experiment, self.tracking_uri)
+        log.info(
+            "MLflow run %s %s (experiment %s, %s)",
+            self.run_id,
+            "resumed" if self.resumed else "created",
+            self.cfg.experiment,
+            self.tracking_uri,
+        )
         return self.run_id
 
     def _experiment_id(self) -> str:
@@ -463,8 +490,9 @@ class Tracker:
             max_results=10,
         )
         if len(runs) > 1:
-            log.warning("%d MLflow runs carry run key %r; continuing the oldest, %s",
-                        len(runs), run_key, runs[0].info.run_id)
+            log.warning(
+                "%d MLflow runs carry run key %r; continuing the oldest, %s", len(runs), run_key, runs[0].info.run_id
+            )
         return runs[0] if runs else None
 
     def _context_tags(self) -> dict[str, str]:
@@ -603,16 +631,24 @@ class Tracker:
                     return False
                 self.rejected += len(chunk)
                 first = chunk[0].get("key") or chunk[0].get("path")
-                log.error("MLflow run %s: %d records (from %r) cannot be delivered: %s; dropped",
-                          self.run_id, len(chunk), first, exc)
+                log.error(
+                    "MLflow run %s: %d records (from %r) cannot be delivered: %s; dropped",
+                    self.run_id,
+                    len(chunk),
+                    first,
+                    exc,
+                )
                 if chunk[0]["kind"] == "artifact" and chunk[0].get("staged"):
                     shutil.rmtree(Path(chunk[0]["path"]).parent, ignore_errors=True)
             box.drop_front(len(chunk))
             sent += len(chunk)
         box.sync()
         if self._outage_since is not None:
-            log.warning("MLflow server at %s reachable again after %.1f s; buffered records delivered",
-                        self.tracking_uri, time.monotonic() - self._outage_since)
+            log.warning(
+                "MLflow server at %s reachable again after %.1f s; buffered records delivered",
+                self.tracking_uri,
+                time.monotonic() - self._outage_since,
+            )
         self._outage_since = None
         self._backoff = self._backoff0
         self._next_try = 0.0
@@ -623,8 +659,12 @@ class Tracker:
         self.failed_attempts += 1
         if self._outage_since is None:
             self._outage_since = now
-            log.warning("MLflow server at %s unreachable (%s); training continues, tracking data is buffered "
-                        "in %s and retried", self.tracking_uri, str(exc).splitlines()[0][:300], self._outbox.path)
+            log.warning(
+                "MLflow server at %s unreachable (%s); training continues, tracking data is buffered in %s and retried",
+                self.tracking_uri,
+                str(exc).splitlines()[0][:300],
+                self._outbox.path,
+            )
         self._next_try = now + self._backoff
         self._backoff = min(self._max_backoff, self._backoff * 2)
 
@@ -706,8 +746,11 @@ class Tracker:
         fixed = _clean_name(key)
         if key not in self._bad_names:
             self._bad_names.add(key)
-            log.warning("metric name %r is not valid in MLflow; %s", key,
-                        f"logging it as {fixed!r}" if _valid_name(fixed) else "skipping it")
+            log.warning(
+                "metric name %r is not valid in MLflow; %s",
+                key,
+                f"logging it as {fixed!r}" if _valid_name(fixed) else "skipping it",
+            )
         return fixed if _valid_name(fixed) else None
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int, force: bool = False) -> None:
@@ -731,8 +774,9 @@ class Tracker:
             if not math.isfinite(number):
                 n = self.nonfinite_skipped[name] = self.nonfinite_skipped.get(name, 0) + 1
                 if n == 1 or n % 100 == 0:
-                    log.warning("metric %r is %s at step %d; skipped (%d non-finite values of it so far)",
-                                name, number, step, n)
+                    log.warning(
+                        "metric %r is %s at step %d; skipped (%d non-finite values of it so far)", name, number, step, n
+                    )
                 continue
             records.append({"kind": "metric", "key": name, "value": number, "step": int(step), "ts": ts})
         self._submit(records)
@@ -767,8 +811,7 @@ class Tracker:
         self.set_tags(tags)
         return {r["key"]: r["value"] for r in self._tag_records(tags)}
 
-    def log_loss_curve(self, history: Mapping[str, Sequence[tuple[int, float]]],
-                       name: str = "loss_curve.png") -> Path:
+    def log_loss_curve(self, history: Mapping[str, Sequence[tuple[int, float]]], name: str = "loss_curve.png") -> Path:
         """Plot each metric's (step, value) series in its own panel and log the PNG as an artifact."""
         self._require_run()
         staging = self._staging()
@@ -834,9 +877,11 @@ def _git_info(where: Path) -> dict[str, str]:
     if commit:
         return {"git_commit": commit}
     try:
+
         def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
 
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
@@ -860,8 +905,13 @@ class NullTracker:
     def __init__(self, cfg: TrackingConfig | None = None):
         self.cfg = cfg
 
-    def start(self, run_key: str, run_name: str | None = None, parent_run_id: str | None = None,
-              tags: Mapping[str, Any] | None = None) -> None:
+    def start(
+        self,
+        run_key: str,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
         return None
 
     def log_config(self, cfg: Any) -> dict[str, str]:
@@ -876,8 +926,7 @@ class NullTracker:
     def log_environment(self, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
         return {}
 
-    def log_loss_curve(self, history: Mapping[str, Sequence[tuple[int, float]]],
-                       name: str = "loss_curve.png") -> None:
+    def log_loss_curve(self, history: Mapping[str, Sequence[tuple[int, float]]], name: str = "loss_curve.png") -> None:
         return None
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:

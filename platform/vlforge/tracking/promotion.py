@@ -80,13 +80,20 @@ class Decision:
 
         lines = []
         if self.comparisons:
-            lines.append(format_table(self.comparisons, ["metric", "rule", "champion", "challenger", "delta", "needed",
-                                                         "ok"],
-                                      title=f"{self.model_name}: version {self.challenger} vs champion "
-                                            f"{self.champion or '-'} on {self.eval_set}", decimals=2))
+            lines.append(
+                format_table(
+                    self.comparisons,
+                    ["metric", "rule", "champion", "challenger", "delta", "needed", "ok"],
+                    title=f"{self.model_name}: version {self.challenger} vs champion "
+                    f"{self.champion or '-'} on {self.eval_set}",
+                    decimals=2,
+                )
+            )
         elif self.metrics.get("challenger"):
-            lines.append(f"{self.model_name} version {self.challenger} on {self.eval_set}: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in self.metrics["challenger"].items() if not k.startswith("n_")))
+            lines.append(
+                f"{self.model_name} version {self.challenger} on {self.eval_set}: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in self.metrics["challenger"].items() if not k.startswith("n_"))
+            )
         lines.append(f"{'DRY RUN: would be ' if self.dry_run else ''}{self.action}: {self.reason}")
         return "\n".join(lines)
 
@@ -97,8 +104,9 @@ class Decision:
 def _client(cfg: PromoteConfig):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking),
-                        registry_uri=resolve_tracking_uri(cfg.tracking))
+    return MlflowClient(
+        tracking_uri=resolve_tracking_uri(cfg.tracking), registry_uri=resolve_tracking_uri(cfg.tracking)
+    )
 
 
 def _missing(exc: Exception) -> bool:
@@ -142,8 +150,9 @@ def _history(client, name: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def promotion_lock(client, name: str, timeout_s: float, stale_s: float,
-                   log: Callable[[str], None] = print) -> Iterator[None]:
+def promotion_lock(
+    client, name: str, timeout_s: float, stale_s: float, log: Callable[[str], None] = print
+) -> Iterator[None]:
     """Hold ``<name>.promotion-lock`` (a registered model only one caller can create) for the block."""
     from mlflow.exceptions import MlflowException
 
@@ -151,9 +160,16 @@ def promotion_lock(client, name: str, timeout_s: float, stale_s: float,
     deadline, waited = time.monotonic() + timeout_s, False
     while True:
         try:
-            client.create_registered_model(lock, tags={"holder": token, "host": socket.gethostname(),
-                                                       "pid": str(os.getpid()), "since": f"{time.time():.3f}"},
-                                           description=f"held while a promotion of {name} decides; deleted after")
+            client.create_registered_model(
+                lock,
+                tags={
+                    "holder": token,
+                    "host": socket.gethostname(),
+                    "pid": str(os.getpid()),
+                    "since": f"{time.time():.3f}",
+                },
+                description=f"held while a promotion of {name} decides; deleted after",
+            )
             break
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -164,14 +180,18 @@ def promotion_lock(client, name: str, timeout_s: float, stale_s: float,
             continue  # released in between
         age = time.time() - float(held.get("since", "0") or 0)
         if age > stale_s:
-            log(f"breaking a stale promotion lock on {name} "
-                f"(held {age:.0f}s by {held.get('host')} pid {held.get('pid')})")
+            log(
+                f"breaking a stale promotion lock on {name} "
+                f"(held {age:.0f}s by {held.get('host')} pid {held.get('pid')})"
+            )
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model(lock)
             continue
         if time.monotonic() > deadline:
-            raise PromotionError(f"another promotion of {name} is in progress (lock {lock} held {age:.0f}s by "
-                                 f"{held.get('host')} pid {held.get('pid')}); try again later")
+            raise PromotionError(
+                f"another promotion of {name} is in progress (lock {lock} held {age:.0f}s by "
+                f"{held.get('host')} pid {held.get('pid')}); try again later"
+            )
         if not waited:
             log(f"waiting for another promotion of {name} to finish ...")
             waited = True
@@ -201,23 +221,41 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
     return {k: float(v) for k, v in out.items()}
 
 
-def compare(challenger: dict[str, float], champion: dict[str, float], cfg: PromoteConfig
-            ) -> tuple[bool, str, list[dict[str, Any]]]:
+def compare(
+    challenger: dict[str, float], champion: dict[str, float], cfg: PromoteConfig
+) -> tuple[bool, str, list[dict[str, Any]]]:
     """(promote?, reason, one row per rule)."""
     rows, failed = [], []
     for metric, margin in cfg.improve.items():
         delta = challenger[metric] - champion[metric]
         ok = delta >= margin - 1e-9
-        rows.append({"metric": metric, "rule": "improve", "champion": champion[metric],
-                     "challenger": challenger[metric],
-                     "delta": delta, "needed": f">= +{margin:g}", "ok": "yes" if ok else "NO"})
+        rows.append(
+            {
+                "metric": metric,
+                "rule": "improve",
+                "champion": champion[metric],
+                "challenger": challenger[metric],
+                "delta": delta,
+                "needed": f">= +{margin:g}",
+                "ok": "yes" if ok else "NO",
+            }
+        )
         if not ok:
             failed.append(f"{metric} {delta:+.2f} (needs >= +{margin:g})")
     for metric, tolerance in cfg.guard.items():
         delta = challenger[metric] - champion[metric]
         ok = delta >= -tolerance - 1e-9
-        rows.append({"metric": metric, "rule": "guard", "champion": champion[metric], "challenger": challenger[metric],
-                     "delta": delta, "needed": f">= -{tolerance:g}", "ok": "yes" if ok else "NO"})
+        rows.append(
+            {
+                "metric": metric,
+                "rule": "guard",
+                "champion": champion[metric],
+                "challenger": challenger[metric],
+                "delta": delta,
+                "needed": f">= -{tolerance:g}",
+                "ok": "yes" if ok else "NO",
+            }
+        )
         if not ok:
             failed.append(f"guarded {metric} {delta:+.2f} (may drop at most {tolerance:g})")
     if failed:
@@ -241,13 +279,22 @@ def record(client, d: Decision) -> None:
     """Tags and descriptions on both versions, written before any alias moves."""
     name = d.model_name
     common = {"promotion.time": d.time, "promotion.eval_set": d.eval_set}
-    chal_tags = {**common, "promotion.decision": d.action, "promotion.reason": d.reason[:4000],
-                 "promotion.champion": d.champion or "none"}
+    chal_tags = {
+        **common,
+        "promotion.decision": d.action,
+        "promotion.reason": d.reason[:4000],
+        "promotion.champion": d.champion or "none",
+    }
     chal_tags.update({f"promotion.eval.{k}": f"{v:.4f}" for k, v in d.metrics.get("challenger", {}).items()})
     for k, v in chal_tags.items():
         client.set_model_version_tag(name, d.challenger, k, _clean(v))
-    client.update_model_version(name, d.challenger, description=_clean(
-        f"{d.time}: {d.action} against champion {d.champion or 'none'} ({d.reason}).\n\n{d.summary()}"))
+    client.update_model_version(
+        name,
+        d.challenger,
+        description=_clean(
+            f"{d.time}: {d.action} against champion {d.champion or 'none'} ({d.reason}).\n\n{d.summary()}"
+        ),
+    )
     if d.champion:
         champ_tags = {**common, "promotion.last_challenge": f"version {d.challenger} {d.action}"}
         champ_tags.update({f"promotion.eval.{k}": f"{v:.4f}" for k, v in d.metrics.get("champion", {}).items()})
@@ -267,17 +314,29 @@ def promote(cfg: PromoteConfig, *, dry_run: bool = False, log: Callable[[str], N
     name = cfg.model_name
     challenger = resolve_version(client, name, cfg.challenger)
     eval_set = f"{cfg.eval.shards} (first {cfg.eval.max_samples})"
-    guard = contextlib.nullcontext() if dry_run else promotion_lock(client, name, cfg.lock_timeout_s,
-                                                                    cfg.stale_lock_s, log)
+    guard = (
+        contextlib.nullcontext() if dry_run else promotion_lock(client, name, cfg.lock_timeout_s, cfg.stale_lock_s, log)
+    )
     with guard:
         champion = champion_version(client, name, cfg.champion_alias)
-        d = Decision(name, UNCHANGED, challenger, str(champion.version) if champion else None, "",
-                     dry_run=dry_run, time=_now(), eval_set=eval_set)
+        d = Decision(
+            name,
+            UNCHANGED,
+            challenger,
+            str(champion.version) if champion else None,
+            "",
+            dry_run=dry_run,
+            time=_now(),
+            eval_set=eval_set,
+        )
         if champion is not None and str(champion.version) == d.challenger:
             d.reason = f"version {d.challenger} is already @{cfg.champion_alias}"
             return d
-        log(f"evaluating {name} version {d.challenger}" + (f" and champion version {d.champion}" if d.champion else "")
-            + f" on {eval_set} ...")
+        log(
+            f"evaluating {name} version {d.challenger}"
+            + (f" and champion version {d.champion}" if d.champion else "")
+            + f" on {eval_set} ..."
+        )
         with tempfile.TemporaryDirectory(prefix="vlforge-promote-") as tmp:
             d.metrics["challenger"] = evaluate_version(client, name, d.challenger, cfg, Path(tmp))
             if champion is not None:
@@ -293,9 +352,11 @@ def promote(cfg: PromoteConfig, *, dry_run: bool = False, log: Callable[[str], N
         if ok:
             now = champion_version(client, name, cfg.champion_alias)
             if (str(now.version) if now else None) != d.champion:
-                raise PromotionError(f"@{cfg.champion_alias} of {name} moved to version {now.version if now else None} "
-                                     f"while version {d.challenger} was evaluated against {d.champion} (set by hand, "
-                                     f"outside the promotion lock); nothing was changed, run the promotion again")
+                raise PromotionError(
+                    f"@{cfg.champion_alias} of {name} moved to version {now.version if now else None} "
+                    f"while version {d.challenger} was evaluated against {d.champion} (set by hand, "
+                    f"outside the promotion lock); nothing was changed, run the promotion again"
+                )
             history = _history(client, name)
             if d.champion and (not history or history[-1] != d.champion):
                 history.append(d.champion)
@@ -308,8 +369,9 @@ def rollback(cfg: PromoteConfig, *, dry_run: bool = False, log: Callable[[str], 
     """Point the champion alias back at the version that was champion before the current one."""
     client = _client(cfg)
     name = cfg.model_name
-    guard = contextlib.nullcontext() if dry_run else promotion_lock(client, name, cfg.lock_timeout_s,
-                                                                    cfg.stale_lock_s, log)
+    guard = (
+        contextlib.nullcontext() if dry_run else promotion_lock(client, name, cfg.lock_timeout_s, cfg.stale_lock_s, log)
+    )
     with guard:
         champion = champion_version(client, name, cfg.champion_alias)
         if champion is None:
@@ -317,14 +379,23 @@ def rollback(cfg: PromoteConfig, *, dry_run: bool = False, log: Callable[[str], 
         history = _history(client, name)
         current = str(champion.version)
         if not history or history[-1] != current:
-            raise PromotionError(f"@{cfg.champion_alias} of {name} is version {current}, but the promotion history "
-                                 f"({HISTORY_TAG} = {','.join(history) or 'empty'}) does not end there: it was moved "
-                                 f"outside `vlforge promote`; set the alias you want by hand")
+            raise PromotionError(
+                f"@{cfg.champion_alias} of {name} is version {current}, but the promotion history "
+                f"({HISTORY_TAG} = {','.join(history) or 'empty'}) does not end there: it was moved "
+                f"outside `vlforge promote`; set the alias you want by hand"
+            )
         if len(history) < 2:
             raise PromotionError(f"version {current} is the first champion of {name}: there is none before it")
         target = history[-2]
-        d = Decision(name, ROLLED_BACK, target, current, f"@{cfg.champion_alias} back from version {current} to "
-                     f"version {target}", dry_run=dry_run, time=_now())
+        d = Decision(
+            name,
+            ROLLED_BACK,
+            target,
+            current,
+            f"@{cfg.champion_alias} back from version {current} to version {target}",
+            dry_run=dry_run,
+            time=_now(),
+        )
         if dry_run:
             return d
         for version, tag in ((current, "promotion.rolled_back_from"), (target, "promotion.restored")):
@@ -339,14 +410,23 @@ def rollback(cfg: PromoteConfig, *, dry_run: bool = False, log: Callable[[str], 
 
 
 def add_arguments(p: argparse.ArgumentParser, default_config: str | None) -> None:
-    p.add_argument("--config", default=default_config, help="PromoteConfig YAML" +
-                   (f" (default {default_config})" if default_config else ""))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set eval.max_samples=1000 or --set improve.rmean=1.0")
+    p.add_argument(
+        "--config",
+        default=default_config,
+        help="PromoteConfig YAML" + (f" (default {default_config})" if default_config else ""),
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set eval.max_samples=1000 or --set improve.rmean=1.0",
+    )
     p.add_argument("--model", help="registered model name (config: model_name)")
     p.add_argument("--challenger", help="alias or version number of the challenger (config: challenger)")
-    p.add_argument("--tracking-uri",
-                   help="MLflow tracking / registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking / registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
     p.add_argument("--dry-run", action="store_true", help="evaluate and decide, record and move nothing")
     p.add_argument("--rollback", action="store_true", help="put the previous champion back instead of promoting")
 
@@ -356,8 +436,11 @@ def run(args: argparse.Namespace) -> int:
     1 refused, 2 an error (bad config, missing model or alias, busy lock)."""
     overrides = list(args.set)
     # Quoted: a version number or a numeric name stays a string.
-    for key, value in (("model_name", args.model), ("challenger", args.challenger),
-                       ("tracking.tracking_uri", args.tracking_uri)):
+    for key, value in (
+        ("model_name", args.model),
+        ("challenger", args.challenger),
+        ("tracking.tracking_uri", args.tracking_uri),
+    ):
         if value:
             overrides.append(f"{key}={json.dumps(str(value))}")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise

@@ -63,8 +63,12 @@ KINDS = (DUAL_ENCODER, CAPTION)
 KIND_MODES = {DUAL_ENCODER: ("embed_image", "embed_text", "score"), CAPTION: ("caption",)}
 MODES = KIND_MODES[DUAL_ENCODER] + KIND_MODES[CAPTION]
 MODE_COLUMNS = {"embed_image": ["image"], "embed_text": ["text"], "score": ["image", "text"], "caption": ["image"]}
-OUTPUT_COLUMNS = {"embed_image": ["image_embedding"], "embed_text": ["text_embedding"],
-                  "score": ["score", "match_prob"], "caption": ["caption"]}
+OUTPUT_COLUMNS = {
+    "embed_image": ["image_embedding"],
+    "embed_text": ["text_embedding"],
+    "score": ["score", "match_prob"],
+    "caption": ["caption"],
+}
 CAPTION_METHODS = ("frozen", "vcgpt")
 DUAL_ENCODER_METHODS = ("distill", "vlmo", "fusion")
 AUTO = "auto"
@@ -140,8 +144,10 @@ def resolve_mode(columns: Any, params: dict[str, Any] | None, kind: str = DUAL_E
         raise ValueError(f"unknown mode {mode!r}; known: {(AUTO, *MODES)}")
     allowed = KIND_MODES[kind]
     if mode != AUTO and mode not in allowed:
-        raise ValueError(f"mode {mode!r} needs a {'caption' if kind == DUAL_ENCODER else 'dual-encoder'} "
-                         f"model, but this is a {kind} model (its modes: {(AUTO, *allowed)})")
+        raise ValueError(
+            f"mode {mode!r} needs a {'caption' if kind == DUAL_ENCODER else 'dual-encoder'} "
+            f"model, but this is a {kind} model (its modes: {(AUTO, *allowed)})"
+        )
     has_image, has_text = "image" in cols, "text" in cols
     if mode == AUTO:
         if kind == CAPTION:
@@ -182,18 +188,27 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
         pre = json.loads((directory / PREPROCESS_FILE).read_text())
         self.kind = preprocess_kind(pre)
         img = pre["image"]
-        self.image_cfg = ImageConfig(size=int(img["size"]), mean=tuple(img["mean"]), std=tuple(img["std"]),
-                                     augment=False, normalize=True,
-                                     background=tuple(int(x) for x in img.get("background", (255, 255, 255))))
+        self.image_cfg = ImageConfig(
+            size=int(img["size"]),
+            mean=tuple(img["mean"]),
+            std=tuple(img["std"]),
+            augment=False,
+            normalize=True,
+            background=tuple(int(x) for x in img.get("background", (255, 255, 255))),
+        )
         self.device = torch.device(_device())
         self.tokenizer = None
         if self.kind == DUAL_ENCODER:
             from vlforge.data.tokenizer import load_tokenizer
 
             tok = pre["tokenizer"]
-            self.tokenizer = load_tokenizer(TokenizerConfig(name=str(directory / TOKENIZER_FILE),
-                                                            max_length=int(tok["max_length"]),
-                                                            lowercase=bool(tok.get("lowercase", True))))
+            self.tokenizer = load_tokenizer(
+                TokenizerConfig(
+                    name=str(directory / TOKENIZER_FILE),
+                    max_length=int(tok["max_length"]),
+                    lowercase=bool(tok.get("lowercase", True)),
+                )
+            )
         model = load_model_dir(directory, self.device)
         self._check_model(directory, model)
         self.model = model
@@ -204,11 +219,15 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
             from vlforge.models.vlmo import VLMo
 
             if not isinstance(model, (DualEncoderStudent, FusionTeacher, VLMo)):
-                raise TypeError(f"{directory}: a {DUAL_ENCODER} serving directory needs a DualEncoderStudent, "
-                                f"VLMo or FusionTeacher (methods {DUAL_ENCODER_METHODS}), got {type(model).__name__}")
+                raise TypeError(
+                    f"{directory}: a {DUAL_ENCODER} serving directory needs a DualEncoderStudent, "
+                    f"VLMo or FusionTeacher (methods {DUAL_ENCODER_METHODS}), got {type(model).__name__}"
+                )
         elif not callable(getattr(model, "generate", None)):
-            raise TypeError(f"{directory}: a {CAPTION} serving directory needs a model with generate() "
-                            f"(method {' or '.join(CAPTION_METHODS)}), got {type(model).__name__}")
+            raise TypeError(
+                f"{directory}: a {CAPTION} serving directory needs a model with generate() "
+                f"(method {' or '.join(CAPTION_METHODS)}), got {type(model).__name__}"
+            )
 
     # ------------------------------------------------------------------ preprocessing
 
@@ -232,8 +251,10 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
         import torch
 
         enc = self.tokenizer(texts)
-        return (torch.from_numpy(enc["input_ids"]).to(self.device),
-                torch.from_numpy(enc["attention_mask"]).to(self.device))
+        return (
+            torch.from_numpy(enc["input_ids"]).to(self.device),
+            torch.from_numpy(enc["attention_mask"]).to(self.device),
+        )
 
     # ------------------------------------------------------------------ inference
 
@@ -242,10 +263,14 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
             model_input = pd.DataFrame(model_input)
         mode = resolve_mode(model_input.columns, params, self.kind)
         index = model_input.index
-        images = ([_as_image_bytes(v, r) for r, v in zip(index, model_input["image"])]
-                  if mode in ("embed_image", "score", "caption") else None)
-        texts = ([_as_text(v, r) for r, v in zip(index, model_input["text"])]
-                 if mode in ("embed_text", "score") else None)
+        images = (
+            [_as_image_bytes(v, r) for r, v in zip(index, model_input["image"])]
+            if mode in ("embed_image", "score", "caption")
+            else None
+        )
+        texts = (
+            [_as_text(v, r) for r, v in zip(index, model_input["text"])] if mode in ("embed_text", "score") else None
+        )
         if mode == "caption":
             chunks = {"caption": self._captions(images, max_new_tokens(params))}
         else:
@@ -258,12 +283,16 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
         captions: list[str] = []
         with torch.inference_mode():
             for start in range(0, len(images), BATCH_ROWS):
-                captions.extend(self.model.generate(self.pixel_values(images[start:start + BATCH_ROWS]),
-                                                    max_new_tokens=new_tokens))
+                captions.extend(
+                    self.model.generate(
+                        self.pixel_values(images[start : start + BATCH_ROWS]), max_new_tokens=new_tokens
+                    )
+                )
         return captions
 
-    def _dual_encoder(self, mode: str, images: list[bytes] | None, texts: list[str] | None,
-                      rows: int) -> dict[str, list]:
+    def _dual_encoder(
+        self, mode: str, images: list[bytes] | None, texts: list[str] | None, rows: int
+    ) -> dict[str, list]:
         import torch
         import torch.nn.functional as F
 

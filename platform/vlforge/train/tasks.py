@@ -61,8 +61,7 @@ class CaptionTask(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = batch["pixel_values"].device
         tokens = self.model.tokenize(self.captions(batch["input_ids"], batch["attention_mask"]))
-        out = self.model({"pixel_values": batch["pixel_values"],
-                          **{k: v.to(device) for k, v in tokens.items()}})
+        out = self.model({"pixel_values": batch["pixel_values"], **{k: v.to(device) for k, v in tokens.items()}})
         return {**out, "loss": self.weight * out["loss"]}
 
 
@@ -82,9 +81,14 @@ class VLKDTask(CaptionTask):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = batch["pixel_values"].device
         tokens = self.model.tokenize(self.captions(batch["input_ids"], batch["attention_mask"]))
-        out = self.model({"pixel_values": batch["pixel_values"], "teacher_input_ids": batch["input_ids"],
-                          "teacher_attention_mask": batch["attention_mask"],
-                          **{k: v.to(device) for k, v in tokens.items()}})
+        out = self.model(
+            {
+                "pixel_values": batch["pixel_values"],
+                "teacher_input_ids": batch["input_ids"],
+                "teacher_attention_mask": batch["attention_mask"],
+                **{k: v.to(device) for k, v in tokens.items()},
+            }
+        )
         return out
 
 
@@ -116,8 +120,9 @@ def load_teacher(path: str) -> nn.Module:
     return as_teacher(load_model_dir(_local(path)))
 
 
-def build_task(cfg: TrainRunConfig, stage: StageConfig, model: nn.Module | None = None,
-               gather: bool = True) -> TrainTask:
+def build_task(
+    cfg: TrainRunConfig, stage: StageConfig, model: nn.Module | None = None, gather: bool = True
+) -> TrainTask:
     """The stage's task around ``model`` (a fresh one from the registry when None)."""
     model = model if model is not None else create(cfg)
     prefix = task_prefix(cfg.method)

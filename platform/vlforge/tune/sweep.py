@@ -82,10 +82,10 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     candidates = [Path(cfg.experiment), here / cfg.experiment, here.parent / cfg.experiment]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
-        raise ConfigError(f"{path}: experiment {cfg.experiment} not found (looked at "
-                          f"{', '.join(str(c) for c in candidates)})")
-    return dataclasses.replace(cfg, name=cfg.name or Path(path).stem.replace(".", "_"),
-                               experiment=str(found.resolve()))
+        raise ConfigError(
+            f"{path}: experiment {cfg.experiment} not found (looked at {', '.join(str(c) for c in candidates)})"
+        )
+    return dataclasses.replace(cfg, name=cfg.name or Path(path).stem.replace(".", "_"), experiment=str(found.resolve()))
 
 
 def _value_text(v: Any) -> str:
@@ -155,21 +155,37 @@ class SweepPlan:
                 s = dataclasses.replace(s, init=str(base_dir / before[-1].name))
             stages.append(s)
         res = self.sweep.resources
-        tags = {**self.sweep.tracking.tags, SWEEP_TAG: self.name, TRIAL_TAG: trial_id, ROLE_TAG: "trial",
-                **({_parent_tag(): self.parent_run_id} if self.parent_run_id else {})}
+        tags = {
+            **self.sweep.tracking.tags,
+            SWEEP_TAG: self.name,
+            TRIAL_TAG: trial_id,
+            ROLE_TAG: "trial",
+            **({_parent_tag(): self.parent_run_id} if self.parent_run_id else {}),
+        }
         name = self.trial_name(trial_id)
         return dataclasses.replace(
-            full, name=name, stages=stages, data=stages[0].data or full.data, storage_path=str(self.runs_dir),
-            num_workers=res.num_workers, worker_cpus=res.worker_cpus, use_gpu=res.use_gpu,
-            checkpoint_every=self.sweep.report_every, export=False, stage_exports=False, corpus=None,
-            tracking=dataclasses.replace(self.sweep.tracking, run_name=name, tags=tags))
+            full,
+            name=name,
+            stages=stages,
+            data=stages[0].data or full.data,
+            storage_path=str(self.runs_dir),
+            num_workers=res.num_workers,
+            worker_cpus=res.worker_cpus,
+            use_gpu=res.use_gpu,
+            checkpoint_every=self.sweep.report_every,
+            export=False,
+            stage_exports=False,
+            corpus=None,
+            tracking=dataclasses.replace(self.sweep.tracking, run_name=name, tags=tags),
+        )
 
     def validator(self, run: TrainRunConfig):
         from vlforge.evaluation.validation import RetrievalValidator
 
         data = run.stages[0].data or run.data
-        data = dataclasses.replace(data, shards=self.validation_shards,
-                                   image=dataclasses.replace(data.image, augment=False))
+        data = dataclasses.replace(
+            data, shards=self.validation_shards, image=dataclasses.replace(data.image, augment=False)
+        )
         v = self.sweep.validation
         return RetrievalValidator(self.validation_shards, data, max_samples=v.max_samples, batch_size=v.batch_size)
 
@@ -189,16 +205,21 @@ def _split(run: TrainRunConfig, trial_stages: list[str]):
     if unknown:
         raise ConfigError(f"trial_stages {unknown}: no such stage (stages: {names})")
     first = names.index(trial_stages[0])
-    if names[first:first + len(trial_stages)] != list(trial_stages):
+    if names[first : first + len(trial_stages)] != list(trial_stages):
         raise ConfigError(f"trial_stages {trial_stages} must be consecutive stages in order (stages: {names})")
-    return list(run.stages[:first]), list(run.stages[first:first + len(trial_stages)])
+    return list(run.stages[:first]), list(run.stages[first : first + len(trial_stages)])
 
 
 def _two_stage_plan(sweep_plan: SweepPlan, exp: TwoStageConfig):
     from vlforge.workflows.two_stage import plan
 
-    exp = dataclasses.replace(exp, name=sweep_plan.name, storage_path=str(sweep_plan.runs_dir), ablations=[],
-                              tracking=sweep_plan.sweep.tracking)
+    exp = dataclasses.replace(
+        exp,
+        name=sweep_plan.name,
+        storage_path=str(sweep_plan.runs_dir),
+        ablations=[],
+        tracking=sweep_plan.sweep.tracking,
+    )
     return plan(exp, ablations=False)
 
 
@@ -222,11 +243,18 @@ def _shared_runs(sweep_plan: SweepPlan, exp) -> list[TrainRunConfig]:
         if needs_finetune and "teacher-finetune" in p.runs:
             shared.append(p.runs["teacher-finetune"])
     if before:
-        shared.append(dataclasses.replace(full, name=f"{sweep_plan.name}.base", stages=before,
-                                          storage_path=str(sweep_plan.runs_dir), export=False,
-                                          stage_exports=True, corpus=None,
-                                          tracking=dataclasses.replace(full.tracking,
-                                                                       run_name=f"{sweep_plan.name}.base")))
+        shared.append(
+            dataclasses.replace(
+                full,
+                name=f"{sweep_plan.name}.base",
+                stages=before,
+                storage_path=str(sweep_plan.runs_dir),
+                export=False,
+                stage_exports=True,
+                corpus=None,
+                tracking=dataclasses.replace(full.tracking, run_name=f"{sweep_plan.name}.base"),
+            )
+        )
     return shared
 
 
@@ -246,8 +274,12 @@ def _resolved_experiment(sweep: SweepConfig, params: dict[str, Any] | None = Non
     exp = load_experiment(sweep, params)
     if isinstance(exp, TwoStageConfig):
         checkpoint = absolute(exp.teacher.checkpoint) if exp.teacher.checkpoint else None
-        return dataclasses.replace(exp, data_root=absolute(exp.data_root), storage_path=absolute(exp.storage_path),
-                                   teacher=dataclasses.replace(exp.teacher, checkpoint=checkpoint))
+        return dataclasses.replace(
+            exp,
+            data_root=absolute(exp.data_root),
+            storage_path=absolute(exp.storage_path),
+            teacher=dataclasses.replace(exp.teacher, checkpoint=checkpoint),
+        )
     from vlforge.train.runner import resolve
 
     return resolve(exp)
@@ -257,8 +289,11 @@ def make_plan(sweep: SweepConfig) -> SweepPlan:
     """Resolve the sweep on the driver and check every swept key before any resource is taken."""
     from vlforge.tracking import resolve_tracking_uri
 
-    tracking = dataclasses.replace(sweep.tracking, tracking_uri=resolve_tracking_uri(sweep.tracking),
-                                   buffer_dir=os.path.abspath(sweep.tracking.buffer_dir))
+    tracking = dataclasses.replace(
+        sweep.tracking,
+        tracking_uri=resolve_tracking_uri(sweep.tracking),
+        buffer_dir=os.path.abspath(sweep.tracking.buffer_dir),
+    )
     sweep = dataclasses.replace(sweep, tracking=tracking, storage_path=absolute(sweep.storage_path))
     exp = _resolved_experiment(sweep)
     shards = sweep.validation.shards
@@ -278,13 +313,17 @@ def make_plan(sweep: SweepConfig) -> SweepPlan:
     for key, space in sweep.space.items():
         for value in {_value_text(v): v for v in (space.example(), _other_example(space))}.values():
             if [_comparable(r) for r in _shared_runs(p, _resolved_experiment(sweep, {key: value}))] != base:
-                raise ConfigError(f"sweep {sweep.name}: space key {key} changes a shared run (the teacher or "
-                                  f"the stages before {sweep.trial_stages or 'the trial'}), which is trained once "
-                                  f"per sweep; sweep keys of the trial stages only")
+                raise ConfigError(
+                    f"sweep {sweep.name}: space key {key} changes a shared run (the teacher or "
+                    f"the stages before {sweep.trial_stages or 'the trial'}), which is trained once "
+                    f"per sweep; sweep keys of the trial stages only"
+                )
             p.trial_run({key: value})
     if sweep.scheduler.kind == "asha" and sweep.scheduler.grace_period >= (sweep.scheduler.max_t or p.max_reports):
-        raise ConfigError(f"scheduler.grace_period {sweep.scheduler.grace_period} leaves ASHA nothing to stop: a "
-                          f"trial reports {p.max_reports} times (report_every {sweep.report_every})")
+        raise ConfigError(
+            f"scheduler.grace_period {sweep.scheduler.grace_period} leaves ASHA nothing to stop: a "
+            f"trial reports {p.max_reports} times (report_every {sweep.report_every})"
+        )
     return p
 
 
@@ -325,8 +364,9 @@ def search_algorithm(sweep: SweepConfig, max_concurrent: int):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         from ray.tune.search import ConcurrencyLimiter
 
-        searcher = OptunaSearch(metric=sweep.metric, mode=sweep.mode,
-                                sampler=optuna.samplers.TPESampler(seed=sweep.search.seed))
+        searcher = OptunaSearch(
+            metric=sweep.metric, mode=sweep.mode, sampler=optuna.samplers.TPESampler(seed=sweep.search.seed)
+        )
         return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
     from ray.tune.search import BasicVariantGenerator
 
@@ -348,8 +388,12 @@ def scheduler(sweep: SweepConfig, max_reports: int):
     s = sweep.scheduler
     if s.kind == "fifo":
         return FIFOScheduler()
-    return FinishingASHA(time_attr="training_iteration", grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor, max_t=s.max_t or max_reports)
+    return FinishingASHA(
+        time_attr="training_iteration",
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+        max_t=s.max_t or max_reports,
+    )
 
 
 def _trial(params: dict[str, Any], plan: SweepPlan) -> None:
@@ -395,8 +439,9 @@ def _close_child_run(plan: SweepPlan, trial_id: str, status: str) -> None:
     exp = client.get_experiment_by_name(plan.sweep.tracking.experiment)
     if exp is None:
         return
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`{RUN_KEY_TAG}` = '{plan.trial_name(trial_id)}'", max_results=5)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{plan.trial_name(trial_id)}'", max_results=5
+    )
     for r in runs:
         client.set_tag(r.info.run_id, STATUS_TAG, status)
         if r.info.status == "RUNNING":
@@ -421,8 +466,11 @@ def _callback(plan: SweepPlan):
             path = _status_file(plan, trial.trial_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"status": status, "reports": reports, "time": time.time()}))
-            print(f"trial {trial.trial_id}: {status} after {reports} report(s), {plan.sweep.metric} "
-                  f"{trial.last_result.get(plan.sweep.metric)}", flush=True)
+            print(
+                f"trial {trial.trial_id}: {status} after {reports} report(s), {plan.sweep.metric} "
+                f"{trial.last_result.get(plan.sweep.metric)}",
+                flush=True,
+            )
             try:
                 _close_child_run(plan, trial.trial_id, status)
             except Exception as exc:  # noqa: BLE001 - tracking must not stop the sweep
@@ -456,16 +504,24 @@ class SweepResult:
         return any(r["status"] == PENDING for r in self.rows)
 
     def summary(self) -> str:
-        lines = [self.table, "", f"sweep {self.name}: {len(self.rows)} trials in {self.seconds:.0f}s"
-                 + (" (resumed)" if self.resumed else "")]
+        lines = [
+            self.table,
+            "",
+            f"sweep {self.name}: {len(self.rows)} trials in {self.seconds:.0f}s"
+            + (" (resumed)" if self.resumed else ""),
+        ]
         if self.stopped_early():
             lines.append(f"stopped early by the scheduler: {', '.join(self.stopped_early())}")
         if self.interrupted:
-            lines.append(f"INTERRUPTED: {sum(r['status'] == PENDING for r in self.rows)} trial(s) unfinished; "
-                         "run the same command again to resume the sweep")
+            lines.append(
+                f"INTERRUPTED: {sum(r['status'] == PENDING for r in self.rows)} trial(s) unfinished; "
+                "run the same command again to resume the sweep"
+            )
         if self.best:
-            lines.append(f"best: trial {self.best['trial_id']}, {self.best['metric_name']} {self.best['metric']:.2f}; "
-                         f"config {self.best_config}")
+            lines.append(
+                f"best: trial {self.best['trial_id']}, {self.best['metric_name']} {self.best['metric']:.2f}; "
+                f"config {self.best_config}"
+            )
         lines.append(f"results: {self.root}")
         return "\n".join(lines)
 
@@ -491,8 +547,10 @@ def _concurrency(plan: SweepPlan, log: Callable[[str], None]) -> int:
         raise ConfigError(f"a trial needs {res.per_trial()} CPUs next to {data} for Ray Data; the cluster has {total}")
     n = min(plan.sweep.search.max_concurrent, fits)
     if n < plan.sweep.search.max_concurrent:
-        log(f"max_concurrent {plan.sweep.search.max_concurrent} -> {n}: the cluster's {total:g} CPUs hold {n} "
-            f"trials of {res.per_trial():g} CPUs next to {data} for Ray Data")
+        log(
+            f"max_concurrent {plan.sweep.search.max_concurrent} -> {n}: the cluster's {total:g} CPUs hold {n} "
+            f"trials of {res.per_trial():g} CPUs next to {data} for Ray Data"
+        )
     return n
 
 
@@ -502,8 +560,12 @@ def _train_shared(plan: SweepPlan, log: Callable[[str], None]) -> None:
 
     teacher_dir = plan.runs_dir / plan.name / "teacher"  # the two-stage plan's teacher_dir
     for run in plan.shared:
-        tags = {**run.tracking.tags, SWEEP_TAG: plan.name, ROLE_TAG: "shared",
-                **({_parent_tag(): plan.parent_run_id} if plan.parent_run_id else {})}
+        tags = {
+            **run.tracking.tags,
+            SWEEP_TAG: plan.name,
+            ROLE_TAG: "shared",
+            **({_parent_tag(): plan.parent_run_id} if plan.parent_run_id else {}),
+        }
         run = dataclasses.replace(run, tracking=dataclasses.replace(run.tracking, tags=tags))
         train_or_reuse(run, log)
         fill_teacher_dir(run.name.removeprefix(f"{plan.name}."), run, teacher_dir)
@@ -522,10 +584,17 @@ def _check_same_sweep(plan: SweepPlan) -> None:
     if saved.exists() and saved.read_text() != now:
         import difflib
 
-        diff = "\n".join(list(difflib.unified_diff(saved.read_text().splitlines(), now.splitlines(), "started with",
-                                                   "now", lineterm=""))[2:12])
-        raise ConfigError(f"sweep {plan.name} at {plan.root} was started with another configuration; resume it "
-                          f"with the same file and overrides, or give a new name (--set name=...):\n{diff}")
+        diff = "\n".join(
+            list(
+                difflib.unified_diff(
+                    saved.read_text().splitlines(), now.splitlines(), "started with", "now", lineterm=""
+                )
+            )[2:12]
+        )
+        raise ConfigError(
+            f"sweep {plan.name} at {plan.root} was started with another configuration; resume it "
+            f"with the same file and overrides, or give a new name (--set name=...):\n{diff}"
+        )
     plan.root.mkdir(parents=True, exist_ok=True)
     saved.write_text(now)
 
@@ -560,15 +629,22 @@ def run_sweep(sweep: SweepConfig, *, init_ray: bool = True, log: Callable[[str],
 
         train, data = _local_cpus(plan)
         if not os.environ.get("RAY_ADDRESS"):
-            log(f"local Ray: {local_cpus(1, train, data)} logical CPUs ({sweep.search.max_concurrent} trials x "
-                f"{sweep.resources.per_trial():g} + {data} for Ray Data)")
+            log(
+                f"local Ray: {local_cpus(1, train, data)} logical CPUs ({sweep.search.max_concurrent} trials x "
+                f"{sweep.resources.per_trial():g} + {data} for Ray Data)"
+            )
         start_ray(num_train_workers=1, worker_cpus=train, data_cpus=data)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     prepare_local_mlflow(sweep.tracking)
     tracker = make_tracker(sweep.tracking, 0)
-    parent = tracker.start(run_key=f"sweep.{sweep.name}", run_name=sweep.name,
-                           tags={SWEEP_TAG: sweep.name, ROLE_TAG: "parent"}) if sweep.tracking.enabled else None
+    parent = (
+        tracker.start(
+            run_key=f"sweep.{sweep.name}", run_name=sweep.name, tags={SWEEP_TAG: sweep.name, ROLE_TAG: "parent"}
+        )
+        if sweep.tracking.enabled
+        else None
+    )
     try:
         tracker.log_config(sweep)
     except ConfigChangedError:
@@ -577,24 +653,31 @@ def run_sweep(sweep: SweepConfig, *, init_ray: bool = True, log: Callable[[str],
     status = "FAILED"
     try:
         _train_shared(plan, log)
-        trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan),
-                                        {"CPU": sweep.resources.trial_cpus})
+        trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": sweep.resources.trial_cpus})
         resumed = tune.Tuner.can_restore(str(plan.tune_dir))
         if resumed:
             log(f"== resuming sweep {sweep.name} from {plan.tune_dir}")
             tuner = tune.Tuner.restore(str(plan.tune_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:
             concurrency = _concurrency(plan, log)
-            log(f"== sweep {sweep.name}: {sweep.search.algorithm} search, {sweep.search.num_samples} sample(s), "
+            log(
+                f"== sweep {sweep.name}: {sweep.search.algorithm} search, {sweep.search.num_samples} sample(s), "
                 f"{sweep.scheduler.kind} scheduler, {concurrency} at a time, metric {sweep.metric} ({sweep.mode}), "
-                f"{plan.max_reports} reports per full trial")
+                f"{plan.max_reports} reports per full trial"
+            )
             tuner = tune.Tuner(
-                trainable, param_space=search_space(sweep),
-                tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.search.num_samples,
-                                            search_alg=search_algorithm(sweep, concurrency),
-                                            scheduler=scheduler(sweep, plan.max_reports)),
-                run_config=tune.RunConfig(name="tune", storage_path=str(plan.root), callbacks=[_callback(plan)],
-                                          verbose=1),
+                trainable,
+                param_space=search_space(sweep),
+                tune_config=tune.TuneConfig(
+                    metric=sweep.metric,
+                    mode=sweep.mode,
+                    num_samples=sweep.search.num_samples,
+                    search_alg=search_algorithm(sweep, concurrency),
+                    scheduler=scheduler(sweep, plan.max_reports),
+                ),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(plan.root), callbacks=[_callback(plan)], verbose=1
+                ),
             )
         grid = tuner.fit()
         result = _results(plan, grid, time.perf_counter() - t0, resumed)
@@ -603,8 +686,14 @@ def run_sweep(sweep: SweepConfig, *, init_ray: bool = True, log: Callable[[str],
         if result.best:
             tracker.log_metrics({f"best_{sweep.metric}": result.best["metric"]}, step=0)
             tracker.set_tags({"vlforge.best_trial_id": result.best["trial_id"]})
-        tracker.log_metrics({"seconds": result.seconds, "trials": len(result.rows),
-                             "trials_stopped_early": len(result.stopped_early())}, step=0)
+        tracker.log_metrics(
+            {
+                "seconds": result.seconds,
+                "trials": len(result.rows),
+                "trials_stopped_early": len(result.stopped_early()),
+            },
+            step=0,
+        )
         status = "KILLED" if result.interrupted else "FINISHED"
         result.parent_run_id = parent
         (plan.root / "summary.txt").write_text(result.summary() + "\n")
@@ -624,8 +713,9 @@ def _results(plan: SweepPlan, grid, seconds: float, resumed: bool) -> SweepResul
     for r in grid:
         trial_id = _trial_id(r)
         history = r.metrics_dataframe
-        values = [] if history is None or sweep.metric not in history else \
-            [float(v) for v in history[sweep.metric].dropna()]
+        values = (
+            [] if history is None or sweep.metric not in history else [float(v) for v in history[sweep.metric].dropna()]
+        )
         row: dict[str, Any] = {"trial_id": trial_id}
         row.update({k: r.config.get(k) for k in keys})
         row["metric"] = values[-1] if values else None
@@ -642,8 +732,9 @@ def _results(plan: SweepPlan, grid, seconds: float, resumed: bool) -> SweepResul
     table = _table(rows, keys, sweep.metric)
     plan.root.mkdir(parents=True, exist_ok=True)
     artifacts = []
-    (plan.root / "results.json").write_text(json.dumps({"metric": sweep.metric, "mode": sweep.mode, "rows": rows,
-                                                        "best": best}, indent=1, default=str))
+    (plan.root / "results.json").write_text(
+        json.dumps({"metric": sweep.metric, "mode": sweep.mode, "rows": rows, "best": best}, indent=1, default=str)
+    )
     (plan.root / "results.txt").write_text(table + "\n")
     artifacts += [str(plan.root / "results.json"), str(plan.root / "results.txt")]
     best_path = None
@@ -652,8 +743,17 @@ def _results(plan: SweepPlan, grid, seconds: float, resumed: bool) -> SweepResul
         artifacts.append(str(best_path))
     if scored:
         artifacts.append(str(plot_metric_vs_params(rows, sweep, plan.root / "metric_vs_params.png")))
-    return SweepResult(sweep.name, str(plan.root), rows, best, str(best_path) if best_path else None, table,
-                       seconds, resumed, artifacts=artifacts)
+    return SweepResult(
+        sweep.name,
+        str(plan.root),
+        rows,
+        best,
+        str(best_path) if best_path else None,
+        table,
+        seconds,
+        resumed,
+        artifacts=artifacts,
+    )
 
 
 def _trial_id(result) -> str:
@@ -669,21 +769,34 @@ def _table(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
     from vlforge.evaluation import format_table
 
     short = {k: k.split(".")[-1] if sum(x.split(".")[-1] == k.split(".")[-1] for x in keys) == 1 else k for k in keys}
-    shown = [{**{short[k]: r[k] for k in keys}, **{k: r[k] for k in ("trial_id", "metric", "best_seen", "reports",
-                                                                      "status")}} for r in rows]
-    return format_table(shown, ["trial_id", *short.values(), "metric", "best_seen", "reports", "status"],
-                        title=f"Sweep: {metric} at each trial's last report (keys: "
-                              + ", ".join(f"{v} = {k}" for k, v in short.items() if v != k) + ")"
-                        if any(v != k for k, v in short.items()) else f"Sweep: {metric} at each trial's last report")
+    shown = [
+        {
+            **{short[k]: r[k] for k in keys},
+            **{k: r[k] for k in ("trial_id", "metric", "best_seen", "reports", "status")},
+        }
+        for r in rows
+    ]
+    return format_table(
+        shown,
+        ["trial_id", *short.values(), "metric", "best_seen", "reports", "status"],
+        title=f"Sweep: {metric} at each trial's last report (keys: "
+        + ", ".join(f"{v} = {k}" for k, v in short.items() if v != k)
+        + ")"
+        if any(v != k for k, v in short.items())
+        else f"Sweep: {metric} at each trial's last report",
+    )
 
 
 def write_best_config(plan: SweepPlan, params: dict[str, Any], best: dict[str, Any]) -> Path:
     """The base experiment with the sweep's overrides and the best trial's values, as a YAML file the
     experiment's job script runs (``python jobs/two_stage.py --config <file>``)."""
     cfg = load_experiment(plan.sweep, params)
-    header = (f"# Best trial of sweep {plan.name}: {best['trial_id']}, {plan.sweep.metric} = {best['metric']:.4g} "
-              f"({plan.sweep.mode}).\n# Base experiment {plan.sweep.experiment}\n# with "
-              + " ".join(f"--set {o}" for o in [*plan.sweep.set, *param_overrides(params)]) + "\n")
+    header = (
+        f"# Best trial of sweep {plan.name}: {best['trial_id']}, {plan.sweep.metric} = {best['metric']:.4g} "
+        f"({plan.sweep.mode}).\n# Base experiment {plan.sweep.experiment}\n# with "
+        + " ".join(f"--set {o}" for o in [*plan.sweep.set, *param_overrides(params)])
+        + "\n"
+    )
     out = plan.root / "best_config.yaml"
     out.write_text(header + _safe_yaml(cfg))
     return out
@@ -701,8 +814,10 @@ def plot_metric_vs_params(rows: list[dict[str, Any]], sweep: SweepConfig, path: 
     FigureCanvasAgg(fig)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), i + 1)
-        for status, style in ((FINISHED, dict(marker="o", color="C0")),
-                              (STOPPED, dict(marker="o", facecolors="none", edgecolors="C1"))):
+        for status, style in (
+            (FINISHED, dict(marker="o", color="C0")),
+            (STOPPED, dict(marker="o", facecolors="none", edgecolors="C1")),
+        ):
             pts = [(r[key], r["metric"]) for r in rows if r["status"] == status and r["metric"] is not None]
             if not pts:
                 continue

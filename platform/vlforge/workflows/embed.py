@@ -62,8 +62,10 @@ class EmbedResult:
     def summary(self) -> str:
         rate = self.rows / self.seconds if self.seconds > 0 else 0.0
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
-        return (f"embedded {self.rows} samples with {self.model_uri} (alias {self.alias!r}) in "
-                f"{self.seconds:.1f}s ({rate:.1f}/s); skipped: {skipped}\n  -> {self.out}")
+        return (
+            f"embedded {self.rows} samples with {self.model_uri} (alias {self.alias!r}) in "
+            f"{self.seconds:.1f}s ({rate:.1f}/s); skipped: {skipped}\n  -> {self.out}"
+        )
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -72,8 +74,15 @@ class EmbedResult:
 def _schema() -> pyarrow.Schema:
     import pyarrow as pa
 
-    return pa.schema([("key", pa.string()), ("caption", pa.string()), ("shard", pa.string()),
-                      ("image_embedding", pa.list_(pa.float32())), ("text_embedding", pa.list_(pa.float32()))])
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("caption", pa.string()),
+            ("shard", pa.string()),
+            ("image_embedding", pa.list_(pa.float32())),
+            ("text_embedding", pa.list_(pa.float32())),
+        ]
+    )
 
 
 def _list_column(x: np.ndarray) -> pyarrow.Array:
@@ -135,8 +144,9 @@ class Embedder:
         from vlforge.data.pipeline import decode_batch
         from vlforge.evaluation._common import image_embeddings, text_embeddings
 
-        decoded = decode_batch(batch, image=self.image, tokenizer=self.tokenizer, task="captions",
-                               train=False, counters=self.counters)
+        decoded = decode_batch(
+            batch, image=self.image, tokenizer=self.tokenizer, task="captions", train=False, counters=self.counters
+        )
         if not decoded:
             return _schema().empty_table()
         rows = _kept_rows(batch["key"], decoded["sample_id"])
@@ -150,10 +160,13 @@ class Embedder:
         if self.counters is not None:
             self.counters.add.remote({"embedded": n})
         return pa.Table.from_arrays(
-            [pa.array([str(batch["key"][i]) for i in rows], pa.string()),
-             pa.array([_text(batch["text"][i]) for i in rows], pa.string()),
-             pa.array([str(batch["url"][i]) for i in rows], pa.string()),
-             _list_column(img), _list_column(txt)],
+            [
+                pa.array([str(batch["key"][i]) for i in rows], pa.string()),
+                pa.array([_text(batch["text"][i]) for i in rows], pa.string()),
+                pa.array([str(batch["url"][i]) for i in rows], pa.string()),
+                _list_column(img),
+                _list_column(txt),
+            ],
             schema=_schema(),
         )
 
@@ -167,8 +180,9 @@ class Embedder:
 def _check_out(out: str, storage: StorageConfig | None) -> None:
     fs, path = filesystem_for(out, storage)
     if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
-        raise FileExistsError(f"output {out} already exists and is not an empty directory; "
-                              "pick a new --out or remove it")
+        raise FileExistsError(
+            f"output {out} already exists and is not an empty directory; pick a new --out or remove it"
+        )
 
 
 def _progress(counters, stop: threading.Event, every_s: float, started: float) -> None:
@@ -178,8 +192,11 @@ def _progress(counters, stop: threading.Event, every_s: float, started: float) -
         except Exception:  # noqa: BLE001 - progress is best effort; the write reports real failures
             return
         skipped = sum(v for k, v in counts.items() if k.startswith("skipped."))
-        print(f"embed: {counts.get('embedded', 0)} rows embedded, {counts.get('read', 0)} read, "
-              f"{skipped} skipped ({time.monotonic() - started:.0f}s)", flush=True)
+        print(
+            f"embed: {counts.get('embedded', 0)} rows embedded, {counts.get('read', 0)} read, "
+            f"{skipped} skipped ({time.monotonic() - started:.0f}s)",
+            flush=True,
+        )
 
 
 def _count_rows(out: str, storage: StorageConfig | None) -> int:
@@ -239,8 +256,13 @@ def embed_shards(
     raw = read_raw(shards, storage, chunk_rows=batch_size)
     ds = raw.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model_name": model_name, "alias": alias, "version": version.version,
-                               "tracking_uri": uri, "counters": counters.handle},
+        fn_constructor_kwargs={
+            "model_name": model_name,
+            "alias": alias,
+            "version": version.version,
+            "tracking_uri": uri,
+            "counters": counters.handle,
+        },
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -263,5 +285,4 @@ def embed_shards(
     skipped = Counters.skipped(counts)
     if rows == 0:
         raise ValueError(f"{shards}: no usable samples to embed ({counts.get('read', 0)} read, skipped {skipped})")
-    return EmbedResult(out=out, rows=rows, seconds=seconds, model_uri=version.model_uri, alias=alias,
-                       skipped=skipped)
+    return EmbedResult(out=out, rows=rows, seconds=seconds, model_uri=version.model_uri, alias=alias, skipped=skipped)

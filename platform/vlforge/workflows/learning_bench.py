@@ -96,8 +96,9 @@ def platform_curve(cfg: TrainRunConfig, scorer: RetrievalValidator, work: Path) 
     steps = checkpoint_steps(cfg)
     if len(rows) != len(steps):
         raise RuntimeError(f"platform run reported {len(rows)} times, expected {len(steps)} (a restart?)")
-    return [CurvePoint("platform", s, r["seconds"], _samples(cfg, s), r["i2t_r1"], r["t2i_r1"])
-            for s, r in zip(steps, rows)]
+    return [
+        CurvePoint("platform", s, r["seconds"], _samples(cfg, s), r["i2t_r1"], r["t2i_r1"]) for s, r in zip(steps, rows)
+    ]
 
 
 def _samples(cfg: TrainRunConfig, global_step: int) -> int:
@@ -109,8 +110,9 @@ def _samples(cfg: TrainRunConfig, global_step: int) -> int:
     return total
 
 
-def torch_curve(cfg: TrainRunConfig, scorer: RetrievalValidator,
-                log: Callable[[str], None] = print) -> list[CurvePoint]:
+def torch_curve(
+    cfg: TrainRunConfig, scorer: RetrievalValidator, log: Callable[[str], None] = print
+) -> list[CurvePoint]:
     """The same stages in one process with plain torch; see the module docstring."""
     import torch
 
@@ -130,8 +132,11 @@ def torch_curve(cfg: TrainRunConfig, scorer: RetrievalValidator,
     model = create(cfg)
     for stage in cfg.stages:
         data = stage.data or cfg.data
-        train = load_eval_set(data.shards, dataclasses.replace(data, image=dataclasses.replace(
-            data.image, augment=False)), task="captions")
+        train = load_eval_set(
+            data.shards,
+            dataclasses.replace(data, image=dataclasses.replace(data.image, augment=False)),
+            task="captions",
+        )
         task = build_task(cfg, stage, model, gather=False)
         set_trainable(model, stage.trainable)
         opt = make_optimizer(param_groups(task.module, stage.optimizer.weight_decay), stage.optimizer, False)
@@ -143,7 +148,7 @@ def torch_curve(cfg: TrainRunConfig, scorer: RetrievalValidator,
         for _ in range(stage.steps):
             if pos + batch > n:
                 order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos:pos + batch]
+            idx = order[pos : pos + batch]
             pos += batch
             out = task.module({k: v[idx] for k, v in train.items()})
             opt.zero_grad(set_to_none=True)
@@ -163,8 +168,10 @@ def torch_curve(cfg: TrainRunConfig, scorer: RetrievalValidator,
                 task.module.train()
                 scoring += time.perf_counter() - s0
                 points.append(CurvePoint("torch", global_step, seconds, _samples(cfg, global_step), i2t, t2i))
-                log(f"[torch] step {global_step}: {seconds:.0f}s, R@1 i2t {i2t:.1f} t2i {t2i:.1f}, "
-                    f"loss {float(out['loss']):.3f}")
+                log(
+                    f"[torch] step {global_step}: {seconds:.0f}s, R@1 i2t {i2t:.1f} t2i {t2i:.1f}, "
+                    f"loss {float(out['loss']):.3f}"
+                )
     return points
 
 
@@ -202,8 +209,9 @@ def format_curves(curves: dict[str, list[CurvePoint]], summary: dict[str, Any]) 
     lines = [f"{'system':<9} {'step':>5} {'minutes':>8} {'samples':>8} {'i2t R@1':>8} {'t2i R@1':>8}"]
     for points in curves.values():
         for p in points:
-            lines.append(f"{p.system:<9} {p.step:>5} {p.seconds / 60:>8.2f} {p.samples:>8} "
-                         f"{p.i2t_r1:>8.1f} {p.t2i_r1:>8.1f}")
+            lines.append(
+                f"{p.system:<9} {p.step:>5} {p.seconds / 60:>8.2f} {p.samples:>8} {p.i2t_r1:>8.1f} {p.t2i_r1:>8.1f}"
+            )
     lines.append("")
     lines.append(f"target mean R@1 {summary['target_r1']:.1f} (0.8 of the lower final)")
     for k in curves:
@@ -214,8 +222,9 @@ def format_curves(curves: dict[str, list[CurvePoint]], summary: dict[str, Any]) 
         if sps:
             lines[-1] += f", {sps:.1f} samples/s"
     if "time_ratio" in summary:
-        lines.append(f"learning-per-minute ratio (platform time / torch time to the target): "
-                     f"{summary['time_ratio']:.2f}")
+        lines.append(
+            f"learning-per-minute ratio (platform time / torch time to the target): {summary['time_ratio']:.2f}"
+        )
     if "throughput_ratio" in summary:
         lines.append(f"throughput ratio (torch / platform samples/s): {summary['throughput_ratio']:.2f}")
     return "\n".join(lines)
@@ -242,9 +251,17 @@ def plot_curves(curves: dict[str, list[CurvePoint]], out: Path) -> Path:
     return out
 
 
-def bench_learning(cfg: TrainRunConfig, *, eval_shards: str, data: DataConfig, eval_every: int,
-                   max_samples: int, work: Path, systems: tuple[str, ...] = ("platform", "torch"),
-                   log: Callable[[str], None] = print) -> dict[str, list[CurvePoint]]:
+def bench_learning(
+    cfg: TrainRunConfig,
+    *,
+    eval_shards: str,
+    data: DataConfig,
+    eval_every: int,
+    max_samples: int,
+    work: Path,
+    systems: tuple[str, ...] = ("platform", "torch"),
+    log: Callable[[str], None] = print,
+) -> dict[str, list[CurvePoint]]:
     cfg = dataclasses.replace(cfg, checkpoint_every=eval_every, keep_checkpoints=1)
     scorer = RetrievalValidator(eval_shards, data, max_samples=max_samples)
     work.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,10 @@ class Registration:
     tags: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"registered {self.name} version {self.version} as @{self.alias} ({self.model_uri}), "
-                 f"run {self.run_id}", f"preprocessing from {self.data_source}"]
+        lines = [
+            f"registered {self.name} version {self.version} as @{self.alias} ({self.model_uri}), run {self.run_id}",
+            f"preprocessing from {self.data_source}",
+        ]
         lines += [f"  {k} = {v}" for k, v in sorted(self.tags.items()) if k.startswith("eval.")]
         return "\n".join(lines)
 
@@ -62,12 +64,18 @@ def serving_data(model_dir: str | Path, storage: StorageConfig | None = None) ->
     with torch.device("meta"):
         model = build_from_spec(spec)
     if spec.get("method") in ("frozen", "vcgpt"):
-        return DataConfig(image=ImageConfig(size=int(model.vision.img_size), augment=False),
-                          storage=storage or StorageConfig()), "the model (image size)"
+        return DataConfig(
+            image=ImageConfig(size=int(model.vision.img_size), augment=False), storage=storage or StorageConfig()
+        ), "the model (image size)"
     enc = getattr(model, "encoder", model).config
-    return (DataConfig(image=ImageConfig(size=int(enc.img_size), augment=False),
-                       tokenizer=TokenizerConfig(max_length=int(enc.max_text_len)), storage=storage or StorageConfig()),
-            "the model (image size, text length; the default tokenizer)")
+    return (
+        DataConfig(
+            image=ImageConfig(size=int(enc.img_size), augment=False),
+            tokenizer=TokenizerConfig(max_length=int(enc.max_text_len)),
+            storage=storage or StorageConfig(),
+        ),
+        "the model (image size, text length; the default tokenizer)",
+    )
 
 
 def eval_name(spec: str) -> tuple[str, str]:
@@ -94,10 +102,20 @@ def eval_tags(name: str, row: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def register_model_dir(model_dir: str | Path, name: str, *, alias: str = "challenger", evals: list[str] = (),
-                       max_samples: int | None = None, rerank_k: int = 0, tags: dict[str, str] | None = None,
-                       tracking_uri: str | None = None, experiment: str = "vlforge",
-                       storage: StorageConfig | None = None, log=print) -> Registration:
+def register_model_dir(
+    model_dir: str | Path,
+    name: str,
+    *,
+    alias: str = "challenger",
+    evals: list[str] = (),
+    max_samples: int | None = None,
+    rerank_k: int = 0,
+    tags: dict[str, str] | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "vlforge",
+    storage: StorageConfig | None = None,
+    log=print,
+) -> Registration:
     """Score ``model_dir`` on each of ``evals``, then log and register it; see the module docstring."""
     from vlforge.evaluation.score import score_model_dir
     from vlforge.models.io import read_spec
@@ -105,18 +123,25 @@ def register_model_dir(model_dir: str | Path, name: str, *, alias: str = "challe
 
     spec = read_spec(model_dir)  # fails early on a directory that is not a model directory
     data, source = serving_data(model_dir, storage)
-    all_tags = {"vlforge.source_dir": str(Path(model_dir).resolve()), "vlforge.method": str(spec.get("method")),
-                "vlforge.model": str(spec.get("model")), **(tags or {})}
+    all_tags = {
+        "vlforge.source_dir": str(Path(model_dir).resolve()),
+        "vlforge.method": str(spec.get("method")),
+        "vlforge.model": str(spec.get("model")),
+        **(tags or {}),
+    }
     scores = []
     for entry in evals:
         set_name, shards = eval_name(entry)
         log(f"scoring {model_dir} on {shards} ...")
-        row = score_model_dir(str(model_dir), shards, max_samples=max_samples, rerank_k=rerank_k, data=data,
-                              storage=storage)
+        row = score_model_dir(
+            str(model_dir), shards, max_samples=max_samples, rerank_k=rerank_k, data=data, storage=storage
+        )
         scores.append({"name": set_name, **row})
         all_tags.update(eval_tags(set_name, row))
     log(f"registering {model_dir} as {name} ...")
-    version = log_and_register(model_dir, data, model_name=name, tags=all_tags, alias=alias,
-                               tracking_uri=tracking_uri, experiment=experiment)
-    return Registration(version.name, version.version, version.alias, version.model_uri, version.run_id, source,
-                        scores, all_tags)
+    version = log_and_register(
+        model_dir, data, model_name=name, tags=all_tags, alias=alias, tracking_uri=tracking_uri, experiment=experiment
+    )
+    return Registration(
+        version.name, version.version, version.alias, version.model_uri, version.run_id, source, scores, all_tags
+    )

@@ -135,9 +135,14 @@ def resolve_stages(cfg: TwoStageConfig, stages: list[StageConfig]) -> list[Stage
 
 def resolved(cfg: TwoStageConfig) -> TwoStageConfig:
     return dataclasses.replace(
-        cfg, teacher=dataclasses.replace(cfg.teacher, pretrain=resolve_stages(cfg, cfg.teacher.pretrain),
-                                         finetune=resolve_stages(cfg, cfg.teacher.finetune)),
-        student=dataclasses.replace(cfg.student, stages=resolve_stages(cfg, cfg.student.stages)))
+        cfg,
+        teacher=dataclasses.replace(
+            cfg.teacher,
+            pretrain=resolve_stages(cfg, cfg.teacher.pretrain),
+            finetune=resolve_stages(cfg, cfg.teacher.finetune),
+        ),
+        student=dataclasses.replace(cfg.student, stages=resolve_stages(cfg, cfg.student.stages)),
+    )
 
 
 def _check_data_root(cfg: TwoStageConfig) -> None:
@@ -151,8 +156,9 @@ def _check_data_root(cfg: TwoStageConfig) -> None:
         except StorageUnreachable as exc:
             raise ConfigError(f"data_root: {exc}") from None
     elif cfg.corpus is None and not os.path.isdir(cfg.data_root):
-        raise ConfigError(f"data_root {absolute(cfg.data_root)} does not exist (corpus is null, so the job "
-                          "does not build it there)")
+        raise ConfigError(
+            f"data_root {absolute(cfg.data_root)} does not exist (corpus is null, so the job does not build it there)"
+        )
 
 
 def _corpus_pending(cfg: TwoStageConfig) -> bool:
@@ -193,10 +199,19 @@ def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     root = Path(storage) / name
     teacher_dir = Path(absolute(cfg.teacher.checkpoint)) if cfg.teacher.checkpoint else root / "teacher"
     num_answers = _num_answers(cfg)
-    common = dict(deepspeed=cfg.deepspeed, storage_path=storage, num_workers=cfg.num_workers,
-                  worker_cpus=cfg.worker_cpus, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
-                  checkpoint_every=cfg.checkpoint_every,
-                  max_failures=cfg.max_failures, progress_every=cfg.progress_every, seed=cfg.seed, corpus=None)
+    common = dict(
+        deepspeed=cfg.deepspeed,
+        storage_path=storage,
+        num_workers=cfg.num_workers,
+        worker_cpus=cfg.worker_cpus,
+        use_gpu=cfg.use_gpu,
+        placement_strategy=cfg.placement_strategy,
+        checkpoint_every=cfg.checkpoint_every,
+        max_failures=cfg.max_failures,
+        progress_every=cfg.progress_every,
+        seed=cfg.seed,
+        corpus=None,
+    )
 
     def make(key: str, **kw) -> TrainRunConfig:
         tracking = dataclasses.replace(cfg.tracking, run_name=f"{name}.{key}")
@@ -206,23 +221,47 @@ def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
 
     runs: dict[str, TrainRunConfig] = {}
     if not cfg.teacher.checkpoint:
-        runs["teacher-pretrain"] = make("teacher-pretrain", method="vlmo", model=cfg.teacher.model,
-                                        model_overrides=cfg.teacher.model_overrides,
-                                        stages=list(cfg.teacher.pretrain), export=True)
+        runs["teacher-pretrain"] = make(
+            "teacher-pretrain",
+            method="vlmo",
+            model=cfg.teacher.model,
+            model_overrides=cfg.teacher.model_overrides,
+            stages=list(cfg.teacher.pretrain),
+            export=True,
+        )
         if cfg.teacher.finetune:
             stages = [dataclasses.replace(s, init=str(teacher_dir / "pretrain")) for s in cfg.teacher.finetune]
-            runs["teacher-finetune"] = make("teacher-finetune", method="fusion", model=cfg.teacher.model,
-                                            model_overrides=cfg.teacher.model_overrides, stages=stages,
-                                            export=False, stage_exports=True, num_answers=num_answers)
+            runs["teacher-finetune"] = make(
+                "teacher-finetune",
+                method="fusion",
+                model=cfg.teacher.model,
+                model_overrides=cfg.teacher.model_overrides,
+                stages=stages,
+                export=False,
+                stage_exports=True,
+                num_answers=num_answers,
+            )
     variants = ["distilled", *(cfg.ablations if ablations else [])]
     for v in variants:
-        stages = [dataclasses.replace(s, objectives=variant_weights(s.objectives, v),
-                                      teacher=str(teacher_dir / s.teacher) if s.teacher and v != "hard_only"
-                                      else None, init=_student_init(s.init, teacher_dir))
-                  for s in cfg.student.stages]
-        runs[f"student-{v}"] = make(f"student-{v}", method="distill", model=cfg.student.model,
-                                    model_overrides=cfg.student.model_overrides, stages=stages, export=False,
-                                    stage_exports=True, num_answers=num_answers)
+        stages = [
+            dataclasses.replace(
+                s,
+                objectives=variant_weights(s.objectives, v),
+                teacher=str(teacher_dir / s.teacher) if s.teacher and v != "hard_only" else None,
+                init=_student_init(s.init, teacher_dir),
+            )
+            for s in cfg.student.stages
+        ]
+        runs[f"student-{v}"] = make(
+            f"student-{v}",
+            method="distill",
+            model=cfg.student.model,
+            model_overrides=cfg.student.model_overrides,
+            stages=stages,
+            export=False,
+            stage_exports=True,
+            num_answers=num_answers,
+        )
     return Plan(name, root, teacher_dir, runs, variants, num_answers)
 
 
@@ -244,8 +283,9 @@ def _check_storage(cfg: TwoStageConfig, p: Plan) -> None:
     from vlforge.train.runner import check_data
 
     if not _corpus_pending(cfg):
-        check_data([(f"run {key}, stage {s.name}", s.data or run.data)
-                    for key, run in p.runs.items() for s in run.stages])
+        check_data(
+            [(f"run {key}, stage {s.name}", s.data or run.data) for key, run in p.runs.items() for s in run.stages]
+        )
     for key in cfg.eval.sets:
         uri = eval_set_uri(cfg, *key.split("/", 1))
         if "://" not in uri and not os.path.exists(uri):
@@ -275,8 +315,10 @@ def _check_teacher_dir(p: Plan, cfg: TwoStageConfig) -> None:
     needed = {"pretrain"} | {s.teacher for s in cfg.student.stages if s.teacher}
     missing = [n for n in sorted(needed) if not (p.teacher_dir / n / "model.json").exists()]
     if missing:
-        raise ConfigError(f"teacher.checkpoint {p.teacher_dir}: missing model directories {missing} "
-                          f"(a teacher directory holds pretrain/ and one directory per fine-tuning stage)")
+        raise ConfigError(
+            f"teacher.checkpoint {p.teacher_dir}: missing model directories {missing} "
+            f"(a teacher directory holds pretrain/ and one directory per fine-tuning stage)"
+        )
 
 
 def train_or_reuse(run: TrainRunConfig, log: Callable[[str], None] = print) -> float | None:
@@ -288,8 +330,10 @@ def train_or_reuse(run: TrainRunConfig, log: Callable[[str], None] = print) -> f
     if _finished(run_dir):
         log(f"== {run.name}: finished earlier, reusing {run_dir}")
         return None
-    log(f"== {run.name}: {run.method} {run.model}, stages "
-        + ", ".join(f"{s.name}({s.task or ''} {s.steps} steps {s.objectives})" for s in run.stages))
+    log(
+        f"== {run.name}: {run.method} {run.model}, stages "
+        + ", ".join(f"{s.name}({s.task or ''} {s.steps} steps {s.objectives})" for s in run.stages)
+    )
     t0 = time.perf_counter()
     result = run_training(run, init_ray=False)
     for line in result.summary().splitlines()[1:]:
@@ -359,16 +403,20 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
                 model = load_model_dir(dirs[t])
                 if t == "itm":
                     kind = "teacher" if label == "teacher" else "student"
-                    row.update(evaluate_retrieval(model, sets[t], kind, rerank_k=cfg.eval.rerank_k,
-                                                  batch_size=cfg.eval.batch_size))
+                    row.update(
+                        evaluate_retrieval(
+                            model, sets[t], kind, rerank_k=cfg.eval.rerank_k, batch_size=cfg.eval.batch_size
+                        )
+                    )
                 else:
                     scored = accuracy(model, t, sets[t], batch_size=cfg.eval.batch_size)
                     row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
                     if scored.get("metric") == "vqav2":
                         row["vqa_metric"] = "vqav2"
             rows.append(row)
-            log(f"   eval {label} {split}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
-                                                        if isinstance(v, float)))
+            log(
+                f"   eval {label} {split}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if isinstance(v, float))
+            )
     return rows
 
 
@@ -385,36 +433,69 @@ def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
     s = load_eval_set(uri, data, max_samples=max(cfg.eval.latency_ns))
     teacher = as_teacher(load_model_dir(p.teacher_dir / "pretrain"))
     student = load_model_dir(student_dir)
-    return latency_table(teacher, student, s["pixel_values"], s["input_ids"], s["attention_mask"],
-                         ns=tuple(cfg.eval.latency_ns), max_teacher_pairs=cfg.eval.max_teacher_pairs,
-                         batch_size=cfg.eval.batch_size)
+    return latency_table(
+        teacher,
+        student,
+        s["pixel_values"],
+        s["input_ids"],
+        s["attention_mask"],
+        ns=tuple(cfg.eval.latency_ns),
+        max_teacher_pairs=cfg.eval.max_teacher_pairs,
+        batch_size=cfg.eval.batch_size,
+    )
 
 
-RESULT_COLUMNS = ["model", "split", "nlvr2_acc", "vqa_acc", "i2t_r1", "i2t_r5", "i2t_r10",
-                  "t2i_r1", "t2i_r5", "t2i_r10", "rmean"]
-LATENCY_COLUMNS = ["n", "teacher_s", "teacher_extrapolated", "student_s", "student_cached_s", "speedup",
-                   "speedup_cached"]
+RESULT_COLUMNS = [
+    "model",
+    "split",
+    "nlvr2_acc",
+    "vqa_acc",
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "rmean",
+]
+LATENCY_COLUMNS = [
+    "n",
+    "teacher_s",
+    "teacher_extrapolated",
+    "student_s",
+    "student_cached_s",
+    "speedup",
+    "speedup_cached",
+]
 
 
 def report(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> str:
     from vlforge.evaluation import INTERVAL_COUNTS, INTERVAL_NOTE, format_table, growth, with_intervals
 
     present = [c for c in RESULT_COLUMNS if any(c in r for r in rows)]
-    text = format_table(with_intervals(rows, INTERVAL_COUNTS), present, decimals=1,
-                        title="Evaluation (percent; test = held-out concept combinations)")
+    text = format_table(
+        with_intervals(rows, INTERVAL_COUNTS),
+        present,
+        decimals=1,
+        title="Evaluation (percent; test = held-out concept combinations)",
+    )
     counts = {}
     for r in rows:
-        counts.setdefault(r["split"], {}).update({k: r[n] for k, n in INTERVAL_COUNTS.items()
-                                                 if isinstance(r.get(n), int) and k in present})
+        counts.setdefault(r["split"], {}).update(
+            {k: r[n] for k, n in INTERVAL_COUNTS.items() if isinstance(r.get(n), int) and k in present}
+        )
     text += f"\n{INTERVAL_NOTE}; n: " + "; ".join(
-        f"{split} " + ", ".join(f"{k.removesuffix('_acc')} {n}" for k, n in c.items()) for split, c in counts.items())
+        f"{split} " + ", ".join(f"{k.removesuffix('_acc')} {n}" for k, n in c.items()) for split, c in counts.items()
+    )
     if latency:
-        text += "\n\n" + format_table(latency, LATENCY_COLUMNS,
-                                      title="Latency: score N texts against N images (seconds)")
+        text += "\n\n" + format_table(
+            latency, LATENCY_COLUMNS, title="Latency: score N texts against N images (seconds)"
+        )
         if len({r["n"] for r in latency}) > 1:
             grow = {k: growth(latency, k) for k in ("teacher_s", "student_s", "student_cached_s")}
             text += "\ngrowth (log-log slope of time vs N; 2 = quadratic, 1 = linear): " + ", ".join(
-                f"{k} {v:.2f}" for k, v in grow.items())
+                f"{k} {v:.2f}" for k, v in grow.items()
+            )
     return text
 
 
@@ -440,16 +521,22 @@ def ensure_data(cfg: TwoStageConfig, log: Callable[[str], None] = print) -> bool
     return pending
 
 
-def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool = True,
-                  log: Callable[[str], None] = print) -> TwoStageResult:
+def run_two_stage(
+    cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool = True, log: Callable[[str], None] = print
+) -> TwoStageResult:
     """Train, evaluate, register; see the module docstring."""
     from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
     from vlforge.train.runner import prepare_local_mlflow
 
     t_start = time.perf_counter()
-    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
-        cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking),
-        buffer_dir=os.path.abspath(cfg.tracking.buffer_dir)))
+    cfg = dataclasses.replace(
+        cfg,
+        tracking=dataclasses.replace(
+            cfg.tracking,
+            tracking_uri=resolve_tracking_uri(cfg.tracking),
+            buffer_dir=os.path.abspath(cfg.tracking.buffer_dir),
+        ),
+    )
     _check_data_root(cfg)
     p = plan(cfg, ablations=ablations)
     if cfg.teacher.checkpoint:
@@ -472,8 +559,9 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
         from vlforge.tracking.mlflow_tracker import PARENT_TAG
 
         for key, run in p.runs.items():
-            p.runs[key] = dataclasses.replace(run, tracking=dataclasses.replace(
-                run.tracking, tags={**run.tracking.tags, PARENT_TAG: parent}))
+            p.runs[key] = dataclasses.replace(
+                run, tracking=dataclasses.replace(run.tracking, tags={**run.tracking.tags, PARENT_TAG: parent})
+            )
     status = "FAILED"
     try:
         if init_ray:
@@ -499,8 +587,9 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
         for path in artifacts:
             tracker.log_artifact(path, "results")
         for r in rows:
-            tracker.log_metrics({f"{r['model']}/{r['split']}/{k}": v for k, v in r.items()
-                                 if isinstance(v, float)}, step=0)
+            tracker.log_metrics(
+                {f"{r['model']}/{r['split']}/{k}": v for k, v in r.items() if isinstance(v, float)}, step=0
+            )
         if parent:
             _log_table(cfg, parent, rows, latency)
 
@@ -512,10 +601,16 @@ def run_two_stage(cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool
             from vlforge.tracking.registry import log_and_register, prepare_serving_dir
 
             serving = prepare_serving_dir(student_dir, eval_data(cfg), p.root / "serving")
-            version = log_and_register(serving, eval_data(cfg), model_name=cfg.register.model_name,
-                                       tags=_registration_tags(rows, p, cfg), alias=cfg.register.alias,
-                                       run_id=parent, tracking_uri=cfg.tracking.tracking_uri,
-                                       experiment=cfg.tracking.experiment)
+            version = log_and_register(
+                serving,
+                eval_data(cfg),
+                model_name=cfg.register.model_name,
+                tags=_registration_tags(rows, p, cfg),
+                alias=cfg.register.alias,
+                run_id=parent,
+                tracking_uri=cfg.tracking.tracking_uri,
+                experiment=cfg.tracking.experiment,
+            )
             registered = dataclasses.asdict(version)
             seconds["register"] = time.perf_counter() - t0
         elif cfg.register.enabled and not parent:
