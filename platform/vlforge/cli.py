@@ -219,6 +219,7 @@ def cmd_eval(args) -> int:
             pool=args.pool,
             blind=args.blind,
             max_new_tokens=args.max_new_tokens,
+            beams=args.beams,
         )
     row["model"] = args.model_dir
     cols = [
@@ -535,6 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=20,
         help="captioning models: tokens to generate per caption (a byte-level tokenizer needs more)",
+    )
+    ev.add_argument(
+        "--beams",
+        type=int,
+        default=1,
+        help="captioning models: beam search over this many hypotheses (default 1: greedy decoding)",
     )
     ev.add_argument(
         "--shots",

@@ -139,6 +139,8 @@ def test_overfits_one_batch_with_frozen_lm():
     assert all(torch.equal(v, lm_before[k]) for k, v in model.lm.state_dict().items())
     model.eval()
     assert model.generate(batch["pixel_values"][:2], max_new_tokens=20) == CAPTIONS[:2]
+    # Beam search ranks by log-probability per token, so a longer training caption may win over greedy's.
+    assert set(model.generate(batch["pixel_values"][:2], max_new_tokens=20, beams=3)) <= set(CAPTIONS)
 
 
 def test_random_frozen_lm_learns_nothing():

@@ -222,12 +222,13 @@ def score_captioner(
     examples: int = 0,
     generate_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Greedy captions of ``model`` (anything with ``generate(pixel_values, max_new_tokens)``) for the
+    """Captions of ``model`` (anything with ``generate(pixel_values, max_new_tokens)``) for the
     images of a captions shard set, scored against the set's captions (all of them, for COCO-style
     samples): ``caption_metrics`` plus ``objects_named`` (percent of captions naming exactly the
     scene's objects, where the samples' metadata lists them; corpus concept names as the vocabulary).
     ``examples``: also return that many (sample id, caption, references) for a picture or a table;
-    ``generate_kwargs`` go to ``generate`` (VC-GPT's ``branch``, for the self-ensemble ablation)."""
+    ``generate_kwargs`` go to ``generate``: ``beams`` (beam search; greedy without it), VC-GPT's ``branch``
+    (the self-ensemble ablation)."""
     import torch
 
     from vlforge.data.corpus import load_concepts

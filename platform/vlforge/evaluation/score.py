@@ -3,10 +3,11 @@
     vlforge eval out/ray_results/my-run/export data/corpus/scenes/test --max-samples 1000
     row = score_model_dir("out/ray_results/my-run/export", "data/corpus/nlvr/test")   # {"nlvr2_acc", "nlvr2_n", ...}
 
-The set's task comes from its manifest (``captions`` -> retrieval R@1/5/10 both ways, or for a
-captioning model (``frozen``, ``vcgpt``) its greedy captions' BLEU-4 / ROUGE-L / CIDEr / METEOR and
-the share naming the scene's objects, ``nlvr`` -> true/false accuracy, ``vqa`` -> VQA accuracy);
-image size and text length come from the model's own config, so no data settings are needed.
+The set's task comes from its manifest: ``captions`` -> retrieval R@1/5/10 both ways, or for a
+captioning model (``frozen``, ``vcgpt``, ``vlkd``) its captions' BLEU-4 / ROUGE-L / CIDEr / METEOR and
+the share naming the scene's objects (greedy, or a ``beams``-wide beam search); ``nlvr`` -> true/false
+accuracy; ``vqa`` -> VQA accuracy. Image size and text length come from the model's own config, so no
+data settings are needed.
 Retrieval scores a bare VLMo or a student with ITC embeddings; a VLMo or a fine-tuned fusion model
 (``method: vlmo`` / ``fusion``) re-ranks its ITC top ``rerank_k`` with its ITM head (0 = ITC only).
 """
@@ -44,6 +45,7 @@ def score_model_dir(
     pool: str | None = None,
     blind: bool = False,
     max_new_tokens: int = 20,
+    beams: int = 1,
 ) -> dict[str, Any]:
     """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``; ``data`` (image
     and tokenizer settings) defaults to the model's own sizes with the default tokenizer."""
@@ -55,6 +57,8 @@ def score_model_dir(
 
     spec = read_spec(model_dir)
     method = spec.get("method")
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}")
     if method in ("frozen", "vcgpt", "vlkd"):
         if branch is not None and method != "vcgpt":
             raise ValueError(f"branch {branch!r} is VC-GPT's (its self-ensemble ablation); {model_dir} is {method!r}")
@@ -67,7 +71,7 @@ def score_model_dir(
             batch_size,
             storage,
             data,
-            {"branch": branch} if branch else None,
+            {**({"branch": branch} if branch else {}), **({"beams": beams} if beams > 1 else {})} or None,
             max_new_tokens,
         )
     if method not in ("vlmo", "fusion", "distill"):

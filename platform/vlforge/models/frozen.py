@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlforge.models.decoding import beam_search
 from vlforge.models.lm import CaptionTokenizer, LMConfig, freeze, vision_and_lm
 from vlforge.models.registry import register_model
 from vlforge.models.vision import VisionConfig, VisionTower, override, vision_config
@@ -154,9 +155,28 @@ class Frozen(nn.Module):
         return [r[: r.index(self.tokenizer.eos_id)] if self.tokenizer.eos_id in r else r for r in rows]
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20) -> list[str]:
-        """Captions for an image batch [B, 3, H, W]."""
-        rows = self.greedy_from_embeds(self.image_prefix(pixel_values), max_new_tokens)
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20, beams: int = 1) -> list[str]:
+        """Captions for an image batch [B, 3, H, W]: greedy with the KV cache, or beam search over
+        ``beams`` hypotheses (``models.decoding``; the prefix is re-run each step)."""
+        prefix = self.image_prefix(pixel_values)  # [B, n, D]
+        if beams == 1:
+            return [self.tokenizer.decode(r) for r in self.greedy_from_embeds(prefix, max_new_tokens)]
+        prefix = prefix.repeat_interleave(beams, dim=0)  # [B*K, n, D]
+        embed = self.lm.get_input_embeddings()
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            embeds = torch.cat([prefix, embed(ids)], dim=1)  # [B*K, n + t, D]
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            return self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+
+        rows = beam_search(
+            step,
+            batch_size=pixel_values.shape[0],
+            beams=beams,
+            eos_id=self.tokenizer.eos_id,
+            max_new_tokens=max_new_tokens,
+            device=pixel_values.device,
+        )
         return [self.tokenizer.decode(r) for r in rows]
 
     @torch.no_grad()

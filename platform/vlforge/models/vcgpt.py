@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlforge.models.decoding import beam_search
 from vlforge.models.lm import CaptionTokenizer, LMConfig, freeze, vision_and_lm
 from vlforge.models.registry import register_model
 from vlforge.models.vision import VisionConfig, VisionTower, override, vision_config
@@ -145,28 +146,31 @@ class VCGPT(nn.Module):
         }
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20, branch: str = "ensemble") -> list[str]:
-        """Greedy captions for [B, 3, H, W]; the whole prefix is re-run each step (fusion layers keep no cache).
-        ``branch``: decode from the self-ensembled logits (the model), or ``"fusion"`` / ``"gpt"`` alone (the
-        paper's ablation of the ensemble)."""
+    def generate(
+        self, pixel_values: torch.Tensor, max_new_tokens: int = 20, branch: str = "ensemble", beams: int = 1
+    ) -> list[str]:
+        """Captions for [B, 3, H, W]: greedy, or beam search over ``beams`` hypotheses (``models.decoding``);
+        the whole prefix is re-run each step (fusion layers keep no cache). ``branch``: decode from the
+        self-ensembled logits (the model), or ``"fusion"`` / ``"gpt"`` alone (the paper's ablation)."""
         if branch not in ("ensemble", "fusion", "gpt"):
             raise ValueError(f"branch must be 'ensemble', 'fusion' or 'gpt', got {branch!r}")
-        visual = self.visual_tokens(pixel_values)  # [B, N, D]
-        batch = pixel_values.shape[0]
-        ids = torch.full((batch, 1), self.tokenizer.bos_id, dtype=torch.long, device=pixel_values.device)  # [B, 1]
-        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-        eos = self.tokenizer.eos_id
-        for _ in range(max_new_tokens):
-            gpt, fuse = self.branch_logits(visual, ids, torch.ones_like(ids))
-            logits = {"ensemble": gpt + fuse, "fusion": fuse, "gpt": gpt}[branch]  # [B, T, V]
-            nxt = logits[:, -1].argmax(-1)  # [B]
-            nxt = torch.where(done, eos, nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= nxt == eos
-            if done.all():
-                break
-        rows = ids[:, 1:].tolist()
-        return [self.tokenizer.decode(r[: r.index(eos)] if eos in r else r) for r in rows]
+        visual = self.visual_tokens(pixel_values).repeat_interleave(beams, dim=0)  # [B*K, N, D]
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            bos = torch.full((ids.shape[0], 1), self.tokenizer.bos_id, dtype=torch.long, device=ids.device)
+            full = torch.cat([bos, ids], dim=1)  # [B*K, 1 + t]
+            gpt, fuse = self.branch_logits(visual, full, torch.ones_like(full))  # [B*K, 1 + t, V] each
+            return {"ensemble": gpt + fuse, "fusion": fuse, "gpt": gpt}[branch][:, -1]
+
+        rows = beam_search(
+            step,
+            batch_size=pixel_values.shape[0],
+            beams=beams,
+            eos_id=self.tokenizer.eos_id,
+            max_new_tokens=max_new_tokens,
+            device=pixel_values.device,
+        )
+        return [self.tokenizer.decode(r) for r in rows]
 
 
 def _vcgpt(config: VCGPTConfig, overrides: dict) -> VCGPT:

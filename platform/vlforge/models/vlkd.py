@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlforge.models.decoding import beam_search
 from vlforge.models.lm import CaptionTokenizer, freeze, load_tokenizer
 from vlforge.models.registry import register_model
 from vlforge.models.vision import VisionConfig, VisionTower, override, vision_config
@@ -321,28 +322,33 @@ class VLKD(nn.Module):
         }
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20) -> list[str]:
-        """Greedy captions from the image prefix alone (teacher image embedding -> encoder)."""
-        if hasattr(self.teacher, "encode_image"):
-            image = self.teacher.encode_image(pixel_values)
-        else:
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20, beams: int = 1) -> list[str]:
+        """Captions from the image prefix alone (teacher image embedding -> encoder): greedy, or beam
+        search over ``beams`` hypotheses (``models.decoding``)."""
+        if not hasattr(self.teacher, "encode_image"):
             raise TypeError("generation needs a teacher with encode_image")
+        image = self.teacher.encode_image(pixel_values)
         embeds, mask = self._prefixed_encoder_inputs(image.float())
         encoder_out = self.student.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        encoder_out.last_hidden_state = encoder_out.last_hidden_state.repeat_interleave(beams, dim=0)
+        mask = mask.repeat_interleave(beams, dim=0)  # [B*K, n + T]
         start = self.student.config.decoder_start_token_id
-        eos = self.tokenizer.eos_id
-        ids = torch.full((pixel_values.shape[0], 1), start, dtype=torch.long, device=pixel_values.device)
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            logits = self.student(encoder_outputs=encoder_out, attention_mask=mask, decoder_input_ids=ids).logits
-            nxt = torch.where(done, eos, logits[:, -1].argmax(-1))  # [B]
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            done |= nxt == eos
-            if done.all():
-                break
-        rows = ids[:, 1:].tolist()
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            first = torch.full((ids.shape[0], 1), start, dtype=torch.long, device=ids.device)
+            dec = torch.cat([first, ids], dim=1)  # [B*K, 1 + t]
+            return self.student(encoder_outputs=encoder_out, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
+
+        rows = beam_search(
+            step,
+            batch_size=pixel_values.shape[0],
+            beams=beams,
+            eos_id=self.tokenizer.eos_id,
+            max_new_tokens=max_new_tokens,
+            device=pixel_values.device,
+        )
         bos = self.tokenizer.bos_id
-        return [self.tokenizer.decode([t for t in (r[: r.index(eos)] if eos in r else r) if t != bos]) for r in rows]
+        return [self.tokenizer.decode([t for t in r if t != bos]) for r in rows]
 
 
 def _vlkd(config: VLKDConfig, overrides: dict) -> VLKD:
