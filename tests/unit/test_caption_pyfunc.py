@@ -134,3 +134,35 @@ def test_pyfunc_captions_like_generate(spec, tmp_path, monkeypatch):
     assert out["caption"].tolist() == load_model_dir(model_dir).generate(pv, max_new_tokens=5)
     with pytest.raises(ValueError, match="but this is a caption model"):
         pyfunc.predict(None, pd.DataFrame({"image": images}), {"mode": "embed_image"})
+
+
+def test_vlkd_serving_dir_ships_its_teacher(tmp_path, monkeypatch):
+    """A VLKD model is rebuilt from its teacher's model directory: the serving directory carries a copy, so
+    it serves after the original teacher directory is gone."""
+    import shutil
+
+    from vlforge.data.pipeline import decode_image, normalise
+    from vlforge.models.io import load_model_dir, read_spec
+
+    monkeypatch.setenv("VLFORGE_SERVING_DEVICE", "cpu")
+    teacher = _model_dir({"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}}, tmp_path / "t")
+    model_dir = _model_dir(
+        {"model": "vlkd_debug", "method": "vlkd", "overrides": {"teacher": str(teacher)}}, tmp_path / "model"
+    )
+    serving = prepare_serving_dir(model_dir, DATA, tmp_path / "serving")
+    assert read_spec(serving)["overrides"]["teacher"] == "teacher"
+    assert (serving / "teacher" / "model.safetensors").is_file()
+    assert json.loads((serving / "preprocess.json").read_text())["lm"] == {
+        "source": "vlkd-student",
+        "tokenizer": "bytes",
+    }
+    images = [_png((220, 30, 30)), _png((20, 200, 90))]
+    pv = torch.from_numpy(normalise(np.stack([decode_image(b, 32) for b in images]), DATA.image))
+    expected = load_model_dir(model_dir).generate(pv, max_new_tokens=6)
+    shutil.rmtree(teacher)
+    with pytest.raises(FileNotFoundError, match="VLKD teacher"):
+        load_model_dir(model_dir)
+    pyfunc = VlforgePyfunc()
+    pyfunc.load_context(SimpleNamespace(artifacts={"model": str(serving)}))
+    out = pyfunc.predict(None, pd.DataFrame({"image": images}), {"max_new_tokens": 6})
+    assert out["caption"].tolist() == expected

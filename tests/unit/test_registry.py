@@ -124,9 +124,9 @@ def test_prepare_serving_dir_rejects_mismatches(student_dir, tmp_path):
         prepare_serving_dir(student_dir, DataConfig(image=ImageConfig(size=32)), tmp_path / "b")
     from vlforge.models.io import save_model_dir
 
-    vlkd = save_model_dir({}, {"model": "vlkd_debug", "method": "vlkd"}, tmp_path / "vlkd")
-    with pytest.raises(ValueError, match="method 'distill'.*got method 'vlkd'"):
-        prepare_serving_dir(vlkd, _data(), tmp_path / "c")
+    other = save_model_dir({}, {"model": "vlkd_debug", "method": "mystery"}, tmp_path / "other")
+    with pytest.raises(ValueError, match="method 'distill'.*got method 'mystery'"):
+        prepare_serving_dir(other, _data(), tmp_path / "c")
 
 
 def test_version_tags_alias(registered):

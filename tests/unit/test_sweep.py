@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlforge.config import ConfigError, SweepConfig, TrainRunConfig, TwoStageConfig, from_dict, load
+from vlforge.config import (
+    VALIDATION_METRICS,
+    ConfigError,
+    SweepConfig,
+    TrainRunConfig,
+    TwoStageConfig,
+    from_dict,
+    load,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -56,10 +64,11 @@ def test_every_sweep_file_loads_and_has_a_smoke_twin(path):
 
     sweep = load_sweep(path)
     assert sweep.name == path.stem and Path(sweep.experiment).is_file()
-    assert sweep.space and sweep.metric.startswith("val_")
+    assert sweep.space and sweep.metric in VALIDATION_METRICS[sweep.validation.kind]
     if not path.stem.endswith("_smoke"):
         twin = load_sweep(SWEEPS / f"{path.stem}_smoke.yaml")
         assert twin.job == sweep.job and set(twin.space) <= set(sweep.space) | set(twin.space)
+        assert (twin.metric, twin.validation.kind) == (sweep.metric, sweep.validation.kind)
         assert Path(twin.experiment).name == Path(sweep.experiment).name.replace(".yaml", "_smoke.yaml")
 
 

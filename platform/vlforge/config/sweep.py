@@ -12,16 +12,19 @@ from vlforge.config.tracking import TrackingConfig
 
 PARAM_TYPES = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
-SWEEP_METRICS = (
-    "val_rmean",
-    "val_i2t_r1",
-    "val_i2t_r5",
-    "val_i2t_r10",
-    "val_t2i_r1",
-    "val_t2i_r5",
-    "val_t2i_r10",
-    "loss",
-)
+VALIDATION_METRICS: dict[str, tuple[str, ...]] = {
+    "retrieval": (
+        "val_rmean",
+        "val_i2t_r1",
+        "val_i2t_r5",
+        "val_i2t_r10",
+        "val_t2i_r1",
+        "val_t2i_r5",
+        "val_t2i_r10",
+    ),
+    "captioning": ("val_cider", "val_bleu4", "val_rouge_l", "val_objects_named"),
+}
+SWEEP_METRICS = (*VALIDATION_METRICS["retrieval"], *VALIDATION_METRICS["captioning"], "loss")
 
 
 @dataclass
@@ -106,17 +109,23 @@ class TrialResources:
 
 @dataclass
 class ValidationConfig:
-    """The metric every report carries: image-text retrieval on a held-out captions shard set,
-    scored with the model's dual-encoder (ITC) embeddings. ``shards`` is relative to ``data_root``
+    """The metrics every report carries, on a held-out captions shard set. ``retrieval``: image-text
+    retrieval with the model's dual-encoder (ITC) embeddings (``val_rmean``, ``val_i2t_r1``, ...);
+    ``captioning``: a generative model's greedy captions scored against the set's (``val_cider``,
+    ``val_bleu4``, ``val_rouge_l``, ``val_objects_named``). ``shards`` is relative to ``data_root``
     for a ``two_stage`` experiment and as given for a ``train`` one."""
 
     shards: str = "scenes/val"
+    kind: Literal["retrieval", "captioning"] = "retrieval"  # what the model is scored on
     max_samples: int = 200
     batch_size: int = 64
+    max_new_tokens: int = 20  # captioning: tokens generated per caption (a byte tokenizer needs more)
 
     def __post_init__(self):
         if self.max_samples < 2 or self.batch_size < 1:
             raise ValueError("validation: max_samples >= 2, batch_size >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"validation: max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -151,6 +160,13 @@ class SweepConfig:
             raise ValueError("space: give at least one config key to sweep")
         if self.metric not in SWEEP_METRICS:
             raise ValueError(f"metric {self.metric!r}: known metrics {list(SWEEP_METRICS)}")
+        kind = self.validation.kind
+        if self.metric != "loss" and self.metric not in VALIDATION_METRICS[kind]:
+            other = next(k for k, names in VALIDATION_METRICS.items() if self.metric in names)
+            raise ValueError(
+                f"metric {self.metric} is a {other} metric, but validation.kind is {kind} (which reports "
+                f"{list(VALIDATION_METRICS[kind])}); set validation.kind: {other} or pick one of those"
+            )
         if self.report_every < 1:
             raise ValueError("report_every must be >= 1")
         if self.name is not None and not re.match(r"^[A-Za-z0-9_-]+$", self.name):

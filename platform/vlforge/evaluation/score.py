@@ -101,14 +101,6 @@ def score_model_dir(
     return row
 
 
-def _image_size(model) -> int:
-    """A generative model's input image size: its vision tower's, or (VLKD) its teacher's."""
-    vision = getattr(model, "vision", None)
-    if vision is not None:
-        return int(vision.img_size)
-    return int(model.teacher.img_size)
-
-
 def _score_few_shot(
     model_dir: str,
     shards: str,
@@ -122,7 +114,7 @@ def _score_few_shot(
     """Open-ended few-shot VQA of an interleaved-prompt model (Frozen); shots from ``pool``, by default
     the set's sibling ``train`` split."""
     from vlforge.evaluation.generation import score_few_shot_vqa
-    from vlforge.models.io import load_model_dir
+    from vlforge.models.io import input_image_size, load_model_dir
 
     model = load_model_dir(model_dir)
     if not callable(getattr(model, "generate_from_prompt", None)):
@@ -131,7 +123,7 @@ def _score_few_shot(
         )
     pool = pool or f"{shards.rstrip('/').rsplit('/', 1)[0]}/train"
     data = data or DataConfig(
-        image=ImageConfig(size=_image_size(model), augment=False), storage=storage or StorageConfig()
+        image=ImageConfig(size=input_image_size(model), augment=False), storage=storage or StorageConfig()
     )
     row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "few-shot vqa", "pool": pool}
     scored = score_few_shot_vqa(model, shards, pool, data, shots=shots, blind=blind, max_samples=max_samples)
@@ -160,14 +152,14 @@ def _score_captioner(
 ) -> dict[str, Any]:
     from vlforge.data.pipeline import detect_task
     from vlforge.evaluation.generation import score_captioner
-    from vlforge.models.io import load_model_dir
+    from vlforge.models.io import input_image_size, load_model_dir
 
     task = detect_task(shards, storage)
     if task != "captions":
         raise ValueError(f"{model_dir} is a captioning model; score it on a captions shard set, not {task}")
     model = load_model_dir(model_dir)
     data = data or DataConfig(
-        image=ImageConfig(size=_image_size(model), augment=False), storage=storage or StorageConfig()
+        image=ImageConfig(size=input_image_size(model), augment=False), storage=storage or StorageConfig()
     )
     data = dataclasses.replace(data, shards=shards)
     row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": "captioning"}

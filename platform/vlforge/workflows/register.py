@@ -7,7 +7,7 @@
 The directory is what a training run exports (``export/``: ``model.safetensors``, ``model.json``
 and the run's ``config.yaml``) or a stage's model directory (``stages/<stage>/``). Methods
 ``distill``, ``vlmo`` and ``fusion`` register as the dual-encoder pyfunc (embeddings, image-text
-score and match probability), ``frozen`` and ``vcgpt`` as the caption pyfunc
+score and match probability), ``frozen``, ``vcgpt`` and ``vlkd`` as the caption pyfunc
 (``vlforge.tracking.registry``). Image and tokenizer settings come from the directory's
 ``config.yaml`` (the last stage's data settings, else the run's) when there is one, else from the
 model itself (its image size and text length, the default tokenizer), and the summary says which.
@@ -52,7 +52,8 @@ def serving_data(model_dir: str | Path, storage: StorageConfig | None = None) ->
     """The image and tokenizer settings to serve ``model_dir`` with, and where they came from."""
     import torch
 
-    from vlforge.models.io import build_from_spec, read_spec
+    from vlforge.models.io import build_from_spec, input_image_size, read_spec, resolve_spec
+    from vlforge.tracking.pyfunc_model import CAPTION_METHODS
 
     config = Path(model_dir) / "config.yaml"
     if config.is_file():
@@ -60,12 +61,12 @@ def serving_data(model_dir: str | Path, storage: StorageConfig | None = None) ->
         data = cfg.stages[-1].data or cfg.data
         image = dataclasses.replace(data.image, augment=False)
         return DataConfig(image=image, tokenizer=data.tokenizer, storage=storage or StorageConfig()), str(config)
-    spec = read_spec(model_dir)
+    spec = resolve_spec(read_spec(model_dir), model_dir)
     with torch.device("meta"):
         model = build_from_spec(spec)
-    if spec.get("method") in ("frozen", "vcgpt"):
+    if spec.get("method") in CAPTION_METHODS:
         return DataConfig(
-            image=ImageConfig(size=int(model.vision.img_size), augment=False), storage=storage or StorageConfig()
+            image=ImageConfig(size=input_image_size(model), augment=False), storage=storage or StorageConfig()
         ), "the model (image size)"
     enc = getattr(model, "encoder", model).config
     return (
