@@ -59,6 +59,8 @@ def test_a_guard_tolerance_allows_a_small_drop():
         ({"guard": {"rmean": -1.0}}, ">= 0"),
         ({"challenger": "champion"}, "must differ"),
         ({"eval": {"max_samples": 1}}, "max_samples"),
+        ({"eval": {"max_new_tokens": 0}}, "max_new_tokens"),
+        ({"improve": {"ciderr": 1.0}}, "unknown metrics"),
         ({"colour": 1}, "unknown key colour"),
     ],
 )
@@ -163,3 +165,27 @@ def test_command_line_values_stay_strings(tmp_path, monkeypatch):
     assert promotion.run(p.parse_args(["--model", "123", "--challenger", "7", "--tracking-uri", "http://h:5000"])) == 0
     assert (seen["cfg"].model_name, seen["cfg"].challenger) == ("123", "7")
     assert seen["cfg"].tracking.tracking_uri == "http://h:5000"
+
+
+def test_caption_metrics_gate_like_retrieval_and_must_be_produced():
+    from vlforge.tracking.promotion import PromotionError, check_metrics, compare
+
+    cfg = _cfg(improve={"cider": 1.0}, guard={"bleu4": 0.5})
+    ok, reason, _ = compare({"cider": 30.0, "bleu4": 9.7}, {"cider": 28.5, "bleu4": 10.0}, cfg)
+    assert ok and "cider +1.50" in reason
+    ok, reason, _ = compare({"cider": 30.0, "bleu4": 9.0}, {"cider": 28.5, "bleu4": 10.0}, cfg)
+    assert not ok and "guarded bleu4 -1.00" in reason
+    check_metrics({"cider": 1.0, "bleu4": 2.0, "rouge_l": 3.0}, cfg, "4")
+    with pytest.raises(PromotionError, match=r"rules name \['bleu4', 'cider'\].*gives \['rmean'"):
+        check_metrics({"rmean": 5.0, "n_images": 10}, cfg, "4")
+
+
+@pytest.mark.parametrize("name", ["promote", "promote_smoke", "promote_captioner", "promote_captioner_smoke"])
+def test_shipped_promotion_configs_load(name):
+    from pathlib import Path
+
+    from vlforge.config import PromoteConfig, load
+
+    cfg = load(PromoteConfig, str(Path(__file__).resolve().parents[2] / "jobs" / "configs" / f"{name}.yaml"))
+    kind = "captioner" if "captioner" in name else "dual-encoder"
+    assert cfg.model_name == f"vlforge-{kind}"

@@ -17,8 +17,11 @@
    Holding it, the champion read in step 3 cannot move under the decision, so two concurrent
    promotions cannot both win against the same champion.
 3. Downloads both models from the registry and scores them on the fixed evaluation set
-   (``cfg.eval``: image-text retrieval R@1/5/10 both ways and their mean, in percent, each
-   model with the preprocessing it was registered with). Tags are not trusted.
+   (``cfg.eval``, each model with the preprocessing it was registered with, in percent): a dual
+   encoder on image-text retrieval R@1/5/10 both ways and their mean; a captioning model
+   (Frozen, VC-GPT, VLKD) on its greedy captions' CIDEr, BLEU-4, ROUGE-L (METEOR with Java) and
+   objects named, or, for Frozen on a VQA set, few-shot VQA accuracy. Tags are not trusted; rules
+   naming a metric the evaluation does not produce are an error.
 4. Decides: every ``improve`` metric must gain at least its margin and no ``guard`` metric may
    drop by more than its tolerance. With no champion, the challenger becomes the first one.
 5. Records the decision before anything moves: tags (``promotion.*``: decision, reason, time,
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from vlforge.config import ConfigError, DataConfig, PromoteConfig, load
+from vlforge.config.promote import CAPTION_PROMOTION_METRICS
 from vlforge.tracking.mlflow_tracker import redact_text, resolve_tracking_uri, secret_env_values
 
 HISTORY_TAG = "vlforge.champion_history"
@@ -208,17 +212,72 @@ def promotion_lock(
 
 
 def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdir: Path) -> dict[str, float]:
-    """Retrieval metrics (percent) of one registered version on the fixed evaluation set."""
-    from vlforge.evaluation import evaluate_retrieval, load_eval_set
+    """The metrics (percent) of one registered version on the fixed evaluation set: retrieval for a dual
+    encoder, captioning or few-shot VQA for a captioning model (``PromotionEvalConfig``)."""
+    from vlforge.data.pipeline import detect_task
     from vlforge.models.io import load_model_dir
-    from vlforge.tracking.registry import download_serving_dir, serving_preprocessing
+    from vlforge.tracking.pyfunc_model import DUAL_ENCODER
+    from vlforge.tracking.registry import download_serving_dir, serving_image, serving_kind
 
     directory = download_serving_dir(name, "", client.tracking_uri, workdir / f"v{version}", version=version)
+    kind = serving_kind(directory)
+    task = detect_task(cfg.eval.shards, cfg.eval.storage)
+    model = load_model_dir(directory)
+    if kind == DUAL_ENCODER:
+        if task != "captions":
+            raise PromotionError(
+                f"eval.shards {cfg.eval.shards} is a {task} set; a dual encoder is gated on "
+                "image-text retrieval over a captions set"
+            )
+        return _retrieval(model, directory, cfg)
+    data = DataConfig(shards=cfg.eval.shards, image=serving_image(directory), storage=cfg.eval.storage)
+    if task == "captions":
+        from vlforge.evaluation.generation import score_captioner
+
+        out = score_captioner(
+            model,
+            cfg.eval.shards,
+            data,
+            max_samples=cfg.eval.max_samples,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        )
+        return {k: float(out[k]) for k in CAPTION_PROMOTION_METRICS if k in out}
+    if task == "vqa" and callable(getattr(model, "generate_from_prompt", None)):
+        from vlforge.evaluation.generation import score_few_shot_vqa
+
+        pool = cfg.eval.pool or f"{cfg.eval.shards.rstrip('/').rsplit('/', 1)[0]}/train"
+        out = score_few_shot_vqa(
+            model, cfg.eval.shards, pool, data, shots=cfg.eval.shots, max_samples=cfg.eval.max_samples
+        )
+        return {"vqa_acc": float(out["acc"])}
+    raise PromotionError(
+        f"version {version} of {name} is a captioning model ({type(model).__name__}); it is "
+        f"gated on a captions set, or (Frozen) a VQA set, not a {task} set ({cfg.eval.shards})"
+    )
+
+
+def _retrieval(model, directory: Path, cfg: PromoteConfig) -> dict[str, float]:
+    from vlforge.evaluation import evaluate_retrieval, load_eval_set
+    from vlforge.tracking.registry import serving_preprocessing
+
     image, tokenizer = serving_preprocessing(directory)
     data = DataConfig(shards=cfg.eval.shards, image=image, tokenizer=tokenizer, storage=cfg.eval.storage)
     eval_set = load_eval_set(cfg.eval.shards, data, task="captions", max_samples=cfg.eval.max_samples)
-    out = evaluate_retrieval(load_model_dir(directory), eval_set, "student", batch_size=cfg.eval.batch_size)
+    out = evaluate_retrieval(model, eval_set, "student", batch_size=cfg.eval.batch_size)
     return {k: float(v) for k, v in out.items()}
+
+
+def check_metrics(metrics: dict[str, float], cfg: PromoteConfig, version: str) -> None:
+    """PromotionError unless the evaluation produced every metric the rules name."""
+    wanted = sorted(set(cfg.improve) | set(cfg.guard))
+    missing = [m for m in wanted if m not in metrics]
+    if missing:
+        raise PromotionError(
+            f"the rules name {missing}, which the evaluation of version {version} on {cfg.eval.shards} does not "
+            f"produce (it gives {sorted(k for k in metrics if not k.startswith('n_'))}); set improve / guard "
+            "to metrics of this kind of model"
+        )
 
 
 def compare(
@@ -339,6 +398,7 @@ def promote(cfg: PromoteConfig, *, dry_run: bool = False, log: Callable[[str], N
         )
         with tempfile.TemporaryDirectory(prefix="vlforge-promote-") as tmp:
             d.metrics["challenger"] = evaluate_version(client, name, d.challenger, cfg, Path(tmp))
+            check_metrics(d.metrics["challenger"], cfg, d.challenger)
             if champion is not None:
                 d.metrics["champion"] = evaluate_version(client, name, d.champion, cfg, Path(tmp))
         if champion is None:

@@ -293,6 +293,19 @@ def serving_kind(serving_dir: str | os.PathLike) -> str:
     return preprocess_kind(_read_preprocess(serving_dir))
 
 
+def serving_image(serving_dir: str | os.PathLike) -> ImageConfig:
+    """The image settings a serving directory's ``preprocess.json`` records (either kind), unaugmented."""
+    img = _read_preprocess(serving_dir)["image"]
+    return ImageConfig(
+        size=int(img["size"]),
+        mean=tuple(float(x) for x in img["mean"]),
+        std=tuple(float(x) for x in img["std"]),
+        augment=False,
+        normalize=True,
+        background=tuple(int(x) for x in img.get("background", (255, 255, 255))),
+    )
+
+
 def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, TokenizerConfig]:
     """The image and tokenizer settings a dual encoder's ``preprocess.json`` records (no
     augmentation; the tokenizer is the directory's ``tokenizer.json``), as the pyfunc applies them.
@@ -307,15 +320,7 @@ def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, 
             f"{directory} holds a {kind} model (method {pre.get('method', '?')!r}); image and text "
             f"tokenizer settings exist only for a {DUAL_ENCODER} model"
         )
-    img, tok = pre["image"], pre["tokenizer"]
-    image = ImageConfig(
-        size=int(img["size"]),
-        mean=tuple(float(x) for x in img["mean"]),
-        std=tuple(float(x) for x in img["std"]),
-        augment=False,
-        normalize=True,
-        background=tuple(int(x) for x in img.get("background", (255, 255, 255))),
-    )
+    image, tok = serving_image(directory), pre["tokenizer"]
     tokenizer = TokenizerConfig(
         name=str(directory / TOKENIZER_FILE),
         max_length=int(tok["max_length"]),
