@@ -220,8 +220,12 @@ def cmd_eval(args) -> int:
             blind=args.blind,
             max_new_tokens=args.max_new_tokens,
             beams=args.beams,
+            examples=args.examples,
         )
     row["model"] = args.model_dir
+    pictures = [dict(ex) for ex in row.get("examples", []) if "image" in ex]
+    for ex in row.get("examples", []):
+        ex.pop("image", None)
     cols = [
         c
         for c in (
@@ -245,15 +249,18 @@ def cmd_eval(args) -> int:
     n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts", "n") if k in row)
     if "shots" in row:
         cols = ["vqa_acc", "shots", "blind"]
-    print(
-        format_table(
-            with_intervals([row], INTERVAL_COUNTS),
-            ["task", *cols],
-            decimals=1,
-            title=f"{args.model_dir} on {args.shards} ({n} samples)",
-        )
+    table = format_table(
+        with_intervals([row], INTERVAL_COUNTS),
+        ["task", *cols],
+        decimals=1,
+        title=f"{args.model_dir} on {args.shards} ({n} samples)",
     )
+    print(table)
     print(INTERVAL_NOTE)
+    out_dir = _eval_out_dir(args)
+    if out_dir is not None:
+        _write_eval(out_dir, row, table, pictures)
+        print(f"wrote {out_dir}/eval.json, table.txt" + (", examples.png" if pictures else ""))
     if "tokenizer" in row:
         print(f"captions tokenised with {row['tokenizer']}; objects_named: captions naming exactly the scene's objects")
     for ex in row.get("examples", [])[:3]:
@@ -267,7 +274,7 @@ def cmd_eval(args) -> int:
         with open(args.json, "w") as fh:
             json.dump(row, fh, indent=1)
     if args.mlflow_experiment:
-        run_id = _log_eval_run(row, args.mlflow_experiment, args.tracking_uri)
+        run_id = _log_eval_run(row, args.mlflow_experiment, args.tracking_uri, out_dir)
         print(f"logged to MLflow run {run_id} (experiment {args.mlflow_experiment})")
     return 0
 
@@ -287,19 +294,50 @@ def _model_source(model: str, tracking_uri: str | None):
                 raise FileNotFoundError(f"model directory not found: {model} (a registered model is NAME@ALIAS)")
             yield model, None
             return
-        from vlforge.tracking.registry import download_serving_dir, serving_preprocessing
+        from vlforge.tracking.pyfunc_model import CAPTION
+        from vlforge.tracking.registry import download_serving_dir, serving_image, serving_kind, serving_preprocessing
 
         name, alias = model.rsplit("@", 1)
         with tempfile.TemporaryDirectory(prefix="vlforge-eval-") as tmp:
             serving = download_serving_dir(name, alias, tracking_uri, tmp)
+            if serving_kind(serving) == CAPTION:
+                yield str(serving), C.DataConfig(image=serving_image(serving))
+                return
             image, tokenizer = serving_preprocessing(serving)
             yield str(serving), C.DataConfig(image=image, tokenizer=tokenizer)
 
     return source()
 
 
-def _log_eval_run(row: dict, experiment: str, tracking_uri: str | None) -> str:
-    """A new MLflow run in ``experiment`` holding ``row``: its figures as metrics, the rest as params."""
+def _eval_out_dir(args):
+    """Where ``vlforge eval`` writes its results: ``--out``, else ``eval/<set>`` beside a local model
+    directory (none for a registered NAME@ALIAS, or with ``--no-save``)."""
+    import os
+    from pathlib import Path
+
+    if args.no_save:
+        return None
+    if args.out:
+        return Path(args.out)
+    if not os.path.isdir(args.model_dir):
+        return None
+    parts = [p for p in args.shards.replace("://", "/").rstrip("/").split("/") if p]
+    return Path(args.model_dir).resolve().parent / "eval" / "-".join(parts[-2:])
+
+
+def _write_eval(out_dir, row: dict, table: str, pictures: list[dict]) -> None:
+    from vlforge.evaluation.report import plot_caption_examples
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(row, indent=1, default=str))
+    (out_dir / "table.txt").write_text(table + "\n")
+    if pictures:
+        plot_caption_examples(pictures, out_dir / "examples.png")
+
+
+def _log_eval_run(row: dict, experiment: str, tracking_uri: str | None, out_dir=None) -> str:
+    """A new MLflow run in ``experiment`` holding ``row``: its figures as metrics, the rest as params, and
+    the files ``vlforge eval`` wrote (table, examples picture) as artifacts."""
     from mlflow import MlflowClient
 
     from vlforge.tracking.mlflow_tracker import experiment_id, resolve_tracking_uri
@@ -317,7 +355,11 @@ def _log_eval_run(row: dict, experiment: str, tracking_uri: str | None) -> str:
                 client.log_metric(run.info.run_id, k, float(v))
             else:
                 client.log_param(run.info.run_id, k, str(v)[:500])
-        client.log_dict(run.info.run_id, row, "eval.json")
+        client.log_dict(run.info.run_id, json.loads(json.dumps(row, default=str)), "eval.json")
+        if out_dir is not None:
+            for path in sorted(out_dir.glob("*")):
+                if path.name != "eval.json":
+                    client.log_artifact(run.info.run_id, str(path))
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
@@ -558,6 +600,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="VC-GPT: decode from these logits (default: the self-ensemble the model uses)",
     )
     ev.add_argument("--json", metavar="PATH", help="also write the row as JSON")
+    ev.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write eval.json, table.txt and (captioning) examples.png here (default: eval/<set> beside a "
+        "local model directory)",
+    )
+    ev.add_argument("--no-save", action="store_true", help="write nothing beside the model directory")
+    ev.add_argument(
+        "--examples",
+        type=int,
+        default=8,
+        help="captioning models: example images with their captions in examples.png (default 8)",
+    )
     ev.add_argument(
         "--mlflow-experiment", metavar="NAME", help="also log the figures as a new run in this MLflow experiment"
     )

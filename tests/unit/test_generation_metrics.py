@@ -3,6 +3,7 @@ episodes (shots only from the pool, never the evaluated set) and object naming."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,6 +179,17 @@ def test_vlforge_eval_on_a_caption_model_directory(tmp_path, capsys):
     assert "bleu4" in out and "objects_named" in out and "captions tokenised with" in out
     row = json.loads(report.read_text())
     assert row["task"] == "captioning" and row["n"] == 3 and 0.0 <= row["cider"]
+    beside = tmp_path / "eval" / "scenes-test"  # written beside the model directory by default
+    saved = json.loads((beside / "eval.json").read_text())
+    assert saved["cider"] == row["cider"] and len(saved["examples"]) == 3 and "image" not in saved["examples"][0]
+    assert "bleu4" in (beside / "table.txt").read_text()
+    from PIL import Image
+
+    with Image.open(beside / "examples.png") as im:
+        assert im.size[0] >= 600 and im.size[1] >= 200
+    out_dir = tmp_path / "beam"
+    assert main(["eval", str(model_dir), str(shards), "--beams", "2", "--out", str(out_dir), "--examples", "0"]) == 0
+    assert json.loads((out_dir / "eval.json").read_text())["beams"] == 2 and not (out_dir / "examples.png").exists()
 
 
 def _vqa_sets(tmp_path):
@@ -276,3 +288,14 @@ def test_vlforge_eval_few_shot_vqa_on_a_frozen_model_directory(tmp_path, capsys)
     other = save_model_dir(build_from_spec(vcgpt).state_dict(), vcgpt, tmp_path / "vcgpt")
     assert main(["eval", str(other), str(test), "--shots", "1"]) == 2
     assert "interleaved prompts" in capsys.readouterr().err
+
+
+def test_display_images_undo_normalisation():
+    from vlforge.config import ImageConfig
+    from vlforge.data.pipeline import normalise
+    from vlforge.evaluation.generation import display_images
+
+    cfg = ImageConfig(size=4, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    raw = np.random.default_rng(0).integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8)
+    back = display_images(torch.from_numpy(normalise(raw, cfg)), cfg)
+    assert all(np.array_equal(b, r) for b, r in zip(back, raw))

@@ -226,7 +226,8 @@ def score_captioner(
     images of a captions shard set, scored against the set's captions (all of them, for COCO-style
     samples): ``caption_metrics`` plus ``objects_named`` (percent of captions naming exactly the
     scene's objects, where the samples' metadata lists them; corpus concept names as the vocabulary).
-    ``examples``: also return that many (sample id, caption, references) for a picture or a table;
+    ``examples``: also return that many (sample id, caption, references, image as [H, W, 3] uint8) for
+    a picture or a table;
     ``generate_kwargs`` go to ``generate``: ``beams`` (beam search; greedy without it), VC-GPT's ``branch``
     (the self-ensemble ablation)."""
     import torch
@@ -259,8 +260,20 @@ def score_captioner(
         out["objects_named"] = 100.0 * named / len(with_objects)
         out["objects_n"] = len(with_objects)
     if examples:
-        out["examples"] = [{"sample_id": i, "caption": keyed[str(i)], "references": refs[i][0]} for i in ids[:examples]]
+        shown = display_images(ev["pixel_values"][:examples], data.image)
+        out["examples"] = [
+            {"sample_id": i, "caption": keyed[str(i)], "references": refs[i][0], "image": img}
+            for i, img in zip(ids[:examples], shown)
+        ]
     return out
+
+
+def display_images(pixel_values, image_cfg) -> list[np.ndarray]:
+    """Normalised ``[B, 3, H, W]`` pixels back to ``[H, W, 3]`` uint8 images for a picture."""
+    mean = np.asarray(image_cfg.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(image_cfg.std, np.float32).reshape(1, 3, 1, 1)
+    x = (pixel_values.float().cpu().numpy() * std + mean) * 255.0
+    return list(np.clip(x, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def vqa_prompt(question: str, answer: str | None = None) -> str:

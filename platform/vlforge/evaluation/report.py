@@ -121,6 +121,28 @@ def plot_results(rows: list[dict], metrics: list[str], path: str | os.PathLike, 
     return _save(fig, path)
 
 
+def plot_caption_examples(examples: list[dict], path: str | os.PathLike, columns: int = 4) -> Path:
+    """PNG of example images, each titled with its generated caption (and its first reference below):
+    ``examples`` rows carry ``image`` ([H, W, 3] uint8), ``caption`` and ``references``."""
+    import textwrap
+
+    if not examples:
+        raise ValueError("plot_caption_examples needs at least one example")
+    cols = min(columns, len(examples))
+    rows = math.ceil(len(examples) / cols)
+    fig = _figure(3.0 * cols, 3.4 * rows)
+    for i, ex in enumerate(examples):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(ex["image"])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(textwrap.fill(f"model: {ex['caption'] or '(empty)'}", 34), fontsize=8, loc="left")
+        refs = ex.get("references") or []
+        if refs:
+            ax.set_xlabel(textwrap.fill(f"ref: {refs[0]}", 34), fontsize=7, loc="left", color="0.35")
+    return _save(fig, path)
+
+
 def plot_latency(rows: list[dict], path: str | os.PathLike) -> Path:
     """Retrieval time against N on log-log axes, one line per method; extrapolated teacher points hollow."""
     if not rows:

@@ -46,9 +46,11 @@ def score_model_dir(
     blind: bool = False,
     max_new_tokens: int = 20,
     beams: int = 1,
+    examples: int = 0,
 ) -> dict[str, Any]:
     """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``; ``data`` (image
-    and tokenizer settings) defaults to the model's own sizes with the default tokenizer."""
+    and tokenizer settings) defaults to the model's own sizes with the default tokenizer. ``examples``:
+    a captioning model's row also holds that many examples (image, caption, references)."""
     from vlforge.data.pipeline import detect_task
     from vlforge.evaluation.classification import accuracy
     from vlforge.evaluation.data import load_eval_set
@@ -73,6 +75,7 @@ def score_model_dir(
             data,
             {**({"branch": branch} if branch else {}), **({"beams": beams} if beams > 1 else {})} or None,
             max_new_tokens,
+            examples,
         )
     if method not in ("vlmo", "fusion", "distill"):
         raise ValueError(
@@ -149,6 +152,7 @@ def _score_captioner(
     data: DataConfig | None,
     generate_kwargs: dict[str, Any] | None,
     max_new_tokens: int = 20,
+    examples: int = 0,
 ) -> dict[str, Any]:
     from vlforge.data.pipeline import detect_task
     from vlforge.evaluation.generation import score_captioner
@@ -174,6 +178,7 @@ def _score_captioner(
             batch_size=batch_size,
             generate_kwargs=generate_kwargs,
             max_new_tokens=max_new_tokens,
+            examples=examples,
         )
     )
     return row
