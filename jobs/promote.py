@@ -7,7 +7,8 @@
     ray job submit --working-dir . -- python jobs/promote.py --config jobs/configs/promote.yaml
 
 Both versions are downloaded from the registry and scored on the same evaluation set
-(image-text retrieval, each with its own registered preprocessing). The challenger wins when
+(retrieval for a dual encoder, captioning or few-shot VQA for a captioning model, each with
+its own registered preprocessing). The challenger wins when
 every `improve` metric gains its margin and no `guard` metric drops by more than its
 tolerance; the first version becomes champion when there is none. The decision is written to
 both versions (tags and description) before the alias moves. Exit code: 0 promoted, unchanged
@@ -24,13 +25,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "promote_smoke.ya
 
 
 def main(argv=None) -> int:
-    from vlforge.tracking.promotion import add_arguments, run
+    from vlforge.cli import promote_arguments, run_promote
 
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_arguments(p, str(DEFAULT_CONFIG))
-    return run(p.parse_args(argv))
+    promote_arguments(p, str(DEFAULT_CONFIG))
+    return run_promote(p.parse_args(argv))
 
 
 if __name__ == "__main__":

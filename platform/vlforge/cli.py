@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -284,7 +285,6 @@ def _model_source(model: str, tracking_uri: str | None):
     or a registered ``NAME@ALIAS`` downloaded to a temporary directory with the preprocessing it was
     registered with."""
     import contextlib
-    import os
     import tempfile
 
     @contextlib.contextmanager
@@ -312,7 +312,6 @@ def _model_source(model: str, tracking_uri: str | None):
 def _eval_out_dir(args):
     """Where ``vlforge eval`` writes its results: ``--out``, else ``eval/<set>`` beside a local model
     directory (none for a registered NAME@ALIAS, or with ``--no-save``)."""
-    import os
     from pathlib import Path
 
     if args.no_save:
@@ -401,6 +400,57 @@ INGEST_FORMATS = """formats (--format; the second argument is the format's main 
   vqav2     VQAv2 questions JSON + --annotations JSON: one sample per question, soft answer scores, answers.json
   nlvr2     an NLVR2 JSONL file (train.json, dev.json, test1.json): sentence, true/false label, left + right image
 """
+
+
+# ------------------------------------------------------------------- promote's arguments (also jobs/promote.py)
+
+
+def promote_arguments(p: argparse.ArgumentParser, default_config: str | None) -> None:
+    """The arguments of ``vlforge promote`` and ``jobs/promote.py``."""
+    p.add_argument(
+        "--config",
+        default=default_config,
+        help="PromoteConfig YAML" + (f" (default {default_config})" if default_config else ""),
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set eval.max_samples=1000 or --set improve.rmean=1.0",
+    )
+    p.add_argument("--model", help="registered model name (config: model_name)")
+    p.add_argument("--challenger", help="alias or version number of the challenger (config: challenger)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking / registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="evaluate and decide, record and move nothing")
+    p.add_argument("--rollback", action="store_true", help="put the previous champion back instead of promoting")
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    """The body of ``vlforge promote`` and ``jobs/promote.py``: 0 promoted / unchanged / rolled back,
+    1 refused, 2 an error (bad config, missing model or alias, busy lock)."""
+    overrides = list(args.set)
+    # Quoted: a version number or a numeric name stays a string.
+    for key, value in (
+        ("model_name", args.model),
+        ("challenger", args.challenger),
+        ("tracking.tracking_uri", args.tracking_uri),
+    ):
+        if value:
+            overrides.append(f"{key}={json.dumps(str(value))}")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
+    from vlforge.tracking import promotion
+
+    try:
+        cfg = C.load(C.PromoteConfig, args.config, overrides)
+        d = (promotion.rollback if args.rollback else promotion.promote)(cfg, dry_run=args.dry_run)
+    except (C.ConfigError, promotion.PromotionError, LookupError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(d.summary(), flush=True)
+    return d.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -651,9 +701,6 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
     rg.set_defaults(fn=cmd_register)
 
-    from vlforge.tracking.promotion import add_arguments
-    from vlforge.tracking.promotion import run as run_promote
-
     pr = sub.add_parser(
         "promote",
         help="promote a registered model's challenger to champion, gated on evaluation",
@@ -661,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation set; move the champion alias only when the declared metrics improve "
         "by their margins and no guarded metric gets worse. Exit 1 when refused.",
     )
-    add_arguments(pr, None)
+    promote_arguments(pr, None)
     pr.set_defaults(fn=run_promote)
     return p
 

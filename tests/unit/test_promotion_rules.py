@@ -150,6 +150,7 @@ def test_a_stale_lock_is_broken(fake_mlflow_exception):
 def test_command_line_values_stay_strings(tmp_path, monkeypatch):
     import argparse
 
+    from vlforge.cli import promote_arguments, run_promote
     from vlforge.tracking import promotion
 
     seen = {}
@@ -161,8 +162,8 @@ def test_command_line_values_stay_strings(tmp_path, monkeypatch):
         ),
     )
     p = argparse.ArgumentParser()
-    promotion.add_arguments(p, None)
-    assert promotion.run(p.parse_args(["--model", "123", "--challenger", "7", "--tracking-uri", "http://h:5000"])) == 0
+    promote_arguments(p, None)
+    assert run_promote(p.parse_args(["--model", "123", "--challenger", "7", "--tracking-uri", "http://h:5000"])) == 0
     assert (seen["cfg"].model_name, seen["cfg"].challenger) == ("123", "7")
     assert seen["cfg"].tracking.tracking_uri == "http://h:5000"
 

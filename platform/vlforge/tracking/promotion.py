@@ -34,12 +34,9 @@ A refused promotion leaves the alias where it was; the command exits 1 with the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import socket
-import sys
 import tempfile
 import time
 import uuid
@@ -49,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vlforge.config import ConfigError, DataConfig, PromoteConfig, load
+from vlforge.config import DataConfig, PromoteConfig
 from vlforge.config.promote import CAPTION_PROMOTION_METRICS
 from vlforge.tracking.mlflow_tracker import redact_text, resolve_tracking_uri, secret_env_values
 
@@ -464,51 +461,3 @@ def rollback(cfg: PromoteConfig, *, dry_run: bool = False, log: Callable[[str], 
         client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
         client.set_registered_model_alias(name, cfg.champion_alias, target)
         return d
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def add_arguments(p: argparse.ArgumentParser, default_config: str | None) -> None:
-    p.add_argument(
-        "--config",
-        default=default_config,
-        help="PromoteConfig YAML" + (f" (default {default_config})" if default_config else ""),
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set eval.max_samples=1000 or --set improve.rmean=1.0",
-    )
-    p.add_argument("--model", help="registered model name (config: model_name)")
-    p.add_argument("--challenger", help="alias or version number of the challenger (config: challenger)")
-    p.add_argument(
-        "--tracking-uri", help="MLflow tracking / registry URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
-    )
-    p.add_argument("--dry-run", action="store_true", help="evaluate and decide, record and move nothing")
-    p.add_argument("--rollback", action="store_true", help="put the previous champion back instead of promoting")
-
-
-def run(args: argparse.Namespace) -> int:
-    """The body of ``vlforge promote`` and ``jobs/promote.py``: 0 promoted / unchanged / rolled back,
-    1 refused, 2 an error (bad config, missing model or alias, busy lock)."""
-    overrides = list(args.set)
-    # Quoted: a version number or a numeric name stays a string.
-    for key, value in (
-        ("model_name", args.model),
-        ("challenger", args.challenger),
-        ("tracking.tracking_uri", args.tracking_uri),
-    ):
-        if value:
-            overrides.append(f"{key}={json.dumps(str(value))}")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
-    try:
-        cfg = load(PromoteConfig, args.config, overrides)
-        d = (rollback if args.rollback else promote)(cfg, dry_run=args.dry_run)
-    except (ConfigError, PromotionError, LookupError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(d.summary(), flush=True)
-    return d.exit_code
