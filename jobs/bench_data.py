@@ -17,6 +17,14 @@ Ray may run more decode tasks than that (``--data-cpus``, logical CPUs, default
 idles while a task waits on I/O or scheduling. The first epoch of each side warms
 caches and is not timed; then the two sides alternate epoch by epoch, so that
 drift on a shared machine hits both alike, and the medians are compared.
+
+Where the Ray side's CPU goes is printed too: the CPU seconds of every process on
+the machine during the timed Ray epochs (psutil, which DeepSpeed installs), by role:
+decode workers (Ray worker processes running read + decode tasks), the driver
+(consuming batches), Ray's services (raylet, GCS, dashboard, the stats and counter
+actors), everything else, and idle core time. Rows per CPU-second of the decode
+workers against the single-process loop separate the cost of the work from the
+cost of running it on Ray.
 """
 
 from __future__ import annotations
@@ -101,6 +109,46 @@ def timed(epoch_fn) -> float:
     return n / (time.perf_counter() - t0)
 
 
+DECODE_TASKS = ("IDLE", "ReadShard", "MapBatches", "Read", "Map")
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this machine's processes, by role (module docstring)."""
+    import psutil
+
+    me, out = os.getpid(), {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            t = proc.cpu_times()
+            cmd = " ".join(proc.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if proc.pid == me:
+            role = "driver"
+        elif cmd.startswith("ray::"):
+            task = cmd[5:].split()[0] if cmd[5:].split() else ""
+            role = "decode workers" if task.startswith(DECODE_TASKS) else "ray services"
+        elif "ray" in cmd:
+            role = "ray services"
+        else:
+            role = "other"
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def timed_with_cpu(epoch_fn, spent: dict[str, float]) -> float:
+    """``timed``, adding each role's CPU seconds during the epoch (and ``wall``) to ``spent``."""
+    before, t0 = cpu_by_role(), time.perf_counter()
+    n = epoch_fn()
+    wall = time.perf_counter() - t0
+    after = cpu_by_role()
+    for role, v in after.items():
+        spent[role] = spent.get(role, 0.0) + max(0.0, v - before.get(role, 0.0))
+    spent["wall"] = spent.get("wall", 0.0) + wall
+    spent["rows"] = spent.get("rows", 0.0) + n
+    return n / wall
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
@@ -159,10 +207,10 @@ def main(argv=None) -> int:
     single_epoch = make_single_process(shards, cfg)
     ray_epoch, counters = make_ray_pipeline(cfg, data_cpus, stream=args.stream)
     single_epoch(), ray_epoch()  # warm-up: page cache, Ray workers, tokenizer loads
-    singles, rays = [], []
+    singles, rays, spent = [], [], {}
     for r in range(args.epochs):  # alternate, so drift on a shared machine hits both sides alike
         singles.append(timed(single_epoch))
-        rays.append(timed(ray_epoch))
+        rays.append(timed_with_cpu(ray_epoch, spent))
         print(f"round {r}: single-process {singles[-1]:6.0f} images/s, Ray Data {rays[-1]:6.0f} images/s")
     single, ray_rate = statistics.median(singles), statistics.median(rays)
     per_core = ray_rate / args.cores
@@ -170,6 +218,18 @@ def main(argv=None) -> int:
     print(f"Ray Data pipeline   : {ray_rate:8.0f} images/s on {args.cores} cores = {per_core:.0f} images/s per core")
     print(f"ratio per core      : {per_core / single:.2f}  (goal >= 0.8)")
     print(f"counters            : {counters.snapshot()}")
+    wall, rows = spent.pop("wall"), spent.pop("rows")
+    total = args.cores * wall
+    print(f"CPU during the {args.epochs} Ray epochs ({wall:.1f} s x {args.cores} cores = {total:.1f} core-s):")
+    for role in ("decode workers", "driver", "ray services", "other"):
+        print(f"  {role:<15} {spent.get(role, 0.0):6.1f} core-s  {100 * spent.get(role, 0.0) / total:5.1f} %")
+    idle = max(0.0, total - sum(spent.values()))
+    print(f"  {'idle':<15} {idle:6.1f} core-s  {100 * idle / total:5.1f} %")
+    work = spent.get("decode workers", 0.0)
+    if work > 0:
+        per_cpu = rows / work
+        ratio = per_cpu / single
+        print(f"decode workers      : {per_cpu:8.0f} images per CPU-second = {ratio:.2f} of the single-process loop")
     return 0
 
 

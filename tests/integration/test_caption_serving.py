@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import debug_model_dir, png
 from vlforge.config import DataConfig, ImageConfig
 from vlforge.tracking.registry import load_by_alias, log_and_register
 
@@ -19,23 +20,6 @@ pytestmark = pytest.mark.integration
 
 SPEC = {"model": "frozen_debug", "method": "frozen"}
 IMG_SIZE = 32
-
-
-def _png(color, size: int = 48) -> bytes:
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (size, size), (255, 255, 255))
-    ImageDraw.Draw(im).ellipse([4, 6, size - 6, size - 4], fill=color)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _captioner(out):
-    from vlforge.models.io import build_from_spec, save_model_dir
-
-    torch.manual_seed(3)
-    return save_model_dir(build_from_spec(SPEC).state_dict(), SPEC, out)
 
 
 def test_caption_model_by_alias(mlflow_server, tmp_path, monkeypatch):
@@ -48,7 +32,7 @@ def test_caption_model_by_alias(mlflow_server, tmp_path, monkeypatch):
     uri = mlflow_server.uri
     data = DataConfig(image=ImageConfig(size=IMG_SIZE, augment=False))
     name = f"captioner-{uuid.uuid4().hex[:8]}"
-    model_dir = _captioner(tmp_path / "frozen")
+    model_dir = debug_model_dir(SPEC, tmp_path / "frozen", seed=3)
 
     version = log_and_register(
         model_dir,
@@ -63,7 +47,7 @@ def test_caption_model_by_alias(mlflow_server, tmp_path, monkeypatch):
     assert str(mv.version) == version.version == "1" and mv.status == "READY"
 
     served = load_by_alias(name, "champion", tracking_uri=uri)
-    images = [_png((200, 40, 40)), _png((30, 60, 220), size=32)]
+    images = [png((200, 40, 40), size=48, shape="ellipse"), png((30, 60, 220), size=32, shape="ellipse")]
     out = served.predict(pd.DataFrame({"image": images}), params={"max_new_tokens": 6})
     assert list(out.columns) == ["caption"] and len(out) == 2
 

@@ -5,7 +5,6 @@ it through Ray Data into Parquet that matches embeddings computed directly."""
 
 from __future__ import annotations
 
-import io
 import uuid
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import png
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig
 
 pytestmark = pytest.mark.integration
@@ -21,14 +21,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}}
 DATA = DataConfig(image=ImageConfig(size=32, augment=False), tokenizer=TokenizerConfig(max_length=16))
-
-
-def _png(color) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +72,7 @@ def test_torch_by_alias_matches_registered_module(registered, tmp_path):
         "preprocess.json",
     }
 
-    image, text = _png((30, 160, 60)), "a green square"
+    image, text = png((30, 160, 60)), "a green square"
     out = load_by_alias(name, "champion", tracking_uri=uri).predict(pd.DataFrame({"image": [image], "text": [text]}))
     from vlforge.data.pipeline import decode_image, normalise
     from vlforge.data.tokenizer import load_tokenizer

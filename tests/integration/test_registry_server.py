@@ -4,7 +4,6 @@ and the pyfunc loaded by alias scores an image-text pair like the student module
 
 from __future__ import annotations
 
-import io
 import uuid
 
 import numpy as np
@@ -12,20 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import png
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig
 from vlforge.tracking.registry import load_by_alias, log_and_register
 
 pytestmark = pytest.mark.integration
 
 SPEC = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}}
-
-
-def _png(color) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _student(seed: int, out):
@@ -69,7 +61,7 @@ def test_register_twice_alias_and_score(mlflow_server, tmp_path, monkeypatch):
     assert versions["1"].tags["seed"] == "0" and versions["2"].tags["seed"] == "1"
 
     model = load_by_alias(name, "challenger", tracking_uri=uri)
-    image, text = _png((200, 40, 40)), "a red square"
+    image, text = png((200, 40, 40)), "a red square"
     out = model.predict(pd.DataFrame({"image": [image], "text": [text]}))
     assert list(out.columns) == ["score", "match_prob"]
 

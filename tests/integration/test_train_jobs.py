@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from helpers import dual_encoder_dir, png
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,15 +62,6 @@ def test_frozen_lm_job_keeps_lm_frozen(ray_local, corpus, tmp_path, capsys, load
     assert list((tmp_path / "mlruns" / "frozen-it").glob("*/artifacts/loss_curve.png"))
 
 
-def _teacher_dir(out):
-    """A tiny distilled dual encoder (vlmo_debug, 32 px) in CLIP's role for VLKD."""
-    from vlforge.models.io import build_from_spec, save_model_dir
-
-    spec = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}}
-    torch.manual_seed(1)
-    return save_model_dir(build_from_spec(spec).state_dict(), spec, out)
-
-
 @pytest.mark.parametrize("job, debug_model", [("vcgpt", "vcgpt_debug"), ("vlkd", "vlkd_debug")])
 def test_generative_smoke_job_registers_and_captions_by_alias(
     job, debug_model, ray_local, corpus, mlflow_server, tmp_path, capsys, load_job, monkeypatch
@@ -89,7 +82,7 @@ def test_generative_smoke_job_registers_and_captions_by_alias(
     raw["corpus"] = None
     raw["model"] = debug_model
     if job == "vlkd":
-        raw["model_overrides"] = {"teacher": str(_teacher_dir(tmp_path / "teacher"))}
+        raw["model_overrides"] = {"teacher": str(dual_encoder_dir(tmp_path / "teacher"))}
     raw["data"].update(shards=str(corpus / "scenes" / "train"), batch_size=4)
     raw["data"]["image"]["size"] = 32
     raw["data"]["tokenizer"]["max_length"] = 16
@@ -125,7 +118,7 @@ def test_generative_smoke_job_registers_and_captions_by_alias(
     assert reg.version == "1" and reg.alias == "challenger"
     assert {"eval.test.cider", "eval.test.bleu4", "eval.test.rouge_l"} <= set(reg.tags)
     served = load_by_alias(f"it-{name}", "challenger", tracking_uri=mlflow_server.uri)
-    images = [_png((200, 40, 40)), _png((30, 60, 220))]
+    images = [png((200, 40, 40), size=40), png((30, 60, 220), size=40)]
     out = served.predict(pd.DataFrame({"image": images}), params={"max_new_tokens": 6})
     pv = torch.from_numpy(normalise(np.stack([decode_image(b, 32) for b in images]), reg_image(export)))
     assert out["caption"].tolist() == load_model_dir(export).generate(pv, max_new_tokens=6)
@@ -135,13 +128,3 @@ def reg_image(export):
     from vlforge.workflows.register import serving_data
 
     return serving_data(export)[0].image
-
-
-def _png(color, size: int = 40) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buf, format="PNG")
-    return buf.getvalue()

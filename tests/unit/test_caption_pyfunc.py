@@ -4,7 +4,6 @@ kind, and captions from the pyfunc class itself against the module's ``generate`
 
 from __future__ import annotations
 
-import io
 import json
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import debug_model_dir, dual_encoder_dir, png
 from vlforge.config import DataConfig, ImageConfig
 from vlforge.models.lm import LMConfig
 from vlforge.tracking.pyfunc_model import (
@@ -37,24 +37,9 @@ pytestmark = pytest.mark.unit
 DATA = DataConfig(image=ImageConfig(size=32, augment=False))
 
 
-def _png(color, size: int = 40) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _model_dir(spec: dict, out):
-    from vlforge.models.io import build_from_spec, save_model_dir
-
-    torch.manual_seed(1)
-    return save_model_dir(build_from_spec(spec).state_dict(), spec, out)
-
-
 @pytest.fixture(scope="module")
 def frozen_dir(tmp_path_factory):
-    return _model_dir({"model": "frozen_debug", "method": "frozen"}, tmp_path_factory.mktemp("frozen") / "model")
+    return debug_model_dir({"model": "frozen_debug", "method": "frozen"}, tmp_path_factory.mktemp("frozen") / "model")
 
 
 def test_prepare_caption_serving_dir(frozen_dir, tmp_path):
@@ -123,11 +108,11 @@ def test_pyfunc_captions_like_generate(spec, tmp_path, monkeypatch):
     from vlforge.models.io import load_model_dir
 
     monkeypatch.setenv("VLFORGE_SERVING_DEVICE", "cpu")
-    model_dir = _model_dir(spec, tmp_path / "model")
+    model_dir = debug_model_dir(spec, tmp_path / "model")
     serving = prepare_serving_dir(model_dir, DATA, tmp_path / "serving")
     pyfunc = VlforgePyfunc()
     pyfunc.load_context(SimpleNamespace(artifacts={"model": str(serving)}))
-    images = [_png((220, 30, 30)), _png((20, 200, 90), size=64)]
+    images = [png((220, 30, 30), size=40), png((20, 200, 90), size=64)]
     out = pyfunc.predict(None, pd.DataFrame({"image": images}, index=[5, 9]), {"max_new_tokens": 5})
     pv = torch.from_numpy(normalise(np.stack([decode_image(b, 32) for b in images]), DATA.image))
     assert list(out.index) == [5, 9]
@@ -145,8 +130,8 @@ def test_vlkd_serving_dir_ships_its_teacher(tmp_path, monkeypatch):
     from vlforge.models.io import load_model_dir, read_spec
 
     monkeypatch.setenv("VLFORGE_SERVING_DEVICE", "cpu")
-    teacher = _model_dir({"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}}, tmp_path / "t")
-    model_dir = _model_dir(
+    teacher = dual_encoder_dir(tmp_path / "t")
+    model_dir = debug_model_dir(
         {"model": "vlkd_debug", "method": "vlkd", "overrides": {"teacher": str(teacher)}}, tmp_path / "model"
     )
     serving = prepare_serving_dir(model_dir, DATA, tmp_path / "serving")
@@ -156,7 +141,7 @@ def test_vlkd_serving_dir_ships_its_teacher(tmp_path, monkeypatch):
         "source": "vlkd-student",
         "tokenizer": "bytes",
     }
-    images = [_png((220, 30, 30)), _png((20, 200, 90))]
+    images = [png((220, 30, 30), size=40), png((20, 200, 90), size=40)]
     pv = torch.from_numpy(normalise(np.stack([decode_image(b, 32) for b in images]), DATA.image))
     expected = load_model_dir(model_dir).generate(pv, max_new_tokens=6)
     shutil.rmtree(teacher)

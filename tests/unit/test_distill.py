@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from helpers import overfit
 from vlforge.models import create_model
 from vlforge.models.distill import DistillationTask, DualEncoderStudent, FusionTeacher, dual_qk, fusion_qk
 from vlforge.objectives.distillation import cross_modal_attention_kl
@@ -149,28 +150,6 @@ def test_task_validation():
     no_vqa = DualEncoderStudent(create_model("vlmo_debug"))
     with pytest.raises(ValueError):
         no_vqa.classify("vqa", torch.zeros(1, 32), torch.zeros(1, 32))
-
-
-def overfit(task: torch.nn.Module, batch: dict, max_steps: int, factor: float = 5.0) -> tuple[float, float, int]:
-    """Adam at 1e-3 on one fixed batch until the loss falls ``factor``-fold; (first, last, steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        opt = torch.optim.Adam([p for p in task.parameters() if p.requires_grad], lr=1e-3)
-        first = last = None
-        for step in range(max_steps):
-            torch.manual_seed(1234)
-            loss = task(batch)["loss"]
-            last = loss.item()
-            first = last if first is None else first
-            if last < first / factor:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return first, last, step
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("task_name", ["nlvr2", "itm"])

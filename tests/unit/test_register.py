@@ -5,7 +5,6 @@ and scored again from the registry."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import png
 from vlforge.cli import main
 from vlforge.workflows.register import eval_name, eval_tags, serving_data
 
@@ -33,14 +33,6 @@ stages:
       image: {size: 32, mean: [0.4, 0.4, 0.4], std: [0.3, 0.3, 0.3]}
       tokenizer: {max_length: 12}
 """
-
-
-def _png(color) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 COLORS = [(220, 30, 30), (30, 200, 40), (20, 40, 230), (200, 200, 20), (120, 20, 160), (20, 180, 180)]
@@ -64,7 +56,7 @@ def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("sets") / "colors" / "test"
     with ShardWriter(out, samples_per_shard=4, params={"task": "captions"}) as w:
         for i, (color, name) in enumerate(zip(COLORS, NAMES)):
-            w.write(f"{i:06d}", image=_png(color), image_ext="png", text=f"a {name} square", meta={})
+            w.write(f"{i:06d}", image=png(color), image_ext="png", text=f"a {name} square", meta={})
     return out
 
 
@@ -122,7 +114,7 @@ def test_register_a_vlmo_export_serve_it_and_eval_it_by_alias(export, shards, tm
     assert mv.tags["eval.colors.n_texts"] == "6" and 0.0 <= float(mv.tags["eval.colors.i2t_r1"]) <= 100.0
 
     model = load_by_alias("stagewise-vlmo", "challenger", tracking_uri=uri)
-    images, texts = [_png(COLORS[0]), _png(COLORS[2])], ["a red square", "a red square"]
+    images, texts = [png(COLORS[0]), png(COLORS[2])], ["a red square", "a red square"]
     scored = model.predict(pd.DataFrame({"image": images, "text": texts}))
     assert list(scored.columns) == ["score", "match_prob"]
 

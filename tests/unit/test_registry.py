@@ -4,7 +4,6 @@ checked against the student module itself."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import png
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig
 from vlforge.tracking.registry import (
     RegisteredVersion,
@@ -27,22 +27,11 @@ SPEC = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0
 TEXTS = ["a red square", "a green llama above a taxi", "blue", "a very long caption " * 6]
 
 
-def _png(color, size=40, shape="square") -> bytes:
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(im)
-    (draw.rectangle if shape == "square" else draw.ellipse)([6, 6, size - 8, size - 10], fill=color)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 IMAGES = [
-    _png((220, 30, 30)),
-    _png((30, 200, 40), shape="circle"),
-    _png((20, 40, 230), size=32),
-    _png((90, 90, 90), size=64),
+    png((220, 30, 30), size=40, shape="square"),
+    png((30, 200, 40), size=40, shape="ellipse"),
+    png((20, 40, 230), size=32, shape="square"),
+    png((90, 90, 90), size=64, shape="square"),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import dual_encoder_dir
 from vlforge.models import create_model
 from vlforge.models.lm import ByteTokenizer, count_parameters, smollm2_available
 from vlforge.models.vlkd import VLKD, VLKDConfig, info_nce, span_infill
@@ -141,14 +142,6 @@ def test_registered_sizes():
     assert {"vlkd_debug", "vlkd_base"} <= set(list_models("vlkd"))
 
 
-def _student_dir(tmp_path):
-    from vlforge.models.io import build_from_spec, save_model_dir
-
-    spec = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}}
-    torch.manual_seed(1)
-    return save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "teacher")
-
-
 def test_the_platform_task_distils_a_vlforge_dual_encoder(tmp_path):
     """method vlkd: the teacher is a distilled student's model directory (CLIP's role), fed the pipeline's
     WordPiece ids; the three weighted losses go down on one batch and the teacher does not move."""
@@ -159,7 +152,7 @@ def test_the_platform_task_distils_a_vlforge_dual_encoder(tmp_path):
     from vlforge.train.runner import validate
     from vlforge.train.tasks import VLKDTask, build_task
 
-    teacher_dir = _student_dir(tmp_path)
+    teacher_dir = dual_encoder_dir(tmp_path / "teacher")
     cfg = from_dict(
         TrainRunConfig,
         {

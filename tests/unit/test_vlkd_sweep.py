@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import dual_encoder_dir
 from vlforge.config import VALIDATION_METRICS, ConfigError, DataConfig, ImageConfig, SweepConfig, from_dict
 
 pytestmark = pytest.mark.unit
@@ -54,15 +55,6 @@ def test_captioning_metrics_and_kinds():
 # ----------------------------------------------------------------------------- the validator
 
 
-def _teacher_dir(tmp_path) -> Path:
-    """A tiny distilled dual encoder (32 px), as the two-stage job exports it: VLKD's CLIP."""
-    from vlforge.models.io import build_from_spec, save_model_dir
-
-    spec = {"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}}
-    torch.manual_seed(1)
-    return save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "teacher")
-
-
 SCENES = [
     ("a llama left of a taxi", ["llama", "taxi"]),
     ("a cat above a dog", ["cat", "dog"]),
@@ -97,7 +89,7 @@ def test_caption_validator_scores_a_tiny_vlkd_and_pickles_without_its_state(tmp_
     from vlforge.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("vlkd_debug", teacher=str(_teacher_dir(tmp_path)))
+    model = create_model("vlkd_debug", teacher=str(dual_encoder_dir(tmp_path / "teacher")))
     model.train()
     shards = _shard_set(tmp_path / "scenes" / "val")
     data = DataConfig(image=ImageConfig(size=model.teacher.img_size, augment=False))

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from helpers import overfit
 from vlforge.models import create_model, list_models
 from vlforge.models.trainable import param_groups, set_trainable
 from vlforge.models.vlmo import VLMo, VLMoConfig, VLMoPretrainTask
@@ -257,28 +258,6 @@ def test_set_trainable_rejects_patterns_that_match_nothing():
     with pytest.raises(ValueError):
         set_trainable(model, [])
     assert set_trainable(model, ["*"]) == [n for n, _ in model.named_parameters()]
-
-
-def overfit(task: torch.nn.Module, batch: dict, max_steps: int, factor: float = 5.0) -> tuple[float, float, int]:
-    """Adam at 1e-3 on one fixed batch until the loss falls ``factor``-fold; (first, last, steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster and immune to a busy machine
-    try:
-        opt = torch.optim.Adam([p for p in task.parameters() if p.requires_grad], lr=1e-3)
-        first = last = None
-        for step in range(max_steps):
-            torch.manual_seed(1234)  # same masks and negatives every step: one fixed batch
-            loss = task(batch)["loss"]
-            last = loss.item()
-            first = last if first is None else first
-            if last < first / factor:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return first, last, step
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_vlmo_itc_itm_mlm_overfits_one_batch():
