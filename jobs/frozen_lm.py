@@ -2,6 +2,8 @@
 
     python jobs/frozen_lm.py                                    # laptop: smoke sizes, built-in corpus, 2 CPU workers
     python jobs/frozen_lm.py --set name=my-run                  # the same name again resumes that run
+    python jobs/frozen_lm.py --set name=frozen-lm-ft --set 'stages.0.trainable=["vision.*","prefix.*","lm.*"]'
+                                                                # the paper's control: the LM fine-tuned too
     python jobs/frozen_lm.py --set deepspeed.zero_stage=3 --set tracking.tracking_uri=http://127.0.0.1:5000
     ray job submit --working-dir . -- python jobs/frozen_lm.py --config jobs/configs/frozen_lm.yaml
 
