@@ -26,6 +26,13 @@ import sys
 import time
 
 from vlforge import config as C
+from vlforge.data import adapters
+from vlforge.data.corpus import build_corpus
+from vlforge.data.ingest import IngestError, ingest
+from vlforge.data.shards import list_shards, shard_set_summary, verify, write_manifest
+from vlforge.data.storage import upload_dir
+from vlforge.runtime import init_ray
+from vlforge.tracking.mlflow_tracker import experiment_id, resolve_tracking_uri
 
 
 def _storage(args) -> C.StorageConfig:
@@ -33,8 +40,6 @@ def _storage(args) -> C.StorageConfig:
 
 
 def cmd_build_corpus(args) -> int:
-    from vlforge.data.corpus import build_corpus
-
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"out={args.out}")
@@ -47,9 +52,6 @@ def cmd_build_corpus(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from vlforge.data import adapters
-    from vlforge.data.ingest import IngestError, ingest
-
     fmt = args.format
     given = {
         "--image-col": args.image_col,
@@ -111,8 +113,6 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    from vlforge.data.shards import list_shards, shard_set_summary
-
     summary = shard_set_summary(args.uri, _storage(args))
     for uri in list_shards(args.uri, _storage(args)):
         print(uri)
@@ -124,8 +124,6 @@ def cmd_ls(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from vlforge.data.shards import verify
-
     problems = verify(args.uri, _storage(args))
     for p in problems:
         print(p)
@@ -134,8 +132,6 @@ def cmd_verify(args) -> int:
 
 
 def cmd_manifest(args) -> int:
-    from vlforge.data.shards import write_manifest
-
     manifest, scans = write_manifest(
         args.uri, _storage(args), task=args.task, force=args.force, progress=None if args.quiet else print
     )
@@ -152,16 +148,14 @@ def cmd_manifest(args) -> int:
 
 
 def cmd_upload(args) -> int:
-    from vlforge.data.storage import upload_dir
-
     n = upload_dir(args.local, args.dest, _storage(args))
     print(f"uploaded {n} files to {args.dest}")
     return 0
 
 
 def cmd_stream(args) -> int:
+    # lazy: pulls in numpy (keeps vlforge --help fast)
     from vlforge.data.pipeline import Counters, build_dataset
-    from vlforge.runtime import init_ray
 
     cfg = C.load(C.DataConfig, args.config, [f"shards={args.uri}", *(args.set or [])])
     if args.s3_endpoint:
@@ -185,6 +179,7 @@ def cmd_stream(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    # lazy: pulls in ray
     from vlforge.tune import load_sweep, make_plan, run_sweep
 
     sweep = load_sweep(args.file, args.set or [])
@@ -201,6 +196,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    # lazy: pulls in torch (keeps vlforge --help fast)
     from vlforge.evaluation import INTERVAL_COUNTS, INTERVAL_NOTE, format_table, with_intervals
     from vlforge.evaluation.score import score_model_dir
 
@@ -294,6 +290,7 @@ def _model_source(model: str, tracking_uri: str | None):
                 raise FileNotFoundError(f"model directory not found: {model} (a registered model is NAME@ALIAS)")
             yield model, None
             return
+        # lazy: pulls in mlflow
         from vlforge.tracking.pyfunc_model import CAPTION
         from vlforge.tracking.registry import download_serving_dir, serving_image, serving_kind, serving_preprocessing
 
@@ -325,6 +322,7 @@ def _eval_out_dir(args):
 
 
 def _write_eval(out_dir, row: dict, table: str, pictures: list[dict]) -> None:
+    # lazy: pulls in torch (keeps vlforge --help fast)
     from vlforge.evaluation.report import plot_caption_examples
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -338,8 +336,6 @@ def _log_eval_run(row: dict, experiment: str, tracking_uri: str | None, out_dir=
     """A new MLflow run in ``experiment`` holding ``row``: its figures as metrics, the rest as params, and
     the files ``vlforge eval`` wrote (table, examples picture) as artifacts."""
     from mlflow import MlflowClient
-
-    from vlforge.tracking.mlflow_tracker import experiment_id, resolve_tracking_uri
 
     uri = resolve_tracking_uri(C.TrackingConfig(tracking_uri=tracking_uri))
     client = MlflowClient(tracking_uri=uri)
@@ -367,6 +363,7 @@ def _log_eval_run(row: dict, experiment: str, tracking_uri: str | None, out_dir=
 
 
 def cmd_register(args) -> int:
+    # lazy: pulls in torch (keeps vlforge --help fast)
     from vlforge.workflows.register import register_model_dir
 
     if args.max_samples is not None and args.max_samples < 1:
@@ -441,6 +438,7 @@ def run_promote(args: argparse.Namespace) -> int:
         if value:
             overrides.append(f"{key}={json.dumps(str(value))}")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
+    # lazy: pulls in torch (keeps vlforge --help fast)
     from vlforge.tracking import promotion
 
     try:

@@ -48,6 +48,7 @@ from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConf
 from vlforge.data.images import WHITE, to_rgb
 from vlforge.data.shards import IMAGE_EXTS, list_shards, read_manifest, verify
 from vlforge.data.storage import arrow_filesystem, filesystem_for
+from vlforge.data.tokenizer import load_tokenizer
 from vlforge.runtime import tune_malloc
 
 if TYPE_CHECKING:
@@ -285,8 +286,6 @@ def finish_pixels(batch: dict, cfg: ImageConfig) -> dict:
 
 @lru_cache(maxsize=4)
 def _tokenizer(name: str, max_length: int, lowercase: bool):
-    from vlforge.data.tokenizer import load_tokenizer
-
     return load_tokenizer(TokenizerConfig(name=name, max_length=max_length, lowercase=lowercase))
 
 

@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlforge.config import DataConfig
+from vlforge.data.pipeline import Counters, check_against_manifest, decode, read_raw, task_inputs
+from vlforge.data.shards import list_shards, read_manifest
 
 if TYPE_CHECKING:
     import ray.data
@@ -69,9 +71,6 @@ class EpochStream:
     @classmethod
     def create(cls, data: DataConfig, counters=None, salt: int = 0) -> EpochStream:
         """Resolve the shard list, sample counts, task and VQA answers once (on the driver)."""
-        from vlforge.data.pipeline import Counters, check_against_manifest, task_inputs
-        from vlforge.data.shards import list_shards, read_manifest
-
         task, answers = task_inputs(data)
         if data.verify_sha256:
             check_against_manifest(data.shards, data.storage)
@@ -110,8 +109,6 @@ class EpochStream:
 
     def dataset(self, epoch: int, rank: int, world: int) -> ray.data.Dataset:
         """This rank's decoded samples of ``epoch`` (read + decode fused, order preserved)."""
-        from vlforge.data.pipeline import decode, read_raw
-
         d = self.data
         ordered = [self.shards[i] for i in self.order(epoch)]
         if d.shards.startswith("s3://"):

@@ -37,6 +37,10 @@ from typing import Any
 import numpy as np
 
 from vlforge.data.adapters import normalize_answer
+from vlforge.data.corpus import load_concepts
+from vlforge.data.pipeline import caption_list, sample_id
+from vlforge.data.shards import iter_samples, list_shards
+from vlforge.evaluation.data import load_eval_set
 
 __all__ = [
     "caption_metrics",
@@ -188,9 +192,6 @@ def _references(shards: str, storage, wanted: set[int]) -> dict[int, tuple[list[
     """sample id -> (reference captions, object names) for the wanted samples, read in file order."""
     import json
 
-    from vlforge.data.pipeline import caption_list, sample_id
-    from vlforge.data.shards import iter_samples, list_shards
-
     out: dict[int, tuple[list[str], list[str]]] = {}
     for url in list_shards(shards, storage):
         for s in iter_samples(url, storage):
@@ -231,9 +232,6 @@ def score_captioner(
     ``generate_kwargs`` go to ``generate``: ``beams`` (beam search; greedy without it), VC-GPT's ``branch``
     (the self-ensemble ablation)."""
     import torch
-
-    from vlforge.data.corpus import load_concepts
-    from vlforge.evaluation.data import load_eval_set
 
     ev = load_eval_set(shards, data, task="captions", max_samples=max_samples)
     ids = ev["sample_id"].tolist()
@@ -291,10 +289,6 @@ def first_answer(text: str) -> str:
 def _vqa_samples(shards: str, data, max_samples: int | None):
     """(pixel values [N, 3, H, W], questions, human answers per question, keys) of a VQA shard set."""
     import json
-
-    from vlforge.data.pipeline import sample_id
-    from vlforge.data.shards import iter_samples, list_shards
-    from vlforge.evaluation.data import load_eval_set
 
     ev = load_eval_set(shards, data, task="vqa", max_samples=max_samples)
     wanted = {sid: i for i, sid in enumerate(ev["sample_id"].tolist())}

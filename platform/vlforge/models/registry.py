@@ -41,6 +41,7 @@ def _import_model_modules() -> None:
     import importlib
     import pkgutil
 
+    # lazy: import cycle with vlforge.models (its __init__ imports this module)
     import vlforge.models as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlforge.models.decoding import beam_search
+from vlforge.models.io import load_model_dir, read_spec
 from vlforge.models.lm import CaptionTokenizer, freeze, load_tokenizer
 from vlforge.models.registry import register_model
 from vlforge.models.vision import VisionConfig, VisionTower, override, vision_config
@@ -124,8 +125,6 @@ class DualEncoderTeacher(nn.Module):
 
 def load_teacher(path: str) -> DualEncoderTeacher:
     """The dual-encoder teacher in the model directory ``path`` (a distilled student or a VLMo)."""
-    from vlforge.models.io import load_model_dir, read_spec
-
     try:
         method = read_spec(path).get("method", "vlmo")
     except FileNotFoundError:

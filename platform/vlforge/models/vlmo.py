@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlforge.models.image_tokenizer import TOKENIZERS, create_image_tokenizer
 from vlforge.models.registry import register_model
 from vlforge.objectives.itc import contrastive_logits, itc_loss_from_logits
 from vlforge.objectives.itm import build_itm_batch, itm_loss
@@ -119,8 +120,6 @@ class VLMoConfig:
 
     def __post_init__(self) -> None:
         if self.image_tokenizer is not None:
-            from vlforge.models.image_tokenizer import TOKENIZERS
-
             if self.image_tokenizer not in TOKENIZERS:
                 raise ValueError(f"unknown image_tokenizer {self.image_tokenizer!r}; known: {sorted(TOKENIZERS)}")
             self.patch_size = TOKENIZERS[self.image_tokenizer].stride
@@ -298,8 +297,6 @@ class ImageEmbed(nn.Module):
             self.tokenizer = None
             self.patch = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         else:
-            from vlforge.models.image_tokenizer import create_image_tokenizer
-
             self.tokenizer = create_image_tokenizer(tokenizer, img_size)
             self.feature_norm = nn.LayerNorm(self.tokenizer.channels)
             self.patch = nn.Linear(self.tokenizer.channels, dim)

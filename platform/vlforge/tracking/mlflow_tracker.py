@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import vlforge
 from vlforge.config import TrackingConfig, dump_yaml, flatten, to_dict
 from vlforge.tracking.logging import get_rank
 
@@ -848,8 +849,6 @@ def plot_history(history: Mapping[str, Sequence[tuple[int, float]]], out: str | 
 def environment_info() -> dict[str, str]:
     """Versions, git commit, hostname and (when Ray is up) cluster size, as strings."""
     from importlib import metadata
-
-    import vlforge
 
     info = {"python": sys.version.split()[0], "vlforge": vlforge.__version__}
     for pkg in _ENV_PACKAGES:

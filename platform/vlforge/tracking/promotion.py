@@ -48,6 +48,10 @@ from typing import Any
 
 from vlforge.config import DataConfig, PromoteConfig
 from vlforge.config.promote import CAPTION_PROMOTION_METRICS
+from vlforge.data.pipeline import detect_task
+from vlforge.evaluation import evaluate_retrieval, format_table, load_eval_set
+from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa
+from vlforge.models.io import load_model_dir
 from vlforge.tracking.mlflow_tracker import redact_text, resolve_tracking_uri, secret_env_values
 
 HISTORY_TAG = "vlforge.champion_history"
@@ -77,8 +81,6 @@ class Decision:
         return 1 if self.action == REFUSED else 0
 
     def summary(self) -> str:
-        from vlforge.evaluation import format_table
-
         lines = []
         if self.comparisons:
             lines.append(
@@ -119,6 +121,7 @@ def resolve_version(client, name: str, ref: str) -> str:
     from mlflow.exceptions import MlflowException
 
     if not str(ref).isdigit():
+        # lazy: pulls in mlflow
         from vlforge.tracking.registry import resolve_alias
 
         return resolve_alias(name, ref, client.tracking_uri).version
@@ -211,8 +214,7 @@ def promotion_lock(
 def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdir: Path) -> dict[str, float]:
     """The metrics (percent) of one registered version on the fixed evaluation set: retrieval for a dual
     encoder, captioning or few-shot VQA for a captioning model (``PromotionEvalConfig``)."""
-    from vlforge.data.pipeline import detect_task
-    from vlforge.models.io import load_model_dir
+    # lazy: pulls in mlflow
     from vlforge.tracking.pyfunc_model import DUAL_ENCODER
     from vlforge.tracking.registry import download_serving_dir, serving_image, serving_kind
 
@@ -229,8 +231,6 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
         return _retrieval(model, directory, cfg)
     data = DataConfig(shards=cfg.eval.shards, image=serving_image(directory), storage=cfg.eval.storage)
     if task == "captions":
-        from vlforge.evaluation.generation import score_captioner
-
         out = score_captioner(
             model,
             cfg.eval.shards,
@@ -241,8 +241,6 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
         )
         return {k: float(out[k]) for k in CAPTION_PROMOTION_METRICS if k in out}
     if task == "vqa" and callable(getattr(model, "generate_from_prompt", None)):
-        from vlforge.evaluation.generation import score_few_shot_vqa
-
         pool = cfg.eval.pool or f"{cfg.eval.shards.rstrip('/').rsplit('/', 1)[0]}/train"
         out = score_few_shot_vqa(
             model, cfg.eval.shards, pool, data, shots=cfg.eval.shots, max_samples=cfg.eval.max_samples
@@ -255,7 +253,7 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
 
 
 def _retrieval(model, directory: Path, cfg: PromoteConfig) -> dict[str, float]:
-    from vlforge.evaluation import evaluate_retrieval, load_eval_set
+    # lazy: pulls in mlflow
     from vlforge.tracking.registry import serving_preprocessing
 
     image, tokenizer = serving_preprocessing(directory)

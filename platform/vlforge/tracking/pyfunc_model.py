@@ -57,6 +57,13 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from vlforge.config import ImageConfig, TokenizerConfig
+from vlforge.data.pipeline import decode_image, normalise
+from vlforge.data.tokenizer import load_tokenizer
+from vlforge.models.distill import DualEncoderStudent, FusionTeacher
+from vlforge.models.io import load_model_dir
+from vlforge.models.vlmo import VLMo
+
 DUAL_ENCODER = "dual_encoder"
 CAPTION = "caption"
 KINDS = (DUAL_ENCODER, CAPTION)
@@ -181,9 +188,6 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from vlforge.config import ImageConfig, TokenizerConfig
-        from vlforge.models.io import load_model_dir
-
         directory = Path(context.artifacts[ARTIFACT_KEY])
         pre = json.loads((directory / PREPROCESS_FILE).read_text())
         self.kind = preprocess_kind(pre)
@@ -199,8 +203,6 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
         self.device = torch.device(_device())
         self.tokenizer = None
         if self.kind == DUAL_ENCODER:
-            from vlforge.data.tokenizer import load_tokenizer
-
             tok = pre["tokenizer"]
             self.tokenizer = load_tokenizer(
                 TokenizerConfig(
@@ -215,9 +217,6 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
 
     def _check_model(self, directory: Path, model: Any) -> None:
         if self.kind == DUAL_ENCODER:
-            from vlforge.models.distill import DualEncoderStudent, FusionTeacher
-            from vlforge.models.vlmo import VLMo
-
             if not isinstance(model, (DualEncoderStudent, FusionTeacher, VLMo)):
                 raise TypeError(
                     f"{directory}: a {DUAL_ENCODER} serving directory needs a DualEncoderStudent, "
@@ -234,8 +233,6 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
     def pixel_values(self, images: list[bytes]):
         import numpy as np
         import torch
-
-        from vlforge.data.pipeline import decode_image, normalise
 
         size = self.image_cfg.size
         decoded = []
@@ -295,8 +292,6 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
     ) -> dict[str, list]:
         import torch
         import torch.nn.functional as F
-
-        from vlforge.models.distill import DualEncoderStudent
 
         enc = getattr(self.model, "encoder", self.model)  # the VLMo (a bare VLMo is its own encoder)
         student = isinstance(self.model, DualEncoderStudent)

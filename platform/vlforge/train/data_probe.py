@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vlforge.config import DataConfig
+from vlforge.data.pipeline import build_dataset, exact_split_config
 
 
 def probe_loop(config: dict[str, Any]) -> None:
@@ -83,8 +84,6 @@ def run_probe(
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from vlforge.data.pipeline import build_dataset, exact_split_config
 
     ds, counters = build_dataset(cfg, train=True)
     storage_path = storage_path or os.path.abspath(os.path.join("out", "ray_results"))

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from vlforge.config import DeepSpeedConfig, OptimizerConfig, ScheduleConfig, StageConfig
+from vlforge.models.trainable import param_groups
+from vlforge.runtime import tune_malloc
 
 
 def extensions_dir() -> str:
@@ -67,8 +69,6 @@ def clear_stale_locks(root: str, max_age_s: float = STALE_LOCK_S) -> list[str]:
 def prepare_env(on_gpu: bool) -> None:
     """Environment DeepSpeed reads at import: the CPU accelerator without a GPU, the op cache;
     and the allocator setting every CPU training process wants (``vlforge.runtime.tune_malloc``)."""
-    from vlforge.runtime import tune_malloc
-
     tune_malloc()
     if not on_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -192,8 +192,6 @@ def build_engine(
     """``deepspeed.initialize`` over ``module`` with the stage's optimizer and schedule; returns the engine.
     ``extra`` is merged into the DeepSpeed config after everything else (the loop's resume settings)."""
     import deepspeed
-
-    from vlforge.models.trainable import param_groups
 
     lift_scalars(module)
     ds = merge(deepspeed_config(cfg, micro_batch=micro_batch, world_size=world_size, on_gpu=on_gpu), extra or {})

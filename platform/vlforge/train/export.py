@@ -17,15 +17,14 @@ import os
 from pathlib import Path
 
 from vlforge.config import TrainRunConfig, dump_yaml
+from vlforge.models.io import build_from_spec, load_model_dir, save_model_dir
+from vlforge.train.checkpoint import module_weights
+from vlforge.train.engine import fit_shapes
+from vlforge.train.tasks import CAPTION_METHODS, model_spec, task_prefix
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainRunConfig) -> Path:
     import torch
-
-    from vlforge.models.io import build_from_spec, save_model_dir
-    from vlforge.train.checkpoint import module_weights
-    from vlforge.train.engine import fit_shapes
-    from vlforge.train.tasks import CAPTION_METHODS, model_spec, task_prefix
 
     spec = model_spec(cfg)
     if cfg.method in (*CAPTION_METHODS, "vlkd"):
@@ -41,6 +40,4 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
 
 def load_export(directory: str | os.PathLike):
     """The single-device model from an export directory, weights loaded strictly, in eval mode."""
-    from vlforge.models.io import load_model_dir
-
     return load_model_dir(directory)

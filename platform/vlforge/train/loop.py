@@ -39,8 +39,14 @@ from typing import Any
 import torch
 
 from vlforge.config import StageConfig, TrainRunConfig, from_dict
-from vlforge.data.pipeline import finish_pixels
+from vlforge.data.pipeline import Counters, finish_pixels
+from vlforge.models.io import save_model_dir
+from vlforge.models.trainable import set_trainable
+from vlforge.tracking import ConfigChangedError, make_tracker
 from vlforge.tracking.logging import print0, say
+from vlforge.train import checkpoint as ckpt_io
+from vlforge.train.engine import build_engine, fit_shapes, full_state_dict, prepare_env, resolve_precision
+from vlforge.train.tasks import build_task, create, model_spec, task_prefix
 
 
 def _weights_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -86,8 +92,6 @@ def load_init(model: torch.nn.Module, weights: dict[str, torch.Tensor], rank: in
     """Load a stage's starting weights. Weights of the model itself load strictly; a VLMo's weights
     load into the ``encoder`` of a fusion/distill model, whose heads (and, for a dual-encoder
     student, the teacher's VL experts it does not have) are reported and left as initialised."""
-    from vlforge.train.engine import fit_shapes
-
     if hasattr(model, "encoder") and not any(k.startswith("encoder.") for k in weights):
         own = model.state_dict()
         weights = fit_shapes({f"encoder.{k}": v for k, v in weights.items() if f"encoder.{k}" in own}, model)
@@ -119,9 +123,6 @@ def _maybe_fail(cfg: TrainRunConfig, rank: int, global_step: int) -> None:
 
 def _validate(validator, cfg: TrainRunConfig, weights: dict[str, torch.Tensor], device) -> dict[str, float]:
     """``validator(model)`` on a copy of the current weights (whole, also under ZeRO-3), in fp32."""
-    from vlforge.train.engine import fit_shapes
-    from vlforge.train.tasks import create
-
     model = create(cfg)
     model.load_state_dict(fit_shapes({k: v.float() for k, v in weights.items()}, model), strict=True)
     out = validator(model.to(device))
@@ -323,8 +324,6 @@ class Trainer:
     def __init__(self, args: WorkerArgs):
         import ray.train
 
-        from vlforge.train.engine import prepare_env, resolve_precision
-
         self.args = args
         self.cfg = cfg = from_dict(TrainRunConfig, args.cfg)
         prepare_env(cfg.use_gpu)
@@ -363,8 +362,6 @@ class Trainer:
         import ray
         import torch.distributed as dist
 
-        from vlforge.tracking import ConfigChangedError, make_tracker
-
         cfg, name = self.cfg, self.args.run_name
         self.tracker = make_tracker(cfg.tracking, self.rank)
         self.tracker.start(name)
@@ -394,8 +391,6 @@ class Trainer:
         """Read ``ray.train.get_checkpoint()``; returns (first stage to run, whether it resumes mid-stage)."""
         import ray.train
 
-        from vlforge.train import checkpoint as ckpt_io
-
         restored = ray.train.get_checkpoint()
         if restored is None:
             return 0, False
@@ -417,9 +412,6 @@ class Trainer:
     # ------------------------------------------------------------------ stages
 
     def _initial_weights(self, si: int, stage: StageConfig) -> dict[str, torch.Tensor] | None:
-        from vlforge.train import checkpoint as ckpt_io
-        from vlforge.train.tasks import task_prefix
-
         if stage.init == "previous" and si > 0:
             if self.handoff is not None:
                 return self.handoff
@@ -432,10 +424,6 @@ class Trainer:
 
     def _start_stage(self, si: int, resume: bool) -> _Stage:
         import ray.train
-
-        from vlforge.models.trainable import set_trainable
-        from vlforge.train.engine import build_engine
-        from vlforge.train.tasks import build_task, create
 
         cfg, stage = self.cfg, self.cfg.stages[si]
         torch.manual_seed(cfg.seed + si)  # same initial weights on every rank
@@ -467,9 +455,6 @@ class Trainer:
         return st
 
     def _resume_stage(self, st: _Stage, from_universal: bool) -> None:
-        from vlforge.train import checkpoint as ckpt_io
-        from vlforge.train.engine import full_state_dict
-
         saved = self.saved
         loaded = ckpt_io.load(st.engine, self.restored_dir, universal=from_universal)
         st.step, st.epoch, st.skip = loaded["step"], loaded["epoch"], loaded["batches_in_epoch"]
@@ -502,16 +487,10 @@ class Trainer:
     def _finish_stage(self, st: _Stage) -> None:
         import torch.distributed as dist
 
-        from vlforge.train import checkpoint as ckpt_io
-        from vlforge.train.engine import fit_shapes, full_state_dict
-
         cfg, stage, args = self.cfg, st.cfg, self.args
         self.handoff = ckpt_io.strip_prefix(full_state_dict(st.engine, cfg.deepspeed.zero_stage), st.task.prefix)
         referenced = {s.init_stage for s in cfg.stages if s.init_stage}
         if self.rank == 0 and args.stage_dir and (cfg.stage_exports or stage.name in referenced):
-            from vlforge.models.io import save_model_dir
-            from vlforge.train.tasks import model_spec
-
             save_model_dir(
                 fit_shapes(self.handoff, st.task.model),
                 model_spec(cfg),
@@ -647,9 +626,6 @@ class Trainer:
         """Checkpoint every rank's DeepSpeed shard through ``ray.train.report`` (validation on rank 0 first)."""
         import ray.train
 
-        from vlforge.train import checkpoint as ckpt_io
-        from vlforge.train.engine import full_state_dict
-
         cfg, stage, gs = self.cfg, st.cfg, self.state.global_step
         sd = full_state_dict(st.engine, cfg.deepspeed.zero_stage)
         state = self.state_dict(st, _weights_digest(sd))
@@ -668,8 +644,6 @@ class Trainer:
             ckpt_io.save(st.engine, tmp, state, self.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if self.args.counters is not None and self.rank == 0:
-            from vlforge.data.pipeline import Counters
-
             self.tracker.log_counters(Counters(self.args.counters).snapshot(), gs)
 
 

@@ -28,15 +28,25 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from vlforge.config import ConfigError, DataConfig, TrainRunConfig, to_dict
-from vlforge.data.storage import absolute
+from vlforge.config import ConfigError, DataConfig, TrainRunConfig, load, to_dict
+from vlforge.data.corpus import ensure_corpus
+from vlforge.data.pipeline import Counters, build_dataset
+from vlforge.data.shards import list_shards
+from vlforge.data.storage import StorageUnreachable, absolute, check_reachable
+from vlforge.data.stream import EpochStream
+from vlforge.models.io import read_spec
+from vlforge.runtime import init_ray as start_ray
+from vlforge.tracking import resolve_tracking_uri
+from vlforge.tracking.mlflow_tracker import experiment_id
+from vlforge.train.checkpoint import STATE_FILE, CheckpointMismatch, check_resumable, convert_to_universal, read_state
+from vlforge.train.export import export_checkpoint
+from vlforge.train.loop import WorkerArgs, train_fn_per_worker
+from vlforge.train.tasks import model_sizes
 
 
 def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
     """Raise ``ConfigError`` for settings that cannot work, before any Ray resource is taken.
     ``check_paths=False`` skips init and teacher paths (a workflow whose earlier runs make them)."""
-    from vlforge.train.tasks import model_sizes
-
     try:
         sizes = model_sizes(cfg)
     except (KeyError, TypeError, ValueError) as exc:
@@ -67,8 +77,6 @@ def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
         ):
             raise ConfigError(f"stage {s.name}: init path {s.init} does not exist")
         if check_paths and s.teacher and "://" not in s.teacher:
-            from vlforge.models.io import read_spec
-
             try:
                 spec = read_spec(s.teacher)
             except FileNotFoundError as exc:
@@ -90,9 +98,6 @@ def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
 def check_data(uses: list[tuple[str, DataConfig]]) -> None:
     """Every shard set named (``(who uses it, its data config)``) is reachable and complete, checked
     once per set before any Ray resource is taken: ``ConfigError`` naming the user otherwise."""
-    from vlforge.data.shards import list_shards
-    from vlforge.data.storage import StorageUnreachable, check_reachable
-
     seen: set[str] = set()
     for who, data in uses:
         if data.shards in seen:
@@ -111,8 +116,6 @@ def _absolute_data(data: DataConfig) -> DataConfig:
 
 def resolve(cfg: TrainRunConfig) -> TrainRunConfig:
     """Paths absolute and the MLflow store fixed on the driver (workers run elsewhere / in other dirs)."""
-    from vlforge.tracking import resolve_tracking_uri
-
     tracking = dataclasses.replace(
         cfg.tracking,
         tracking_uri=resolve_tracking_uri(cfg.tracking),
@@ -144,8 +147,6 @@ def resolve(cfg: TrainRunConfig) -> TrainRunConfig:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint directory of a run on local storage (by its global step), or None."""
-    from vlforge.train.checkpoint import STATE_FILE, read_state
-
     found = [
         (read_state(d)["global_step"], d.stat().st_mtime, d)
         for d in run_dir.glob("checkpoint_*")
@@ -161,8 +162,6 @@ def check_existing_run(cfg: TrainRunConfig) -> None:
     last = latest_checkpoint(Path(cfg.storage_path) / cfg.name)
     if last is None:
         return
-    from vlforge.train.checkpoint import CheckpointMismatch, check_resumable, read_state
-
     state = read_state(last)
     resized = state["world_size"] != cfg.num_workers and state["zero_stage"] > 0
     try:
@@ -170,8 +169,6 @@ def check_existing_run(cfg: TrainRunConfig) -> None:
     except CheckpointMismatch as exc:
         raise CheckpointMismatch(f"run {cfg.name} ({last}): {exc}") from None
     if resized:
-        from vlforge.train.checkpoint import convert_to_universal
-
         print(
             f"run {cfg.name}: checkpoint {last.name} has {state['world_size']} workers' shards, this run "
             f"{cfg.num_workers}: converting it to a DeepSpeed universal checkpoint",
@@ -193,8 +190,6 @@ def prepare_local_mlflow(tracking) -> None:
     if not tracking.enabled or not uri.startswith("sqlite:///"):
         return
     from mlflow.tracking import MlflowClient
-
-    from vlforge.tracking.mlflow_tracker import experiment_id
 
     db = Path(uri.removeprefix("sqlite:///"))
     experiment_id(MlflowClient(uri), tracking.experiment, (db.parent / "mlruns" / tracking.experiment).as_uri())
@@ -248,8 +243,6 @@ def run_training(
     validate(cfg)
     cfg = resolve(cfg)
     if cfg.corpus is not None:
-        from vlforge.data.corpus import ensure_corpus
-
         ensure_corpus(cfg.corpus)
     if cfg.keep_checkpoints < 0:
         raise ConfigError("keep_checkpoints must be >= 0 (0 = keep all)")
@@ -260,18 +253,11 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vlforge.data.pipeline import build_dataset
-    from vlforge.runtime import init_ray as start_ray
-    from vlforge.train.loop import WorkerArgs
-
     if init_ray:
         start_ray(num_train_workers=cfg.num_workers, worker_cpus=cfg.worker_cpus)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints progress lines instead
-    from vlforge.data.pipeline import Counters
-    from vlforge.data.stream import EpochStream
-
     datasets, streams, counters = {}, {}, Counters.create()
     for si, s in enumerate(cfg.stages):
         data = s.data or cfg.data
@@ -321,20 +307,14 @@ def run_training(
     state: dict[str, Any] = {}
     export_dir = None
     if ckpt_path and os.path.exists(ckpt_path):
-        from vlforge.train.checkpoint import read_state
-
         state = read_state(ckpt_path)
         if cfg.export:
-            from vlforge.train.export import export_checkpoint
-
             export_dir = str(export_checkpoint(ckpt_path, run_dir / "export", cfg))
     (run_dir / SUMMARY_FILE).write_text(json.dumps({"checkpoint": ckpt_path, "export": export_dir, "seconds": seconds}))
     return TrainResult(cfg.name, seconds, ckpt_path, export_dir, state, dict(result.metrics or {}))
 
 
 def _loop(config: dict[str, Any]) -> None:
-    from vlforge.train.loop import train_fn_per_worker
-
     train_fn_per_worker(config)
 
 
@@ -342,8 +322,6 @@ def job_main(doc: str, default_config: str, argv=None) -> int:
     """The body of a training job script: ``--config`` / ``--set``, run, print the summary."""
     import argparse
     import sys
-
-    from vlforge.config import load
 
     p = argparse.ArgumentParser(
         description=doc.split("\n\n")[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -33,7 +33,13 @@ import torch
 from torch import nn
 
 from vlforge.config import DataConfig, StageConfig, TrainRunConfig
-from vlforge.models.io import PAIR_METHODS
+from vlforge.data.tokenizer import load_tokenizer
+from vlforge.models import create_model
+from vlforge.models.distill import DistillationTask, FusionFinetuneTask, as_teacher
+from vlforge.models.io import PAIR_METHODS, build_from_spec, load_model_dir
+from vlforge.models.lm import LMConfig
+from vlforge.models.vlmo import VLMoPretrainTask
+from vlforge.train.checkpoint import _local
 
 
 @dataclass
@@ -49,8 +55,6 @@ class CaptionTask(nn.Module):
 
     def __init__(self, model: nn.Module, data: DataConfig, weight: float = 1.0):
         super().__init__()
-        from vlforge.data.tokenizer import load_tokenizer
-
         self.model = model
         self.weight = weight
         self._text_tokenizer = load_tokenizer(data.tokenizer)
@@ -106,17 +110,11 @@ def model_spec(cfg: TrainRunConfig) -> dict[str, Any]:
 
 
 def create(cfg: TrainRunConfig) -> nn.Module:
-    from vlforge.models.io import build_from_spec
-
     return build_from_spec(model_spec(cfg))
 
 
 def load_teacher(path: str) -> nn.Module:
     """The frozen teacher of a distill stage from its model directory (local path or URI)."""
-    from vlforge.models.distill import as_teacher
-    from vlforge.models.io import load_model_dir
-    from vlforge.train.checkpoint import _local
-
     return as_teacher(load_model_dir(_local(path)))
 
 
@@ -127,8 +125,6 @@ def build_task(
     model = model if model is not None else create(cfg)
     prefix = task_prefix(cfg.method)
     if cfg.method == "vlmo":
-        from vlforge.models.vlmo import VLMoPretrainTask
-
         return TrainTask(VLMoPretrainTask(model, dict(stage.objectives), gather=gather), model, prefix)
     if cfg.method in CAPTION_METHODS:
         data = stage.data or cfg.data
@@ -136,12 +132,8 @@ def build_task(
     if cfg.method == "vlkd":
         return TrainTask(VLKDTask(model, stage.data or cfg.data, dict(stage.objectives)), model, prefix)
     if cfg.method == "fusion":
-        from vlforge.models.distill import FusionFinetuneTask
-
         return TrainTask(FusionFinetuneTask(model, stage.task, stage.objectives.get("hard", 1.0)), model, prefix)
     if cfg.method == "distill":
-        from vlforge.models.distill import DistillationTask
-
         teacher = load_teacher(stage.teacher) if stage.teacher else None
         task = DistillationTask(model, teacher, stage.task, dict(stage.objectives), stage.temperature, gather=gather)
         return TrainTask(task, model, prefix)
@@ -174,9 +166,6 @@ def _caption_skeleton(cfg: TrainRunConfig) -> nn.Module:
     (loading pretrained weights under meta is refused): vision and prefix names and sizes are
     exact, ``lm.*`` names are only representative (VC-GPT's fusion layers take the tiny LM's width,
     with one head, so that any head count of the real LM's width builds; the names do not change)."""
-    from vlforge.models import create_model
-    from vlforge.models.lm import LMConfig
-
     swap: dict[str, Any] = {"lm": LMConfig()}
     if cfg.method == "vcgpt":
         swap["fusion_heads"] = 1

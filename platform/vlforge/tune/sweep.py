@@ -62,7 +62,16 @@ from vlforge.config import (
     load,
     to_dict,
 )
+from vlforge.data.corpus import corpus_exists, ensure_corpus
 from vlforge.data.storage import absolute
+from vlforge.evaluation import format_table
+from vlforge.evaluation.validation import CaptionValidator, RetrievalValidator
+from vlforge.runtime import init_ray as start_ray
+from vlforge.runtime import local_cpus
+from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
+from vlforge.tracking.mlflow_tracker import PARENT_TAG, RUN_KEY_TAG, redact_text, secret_env_values
+from vlforge.train.runner import is_finished, prepare_local_mlflow, resolve, run_training
+from vlforge.workflows.two_stage import fill_teacher_dir, plan, train_or_reuse
 
 TRIAL_TAG = "vlforge.trial_id"
 SWEEP_TAG = "vlforge.sweep"
@@ -183,8 +192,6 @@ class SweepPlan:
     def validator(self, run: TrainRunConfig):
         """The trial's validator (``validation.kind``), with the data settings of its first stage
         (image size and tokenizer: what the run validated against its model), unaugmented."""
-        from vlforge.evaluation.validation import CaptionValidator, RetrievalValidator
-
         data = run.stages[0].data or run.data
         data = dataclasses.replace(
             data, shards=self.validation_shards, image=dataclasses.replace(data.image, augment=False)
@@ -202,8 +209,6 @@ class SweepPlan:
 
 
 def _parent_tag() -> str:
-    from vlforge.tracking.mlflow_tracker import PARENT_TAG
-
     return PARENT_TAG
 
 
@@ -222,8 +227,6 @@ def _split(run: TrainRunConfig, trial_stages: list[str]):
 
 
 def _two_stage_plan(sweep_plan: SweepPlan, exp: TwoStageConfig):
-    from vlforge.workflows.two_stage import plan
-
     exp = dataclasses.replace(
         exp,
         name=sweep_plan.name,
@@ -238,8 +241,6 @@ def _full_run(sweep_plan: SweepPlan, exp) -> TrainRunConfig:
     """The run a trial cuts its stages from: the distilled student of a two-stage job, or the run itself."""
     if isinstance(exp, TwoStageConfig):
         return _two_stage_plan(sweep_plan, exp).runs["student-distilled"]
-    from vlforge.train.runner import resolve
-
     return resolve(dataclasses.replace(exp, tracking=sweep_plan.sweep.tracking))
 
 
@@ -291,15 +292,11 @@ def _resolved_experiment(sweep: SweepConfig, params: dict[str, Any] | None = Non
             storage_path=absolute(exp.storage_path),
             teacher=dataclasses.replace(exp.teacher, checkpoint=checkpoint),
         )
-    from vlforge.train.runner import resolve
-
     return resolve(exp)
 
 
 def make_plan(sweep: SweepConfig) -> SweepPlan:
     """Resolve the sweep on the driver and check every swept key before any resource is taken."""
-    from vlforge.tracking import resolve_tracking_uri
-
     tracking = dataclasses.replace(
         sweep.tracking,
         tracking_uri=resolve_tracking_uri(sweep.tracking),
@@ -314,8 +311,6 @@ def make_plan(sweep: SweepConfig) -> SweepPlan:
         val = absolute(shards)
     p = SweepPlan(sweep, Path(sweep.storage_path) / sweep.name, to_dict(exp), [], val, 0)
     if isinstance(exp, TwoStageConfig) and exp.corpus is not None:
-        from vlforge.data.corpus import corpus_exists
-
         if "://" not in exp.data_root and not corpus_exists(exp.data_root):
             return p  # the corpus is built first (run_sweep), then the plan is made again
     p.shared = _shared_runs(p, exp)
@@ -412,8 +407,6 @@ def _trial(params: dict[str, Any], plan: SweepPlan) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vlforge.train.runner import run_training
-
     trial_id = tune.get_context().get_trial_id()
     run = plan.trial_run(params, trial_id)
     print(f"trial {trial_id}: {json.dumps(params)} -> Train run {run.name}", flush=True)
@@ -424,8 +417,6 @@ def _trial_status(plan: SweepPlan, trial_id: str, errored: bool) -> str:
     """How a trial that Tune has ended ended: its Train run wrote summary.json only if it ran to the end."""
     if errored:
         return ERROR
-    from vlforge.train.runner import is_finished
-
     return FINISHED if is_finished(plan.runs_dir / plan.trial_name(trial_id)) else STOPPED
 
 
@@ -443,8 +434,6 @@ def _close_child_run(plan: SweepPlan, trial_id: str, status: str) -> None:
     if not plan.sweep.tracking.enabled:
         return
     from mlflow.tracking import MlflowClient
-
-    from vlforge.tracking.mlflow_tracker import RUN_KEY_TAG
 
     client = MlflowClient(plan.sweep.tracking.tracking_uri)
     exp = client.get_experiment_by_name(plan.sweep.tracking.experiment)
@@ -567,8 +556,6 @@ def _concurrency(plan: SweepPlan, log: Callable[[str], None]) -> int:
 
 def _train_shared(plan: SweepPlan, log: Callable[[str], None]) -> None:
     """Train (or reuse) the shared runs, and fill the two-stage teacher directory the trials read."""
-    from vlforge.workflows.two_stage import fill_teacher_dir, train_or_reuse
-
     teacher_dir = plan.runs_dir / plan.name / "teacher"  # the two-stage plan's teacher_dir
     for run in plan.shared:
         tags = {
@@ -584,8 +571,6 @@ def _train_shared(plan: SweepPlan, log: Callable[[str], None]) -> None:
 
 def _safe_yaml(cfg: Any) -> str:
     """``dump_yaml`` with URL passwords and secret environment values masked (files outlive the run)."""
-    from vlforge.tracking.mlflow_tracker import redact_text, secret_env_values
-
     return redact_text(dump_yaml(cfg), secret_env_values())
 
 
@@ -615,29 +600,19 @@ def run_sweep(sweep: SweepConfig, *, init_ray: bool = True, log: Callable[[str],
     import ray
     from ray import tune
 
-    from vlforge.tracking import ConfigChangedError, make_tracker
-    from vlforge.train.runner import prepare_local_mlflow
-
     t0 = time.perf_counter()
     plan = make_plan(sweep)
     exp = from_dict(TwoStageConfig if sweep.job == "two_stage" else TrainRunConfig, plan.experiment)
     if isinstance(exp, TwoStageConfig) and exp.corpus is not None and "://" not in exp.data_root:
-        from vlforge.data.corpus import corpus_exists, ensure_corpus
-
         if not corpus_exists(exp.data_root):
             ensure_corpus(dataclasses.replace(exp.corpus, out=exp.data_root), progress=log)
             plan = make_plan(sweep)
     elif isinstance(exp, TrainRunConfig) and exp.corpus is not None:
-        from vlforge.data.corpus import ensure_corpus
-
         ensure_corpus(exp.corpus)
     _check_same_sweep(plan)
     sweep = plan.sweep
 
     if init_ray and not ray.is_initialized():
-        from vlforge.runtime import init_ray as start_ray
-        from vlforge.runtime import local_cpus
-
         train, data = _local_cpus(plan)
         if not os.environ.get("RAY_ADDRESS"):
             log(
@@ -777,8 +752,6 @@ def _trial_id(result) -> str:
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
-    from vlforge.evaluation import format_table
-
     short = {k: k.split(".")[-1] if sum(x.split(".")[-1] == k.split(".")[-1] for x in keys) == 1 else k for k in keys}
     shown = [
         {

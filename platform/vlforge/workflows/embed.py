@@ -39,7 +39,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlforge.config import StorageConfig, TrackingConfig
+from vlforge.data.pipeline import Counters, decode_batch, read_raw, sample_id
+from vlforge.data.shards import list_shards, read_manifest
 from vlforge.data.storage import absolute, arrow_filesystem, filesystem_for
+from vlforge.evaluation._common import encoder_of, image_embeddings, text_embeddings
+from vlforge.models.io import load_model_dir
+from vlforge.tracking.mlflow_tracker import resolve_tracking_uri
 
 if TYPE_CHECKING:
     import pyarrow
@@ -97,8 +102,6 @@ def _list_column(x: np.ndarray) -> pyarrow.Array:
 def _kept_rows(raw_keys: np.ndarray, kept_ids: np.ndarray) -> list[int]:
     """Indices into the raw rows of the rows ``decode_batch`` kept (it keeps their order and reports
     each as ``sample_id(key)``)."""
-    from vlforge.data.pipeline import sample_id
-
     out, j = [], 0
     for want in kept_ids.tolist():
         while sample_id(str(raw_keys[j])) != want:
@@ -121,8 +124,7 @@ class Embedder:
     def __init__(self, model_name: str, alias: str, version: str, tracking_uri: str, counters=None):
         import torch
 
-        from vlforge.evaluation._common import encoder_of
-        from vlforge.models.io import load_model_dir
+        # lazy: pulls in mlflow
         from vlforge.tracking.pyfunc_model import DEVICE_ENV
         from vlforge.tracking.registry import (
             download_serving_dir,
@@ -140,9 +142,6 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> pyarrow.Table:
         import pyarrow as pa
         import torch
-
-        from vlforge.data.pipeline import decode_batch
-        from vlforge.evaluation._common import image_embeddings, text_embeddings
 
         decoded = decode_batch(
             batch, image=self.image, tokenizer=self.tokenizer, task="captions", train=False, counters=self.counters
@@ -231,9 +230,7 @@ def embed_shards(
     import ray
     import ray.data
 
-    from vlforge.data.pipeline import Counters, read_raw
-    from vlforge.data.shards import list_shards, read_manifest
-    from vlforge.tracking.mlflow_tracker import resolve_tracking_uri
+    # lazy: pulls in mlflow
     from vlforge.tracking.registry import resolve_alias
 
     if batch_size < 1:

@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from vlforge.config import DataConfig, TrainRunConfig
+from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.validation import RetrievalValidator
+from vlforge.models.trainable import param_groups, set_trainable
+from vlforge.runtime import tune_malloc
+from vlforge.train.engine import make_optimizer, make_schedule
+from vlforge.train.runner import run_training
+from vlforge.train.tasks import build_task, create
 
 
 @dataclass
@@ -86,8 +92,6 @@ def global_batch(cfg: TrainRunConfig, stage) -> int:
 
 
 def platform_curve(cfg: TrainRunConfig, scorer: RetrievalValidator, work: Path) -> list[CurvePoint]:
-    from vlforge.train.runner import run_training
-
     path = work / "platform_curve.jsonl"
     path.unlink(missing_ok=True)
     validator = CurveValidator(scorer, str(path), time.time())
@@ -115,12 +119,6 @@ def torch_curve(
 ) -> list[CurvePoint]:
     """The same stages in one process with plain torch; see the module docstring."""
     import torch
-
-    from vlforge.evaluation.data import load_eval_set
-    from vlforge.models.trainable import param_groups, set_trainable
-    from vlforge.runtime import tune_malloc
-    from vlforge.train.engine import make_optimizer, make_schedule
-    from vlforge.train.tasks import build_task, create
 
     tune_malloc()
     torch.set_num_threads(os.cpu_count() or 1)

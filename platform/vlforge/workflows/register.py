@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig, TrainRunConfig, load
+from vlforge.evaluation.score import score_model_dir
+from vlforge.models.io import build_from_spec, input_image_size, read_spec, resolve_spec
 
 
 @dataclass
@@ -52,7 +54,7 @@ def serving_data(model_dir: str | Path, storage: StorageConfig | None = None) ->
     """The image and tokenizer settings to serve ``model_dir`` with, and where they came from."""
     import torch
 
-    from vlforge.models.io import build_from_spec, input_image_size, read_spec, resolve_spec
+    # lazy: pulls in mlflow
     from vlforge.tracking.pyfunc_model import CAPTION_METHODS
 
     config = Path(model_dir) / "config.yaml"
@@ -118,8 +120,7 @@ def register_model_dir(
     log=print,
 ) -> Registration:
     """Score ``model_dir`` on each of ``evals``, then log and register it; see the module docstring."""
-    from vlforge.evaluation.score import score_model_dir
-    from vlforge.models.io import read_spec
+    # lazy: pulls in mlflow
     from vlforge.tracking.registry import log_and_register
 
     spec = read_spec(model_dir)  # fails early on a directory that is not a model directory

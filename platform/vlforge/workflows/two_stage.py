@@ -47,7 +47,28 @@ from vlforge.config import (
     TwoStageConfig,
     dump_yaml,
 )
-from vlforge.data.storage import absolute
+from vlforge.data.corpus import corpus_exists, ensure_corpus
+from vlforge.data.pipeline import find_answers
+from vlforge.data.storage import StorageUnreachable, absolute, check_reachable
+from vlforge.evaluation import (
+    INTERVAL_COUNTS,
+    INTERVAL_NOTE,
+    accuracy,
+    evaluate_retrieval,
+    format_table,
+    growth,
+    latency_table,
+    load_eval_set,
+    plot_latency,
+    plot_results,
+    with_intervals,
+)
+from vlforge.models.distill import as_teacher
+from vlforge.models.io import load_model_dir
+from vlforge.runtime import init_ray as start_ray
+from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
+from vlforge.tracking.mlflow_tracker import PARENT_TAG
+from vlforge.train.runner import check_data, is_finished, prepare_local_mlflow, run_training, validate
 
 TASK_SETS = {"itm": "scenes", "nlvr2": "nlvr", "vqa": "vqa"}  # the corpus set each task is evaluated on
 
@@ -148,8 +169,6 @@ def resolved(cfg: TwoStageConfig) -> TwoStageConfig:
 def _check_data_root(cfg: TwoStageConfig) -> None:
     """``data_root`` exists (or is the corpus the job builds) and its storage answers: ``ConfigError``
     in a few seconds instead of a long retry or a traceback later."""
-    from vlforge.data.storage import StorageUnreachable, check_reachable
-
     if "://" in cfg.data_root:
         try:
             check_reachable(cfg.data_root)
@@ -163,14 +182,10 @@ def _check_data_root(cfg: TwoStageConfig) -> None:
 
 def _corpus_pending(cfg: TwoStageConfig) -> bool:
     """The job will build the built-in corpus at ``data_root`` (local, absent)."""
-    from vlforge.data.corpus import corpus_exists
-
     return cfg.corpus is not None and "://" not in cfg.data_root and not corpus_exists(absolute(cfg.data_root))
 
 
 def _num_answers(cfg: TwoStageConfig) -> int:
-    from vlforge.data.pipeline import find_answers
-
     for s in [*cfg.teacher.finetune, *cfg.student.stages]:  # resolved: every stage has its data
         if s.task == "vqa":
             answers = find_answers(s.data.shards, s.data.storage)
@@ -190,8 +205,6 @@ def _student_init(init: str, teacher_dir: Path) -> str:
 
 def plan(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
     """The runs of the job; every run's config is checked (paths made by earlier runs excepted)."""
-    from vlforge.train.runner import validate
-
     cfg = resolved(cfg)
 
     name = cfg.name or f"two-stage-{uuid.uuid4().hex[:8]}"
@@ -279,9 +292,6 @@ def preflight(cfg: TwoStageConfig, *, ablations: bool = True) -> Plan:
 
 
 def _check_storage(cfg: TwoStageConfig, p: Plan) -> None:
-    from vlforge.data.storage import StorageUnreachable, check_reachable
-    from vlforge.train.runner import check_data
-
     if not _corpus_pending(cfg):
         check_data(
             [(f"run {key}, stage {s.name}", s.data or run.data) for key, run in p.runs.items() for s in run.stages]
@@ -298,8 +308,6 @@ def _check_storage(cfg: TwoStageConfig, p: Plan) -> None:
 
 
 def _finished(run_dir: Path) -> bool:
-    from vlforge.train.runner import is_finished
-
     return is_finished(run_dir)
 
 
@@ -324,8 +332,6 @@ def _check_teacher_dir(p: Plan, cfg: TwoStageConfig) -> None:
 def train_or_reuse(run: TrainRunConfig, log: Callable[[str], None] = print) -> float | None:
     """Run ``run`` unless it finished earlier (its ``summary.json``; an unfinished one resumes from
     its checkpoint); the seconds it trained, None when it was reused."""
-    from vlforge.train.runner import run_training
-
     run_dir = Path(run.storage_path) / run.name
     if _finished(run_dir):
         log(f"== {run.name}: finished earlier, reusing {run_dir}")
@@ -378,9 +384,6 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
     """One row per model and split: retrieval recalls, nlvr2 and vqa accuracy."""
     import torch
 
-    from vlforge.evaluation import accuracy, evaluate_retrieval, load_eval_set
-    from vlforge.models.io import load_model_dir
-
     data = eval_data(cfg)
     tasks = sorted({s.task for s in cfg.student.stages})
     models: dict[str, dict[str, Path]] = {"teacher": _teacher_models(p, cfg)}
@@ -421,10 +424,6 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
 
 
 def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
-    from vlforge.evaluation import latency_table, load_eval_set
-    from vlforge.models.distill import as_teacher
-    from vlforge.models.io import load_model_dir
-
     student_dir = p.student_model("distilled", "itm")
     if student_dir is None:
         return []
@@ -470,8 +469,6 @@ LATENCY_COLUMNS = [
 
 
 def report(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> str:
-    from vlforge.evaluation import INTERVAL_COUNTS, INTERVAL_NOTE, format_table, growth, with_intervals
-
     present = [c for c in RESULT_COLUMNS if any(c in r for r in rows)]
     text = format_table(
         with_intervals(rows, INTERVAL_COUNTS),
@@ -514,8 +511,6 @@ def ensure_data(cfg: TwoStageConfig, log: Callable[[str], None] = print) -> bool
     (or was built with other parameters); True when it was built (or rebuilt) now."""
     if cfg.corpus is None or "://" in cfg.data_root:
         return False
-    from vlforge.data.corpus import ensure_corpus
-
     pending = _corpus_pending(cfg)
     ensure_corpus(dataclasses.replace(cfg.corpus, out=absolute(cfg.data_root)), progress=log)
     return pending
@@ -525,9 +520,6 @@ def run_two_stage(
     cfg: TwoStageConfig, *, ablations: bool = True, init_ray: bool = True, log: Callable[[str], None] = print
 ) -> TwoStageResult:
     """Train, evaluate, register; see the module docstring."""
-    from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
-    from vlforge.train.runner import prepare_local_mlflow
-
     t_start = time.perf_counter()
     cfg = dataclasses.replace(
         cfg,
@@ -556,8 +548,6 @@ def run_two_stage(
         log(f"WARNING: job {p.name} continues with a changed config; its MLflow run keeps the first values: {exc}")
         tracker.set_tags({"vlforge.config_changed_on_resume": "true"})
     if parent:
-        from vlforge.tracking.mlflow_tracker import PARENT_TAG
-
         for key, run in p.runs.items():
             p.runs[key] = dataclasses.replace(
                 run, tracking=dataclasses.replace(run.tracking, tags={**run.tracking.tags, PARENT_TAG: parent})
@@ -565,8 +555,6 @@ def run_two_stage(
     status = "FAILED"
     try:
         if init_ray:
-            from vlforge.runtime import init_ray as start_ray
-
             start_ray(num_train_workers=cfg.num_workers, worker_cpus=cfg.worker_cpus)
         t0 = time.perf_counter()
         seconds = {f"train {k}": v for k, v in train_all(cfg, p, log).items()}
@@ -598,6 +586,7 @@ def run_two_stage(
         if cfg.register.enabled and parent and student_dir is not None:
             log("== registration")
             t0 = time.perf_counter()
+            # lazy: pulls in mlflow
             from vlforge.tracking.registry import log_and_register, prepare_serving_dir
 
             serving = prepare_serving_dir(student_dir, eval_data(cfg), p.root / "serving")
@@ -628,8 +617,6 @@ def run_two_stage(
 
 
 def _write_results(p: Plan, rows, latency, table: str) -> list[str]:
-    from vlforge.evaluation import plot_latency, plot_results
-
     (p.root / "results.json").write_text(json.dumps({"rows": rows, "latency": latency}, indent=1))
     (p.root / "results.txt").write_text(table + "\n")
     out = [str(p.root / "results.json"), str(p.root / "results.txt")]
