@@ -65,3 +65,26 @@ def overfit(task: torch.nn.Module, batch: dict, max_steps: int, factor: float = 
         return first, last, step
     finally:
         torch.set_num_threads(threads)
+
+
+def scene_set(
+    out: str | Path,
+    scenes: list[tuple[str, list[str]]],
+    samples_per_shard: int = 2,
+    task: str = "scenes",
+    colour_step: int = 40,
+) -> Path:
+    """A tiny captions shard set: one solid-colour 32 px image per ``(caption, object names)``, the names as
+    the corpus's ``objects`` metadata."""
+    from vlforge.data.shards import ShardWriter
+
+    with ShardWriter(out, samples_per_shard=samples_per_shard, params={"task": task}) as w:
+        for i, (text, names) in enumerate(scenes):
+            w.write(
+                f"{i:06d}",
+                image=png((colour_step * i, 100, 200)),
+                image_ext="png",
+                text=text,
+                meta={"objects": [{"name": n, "x": 0.5, "y": 0.5} for n in names]},
+            )
+    return Path(out)

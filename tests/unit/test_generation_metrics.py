@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import scene_set
 from vlforge.evaluation.generation import (
     caption_metrics,
     few_shot_episodes,
@@ -111,30 +112,12 @@ def test_objects_named_needs_exactly_the_scenes_objects():
 
 
 def _scene_set(tmp_path):
-    import io
-
-    from PIL import Image
-
-    from vlforge.data.shards import ShardWriter
-
     scenes = [
         ("a llama left of a taxi", ["llama", "taxi"]),
         ("a cat above a dog", ["cat", "dog"]),
         ("a taxi below a cat", ["taxi", "cat"]),
     ]
-    out = tmp_path / "scenes" / "test"
-    with ShardWriter(out, samples_per_shard=2, params={"task": "scenes"}) as w:
-        for i, (text, names) in enumerate(scenes):
-            buf = io.BytesIO()
-            Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(buf, format="PNG")
-            w.write(
-                f"{i:06d}",
-                image=buf.getvalue(),
-                image_ext="png",
-                text=text,
-                meta={"objects": [{"name": n, "x": 0.5, "y": 0.5} for n in names]},
-            )
-    return out, scenes
+    return scene_set(tmp_path / "scenes" / "test", scenes), scenes
 
 
 class _Captioner(torch.nn.Module):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import dual_encoder_dir
+from helpers import dual_encoder_dir, scene_set
 from vlforge.config import VALIDATION_METRICS, ConfigError, DataConfig, ImageConfig, SweepConfig, from_dict
 
 pytestmark = pytest.mark.unit
@@ -64,24 +64,7 @@ SCENES = [
 
 
 def _shard_set(out: Path, task: str = "scenes") -> Path:
-    import io
-
-    from PIL import Image
-
-    from vlforge.data.shards import ShardWriter
-
-    with ShardWriter(out, samples_per_shard=3, params={"task": task}) as w:
-        for i, (text, names) in enumerate(SCENES):
-            buf = io.BytesIO()
-            Image.new("RGB", (32, 32), (60 * i, 100, 200)).save(buf, format="PNG")
-            w.write(
-                f"{i:06d}",
-                image=buf.getvalue(),
-                image_ext="png",
-                text=text,
-                meta={"objects": [{"name": n, "x": 0.5, "y": 0.5} for n in names]},
-            )
-    return out
+    return scene_set(out, SCENES, samples_per_shard=3, task=task, colour_step=60)
 
 
 def test_caption_validator_scores_a_tiny_vlkd_and_pickles_without_its_state(tmp_path):
