@@ -61,3 +61,26 @@ def test_step_seeds_differ_per_step_micro_batch_and_rank():
 def test_worker_args_defaults():
     args = WorkerArgs({"method": "vlmo"}, "run")
     assert args.streams == {} and args.validator is None and args.progress_file is None
+
+
+def test_gathered_weights_load_with_tied_parameters_named_once():
+    """A gathered copy names a tied tensor once (vlkd_debug's BART ties embed_tokens and lm_head to
+    ``shared``); it loads, while a truly missing or unexpected tensor is still an error."""
+    import pytest
+    import torch
+
+    from vlforge.models import create_model
+    from vlforge.train.loop import load_gathered
+
+    torch.manual_seed(0)
+    src, dst = create_model("vlkd_debug"), create_model("vlkd_debug")
+    once = dict(src.named_parameters())  # what a gather of the engine's parameters yields
+    once.update(dict(src.named_buffers()))
+    assert "student.lm_head.weight" not in once
+    load_gathered(dst, {k: v.detach().clone() for k, v in once.items()})
+    assert torch.equal(dst.student.lm_head.weight, src.student.lm_head.weight)
+    short = {k: v for k, v in once.items() if k != "image_prefix.weight"}
+    with pytest.raises(RuntimeError, match="missing.*image_prefix.weight"):
+        load_gathered(dst, short)
+    with pytest.raises(RuntimeError, match="unexpected.*bogus"):
+        load_gathered(dst, {**once, "bogus": torch.zeros(1)})

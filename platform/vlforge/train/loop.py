@@ -121,10 +121,25 @@ def _maybe_fail(cfg: TrainRunConfig, rank: int, global_step: int) -> None:
     raise RuntimeError(f"injected failure on rank {rank} at global step {global_step} (debug.fail_at_step)")
 
 
+def load_gathered(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load gathered weights strictly, except for the other names of tied parameters: a gathered copy
+    holds a tied tensor once (BART's ``embed_tokens`` and ``lm_head`` share ``shared``)."""
+    result = model.load_state_dict(weights, strict=False)
+    names: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), set()).add(name)
+    tied = {n for group in names.values() if len(group) > 1 and group & set(weights) for n in group}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"weights do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
 def _validate(validator, cfg: TrainRunConfig, weights: dict[str, torch.Tensor], device) -> dict[str, float]:
     """``validator(model)`` on a copy of the current weights (whole, also under ZeRO-3), in fp32."""
     model = create(cfg)
-    model.load_state_dict(fit_shapes({k: v.float() for k, v in weights.items()}, model), strict=True)
+    load_gathered(model, fit_shapes({k: v.float() for k, v in weights.items()}, model))
     out = validator(model.to(device))
     del model
     return out
