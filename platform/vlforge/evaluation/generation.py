@@ -274,6 +274,12 @@ def display_images(pixel_values, image_cfg) -> list[np.ndarray]:
     return list(np.clip(x, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1))
 
 
+def sibling_train(shards: str) -> str:
+    """The ``train`` split beside a shard set (``.../vqa/test`` -> ``.../vqa/train``): where few-shot
+    VQA draws its shots by default."""
+    return f"{shards.rstrip('/').rsplit('/', 1)[0]}/train"
+
+
 def vqa_prompt(question: str, answer: str | None = None) -> str:
     """One VQA turn of a few-shot prompt: ``"Q: <question> A: <answer>"`` (the query leaves the answer open)."""
     return f"Q: {question.strip()} A:" + (f" {answer}" if answer is not None else "")

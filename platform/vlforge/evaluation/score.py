@@ -22,7 +22,7 @@ from vlforge.data.pipeline import detect_task
 from vlforge.evaluation._common import encoder_of
 from vlforge.evaluation.classification import accuracy
 from vlforge.evaluation.data import load_eval_set
-from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa
+from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa, sibling_train
 from vlforge.evaluation.retrieval import evaluate_retrieval
 from vlforge.models.io import input_image_size, load_model_dir, read_spec
 
@@ -120,7 +120,7 @@ def _score_few_shot(
         raise ValueError(
             f"{model_dir}: {type(model).__name__} takes no interleaved prompts; few-shot VQA needs a Frozen model"
         )
-    pool = pool or f"{shards.rstrip('/').rsplit('/', 1)[0]}/train"
+    pool = pool or sibling_train(shards)
     data = data or DataConfig(
         image=ImageConfig(size=input_image_size(model), augment=False), storage=storage or StorageConfig()
     )

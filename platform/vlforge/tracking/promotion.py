@@ -50,7 +50,7 @@ from vlforge.config import DataConfig, PromoteConfig
 from vlforge.config.promote import CAPTION_PROMOTION_METRICS
 from vlforge.data.pipeline import detect_task
 from vlforge.evaluation import evaluate_retrieval, format_table, load_eval_set
-from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa
+from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa, sibling_train
 from vlforge.models.io import load_model_dir
 from vlforge.tracking.mlflow_tracker import redact_text, resolve_tracking_uri, secret_env_values
 
@@ -241,7 +241,7 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
         )
         return {k: float(out[k]) for k in CAPTION_PROMOTION_METRICS if k in out}
     if task == "vqa" and callable(getattr(model, "generate_from_prompt", None)):
-        pool = cfg.eval.pool or f"{cfg.eval.shards.rstrip('/').rsplit('/', 1)[0]}/train"
+        pool = cfg.eval.pool or sibling_train(cfg.eval.shards)
         out = score_few_shot_vqa(
             model, cfg.eval.shards, pool, data, shots=cfg.eval.shots, max_samples=cfg.eval.max_samples
         )

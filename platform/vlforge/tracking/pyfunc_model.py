@@ -104,6 +104,20 @@ def preprocess_kind(preprocess: dict[str, Any]) -> str:
     return kind
 
 
+def image_settings(preprocess: dict[str, Any]):
+    """The unaugmented ``ImageConfig`` a ``preprocess.json`` records (either kind), as serving applies it."""
+
+    img = preprocess["image"]
+    return ImageConfig(
+        size=int(img["size"]),
+        mean=tuple(float(x) for x in img["mean"]),
+        std=tuple(float(x) for x in img["std"]),
+        augment=False,
+        normalize=True,
+        background=tuple(int(x) for x in img.get("background", (255, 255, 255))),
+    )
+
+
 def _as_image_bytes(value: Any, row: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -191,15 +205,7 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
         directory = Path(context.artifacts[ARTIFACT_KEY])
         pre = json.loads((directory / PREPROCESS_FILE).read_text())
         self.kind = preprocess_kind(pre)
-        img = pre["image"]
-        self.image_cfg = ImageConfig(
-            size=int(img["size"]),
-            mean=tuple(img["mean"]),
-            std=tuple(img["std"]),
-            augment=False,
-            normalize=True,
-            background=tuple(int(x) for x in img.get("background", (255, 255, 255))),
-        )
+        self.image_cfg = image_settings(pre)
         self.device = torch.device(_device())
         self.tokenizer = None
         if self.kind == DUAL_ENCODER:

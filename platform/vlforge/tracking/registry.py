@@ -89,6 +89,7 @@ from vlforge.tracking.pyfunc_model import (
     DUAL_ENCODER_METHODS,
     PREPROCESS_FILE,
     TOKENIZER_FILE,
+    image_settings,
     preprocess_kind,
 )
 
@@ -291,15 +292,7 @@ def serving_kind(serving_dir: str | os.PathLike) -> str:
 
 def serving_image(serving_dir: str | os.PathLike) -> ImageConfig:
     """The image settings a serving directory's ``preprocess.json`` records (either kind), unaugmented."""
-    img = _read_preprocess(serving_dir)["image"]
-    return ImageConfig(
-        size=int(img["size"]),
-        mean=tuple(float(x) for x in img["mean"]),
-        std=tuple(float(x) for x in img["std"]),
-        augment=False,
-        normalize=True,
-        background=tuple(int(x) for x in img.get("background", (255, 255, 255))),
-    )
+    return image_settings(_read_preprocess(serving_dir))
 
 
 def serving_preprocessing(serving_dir: str | os.PathLike) -> tuple[ImageConfig, TokenizerConfig]:
