@@ -25,7 +25,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "promote_smoke.ya
 
 
 def main(argv=None) -> int:
-    from vlforge.cli import promote_arguments, run_promote
+    from vlforge.cli.promote import promote_arguments, run_promote
 
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -9,7 +9,7 @@ Tune runs the trials, each a Ray Train run that reports the validation metric ev
 `report_every` steps; the scheduler stops trials that trail. Started again with the same
 name, the sweep resumes without re-running finished trials. Results go to
 <storage_path>/<name>/ (results table, best_config.yaml, metric_vs_params.png) and to an
-MLflow parent run with a child run per trial. See vlforge.tune.sweep.
+MLflow parent run with a child run per trial. See vlforge.tune.run.
 """
 
 from __future__ import annotations

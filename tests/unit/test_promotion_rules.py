@@ -150,7 +150,7 @@ def test_a_stale_lock_is_broken(fake_mlflow_exception):
 def test_command_line_values_stay_strings(tmp_path, monkeypatch):
     import argparse
 
-    from vlforge.cli import promote_arguments, run_promote
+    from vlforge.cli.promote import promote_arguments, run_promote
     from vlforge.tracking import promotion
 
     seen = {}

@@ -140,7 +140,7 @@ def test_a_swept_key_that_changes_the_shared_teacher_is_refused(tmp_path, corpus
 
 def test_stage3_plan_shares_stages_1_2_and_starts_stage_3_from_them(tmp_path, corpus):
     from vlforge.tune import load_sweep, make_plan
-    from vlforge.tune.sweep import search_space
+    from vlforge.tune.trainable import search_space
 
     sweep = load_sweep(
         _sweep(tmp_path, corpus, STAGE3.replace("type: grid, values: [0.0, 0.1]", "type: choice, values: [0.0, 0.1]"))
@@ -179,7 +179,8 @@ def test_a_missing_experiment_file_is_named(tmp_path):
 
 def test_results_table_best_config_and_plot(tmp_path, corpus):
     from vlforge.tune import load_sweep, make_plan
-    from vlforge.tune.sweep import FINISHED, STOPPED, _table, plot_metric_vs_params, write_best_config
+    from vlforge.tune.results import _table, plot_metric_vs_params, write_best_config
+    from vlforge.tune.trainable import FINISHED, STOPPED
 
     sweep = load_sweep(_sweep(tmp_path, corpus, DISTILL))
     plan = make_plan(sweep)
@@ -218,7 +219,7 @@ class _Trial:
 
 
 def test_asha_stops_a_trailing_trial_but_never_at_its_final_report():
-    from vlforge.tune.sweep import FinishingASHA
+    from vlforge.tune.trainable import FinishingASHA
 
     asha = FinishingASHA(
         time_attr="training_iteration", metric="loss", mode="min", grace_period=1, reduction_factor=2, max_t=2
@@ -237,7 +238,7 @@ def test_asha_stops_a_trailing_trial_but_never_at_its_final_report():
 def test_searchers_limit_concurrency_themselves():
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    from vlforge.tune.sweep import search_algorithm
+    from vlforge.tune.trainable import search_algorithm
 
     raw = {"experiment": "x.yaml", "space": {"a": {"type": "uniform", "low": 0.0, "high": 1.0}}}
     gen = search_algorithm(from_dict(SweepConfig, raw), 3)
@@ -248,7 +249,7 @@ def test_searchers_limit_concurrency_themselves():
 
 def test_a_sweep_started_again_with_another_file_is_refused_and_no_secret_is_written(tmp_path, corpus, monkeypatch):
     from vlforge.tune import load_sweep, make_plan
-    from vlforge.tune.sweep import _check_same_sweep
+    from vlforge.tune.run import _check_same_sweep
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-secret")
     text = DISTILL.replace(

@@ -93,6 +93,16 @@ class Plan:
         stages = [s.name for s in self.runs[f"student-{variant}"].stages if s.task == task]
         return self.run_dir(f"student-{variant}") / "stages" / stages[-1] if stages else None
 
+    def student_run(self, variant: str = "distilled") -> TrainRunConfig:
+        """The student's run of ``variant`` (``distilled``, or an ablation the plan was made with)."""
+        return self.runs[f"student-{variant}"]
+
+    def teacher_runs(self, *, finetune: bool = True) -> list[TrainRunConfig]:
+        """The teacher's runs, in order: pretraining, then fine-tuning when planned and ``finetune``
+        (none when the job starts from a teacher checkpoint)."""
+        keys = ["teacher-pretrain", *(["teacher-finetune"] if finetune else [])]
+        return [self.runs[k] for k in keys if k in self.runs]
+
 
 @dataclass
 class TwoStageResult:

@@ -1,0 +1,13 @@
+"""What the ``vlforge`` commands share: the S3 storage settings of ``--s3-endpoint``.
+
+from vlforge.cli.common import _storage
+list_shards(args.uri, _storage(args))
+"""
+
+from __future__ import annotations
+
+from vlforge import config as C
+
+
+def _storage(args) -> C.StorageConfig:
+    return C.StorageConfig(s3_endpoint_url=getattr(args, "s3_endpoint", None))
