@@ -10,7 +10,7 @@ import pytest
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.pipeline import build_dataset, sample_id
 from vlforge.data.shards import iter_samples, list_shards
-from vlforge.data.storage import upload_dir
+from vlforge.data.storage import StorageUnreachable, upload_dir
 from vlforge.train.data_probe import run_probe
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_task_batches_from_s3(ray_local, s3_corpus, corpus, task, extra):
 
 def test_unreachable_storage_fails_before_reading(ray_local):
     bad = StorageConfig(s3_endpoint_url="http://127.0.0.1:9")
-    with pytest.raises(Exception):
+    with pytest.raises(StorageUnreachable, match=r"127\.0\.0\.1:9 unreachable"):
         build_dataset(DataConfig(shards="s3://nobucket/x", storage=bad))
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.images import WHITE, to_rgb
 from vlforge.data.shards import IMAGE_EXTS, list_shards, read_manifest, verify
-from vlforge.data.storage import arrow_filesystem, filesystem_for
+from vlforge.data.storage import arrow_filesystem, check_reachable, filesystem_for
 from vlforge.data.tokenizer import load_tokenizer
 from vlforge.runtime import tune_malloc
 
@@ -536,7 +536,9 @@ def find_answers(uri: str, storage: StorageConfig | None = None) -> list[str] | 
 def build_dataset(
     cfg: DataConfig, *, train: bool = True, task: str | None = None, counters: Counters | None = None
 ) -> tuple[ray.data.Dataset, Counters]:
-    """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to."""
+    """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to. Unreachable
+    storage fails here in seconds (``check_reachable``), not after a read's full retry budget."""
+    check_reachable(cfg.shards, cfg.storage)
     if counters is None:
         counters = Counters.create()
     task, answers = task_inputs(cfg, task)
