@@ -1,4 +1,5 @@
-"""Helpers shared by the evaluation modules: the VLMo inside a pair model, eval mode, batching."""
+"""Helpers shared by the evaluation modules: the VLMo inside a pair model, eval mode, batching, and
+batched embeddings of any model with ``embed_image`` / ``embed_text`` (``vlforge.models.interface``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from vlforge.models.interface import VLModel
 from vlforge.models.vlmo import VLMo
 
 
@@ -60,21 +62,20 @@ def image_tokens(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:
     return torch.cat([tok.features(pixel_values[s].to(dev)) for s in chunks(len(pixel_values), batch_size)])
 
 
-def image_embeddings(enc: VLMo, pixel_values: Tensor, batch_size: int) -> Tensor:
-    """Normalised ITC image embeddings [Ni, E] on the encoder's device (no grad, caller's mode)."""
-    dev = device_of(enc)
-    parts = [
-        enc.image_embedding(enc.encode_image(pixel_values[s].to(dev))) for s in chunks(len(pixel_values), batch_size)
-    ]
+def image_embeddings(model: VLModel, pixel_values: Tensor, batch_size: int) -> Tensor:
+    """``model.embed_image`` (normalised; a VLMo's ITC embeddings) of every image, [Ni, E] on the model's
+    device, ``batch_size`` at a time (caller's mode and grad)."""
+    dev = device_of(model)
+    parts = [model.embed_image(pixel_values[s].to(dev)) for s in chunks(len(pixel_values), batch_size)]
     return torch.cat(parts)  # [Ni, E]
 
 
-def text_embeddings(enc: VLMo, input_ids: Tensor, attention_mask: Tensor, batch_size: int) -> Tensor:
-    """Normalised ITC text embeddings [Nt, E] on the encoder's device (no grad, caller's mode)."""
-    dev = device_of(enc)
+def text_embeddings(model: VLModel, input_ids: Tensor, attention_mask: Tensor, batch_size: int) -> Tensor:
+    """``model.embed_text`` (normalised; a VLMo's ITC embeddings) of every text, [Nt, E] on the model's
+    device, ``batch_size`` at a time (caller's mode and grad)."""
+    dev = device_of(model)
     parts = [
-        enc.text_embedding(enc.encode_text(input_ids[s].to(dev), attention_mask[s].to(dev)))
-        for s in chunks(len(input_ids), batch_size)
+        model.embed_text(input_ids[s].to(dev), attention_mask[s].to(dev)) for s in chunks(len(input_ids), batch_size)
     ]
     return torch.cat(parts)  # [Nt, E]
 

@@ -41,6 +41,7 @@ from vlforge.evaluation._common import (
     itm_probs,
     text_embeddings,
 )
+from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, require
 
 __all__ = [
     "RERANK_OFFSET",
@@ -114,14 +115,15 @@ def retrieval_texts(eval_set: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor
 def student_scores(
     student: nn.Module, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, batch_size: int = 64
 ) -> Tensor:
-    """Dual-encoder scores [Ni, Nt]: dot products of normalised ITC embeddings, on the CPU.
+    """Dual-encoder scores [Ni, Nt]: dot products of normalised embeddings, on the CPU.
 
-    ``student`` is a ``DualEncoderStudent`` or a bare ``VLMo``.
+    ``student`` is any model declaring ``embed_image`` and ``embed_text`` (``vlforge.models.interface``):
+    a ``DualEncoderStudent`` or a bare ``VLMo`` (their ITC embeddings), a ``FusionTeacher``'s dual mode.
     """
-    enc = encoder_of(student)
+    require(student, EMBED_IMAGE, EMBED_TEXT)
     with eval_mode(student):
-        img = image_embeddings(enc, pixel_values, batch_size)  # [Ni, E]
-        txt = text_embeddings(enc, input_ids, attention_mask, batch_size)  # [Nt, E]
+        img = image_embeddings(student, pixel_values, batch_size)  # [Ni, E]
+        txt = text_embeddings(student, input_ids, attention_mask, batch_size)  # [Nt, E]
         return (img @ txt.t()).float().cpu()  # [Ni, Nt]
 
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, VLModel
 from vlforge.models.vlmo import VLMo, VLMoOutput
 from vlforge.objectives.distillation import (
     CrossModalQK,
@@ -116,8 +117,14 @@ class PairOutput:
     qk: list[CrossModalQK]
 
 
-class FusionTeacher(nn.Module):
-    """VLMo fusion encoder with task heads: ``itm`` (the encoder's own ``heads.itm``), ``vqa``, ``nlvr2``."""
+class FusionTeacher(VLModel):
+    """VLMo fusion encoder with task heads: ``itm`` (the encoder's own ``heads.itm``), ``vqa``, ``nlvr2``.
+
+    ``embed_image`` / ``embed_text`` (``vlforge.models.interface``) are the encoder's unimodal ITC
+    embeddings, the shortlist that fusion retrieval re-ranks.
+    """
+
+    capabilities = frozenset({EMBED_IMAGE, EMBED_TEXT})
 
     def __init__(self, encoder: VLMo, num_answers: int = 0) -> None:
         super().__init__()
@@ -127,6 +134,12 @@ class FusionTeacher(nn.Module):
         if num_answers:
             heads["vqa"] = _classifier(d, 2 * d, num_answers)
         self.heads = nn.ModuleDict(heads)
+
+    def embed_image(self, pixel_values: Tensor) -> Tensor:
+        return self.encoder.embed_image(pixel_values)  # [B, E]
+
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.encoder.embed_text(input_ids, attention_mask)  # [B, E]
 
     def forward(
         self,
@@ -150,8 +163,14 @@ class FusionTeacher(nn.Module):
         return PairOutput(logits, [fusion_qk(out), fusion_qk(out2)])
 
 
-class DualEncoderStudent(nn.Module):
-    """VLMo in dual mode + shallow fusion head over pooled image and text features."""
+class DualEncoderStudent(VLModel):
+    """VLMo in dual mode + shallow fusion head over pooled image and text features.
+
+    ``embed_image`` / ``embed_text`` (``vlforge.models.interface``) are the encoder's ITC embeddings,
+    whose dot products are :meth:`retrieval_scores`.
+    """
+
+    capabilities = frozenset({EMBED_IMAGE, EMBED_TEXT})
 
     def __init__(self, encoder: VLMo, num_answers: int = 0) -> None:
         super().__init__()
@@ -162,6 +181,12 @@ class DualEncoderStudent(nn.Module):
         if num_answers:
             heads["vqa"] = _classifier(d, 2 * d, num_answers)
         self.heads = nn.ModuleDict(heads)
+
+    def embed_image(self, pixel_values: Tensor) -> Tensor:
+        return self.encoder.embed_image(pixel_values)  # [B, E]
+
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.encoder.embed_text(input_ids, attention_mask)  # [B, E]
 
     def encode(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[VLMoOutput, VLMoOutput]:
         return self.encoder.encode_image(pixel_values), self.encoder.encode_text(input_ids, attention_mask)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vlforge.models.decoding import beam_search
+from vlforge.models.interface import GENERATE, VLModel
 from vlforge.models.lm import CaptionTokenizer, LMConfig, freeze, vision_and_lm
 from vlforge.models.registry import register_model
 from vlforge.models.vision import VisionConfig, VisionTower, override, vision_config
@@ -60,7 +61,15 @@ class VisualPrefix(nn.Module):
         return self.proj(pooled).view(pooled.shape[0], self.n_prefix, self.lm_dim)  # [B, n, D]
 
 
-class Frozen(nn.Module):
+class Frozen(VLModel):
+    """Vision encoder + visual prefix + frozen LM; see the module docstring.
+
+    Interface (``vlforge.models.interface``): ``generate``. No embeddings: its image representation is
+    the LM prefix [B, n, D], which shares no space with a text embedding.
+    """
+
+    capabilities = frozenset({GENERATE})
+
     def __init__(
         self,
         config: FrozenConfig,

@@ -2,10 +2,12 @@
 
 Each model file registers factories for its named sizes (``vlmo_debug``,
 ``vlmo_small``, ...). ``create_model(name, **overrides)`` builds one; the
-overrides replace fields of the size's config dataclass.
+overrides replace fields of the size's config dataclass. ``model_class(name)`` is the class a
+size builds (its factory's return annotation), known without building any weights.
 
     from vlforge.models import create_model, list_models
     model = create_model("vlmo_debug")
+    model_class("vlmo_large").capabilities    # frozenset({"embed_image", "embed_text"})
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ def create_model(name: str, **overrides):
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**overrides)
+
+
+def model_class(name: str) -> type:
+    """The class the factory of ``name`` returns, from its return annotation (nothing is built)."""
+    import typing
+
+    _import_model_modules()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    cls = typing.get_type_hints(_REGISTRY[name]).get("return")
+    if not isinstance(cls, type):
+        raise TypeError(f"model {name!r}: its factory's return annotation is {cls!r}, not a class")
+    return cls
 
 
 def _import_model_modules() -> None:

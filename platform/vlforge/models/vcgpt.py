@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from vlforge.models.decoding import beam_search
+from vlforge.models.interface import GENERATE, VLModel
 from vlforge.models.lm import CaptionTokenizer, LMConfig, freeze, vision_and_lm
 from vlforge.models.registry import register_model
 from vlforge.models.vision import VisionConfig, VisionTower, override, vision_config
@@ -71,7 +72,15 @@ class FusionLayer(nn.Module):
         return x + self.mlp(self.norm_mlp(x))
 
 
-class VCGPT(nn.Module):
+class VCGPT(VLModel):
+    """Vision encoder + GPT + fusion layers, self-ensembled; see the module docstring.
+
+    Interface (``vlforge.models.interface``): ``generate``. No embeddings: its visual tokens [B, N, D]
+    condition the fusion layers and share no space with a text embedding.
+    """
+
+    capabilities = frozenset({GENERATE})
+
     def __init__(
         self,
         config: VCGPTConfig,
@@ -147,7 +156,7 @@ class VCGPT(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, pixel_values: torch.Tensor, max_new_tokens: int = 20, branch: str = "ensemble", beams: int = 1
+        self, pixel_values: torch.Tensor, max_new_tokens: int = 20, beams: int = 1, branch: str = "ensemble"
     ) -> list[str]:
         """Captions for [B, 3, H, W]: greedy, or beam search over ``beams`` hypotheses (``models.decoding``);
         the whole prefix is re-run each step (fusion layers keep no cache). ``branch``: decode from the

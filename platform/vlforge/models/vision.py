@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 
+from vlforge.models.interface import VLModel
 from vlforge.models.registry import register_model
 
 
@@ -67,8 +67,11 @@ def override(config, overrides: dict[str, Any]):
     return dataclasses.replace(config, **changes)
 
 
-class VisionTower(nn.Module):
-    """A timm image model without its classifier, giving patch tokens and a pooled vector."""
+class VisionTower(VLModel):
+    """A timm image model without its classifier, giving patch tokens and a pooled vector.
+
+    A component of the families: it declares no capability of ``vlforge.models.interface``.
+    """
 
     def __init__(
         self,

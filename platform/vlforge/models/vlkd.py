@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlforge.models.decoding import beam_search
+from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, GENERATE, VLModel
 from vlforge.models.io import load_model_dir, read_spec
 from vlforge.models.lm import CaptionTokenizer, freeze, load_tokenizer
 from vlforge.models.registry import register_model
@@ -117,10 +118,10 @@ class DualEncoderTeacher(nn.Module):
         self.img_size = int(self.encoder.config.img_size)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.encoder.image_embedding(self.encoder.encode_image(pixel_values))  # [B, Dt]
+        return self.encoder.embed_image(pixel_values)  # [B, Dt]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder.text_embedding(self.encoder.encode_text(input_ids, attention_mask))  # [B, Dt]
+        return self.encoder.embed_text(input_ids, attention_mask)  # [B, Dt]
 
 
 def load_teacher(path: str) -> DualEncoderTeacher:
@@ -197,7 +198,17 @@ def span_infill(
 Teacher = Any
 
 
-class VLKD(nn.Module):
+class VLKD(VLModel):
+    """BART student taught by a frozen dual encoder; see the module docstring.
+
+    Interface (``vlforge.models.interface``): ``embed_image`` is the teacher's image embedding and
+    ``embed_text`` the student's text embedding in the teacher's space (:meth:`encode_text`), both
+    L2-normalised, as the ITC loss compares them; ``generate`` captions from the image prefix. With a
+    callable teacher (no ``encode_image``) the instance declares ``embed_text`` only.
+    """
+
+    capabilities = frozenset({EMBED_IMAGE, EMBED_TEXT, GENERATE})
+
     def __init__(
         self,
         config: VLKDConfig,
@@ -221,6 +232,8 @@ class VLKD(nn.Module):
         if isinstance(teacher, nn.Module):
             freeze(teacher)
         self.teacher = teacher
+        if not hasattr(teacher, "encode_image"):
+            self.capabilities = frozenset({EMBED_TEXT})
         teacher_dim = int(getattr(teacher, "embed_dim", config.teacher_dim))
         d_model = self.student.config.d_model
         self.text_proj = nn.Linear(d_model, teacher_dim)
@@ -283,6 +296,17 @@ class VLKD(nn.Module):
         hidden = self.student.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.text_proj(masked_mean(hidden, attention_mask))  # [B, T, d] -> [B, Dt]
 
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The teacher's image embeddings [B, Dt], L2-normalised, without gradients."""
+        if EMBED_IMAGE not in self.capabilities:
+            raise self._not_declared(EMBED_IMAGE)
+        with torch.no_grad():
+            return F.normalize(self.teacher.encode_image(pixel_values), dim=-1)  # [B, Dt]
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The student's text embeddings [B, Dt] (:meth:`encode_text`), L2-normalised."""
+        return F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)  # [B, Dt]
+
     def _prefixed_encoder_inputs(self, image_embeds, input_ids=None, attention_mask=None):
         """Encoder inputs [image prefix (n), text tokens]: embeds [B, n + T, d], mask [B, n + T]."""
         b = image_embeds.shape[0]
@@ -324,7 +348,7 @@ class VLKD(nn.Module):
     def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20, beams: int = 1) -> list[str]:
         """Captions from the image prefix alone (teacher image embedding -> encoder): greedy, or beam
         search over ``beams`` hypotheses (``models.decoding``)."""
-        if not hasattr(self.teacher, "encode_image"):
+        if GENERATE not in self.capabilities:
             raise TypeError("generation needs a teacher with encode_image")
         image = self.teacher.encode_image(pixel_values)
         embeds, mask = self._prefixed_encoder_inputs(image.float())

@@ -63,6 +63,7 @@ Usage::
     img = model.encode_image(pixel_values)               # VLMoOutput
     txt = model.encode_text(input_ids, attention_mask)
     sim = model.image_embedding(img) @ model.text_embedding(txt).t()
+    sim = model.embed_image(pixel_values) @ model.embed_text(input_ids, attention_mask).t()   # the same
     joint = model.forward_fusion(pixel_values, input_ids, attention_mask)
     match_logits = model.itm_logits(joint)               # [B, 2]
     joint.q, joint.k, joint.text_len                     # last-layer queries/keys and the split
@@ -81,6 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlforge.models.image_tokenizer import TOKENIZERS, create_image_tokenizer
+from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, VLModel
 from vlforge.models.registry import register_model
 from vlforge.objectives.itc import contrastive_logits, itc_loss_from_logits
 from vlforge.objectives.itm import build_itm_batch, itm_loss
@@ -377,8 +379,13 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(x))
 
 
-class VLMo(nn.Module):
-    """VLMo model; build with ``VLMo(VLMoConfig(...))``, ``VLMo(**fields)`` or a registered size."""
+class VLMo(VLModel):
+    """VLMo model; build with ``VLMo(VLMoConfig(...))``, ``VLMo(**fields)`` or a registered size.
+
+    Interface (``vlforge.models.interface``): ``embed_image`` / ``embed_text``, the ITC embeddings.
+    """
+
+    capabilities = frozenset({EMBED_IMAGE, EMBED_TEXT})
 
     def __init__(self, config: VLMoConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -526,6 +533,14 @@ class VLMo(nn.Module):
     def text_embedding(self, out: VLMoOutput) -> Tensor:
         """L2-normalised ITC embedding [B, E] of a text-only output (see :meth:`summary`)."""
         return F.normalize(self.heads["itc"].text_proj(self.summary(out)), dim=-1)
+
+    def embed_image(self, pixel_values: Tensor) -> Tensor:
+        """L2-normalised ITC image embeddings [B, E] (pixels, or a locked tokenizer's cached features)."""
+        return self.image_embedding(self.encode_image(pixel_values))
+
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """L2-normalised ITC text embeddings [B, E] of input_ids / attention_mask [B, T]."""
+        return self.text_embedding(self.encode_text(input_ids, attention_mask))
 
     def pooled(self, out: VLMoOutput) -> Tensor:
         """Pooler (dense + tanh) over the fusion summary ([T_CLS] or the mean): [B, D]."""

@@ -61,6 +61,7 @@ from vlforge.config import ImageConfig, TokenizerConfig
 from vlforge.data.pipeline import decode_image, normalise
 from vlforge.data.tokenizer import load_tokenizer
 from vlforge.models.distill import DualEncoderStudent, FusionTeacher
+from vlforge.models.interface import GENERATE, supports
 from vlforge.models.io import load_model_dir
 from vlforge.models.vlmo import VLMo
 
@@ -228,7 +229,7 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
                     f"{directory}: a {DUAL_ENCODER} serving directory needs a DualEncoderStudent, "
                     f"VLMo or FusionTeacher (methods {DUAL_ENCODER_METHODS}), got {type(model).__name__}"
                 )
-        elif not callable(getattr(model, "generate", None)):
+        elif not supports(model, GENERATE):
             raise TypeError(
                 f"{directory}: a {CAPTION} serving directory needs a model with generate() "
                 f"(method {' or '.join(CAPTION_METHODS)}), got {type(model).__name__}"
@@ -306,11 +307,11 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
             for start in range(0, rows, BATCH_ROWS):
                 stop = start + BATCH_ROWS
                 if mode == "embed_image":
-                    out = enc.encode_image(self.pixel_values(images[start:stop]))
-                    chunks.setdefault("image_embedding", []).extend(enc.image_embedding(out).float().cpu().tolist())
+                    out = self.model.embed_image(self.pixel_values(images[start:stop]))  # [B, E]
+                    chunks.setdefault("image_embedding", []).extend(out.float().cpu().tolist())
                 elif mode == "embed_text":
-                    out = enc.encode_text(*self.text_inputs(texts[start:stop]))
-                    chunks.setdefault("text_embedding", []).extend(enc.text_embedding(out).float().cpu().tolist())
+                    out = self.model.embed_text(*self.text_inputs(texts[start:stop]))  # [B, E]
+                    chunks.setdefault("text_embedding", []).extend(out.float().cpu().tolist())
                 else:
                     pv, (ids, mask) = self.pixel_values(images[start:stop]), self.text_inputs(texts[start:stop])
                     img, txt = enc.encode_image(pv), enc.encode_text(ids, mask)

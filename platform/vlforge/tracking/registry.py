@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig, TrackingConfig
 from vlforge.data.tokenizer import load_tokenizer
 from vlforge.models.image_tokenizer import LockedImageTokenizer
+from vlforge.models.interface import GENERATE, supports
 from vlforge.models.io import SPEC_FILE, WEIGHTS_FILE, build_from_spec, input_image_size, load_model_dir, read_spec
 from vlforge.tracking.mlflow_tracker import experiment_id, redact, resolve_tracking_uri
 from vlforge.tracking.pyfunc_model import (
@@ -258,7 +259,7 @@ def _offline_vlkd(src: Path, config: Any) -> dict[str, str]:
 
 def _prepare_caption(src: Path, spec: dict[str, Any], data: DataConfig, out: Path) -> Path:
     model = load_model_dir(src)
-    if not callable(getattr(model, "generate", None)):
+    if not supports(model, GENERATE):
         raise TypeError(f"{src}: method {spec['method']!r} built {type(model).__name__}, which has no generate()")
     img_size = input_image_size(model)
     if data.image.size != img_size:

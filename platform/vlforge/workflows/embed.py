@@ -13,7 +13,8 @@ or ``s3://``, WebDataset layout) are read by the training pipeline's reader
 (``vlforge.data.pipeline.read_raw``); a pool of ``concurrency`` Ray actors each downloads the
 version's serving directory once, decodes rows with the training pipeline's ``decode_batch``
 under the model's own ``preprocess.json`` / ``tokenizer.json`` (no augmentation; bad samples are
-dropped and counted by reason) and computes L2-normalised ITC embeddings. Every sample is
+dropped and counted by reason) and computes the model's L2-normalised ``embed_image`` / ``embed_text``
+(``vlforge.models.interface``; a VLMo's ITC embeddings). Every sample is
 embedded as an image-caption pair: its first image and its ``.txt`` text (for VQA and NLVR sets,
 the question or statement).
 
@@ -42,7 +43,8 @@ from vlforge.config import StorageConfig, TrackingConfig
 from vlforge.data.pipeline import Counters, decode_batch, read_raw, sample_id
 from vlforge.data.shards import list_shards, read_manifest
 from vlforge.data.storage import absolute, arrow_filesystem, filesystem_for
-from vlforge.evaluation._common import encoder_of, image_embeddings, text_embeddings
+from vlforge.evaluation._common import image_embeddings, text_embeddings
+from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, require
 from vlforge.models.io import load_model_dir
 from vlforge.tracking.mlflow_tracker import resolve_tracking_uri
 
@@ -135,8 +137,7 @@ class Embedder:
         serving = download_serving_dir(model_name, alias, tracking_uri, self._tmp, version=version)
         self.image, self.tokenizer = serving_preprocessing(serving)
         device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model_dir(serving, device)
-        self.encoder = encoder_of(self.model)
+        self.model = require(load_model_dir(serving, device), EMBED_IMAGE, EMBED_TEXT)
         self.counters = counters
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pyarrow.Table:
@@ -154,8 +155,8 @@ class Embedder:
             pv = torch.from_numpy(decoded["pixel_values"])  # [B, 3, H, W] float32, normalised
             ids = torch.from_numpy(decoded["input_ids"])  # [B, T]
             mask = torch.from_numpy(decoded["attention_mask"])  # [B, T]
-            img = image_embeddings(self.encoder, pv, n).float().cpu().numpy()  # [B, E]
-            txt = text_embeddings(self.encoder, ids, mask, n).float().cpu().numpy()  # [B, E]
+            img = image_embeddings(self.model, pv, n).float().cpu().numpy()  # [B, E]
+            txt = text_embeddings(self.model, ids, mask, n).float().cpu().numpy()  # [B, E]
         if self.counters is not None:
             self.counters.add.remote({"embedded": n})
         return pa.Table.from_arrays(
