@@ -54,7 +54,17 @@ def asha_sweep(ray_local, corpus, mlflow_server, tmp_path_factory):
             {
                 "experiment": str(REPO / "jobs" / "configs" / "two_stage_smoke.yaml"),
                 "job": "two_stage",
-                "set": [f"data_root={corpus}", "corpus=null", "max_steps=6"],
+                "set": [
+                    f"data_root={corpus}",
+                    "corpus=null",
+                    "max_steps=6",
+                    # the shared teacher the trials distil from trains 2 steps a stage
+                    *(
+                        f"teacher.pretrain.{i}.{k}={v}"
+                        for i in range(3)
+                        for k, v in (("steps", 2), ("schedule.warmup_steps", 1))
+                    ),
+                ],
                 "trial_stages": ["pretrain"],
                 "space": {"student.stages.0.objectives.itc": {"type": "grid", "values": [0.1, 10.0]}},
                 "search": {"algorithm": "grid", "num_samples": 2, "max_concurrent": 2},
