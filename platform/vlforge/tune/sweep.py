@@ -68,6 +68,7 @@ from vlforge.evaluation import format_table
 from vlforge.evaluation.validation import CaptionValidator, RetrievalValidator
 from vlforge.runtime import init_ray as start_ray
 from vlforge.runtime import local_cpus
+from vlforge.tasks import check_stages
 from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
 from vlforge.tracking.mlflow_tracker import PARENT_TAG, RUN_KEY_TAG, redact_text, secret_env_values
 from vlforge.train.runner import is_finished, prepare_local_mlflow, resolve, run_training
@@ -112,9 +113,12 @@ def load_experiment(sweep: SweepConfig, params: dict[str, Any] | None = None) ->
     cls = TwoStageConfig if sweep.job == "two_stage" else TrainRunConfig
     overrides = [*sweep.set, *param_overrides(params or {})]
     try:
-        return load(cls, sweep.experiment, overrides)
+        exp = load(cls, sweep.experiment, overrides)
+        if isinstance(exp, TrainRunConfig):
+            check_stages(exp)  # a two-stage job's runs are checked as its plan makes them (runner.validate)
     except ConfigError as exc:
         raise ConfigError(f"sweep {sweep.name}: {exc}") from None
+    return exp
 
 
 # ----------------------------------------------------------------------------- the plan
