@@ -116,7 +116,7 @@ def ray_worker(config: dict) -> None:
 
     from vlforge.config import DeepSpeedConfig, StageConfig
     from vlforge.models import create_model
-    from vlforge.models.vlmo import VLMoPretrainTask
+    from vlforge.tasks.vlmo import VLMoPretrainTask
     from vlforge.train.engine import build_engine
 
     device = torch.device("cuda", torch.cuda.current_device()) if config["gpu"] else torch.device("cpu")
@@ -209,7 +209,7 @@ def ddp_worker(rank: int, world: int, port: int, args_dict: dict, out: str) -> N
 
     from vlforge.models import create_model
     from vlforge.models.trainable import param_groups
-    from vlforge.models.vlmo import VLMoPretrainTask
+    from vlforge.tasks.vlmo import VLMoPretrainTask
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

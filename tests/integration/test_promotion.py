@@ -42,8 +42,8 @@ def _untrained(seed: int, out: Path) -> Path:
 def models(corpus, tmp_path_factory):
     """Model directories: two untrained students and one trained on concept captions (ITC)."""
     from vlforge.evaluation import evaluate_retrieval, load_eval_set
-    from vlforge.models.distill import DistillationTask
     from vlforge.models.io import build_from_spec, save_model_dir
+    from vlforge.tasks.distill import DistillationTask
 
     out = tmp_path_factory.mktemp("students")
     train = load_eval_set(str(corpus / "concepts" / "train"), _data(), task="captions", max_samples=512)

@@ -333,8 +333,8 @@ def test_answer_targets_without_scores_are_one_hot():
 
 
 def test_fusion_finetune_uses_bce_and_the_vqa_score_on_soft_targets():
-    from vlforge.models.distill import FusionFinetuneTask
     from vlforge.objectives.distillation import multilabel_bce
+    from vlforge.tasks.distill import FusionFinetuneTask
 
     class Head(torch.nn.Module):
         heads = {"vqa": 3}

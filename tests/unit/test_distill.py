@@ -9,8 +9,9 @@ import torch
 
 from helpers import overfit
 from vlforge.models import create_model
-from vlforge.models.distill import DistillationTask, DualEncoderStudent, FusionTeacher, dual_qk, fusion_qk
+from vlforge.models.distill import DualEncoderStudent, FusionTeacher, dual_qk, fusion_qk
 from vlforge.objectives.distillation import cross_modal_attention_kl
+from vlforge.tasks.distill import DistillationTask
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from vlforge.models import create_model
 from vlforge.models.image_tokenizer import TOKENIZERS, create_image_tokenizer
 from vlforge.models.io import load_model_dir, save_model_dir
 from vlforge.models.trainable import param_groups, set_trainable
-from vlforge.models.vlmo import VLMoPretrainTask
+from vlforge.tasks.vlmo import VLMoPretrainTask
 
 pytestmark = pytest.mark.unit
 

@@ -53,7 +53,6 @@ def test_vlmo_smoke_stages_follow_the_paper():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"stages": [{"name": "a", "objectives": {"nope": 1.0}}]}, "unknown objectives"),
         ({"deepspeed": {"zero_stage": 4}}, "zero_stage must be 0, 1, 2 or 3"),
         ({"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "offload_optimizer needs zero_stage >= 1"),
         ({"stages": []}, "at least one stage"),
@@ -83,6 +82,7 @@ def test_impossible_settings_fail_at_load(change, message):
         ({"data": {"image": {"size": 32}, "tokenizer": {"max_length": 32}}}, "max_text_len 16"),
         ({"stages": [{"name": "a", "objectives": {"mim": 1.0}, "init": "/no/such/checkpoint"}]}, "does not exist"),
         ({"model": "vlmo_nope"}, "unknown model"),
+        ({"stages": [{"name": "a", "objectives": {"nope": 1.0}}]}, "unknown objectives"),
     ],
 )
 def test_validate_before_ray(change, message):
@@ -90,6 +90,40 @@ def test_validate_before_ray(change, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(from_dict(TrainRunConfig, _raw(**change)))
+
+
+def test_unknown_objectives_name_the_method_and_the_known_ones():
+    """The objective names are the method's task's declarations (``vlforge.tasks``, above the config layer):
+    loading does not know them, ``check_stages`` refuses a name the task does not declare."""
+    from vlforge.tasks import check_stages
+
+    cfg = from_dict(TrainRunConfig, _raw(stages=[{"name": "a", "objectives": {"nope": 1.0, "mim": 1.0}}]))
+    known = r"\['mim', 'mlm_text', 'itc', 'itm', 'mlm'\]"
+    with pytest.raises(ConfigError, match=rf"stage a: unknown objectives \['nope'\] for method 'vlmo'; known: {known}"):
+        check_stages(cfg)
+    check_stages(from_dict(TrainRunConfig, _raw()))
+
+
+def test_every_method_has_a_task_that_declares_its_objectives():
+    from typing import get_args, get_type_hints
+
+    from vlforge.tasks import OBJECTIVES_BY_METHOD, TASK_BY_METHOD
+    from vlforge.tasks.caption import CaptionTask
+    from vlforge.tasks.distill import DistillationTask, FusionFinetuneTask
+    from vlforge.tasks.vlkd import VLKDTask
+    from vlforge.tasks.vlmo import VLMoPretrainTask
+
+    methods = set(get_args(get_type_hints(TrainRunConfig)["method"]))
+    assert set(TASK_BY_METHOD) == set(OBJECTIVES_BY_METHOD) == methods
+    assert OBJECTIVES_BY_METHOD == {
+        "vlmo": VLMoPretrainTask.OBJECTIVES,
+        "frozen": CaptionTask.OBJECTIVES,
+        "vcgpt": CaptionTask.OBJECTIVES,
+        "vlkd": VLKDTask.OBJECTIVES,
+        "fusion": FusionFinetuneTask.OBJECTIVES,
+        "distill": DistillationTask.OBJECTIVES,
+    }
+    assert OBJECTIVES_BY_METHOD["vlkd"] == ("ttd", "itc", "icti") and OBJECTIVES_BY_METHOD["fusion"] == ("hard",)
 
 
 def test_deepspeed_config_overrides_merged_last():

@@ -239,8 +239,8 @@ def _pair_batch(b: int = 4, answers: int = 7) -> dict[str, torch.Tensor]:
 
 
 def test_fusion_finetune_task_trains_the_head_and_ignores_unknown_answers():
-    from vlforge.models.distill import FusionFinetuneTask
     from vlforge.models.io import build_from_spec
+    from vlforge.tasks.distill import FusionFinetuneTask
 
     torch.manual_seed(0)
     model = build_from_spec({"model": "vlmo_debug", "method": "fusion", "num_answers": 7})
@@ -261,8 +261,8 @@ def test_fusion_finetune_task_trains_the_head_and_ignores_unknown_answers():
 
 
 def test_hard_label_distillation_needs_no_teacher():
-    from vlforge.models.distill import DistillationTask
     from vlforge.models.io import build_from_spec
+    from vlforge.tasks.distill import DistillationTask
 
     student = build_from_spec({"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}})
     out = DistillationTask(student, None, "itm", {"itc": 1.0, "hard": 1.0}, gather=False)(_pair_batch())
@@ -308,9 +308,9 @@ def test_full_size_config_plans_gpu_zero3_runs_from_s3(monkeypatch):
 
 
 def test_vqa_soft_labels_follow_the_teachers_training():
-    from vlforge.models.distill import DistillationTask
     from vlforge.models.io import build_from_spec
     from vlforge.objectives.distillation import soft_label_bce, soft_label_kl
+    from vlforge.tasks.distill import DistillationTask
 
     torch.manual_seed(0)
     student = build_from_spec(

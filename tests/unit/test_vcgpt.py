@@ -140,7 +140,8 @@ def test_the_platform_task_trains_vcgpt_on_pipeline_batches():
     from vlforge.config import TrainRunConfig, from_dict
     from vlforge.data.tokenizer import load_tokenizer
     from vlforge.models.trainable import set_trainable
-    from vlforge.train.tasks import CaptionTask, build_task
+    from vlforge.tasks import build_task
+    from vlforge.tasks.caption import CaptionTask
 
     cfg = from_dict(
         TrainRunConfig,

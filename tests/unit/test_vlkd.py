@@ -149,8 +149,9 @@ def test_the_platform_task_distils_a_vlforge_dual_encoder(tmp_path):
     from vlforge.data.tokenizer import load_tokenizer
     from vlforge.models.trainable import set_trainable
     from vlforge.models.vlkd import DualEncoderTeacher
+    from vlforge.tasks import build_task
+    from vlforge.tasks.vlkd import VLKDTask
     from vlforge.train.runner import validate
-    from vlforge.train.tasks import VLKDTask, build_task
 
     teacher_dir = dual_encoder_dir(tmp_path / "teacher")
     cfg = from_dict(

@@ -10,7 +10,8 @@ import torch
 from helpers import overfit
 from vlforge.models import create_model, list_models
 from vlforge.models.trainable import param_groups, set_trainable
-from vlforge.models.vlmo import VLMo, VLMoConfig, VLMoPretrainTask
+from vlforge.models.vlmo import VLMo, VLMoConfig
+from vlforge.tasks.vlmo import VLMoPretrainTask
 
 pytestmark = pytest.mark.unit
 

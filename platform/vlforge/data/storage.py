@@ -35,6 +35,15 @@ def absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+def local_path(uri: str) -> str:
+    """A local directory for ``uri`` (``s3://`` and other pyarrow URIs are downloaded once)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    from ray.train import Checkpoint
+
+    return Checkpoint(uri).to_directory()
+
+
 def s3_endpoint(cfg: StorageConfig | None = None) -> str | None:
     if cfg is not None and cfg.s3_endpoint_url:
         return cfg.s3_endpoint_url

@@ -68,8 +68,7 @@ Usage::
     match_logits = model.itm_logits(joint)               # [B, 2]
     joint.q, joint.k, joint.text_len                     # last-layer queries/keys and the split
 
-``VLMoPretrainTask`` wraps a model and a stage's objective weights into a
-module whose ``forward(batch)`` returns ``{"loss": ..., <term>: ...}``.
+VLMo's pretraining objectives (``VLMoPretrainTask``) live in ``vlforge.tasks.vlmo``.
 """
 
 from __future__ import annotations
@@ -84,12 +83,9 @@ from torch import Tensor, nn
 from vlforge.models.image_tokenizer import TOKENIZERS, create_image_tokenizer
 from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, VLModel
 from vlforge.models.registry import register_model
-from vlforge.objectives.itc import contrastive_logits, itc_loss_from_logits
-from vlforge.objectives.itm import build_itm_batch, itm_loss
-from vlforge.objectives.mim import mim_loss, mim_targets, random_patch_mask
-from vlforge.objectives.mlm import CLS_ID, IGNORE_INDEX, MASK_ID, PAD_ID, SEP_ID, mask_tokens, mlm_loss
+from vlforge.objectives.mim import mim_targets
 
-__all__ = ["VLMoConfig", "VLMoOutput", "MoMEBlock", "VLMo", "VLMoPretrainTask"]
+__all__ = ["VLMoConfig", "VLMoOutput", "MoMEBlock", "VLMo"]
 
 
 @dataclass
@@ -666,81 +662,3 @@ def vlmo_large(**overrides) -> VLMo:
         ),
         overrides,
     )
-
-
-class VLMoPretrainTask(nn.Module):
-    """One VLMo pretraining stage as a module: ``forward(batch) -> {"loss", <term>...}``.
-
-    ``weights`` maps objective names to loss weights (0 or absent = not computed):
-
-    * ``mim``: masked patch regression on the image-only path (stage 1);
-    * ``mlm_text``: masked LM on the text-only path (stage 2);
-    * ``itc``: contrastive loss between the image-only and text-only paths;
-    * ``itm``: matching on the fusion path, positives plus hard negatives sampled from
-      the ITC similarities over the global batch;
-    * ``mlm``: masked LM on the fusion path, conditioned on the image (stage 3, 0.25).
-
-    The returned terms other than ``loss`` are detached, for logging.
-    """
-
-    OBJECTIVES = ("mim", "mlm_text", "itc", "itm", "mlm")
-
-    def __init__(
-        self,
-        model: VLMo,
-        weights: dict[str, float],
-        mlm_prob: float = 0.15,
-        pad_id: int = PAD_ID,
-        cls_id: int = CLS_ID,
-        sep_id: int = SEP_ID,
-        mask_id: int = MASK_ID,
-        gather: bool = True,
-    ) -> None:
-        super().__init__()
-        unknown = set(weights) - set(self.OBJECTIVES)
-        if unknown:
-            raise ValueError(f"unknown objectives {sorted(unknown)}; known: {self.OBJECTIVES}")
-        self.weights = {k: float(v) for k, v in weights.items() if v}
-        if not self.weights:
-            raise ValueError("no objective has a non-zero weight")
-        self.model = model
-        self.mlm_prob = mlm_prob
-        self.special = dict(pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, mask_id=mask_id)
-        self.gather = gather
-
-    def _mask(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return mask_tokens(input_ids, attention_mask, self.model.config.vocab_size, self.mlm_prob, **self.special)
-
-    def _mlm_term(self, text_hidden: Tensor, labels: Tensor) -> Tensor:
-        chosen = labels != IGNORE_INDEX  # [B, T]
-        return mlm_loss(self.model.mlm_logits(text_hidden[chosen]), labels[chosen])  # logits [M, V]
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        m, w = self.model, self.weights
-        terms: dict[str, Tensor] = {}
-        if "mim" in w:
-            pv = batch["pixel_values"]
-            mask = random_patch_mask(pv.shape[0], m.num_patches, m.config.mim_mask_ratio, pv.device)  # [B, N]
-            pred = m.mim_predictions(m.encode_image(pv, patch_mask=mask))  # [B, N, P]
-            target = m.mim_targets(pv)  # [B, N, P]
-            terms["mim"] = mim_loss(pred, target, mask)
-        if "mlm_text" in w:
-            ids, labels = self._mask(batch["input_ids"], batch["attention_mask"])
-            out = m.encode_text(ids, batch["attention_mask"])
-            terms["mlm_text"] = self._mlm_term(out.hidden, labels)
-        if "itc" in w or "itm" in w:
-            pv, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-            img, txt = m.encode_image(pv), m.encode_text(ids, am)
-            logits = contrastive_logits(m.image_embedding(img), m.text_embedding(txt), m.itc_scale(), self.gather)
-            if "itc" in w:
-                terms["itc"] = itc_loss_from_logits(*logits)
-            if "itm" in w:
-                itm = build_itm_batch(*logits, pv, ids, am, sample_id=batch.get("sample_id"))
-                out = m.forward_fusion(itm["pixel_values"], itm["input_ids"], itm["attention_mask"])
-                terms["itm"] = itm_loss(m.itm_logits(out), itm["itm_labels"])
-        if "mlm" in w:
-            ids, labels = self._mask(batch["input_ids"], batch["attention_mask"])
-            out = m.forward_fusion(batch["pixel_values"], ids, batch["attention_mask"])
-            terms["mlm"] = self._mlm_term(out.text_hidden, labels)
-        loss = sum(w[name] * value for name, value in terms.items())
-        return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}

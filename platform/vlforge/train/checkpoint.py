@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from vlforge.data.storage import local_path
+
 TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
 STATE_FILE = "vlforge_state.json"
@@ -127,7 +129,7 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 def module_weights(path: str | os.PathLike, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """fp32 model weights from a checkpoint directory or an export; keys without ``prefix``."""
-    path = Path(_local(str(path)))
+    path = Path(local_path(str(path)))
     if (path / "model.safetensors").exists() or path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -143,12 +145,3 @@ def module_weights(path: str | os.PathLike, prefix: str = "model.") -> dict[str,
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
     return strip_prefix({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, prefix)
-
-
-def _local(uri: str) -> str:
-    """A local directory for ``uri`` (``s3://`` and other pyarrow URIs are downloaded once)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    from ray.train import Checkpoint
-
-    return Checkpoint(uri).to_directory()

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from vlforge.config import TrainRunConfig, dump_yaml
 from vlforge.models.io import build_from_spec, load_model_dir, save_model_dir
+from vlforge.tasks import CAPTION_METHODS, model_spec, task_prefix
 from vlforge.train.checkpoint import module_weights
 from vlforge.train.engine import fit_shapes
-from vlforge.train.tasks import CAPTION_METHODS, model_spec, task_prefix
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainRunConfig) -> Path:

@@ -2,7 +2,7 @@
 
 Started by ``vlforge.train.runner.run_training`` through ``train_fn_per_worker`` (never called
 directly). Each worker rebuilds the typed ``TrainRunConfig`` from ``WorkerArgs.cfg`` and runs the
-stages in order. Per stage (``Trainer._start_stage``) it builds the task (``vlforge.train.tasks``),
+stages in order. Per stage (``Trainer._start_stage``) it builds the task (``vlforge.tasks``),
 loads its starting weights, marks the trainable parameters and wraps it in a DeepSpeed engine
 (``vlforge.train.engine``); ``_train_stage`` then runs ``stage.steps`` optimizer steps
 (``train_step`` per micro-batch, ``_after_step`` per optimizer step), epoch after epoch, over the
@@ -42,11 +42,11 @@ from vlforge.config import StageConfig, TrainRunConfig, from_dict
 from vlforge.data.pipeline import Counters, finish_pixels
 from vlforge.models.io import save_model_dir
 from vlforge.models.trainable import set_trainable
+from vlforge.tasks import build_task, create, model_spec, task_prefix
 from vlforge.tracking import ConfigChangedError, make_tracker
 from vlforge.tracking.logging import print0, say
 from vlforge.train import checkpoint as ckpt_io
 from vlforge.train.engine import build_engine, fit_shapes, full_state_dict, prepare_env, resolve_precision
-from vlforge.train.tasks import build_task, create, model_spec, task_prefix
 
 
 def _weights_digest(sd: dict[str, torch.Tensor]) -> str:

@@ -36,17 +36,18 @@ from vlforge.data.storage import StorageUnreachable, absolute, check_reachable
 from vlforge.data.stream import EpochStream
 from vlforge.models.io import read_spec
 from vlforge.runtime import init_ray as start_ray
+from vlforge.tasks import check_stages, model_sizes
 from vlforge.tracking import resolve_tracking_uri
 from vlforge.tracking.mlflow_tracker import experiment_id
 from vlforge.train.checkpoint import STATE_FILE, CheckpointMismatch, check_resumable, convert_to_universal, read_state
 from vlforge.train.export import export_checkpoint
 from vlforge.train.loop import WorkerArgs, train_fn_per_worker
-from vlforge.train.tasks import model_sizes
 
 
 def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
     """Raise ``ConfigError`` for settings that cannot work, before any Ray resource is taken.
     ``check_paths=False`` skips init and teacher paths (a workflow whose earlier runs make them)."""
+    check_stages(cfg)
     try:
         sizes = model_sizes(cfg)
     except (KeyError, TypeError, ValueError) as exc:

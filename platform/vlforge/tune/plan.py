@@ -32,6 +32,7 @@ from vlforge.config import (
 from vlforge.data.corpus import corpus_exists
 from vlforge.data.storage import absolute
 from vlforge.evaluation.validation import CaptionValidator, RetrievalValidator
+from vlforge.tasks import check_stages
 from vlforge.tracking import resolve_tracking_uri
 from vlforge.tracking.mlflow_tracker import PARENT_TAG
 from vlforge.train.runner import resolve
@@ -73,9 +74,12 @@ def load_experiment(sweep: SweepConfig, params: dict[str, Any] | None = None) ->
     cls = TwoStageConfig if sweep.job == "two_stage" else TrainRunConfig
     overrides = [*sweep.set, *param_overrides(params or {})]
     try:
-        return load(cls, sweep.experiment, overrides)
+        exp = load(cls, sweep.experiment, overrides)
+        if isinstance(exp, TrainRunConfig):
+            check_stages(exp)  # a two-stage job's runs are checked as its plan makes them (runner.validate)
     except ConfigError as exc:
         raise ConfigError(f"sweep {sweep.name}: {exc}") from None
+    return exp
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -36,9 +36,9 @@ from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.validation import RetrievalValidator
 from vlforge.models.trainable import param_groups, set_trainable
 from vlforge.runtime import tune_malloc
+from vlforge.tasks import build_task, create
 from vlforge.train.engine import make_optimizer, make_schedule
 from vlforge.train.runner import run_training
-from vlforge.train.tasks import build_task, create
 
 
 @dataclass

@@ -63,9 +63,9 @@ from vlforge.evaluation import (
     plot_results,
     with_intervals,
 )
-from vlforge.models.distill import as_teacher
 from vlforge.models.io import load_model_dir
 from vlforge.runtime import init_ray as start_ray
+from vlforge.tasks.distill import as_teacher
 from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
 from vlforge.tracking.mlflow_tracker import PARENT_TAG
 from vlforge.train.runner import check_data, is_finished, prepare_local_mlflow, run_training, validate

@@ -7,6 +7,11 @@
 ``trainable`` globs match and whose ``state_dict`` is exported; ``task.prefix``
 is where it sits inside ``task.module`` (``"model."`` for VLMo's task wrapper).
 
+Each method's task class declares its objective names (``OBJECTIVES``);
+``OBJECTIVES_BY_METHOD`` is built from those declarations and ``check_stages(cfg)``
+refuses a stage objective its method does not know (``vlforge.train.runner.validate``
+and the sweep's planning call it, before any Ray resource is taken).
+
 Methods:
 
 * ``vlmo``: ``VLMoPretrainTask`` with the stage's objective weights.
@@ -32,14 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlforge.config import DataConfig, StageConfig, TrainRunConfig
-from vlforge.data.tokenizer import load_tokenizer
+from vlforge.config import ConfigError, StageConfig, TrainRunConfig
+from vlforge.data.storage import local_path
 from vlforge.models import create_model
-from vlforge.models.distill import DistillationTask, FusionFinetuneTask, as_teacher
 from vlforge.models.io import PAIR_METHODS, build_from_spec, load_model_dir
 from vlforge.models.lm import LMConfig
-from vlforge.models.vlmo import VLMoPretrainTask
-from vlforge.train.checkpoint import _local
+from vlforge.tasks.caption import CaptionTask
+from vlforge.tasks.distill import DistillationTask, FusionFinetuneTask, as_teacher
+from vlforge.tasks.vlkd import VLKDTask
+from vlforge.tasks.vlmo import VLMoPretrainTask
 
 
 @dataclass
@@ -49,51 +55,31 @@ class TrainTask:
     prefix: str
 
 
-class CaptionTask(nn.Module):
-    """A captioning model (Frozen, VC-GPT) trained on pipeline batches: BERT ids -> caption text -> the
-    LM's tokens -> the model's ``forward(batch)`` loss."""
-
-    def __init__(self, model: nn.Module, data: DataConfig, weight: float = 1.0):
-        super().__init__()
-        self.model = model
-        self.weight = weight
-        self._text_tokenizer = load_tokenizer(data.tokenizer)
-
-    def captions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
-        return [self._text_tokenizer.decode(ids[m.bool()].tolist()) for ids, m in zip(input_ids, attention_mask)]
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = batch["pixel_values"].device
-        tokens = self.model.tokenize(self.captions(batch["input_ids"], batch["attention_mask"]))
-        out = self.model({"pixel_values": batch["pixel_values"], **{k: v.to(device) for k, v in tokens.items()}})
-        return {**out, "loss": self.weight * out["loss"]}
-
-
 CAPTION_METHODS = ("frozen", "vcgpt")
 
+# method -> the task module ``build_task`` wraps its model in; each declares its objective names (``OBJECTIVES``)
+TASK_BY_METHOD: dict[str, type[nn.Module]] = {
+    "vlmo": VLMoPretrainTask,
+    **{m: CaptionTask for m in CAPTION_METHODS},
+    "vlkd": VLKDTask,
+    "fusion": FusionFinetuneTask,
+    "distill": DistillationTask,
+}
+OBJECTIVES_BY_METHOD: dict[str, tuple[str, ...]] = {m: task.OBJECTIVES for m, task in TASK_BY_METHOD.items()}
 
-class VLKDTask(CaptionTask):
-    """VLKD trained on pipeline batches: the pipeline's WordPiece ids are the dual-encoder teacher's
-    text input (``teacher_input_ids``); the captions, decoded, are re-tokenised for the BART student.
-    The stage's objective weights (``ttd``, ``itc``, ``icti``) weigh the model's three losses."""
 
-    def __init__(self, model: nn.Module, data: DataConfig, weights: dict[str, float]):
-        super().__init__(model, data)
-        for k in ("ttd", "itc", "icti"):  # the model sums its terms with these (0 for one the stage leaves out)
-            setattr(model.config, f"w_{k}", float(weights.get(k, 0.0)))
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = batch["pixel_values"].device
-        tokens = self.model.tokenize(self.captions(batch["input_ids"], batch["attention_mask"]))
-        out = self.model(
-            {
-                "pixel_values": batch["pixel_values"],
-                "teacher_input_ids": batch["input_ids"],
-                "teacher_attention_mask": batch["attention_mask"],
-                **{k: v.to(device) for k, v in tokens.items()},
-            }
-        )
-        return out
+def check_stages(cfg: TrainRunConfig) -> None:
+    """``ConfigError`` (a ``ValueError``) for a stage objective that the method's task does not declare;
+    no model is built (run where a training config is validated, before Ray is touched)."""
+    if cfg.method not in OBJECTIVES_BY_METHOD:
+        raise ConfigError(f"unknown method {cfg.method!r}; known: {list(OBJECTIVES_BY_METHOD)}")
+    known = OBJECTIVES_BY_METHOD[cfg.method]
+    for s in cfg.stages:
+        unknown = sorted(set(s.objectives) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"stage {s.name}: unknown objectives {unknown} for method {cfg.method!r}; known: {list(known)}"
+            )
 
 
 def task_prefix(method: str) -> str:
@@ -115,7 +101,7 @@ def create(cfg: TrainRunConfig) -> nn.Module:
 
 def load_teacher(path: str) -> nn.Module:
     """The frozen teacher of a distill stage from its model directory (local path or URI)."""
-    return as_teacher(load_model_dir(_local(path)))
+    return as_teacher(load_model_dir(local_path(path)))
 
 
 def build_task(
