@@ -32,7 +32,7 @@ from vlforge.data.ingest import IngestError, ingest
 from vlforge.data.shards import list_shards, shard_set_summary, verify, write_manifest
 from vlforge.data.storage import upload_dir
 from vlforge.runtime import init_ray
-from vlforge.tracking.mlflow_tracker import experiment_id, resolve_tracking_uri
+from vlforge.tracking.store import experiment_id, resolve_tracking_uri
 
 
 def _storage(args) -> C.StorageConfig:
@@ -291,8 +291,9 @@ def _model_source(model: str, tracking_uri: str | None):
             yield model, None
             return
         # lazy: pulls in mlflow
-        from vlforge.tracking.pyfunc_model import CAPTION
-        from vlforge.tracking.registry import download_serving_dir, serving_image, serving_kind, serving_preprocessing
+        from vlforge.serving.directory import serving_image, serving_kind, serving_preprocessing
+        from vlforge.serving.pyfunc_model import CAPTION
+        from vlforge.serving.registry import download_serving_dir
 
         name, alias = model.rsplit("@", 1)
         with tempfile.TemporaryDirectory(prefix="vlforge-eval-") as tmp:
@@ -439,7 +440,7 @@ def run_promote(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={json.dumps(str(value))}")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
     # lazy: pulls in torch (keeps vlforge --help fast)
-    from vlforge.tracking import promotion
+    from vlforge.serving import promotion
 
     try:
         cfg = C.load(C.PromoteConfig, args.config, overrides)

@@ -69,7 +69,8 @@ from vlforge.evaluation.validation import CaptionValidator, RetrievalValidator
 from vlforge.runtime import init_ray as start_ray
 from vlforge.runtime import local_cpus
 from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
-from vlforge.tracking.mlflow_tracker import PARENT_TAG, RUN_KEY_TAG, redact_text, secret_env_values
+from vlforge.tracking.redact import redact_text, secret_env_values
+from vlforge.tracking.store import PARENT_TAG, find_experiment, runs_with_key
 from vlforge.train.runner import is_finished, prepare_local_mlflow, resolve, run_training
 from vlforge.workflows.two_stage import fill_teacher_dir, plan, train_or_reuse
 
@@ -436,13 +437,10 @@ def _close_child_run(plan: SweepPlan, trial_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(plan.sweep.tracking.tracking_uri)
-    exp = client.get_experiment_by_name(plan.sweep.tracking.experiment)
-    if exp is None:
+    exp_id = find_experiment(client, plan.sweep.tracking.experiment)
+    if exp_id is None:
         return
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{plan.trial_name(trial_id)}'", max_results=5
-    )
-    for r in runs:
+    for r in runs_with_key(client, exp_id, plan.trial_name(trial_id), max_results=5):
         client.set_tag(r.info.run_id, STATUS_TAG, status)
         if r.info.status == "RUNNING":
             client.set_terminated(r.info.run_id, status="FAILED" if status == ERROR else "KILLED")
