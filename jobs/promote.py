@@ -12,7 +12,7 @@ its own registered preprocessing). The challenger wins when
 every `improve` metric gains its margin and no `guard` metric drops by more than its
 tolerance; the first version becomes champion when there is none. The decision is written to
 both versions (tags and description) before the alias moves. Exit code: 0 promoted, unchanged
-or rolled back; 1 refused (the champion stays); 2 an error. See vlforge.tracking.promotion.
+or rolled back; 1 refused (the champion stays); 2 an error. See vlforge.serving.promotion.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 
 from helpers import debug_model_dir, png
 from vlforge.config import DataConfig, ImageConfig
-from vlforge.tracking.registry import load_by_alias, log_and_register
+from vlforge.serving.registry import load_by_alias, log_and_register
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,7 @@ def test_caption_models_are_promoted_on_cider(mlflow_server, tmp_path, monkeypat
     from an untrained one, and the untrained one is then refused against it; rules naming a retrieval
     metric are an error for a captioning model."""
     from vlforge.config import PromoteConfig, from_dict
-    from vlforge.tracking.promotion import PROMOTED, REFUSED, PromotionError, promote
+    from vlforge.serving.promotion import PROMOTED, REFUSED, PromotionError, promote
 
     monkeypatch.setenv("VLFORGE_SERVING_DEVICE", "cpu")
     uri = mlflow_server.uri

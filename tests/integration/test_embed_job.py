@@ -26,7 +26,7 @@ DATA = DataConfig(image=ImageConfig(size=32, augment=False), tokenizer=Tokenizer
 @pytest.fixture(scope="module")
 def registered(mlflow_server, tmp_path_factory):
     from vlforge.models.io import build_from_spec, save_model_dir
-    from vlforge.tracking.registry import log_and_register
+    from vlforge.serving.registry import log_and_register
 
     torch.manual_seed(0)
     model_dir = save_model_dir(build_from_spec(SPEC).state_dict(), SPEC, tmp_path_factory.mktemp("student"))
@@ -46,7 +46,7 @@ def registered(mlflow_server, tmp_path_factory):
 def test_torch_by_alias_matches_registered_module(registered, tmp_path):
     from vlforge.evaluation.retrieval import student_scores
     from vlforge.models.io import load_model_dir
-    from vlforge.tracking.registry import (
+    from vlforge.serving.registry import (
         download_serving_dir,
         load_by_alias,
         load_torch_by_alias,

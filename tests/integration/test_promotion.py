@@ -79,7 +79,7 @@ def model_name(mlflow_s3_server, monkeypatch):
 
 
 def _register(server, name: str, model_dir: Path) -> str:
-    from vlforge.tracking.registry import log_and_register
+    from vlforge.serving.registry import log_and_register
 
     return log_and_register(
         model_dir,
@@ -119,7 +119,7 @@ def test_first_champion_promotion_refusal_dry_run_and_rollback(
 ):
     from mlflow import MlflowClient
 
-    from vlforge.tracking.promotion import HISTORY_TAG
+    from vlforge.serving.promotion import HISTORY_TAG
 
     server, name, job = mlflow_s3_server, model_name, load_job("promote")
     client = MlflowClient(server.uri)
@@ -174,7 +174,7 @@ def test_the_champion_loaded_by_alias_scores_like_its_module(mlflow_s3_server, c
     from vlforge.evaluation import load_eval_set
     from vlforge.evaluation.retrieval import student_scores
     from vlforge.models.io import load_model_dir
-    from vlforge.tracking.registry import load_by_alias
+    from vlforge.serving.registry import load_by_alias
 
     server, name = mlflow_s3_server, model_name
     _register(server, name, models["trained"])

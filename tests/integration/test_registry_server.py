@@ -1,4 +1,4 @@
-"""vlforge.tracking.registry against a real ``mlflow server`` (proxied artifacts): two
+"""vlforge.serving.registry against a real ``mlflow server`` (proxied artifacts): two
 registrations of a vlmo_debug student give versions 1 and 2, the alias follows the newest,
 and the pyfunc loaded by alias scores an image-text pair like the student module does."""
 
@@ -13,7 +13,7 @@ import torch
 
 from helpers import png
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig
-from vlforge.tracking.registry import load_by_alias, log_and_register
+from vlforge.serving.registry import load_by_alias, log_and_register
 
 pytestmark = pytest.mark.integration
 

@@ -74,7 +74,7 @@ def test_generative_smoke_job_registers_and_captions_by_alias(
 
     from vlforge.data.pipeline import decode_image, normalise
     from vlforge.models.io import load_model_dir
-    from vlforge.tracking.registry import load_by_alias
+    from vlforge.serving.registry import load_by_alias
     from vlforge.workflows.register import register_model_dir
 
     monkeypatch.setenv("VLFORGE_SERVING_DEVICE", "cpu")

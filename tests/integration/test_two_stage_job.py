@@ -54,7 +54,7 @@ def test_smoke_job_trains_evaluates_and_registers(smoke_job, corpus, mlflow_serv
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from vlforge.tracking.registry import load_by_alias
+    from vlforge.serving.registry import load_by_alias
 
     assert smoke_job["code"] == 0
     root = smoke_job["root"]

@@ -15,7 +15,9 @@ import torch
 from helpers import debug_model_dir, dual_encoder_dir, png
 from vlforge.config import DataConfig, ImageConfig
 from vlforge.models.lm import LMConfig
-from vlforge.tracking.pyfunc_model import (
+from vlforge.serving.directory import prepare_serving_dir, serving_kind, serving_preprocessing
+from vlforge.serving.logged_model import model_signature, serving_requirements
+from vlforge.serving.pyfunc_model import (
     CAPTION,
     DEFAULT_MAX_NEW_TOKENS,
     DUAL_ENCODER,
@@ -23,13 +25,6 @@ from vlforge.tracking.pyfunc_model import (
     max_new_tokens,
     preprocess_kind,
     resolve_mode,
-)
-from vlforge.tracking.registry import (
-    model_signature,
-    prepare_serving_dir,
-    serving_kind,
-    serving_preprocessing,
-    serving_requirements,
 )
 
 pytestmark = pytest.mark.unit
@@ -60,7 +55,7 @@ def test_prepare_caption_serving_dir(frozen_dir, tmp_path):
 
 
 def test_prepare_rejects_lm_needing_network(tmp_path):
-    from vlforge.tracking.registry import _offline_lm
+    from vlforge.serving.directory import _offline_lm
 
     assert _offline_lm(tmp_path, LMConfig(source="smollm2")) == {"source": "smollm2", "tokenizer": "smollm2"}
     with pytest.raises(ValueError, match="LM source 'pretrained'"):

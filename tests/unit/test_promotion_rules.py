@@ -19,7 +19,7 @@ def _cfg(**raw) -> PromoteConfig:
 
 
 def test_promotes_when_every_margin_is_met_and_no_guard_drops():
-    from vlforge.tracking.promotion import compare
+    from vlforge.serving.promotion import compare
 
     ok, reason, rows = compare({"rmean": 20.5, "i2t_r1": 5.0, "t2i_r1": 7.0}, CHAMP, _cfg())
     assert ok and "rmean +0.50" in reason
@@ -38,14 +38,14 @@ def test_promotes_when_every_margin_is_met_and_no_guard_drops():
     ],
 )
 def test_refuses_a_small_gain_or_a_guarded_drop(challenger, words):
-    from vlforge.tracking.promotion import compare
+    from vlforge.serving.promotion import compare
 
     ok, reason, _ = compare(challenger, CHAMP, _cfg())
     assert not ok and words in reason
 
 
 def test_a_guard_tolerance_allows_a_small_drop():
-    from vlforge.tracking.promotion import compare
+    from vlforge.serving.promotion import compare
 
     ok, _, _ = compare({"rmean": 25.0, "i2t_r1": 4.5, "t2i_r1": 6.0}, CHAMP, _cfg(guard={"i2t_r1": 1.0}))
     assert ok
@@ -70,7 +70,7 @@ def test_bad_promotion_configs_are_refused(raw, message):
 
 
 def test_summary_and_exit_codes():
-    from vlforge.tracking.promotion import Decision, compare
+    from vlforge.serving.promotion import Decision, compare
 
     ok, reason, rows = compare({"rmean": 19.0, "i2t_r1": 5.0, "t2i_r1": 6.0}, CHAMP, _cfg())
     d = Decision("m", "refused", "3", "2", reason, comparisons=rows, eval_set="x (first 10)")
@@ -123,7 +123,7 @@ def fake_mlflow_exception(monkeypatch):
 
 
 def test_the_lock_excludes_a_second_holder_and_is_released(fake_mlflow_exception):
-    from vlforge.tracking.promotion import PromotionError, promotion_lock
+    from vlforge.serving.promotion import PromotionError, promotion_lock
 
     reg = FakeRegistry()
     with promotion_lock(reg, "m", timeout_s=0.2, stale_s=60, log=lambda s: None):
@@ -137,7 +137,7 @@ def test_the_lock_excludes_a_second_holder_and_is_released(fake_mlflow_exception
 
 
 def test_a_stale_lock_is_broken(fake_mlflow_exception):
-    from vlforge.tracking.promotion import promotion_lock
+    from vlforge.serving.promotion import promotion_lock
 
     reg = FakeRegistry()
     reg.create_registered_model("m.promotion-lock", tags={"holder": "gone", "since": f"{time.time() - 3600:.0f}"})
@@ -151,7 +151,7 @@ def test_command_line_values_stay_strings(tmp_path, monkeypatch):
     import argparse
 
     from vlforge.cli.promote import promote_arguments, run_promote
-    from vlforge.tracking import promotion
+    from vlforge.serving import promotion
 
     seen = {}
     monkeypatch.setattr(
@@ -169,7 +169,7 @@ def test_command_line_values_stay_strings(tmp_path, monkeypatch):
 
 
 def test_caption_metrics_gate_like_retrieval_and_must_be_produced():
-    from vlforge.tracking.promotion import PromotionError, check_metrics, compare
+    from vlforge.serving.promotion import PromotionError, check_metrics, compare
 
     cfg = _cfg(improve={"cider": 1.0}, guard={"bleu4": 0.5})
     ok, reason, _ = compare({"cider": 30.0, "bleu4": 9.7}, {"cider": 28.5, "bleu4": 10.0}, cfg)

@@ -83,7 +83,7 @@ def test_eval_names_and_tags():
 def test_register_a_vlmo_export_serve_it_and_eval_it_by_alias(export, shards, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
-    from vlforge.tracking.registry import load_by_alias
+    from vlforge.serving.registry import load_by_alias
 
     monkeypatch.setenv("VLFORGE_SERVING_DEVICE", "cpu")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,4 +1,4 @@
-"""vlforge.tracking.registry against a local SQLite MLflow store: a vlmo_debug student is
+"""vlforge.serving.registry against a local SQLite MLflow store: a vlmo_debug student is
 logged as a models-from-code pyfunc, registered, tagged, aliased, loaded back by alias and
 checked against the student module itself."""
 
@@ -14,12 +14,8 @@ import torch
 
 from helpers import png
 from vlforge.config import DataConfig, ImageConfig, TokenizerConfig
-from vlforge.tracking.registry import (
-    RegisteredVersion,
-    load_by_alias,
-    log_and_register,
-    prepare_serving_dir,
-)
+from vlforge.serving.directory import prepare_serving_dir
+from vlforge.serving.registry import RegisteredVersion, load_by_alias, log_and_register
 
 pytestmark = pytest.mark.unit
 

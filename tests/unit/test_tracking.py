@@ -522,7 +522,7 @@ def test_print0_bypasses_a_patched_print(monkeypatch):
 
 
 def test_one_experiment_helper_creates_finds_and_restores(cfg):
-    from vlforge.tracking.mlflow_tracker import experiment_id
+    from vlforge.tracking.store import experiment_id
 
     client = _client(cfg)
     first = experiment_id(client, "helper-exp")

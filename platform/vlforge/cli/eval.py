@@ -11,7 +11,7 @@ import os
 
 from vlforge import config as C
 from vlforge.cli.common import _storage
-from vlforge.tracking.mlflow_tracker import experiment_id, resolve_tracking_uri
+from vlforge.tracking.store import experiment_id, resolve_tracking_uri
 
 
 def cmd_eval(args) -> int:
@@ -116,8 +116,9 @@ def _model_source(model: str, tracking_uri: str | None):
             yield model, None
             return
         # lazy: pulls in mlflow
-        from vlforge.tracking.pyfunc_model import CAPTION
-        from vlforge.tracking.registry import download_serving_dir, serving_image, serving_kind, serving_preprocessing
+        from vlforge.serving.directory import serving_image, serving_kind, serving_preprocessing
+        from vlforge.serving.pyfunc_model import CAPTION
+        from vlforge.serving.registry import download_serving_dir
 
         name, alias = model.rsplit("@", 1)
         with tempfile.TemporaryDirectory(prefix="vlforge-eval-") as tmp:

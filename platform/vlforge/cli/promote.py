@@ -51,7 +51,7 @@ def run_promote(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={json.dumps(str(value))}")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
     # lazy: pulls in torch (keeps vlforge --help fast)
-    from vlforge.tracking import promotion
+    from vlforge.serving import promotion
 
     try:
         cfg = C.load(C.PromoteConfig, args.config, overrides)

@@ -38,7 +38,7 @@ from vlforge.models.io import read_spec
 from vlforge.runtime import init_ray as start_ray
 from vlforge.tasks import check_stages, model_sizes
 from vlforge.tracking import resolve_tracking_uri
-from vlforge.tracking.mlflow_tracker import experiment_id
+from vlforge.tracking.store import experiment_id
 from vlforge.train.checkpoint import STATE_FILE, CheckpointMismatch, check_resumable, convert_to_universal, read_state
 from vlforge.train.export import export_checkpoint
 from vlforge.train.loop import WorkerArgs, train_fn_per_worker

@@ -34,7 +34,7 @@ from vlforge.data.storage import absolute
 from vlforge.evaluation.validation import CaptionValidator, RetrievalValidator
 from vlforge.tasks import check_stages
 from vlforge.tracking import resolve_tracking_uri
-from vlforge.tracking.mlflow_tracker import PARENT_TAG
+from vlforge.tracking.store import PARENT_TAG
 from vlforge.train.runner import resolve
 from vlforge.workflows.two_stage import plan
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from vlforge.config import SweepConfig, dump_yaml
 from vlforge.evaluation import format_table
-from vlforge.tracking.mlflow_tracker import redact_text, secret_env_values
+from vlforge.tracking.redact import redact_text, secret_env_values
 from vlforge.tune.plan import SweepPlan, load_experiment, param_overrides
 from vlforge.tune.trainable import ERROR, FINISHED, PENDING, STOPPED, _ended
 

@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from vlforge.config import SweepConfig
-from vlforge.tracking.mlflow_tracker import RUN_KEY_TAG
+from vlforge.tracking.store import find_experiment, runs_with_key
 from vlforge.train.runner import is_finished, run_training
 from vlforge.tune.plan import STATUS_TAG, SweepPlan
 
@@ -117,13 +117,10 @@ def _close_child_run(plan: SweepPlan, trial_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(plan.sweep.tracking.tracking_uri)
-    exp = client.get_experiment_by_name(plan.sweep.tracking.experiment)
-    if exp is None:
+    exp_id = find_experiment(client, plan.sweep.tracking.experiment)
+    if exp_id is None:
         return
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{plan.trial_name(trial_id)}'", max_results=5
-    )
-    for r in runs:
+    for r in runs_with_key(client, exp_id, plan.trial_name(trial_id), max_results=5):
         client.set_tag(r.info.run_id, STATUS_TAG, status)
         if r.info.status == "RUNNING":
             client.set_terminated(r.info.run_id, status="FAILED" if status == ERROR else "KILLED")

@@ -7,7 +7,7 @@
 
     python jobs/embed.py --model vlforge-dual-encoder --alias champion data/corpus/scenes/val --out out/emb
 
-The alias is resolved once on the driver (``vlforge.tracking.registry.resolve_alias``), so every
+The alias is resolved once on the driver (``vlforge.serving.registry.resolve_alias``), so every
 worker embeds with the same version even when the alias moves during the run. The shards (local
 or ``s3://``, WebDataset layout) are read by the training pipeline's reader
 (``vlforge.data.pipeline.read_raw``); a pool of ``concurrency`` Ray actors each downloads the
@@ -46,7 +46,7 @@ from vlforge.data.storage import absolute, arrow_filesystem, filesystem_for
 from vlforge.evaluation._common import image_embeddings, text_embeddings
 from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, require
 from vlforge.models.io import load_model_dir
-from vlforge.tracking.mlflow_tracker import resolve_tracking_uri
+from vlforge.tracking.store import resolve_tracking_uri
 
 if TYPE_CHECKING:
     import pyarrow
@@ -127,11 +127,9 @@ class Embedder:
         import torch
 
         # lazy: pulls in mlflow
-        from vlforge.tracking.pyfunc_model import DEVICE_ENV
-        from vlforge.tracking.registry import (
-            download_serving_dir,
-            serving_preprocessing,
-        )
+        from vlforge.serving.directory import serving_preprocessing
+        from vlforge.serving.pyfunc_model import DEVICE_ENV
+        from vlforge.serving.registry import download_serving_dir
 
         self._tmp = tempfile.mkdtemp(prefix="vlforge-embed-")
         serving = download_serving_dir(model_name, alias, tracking_uri, self._tmp, version=version)
@@ -232,7 +230,7 @@ def embed_shards(
     import ray.data
 
     # lazy: pulls in mlflow
-    from vlforge.tracking.registry import resolve_alias
+    from vlforge.serving.registry import resolve_alias
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -8,7 +8,7 @@ The directory is what a training run exports (``export/``: ``model.safetensors``
 and the run's ``config.yaml``) or a stage's model directory (``stages/<stage>/``). Methods
 ``distill``, ``vlmo`` and ``fusion`` register as the dual-encoder pyfunc (embeddings, image-text
 score and match probability), ``frozen``, ``vcgpt`` and ``vlkd`` as the caption pyfunc
-(``vlforge.tracking.registry``). Image and tokenizer settings come from the directory's
+(``vlforge.serving.registry``). Image and tokenizer settings come from the directory's
 ``config.yaml`` (the last stage's data settings, else the run's) when there is one, else from the
 model itself (its image size and text length, the default tokenizer), and the summary says which.
 
@@ -55,7 +55,7 @@ def serving_data(model_dir: str | Path, storage: StorageConfig | None = None) ->
     import torch
 
     # lazy: pulls in mlflow
-    from vlforge.tracking.pyfunc_model import CAPTION_METHODS
+    from vlforge.serving.pyfunc_model import CAPTION_METHODS
 
     config = Path(model_dir) / "config.yaml"
     if config.is_file():
@@ -121,7 +121,7 @@ def register_model_dir(
 ) -> Registration:
     """Score ``model_dir`` on each of ``evals``, then log and register it; see the module docstring."""
     # lazy: pulls in mlflow
-    from vlforge.tracking.registry import log_and_register
+    from vlforge.serving.registry import log_and_register
 
     spec = read_spec(model_dir)  # fails early on a directory that is not a model directory
     data, source = serving_data(model_dir, storage)

@@ -17,7 +17,7 @@ Steps, each a Ray Train run on the same Ray cluster (``vlforge.train.runner``):
 4. Evaluation on the driver (``vlforge.evaluation``): retrieval R@1/5/10 both ways, true/false
    reasoning and VQA accuracy per model and split (``test`` = held-out concept combinations),
    and latency of scoring N texts against N images.
-5. Registration of the distilled student (``vlforge.tracking.registry``) with the figures as tags.
+5. Registration of the distilled student (``vlforge.serving.registry``) with the figures as tags.
 
 Everything lands under ``<storage_path>/<name>/``: ``teacher/`` (model directories ``pretrain``
 and one per fine-tuning stage; reusable as ``teacher.checkpoint``), ``results.json``,
@@ -67,7 +67,7 @@ from vlforge.models.io import load_model_dir
 from vlforge.runtime import init_ray as start_ray
 from vlforge.tasks.distill import as_teacher
 from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
-from vlforge.tracking.mlflow_tracker import PARENT_TAG
+from vlforge.tracking.store import PARENT_TAG
 from vlforge.train.runner import check_data, is_finished, prepare_local_mlflow, run_training, validate
 
 TASK_SETS = {"itm": "scenes", "nlvr2": "nlvr", "vqa": "vqa"}  # the corpus set each task is evaluated on
@@ -597,7 +597,8 @@ def run_two_stage(
             log("== registration")
             t0 = time.perf_counter()
             # lazy: pulls in mlflow
-            from vlforge.tracking.registry import log_and_register, prepare_serving_dir
+            from vlforge.serving.directory import prepare_serving_dir
+            from vlforge.serving.registry import log_and_register
 
             serving = prepare_serving_dir(student_dir, eval_data(cfg), p.root / "serving")
             version = log_and_register(

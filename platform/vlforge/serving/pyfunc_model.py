@@ -1,9 +1,9 @@
 """MLflow pyfunc for a vlforge serving directory, logged as "models from code".
 
-``vlforge.tracking.registry.log_and_register`` passes this file's path as ``python_model``;
+``vlforge.serving.logged_model.log_pyfunc`` passes this file's path as ``python_model``;
 MLflow copies the file into the logged model (``code/pyfunc_model.py``) and runs it when the
 model is loaded, so nothing is pickled. The serving directory made by
-``vlforge.tracking.registry.prepare_serving_dir`` is the model's only artifact (``model``):
+``vlforge.serving.directory.prepare_serving_dir`` is the model's only artifact (``model``):
 ``model.safetensors`` + ``model.json`` (the module, rebuilt by ``vlforge.models.io``) and
 ``preprocess.json``, whose ``kind`` says which of two kinds of model it serves:
 
@@ -327,6 +327,6 @@ class VlforgePyfunc(mlflow.pyfunc.PythonModel):
 
 
 # Loaded by MLflow as code (module name ``code_model_<uuid>``): register the model object.
-# Imported as ``vlforge.tracking.pyfunc_model`` (tests, the registry helpers) it has no side effect.
-if __name__ != "vlforge.tracking.pyfunc_model":
+# Imported as ``vlforge.serving.pyfunc_model`` (tests, the registry helpers) it has no side effect.
+if __name__ != "vlforge.serving.pyfunc_model":
     mlflow.models.set_model(VlforgePyfunc())

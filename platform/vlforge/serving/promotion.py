@@ -52,7 +52,8 @@ from vlforge.data.pipeline import detect_task
 from vlforge.evaluation import evaluate_retrieval, format_table, load_eval_set
 from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa, sibling_train
 from vlforge.models.io import load_model_dir
-from vlforge.tracking.mlflow_tracker import redact_text, resolve_tracking_uri, secret_env_values
+from vlforge.tracking.redact import redact_text, secret_env_values
+from vlforge.tracking.store import resolve_tracking_uri
 
 HISTORY_TAG = "vlforge.champion_history"
 LOCK_SUFFIX = ".promotion-lock"
@@ -117,12 +118,12 @@ def _missing(exc: Exception) -> bool:
 
 
 def resolve_version(client, name: str, ref: str) -> str:
-    """The version number of an alias (``vlforge.tracking.registry.resolve_alias``) or of a version."""
+    """The version number of an alias (``vlforge.serving.registry.resolve_alias``) or of a version."""
     from mlflow.exceptions import MlflowException
 
     if not str(ref).isdigit():
         # lazy: pulls in mlflow
-        from vlforge.tracking.registry import resolve_alias
+        from vlforge.serving.registry import resolve_alias
 
         return resolve_alias(name, ref, client.tracking_uri).version
     try:
@@ -215,8 +216,9 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
     """The metrics (percent) of one registered version on the fixed evaluation set: retrieval for a dual
     encoder, captioning or few-shot VQA for a captioning model (``PromotionEvalConfig``)."""
     # lazy: pulls in mlflow
-    from vlforge.tracking.pyfunc_model import DUAL_ENCODER
-    from vlforge.tracking.registry import download_serving_dir, serving_image, serving_kind
+    from vlforge.serving.directory import serving_image, serving_kind
+    from vlforge.serving.pyfunc_model import DUAL_ENCODER
+    from vlforge.serving.registry import download_serving_dir
 
     directory = download_serving_dir(name, "", client.tracking_uri, workdir / f"v{version}", version=version)
     kind = serving_kind(directory)
@@ -254,7 +256,7 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
 
 def _retrieval(model, directory: Path, cfg: PromoteConfig) -> dict[str, float]:
     # lazy: pulls in mlflow
-    from vlforge.tracking.registry import serving_preprocessing
+    from vlforge.serving.directory import serving_preprocessing
 
     image, tokenizer = serving_preprocessing(directory)
     data = DataConfig(shards=cfg.eval.shards, image=image, tokenizer=tokenizer, storage=cfg.eval.storage)
