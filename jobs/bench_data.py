@@ -42,14 +42,14 @@ def make_single_process(shards: list[str], cfg):
     """One epoch of the single-process loop: tarfile read + ``decode_batch`` in this process."""
     import torch
 
-    from vlforge.data.pipeline import RAW_COLUMNS, decode_batch, detect_task, finish_pixels, raw_row
+    from vlforge.data.pipeline import RAW_COLUMNS, decode_batch, detect_kind, finish_pixels, raw_row
     from vlforge.data.shards import iter_samples
 
-    task = detect_task(cfg.shards, cfg.storage)
+    kind = detect_kind(cfg.shards, cfg.storage)
 
     def decode(chunk) -> int:
         batch = {c: np.array([r[c] for r in chunk], dtype=object) for c in RAW_COLUMNS}
-        out = decode_batch(batch, image=cfg.image, tokenizer=cfg.tokenizer, task=task, train=True)
+        out = decode_batch(batch, image=cfg.image, tokenizer=cfg.tokenizer, kind=kind, train=True)
         out = finish_pixels({k: torch.from_numpy(v) for k, v in out.items()}, cfg.image)
         return len(out["sample_id"])
 
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
                 n_concepts=0,
                 n_scenes=args.scenes,
                 n_vqa=0,
-                n_nlvr=0,
+                n_nlvr2=0,
                 samples_per_shard=500,
                 second_style=False,
             )

@@ -173,7 +173,7 @@ def corpus(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("corpus") / "corpus"
     cfg = CorpusConfig(
-        out=str(out), n_concepts=200, n_scenes=300, n_vqa=300, n_nlvr=300, samples_per_shard=60, workers=2
+        out=str(out), n_concepts=200, n_scenes=300, n_vqa=300, n_nlvr2=300, samples_per_shard=60, workers=2
     )
     build_corpus(cfg, progress=None)
     return out
@@ -211,7 +211,7 @@ def write_bad_shards(out: Path, good: int = 40, per_kind: int = 3, seed: int = 0
     kinds = ["good"] * good + [k for k in BAD_KINDS if k != "truncated_member" for _ in range(per_kind)]
     rng.shuffle(kinds)
     good_keys = []
-    writer = ShardWriter(out, samples_per_shard=max(1, len(kinds) // 3), params={"task": "scenes"})
+    writer = ShardWriter(out, samples_per_shard=max(1, len(kinds) // 3), params={"kind": "captions"})
     for i, kind in enumerate(kinds):
         key = f"s{i:05d}"
         img = _jpeg(i)

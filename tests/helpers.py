@@ -71,14 +71,14 @@ def scene_set(
     out: str | Path,
     scenes: list[tuple[str, list[str]]],
     samples_per_shard: int = 2,
-    task: str = "scenes",
+    kind: str = "captions",
     colour_step: int = 40,
 ) -> Path:
     """A tiny captions shard set: one solid-colour 32 px image per ``(caption, object names)``, the names as
     the corpus's ``objects`` metadata."""
     from vlforge.data.shards import ShardWriter
 
-    with ShardWriter(out, samples_per_shard=samples_per_shard, params={"task": task}) as w:
+    with ShardWriter(out, samples_per_shard=samples_per_shard, params={"kind": kind}) as w:
         for i, (text, names) in enumerate(scenes):
             w.write(
                 f"{i:06d}",

@@ -78,7 +78,7 @@ def _caption_set(out):
 
     from vlforge.data.shards import ShardWriter
 
-    with ShardWriter(out, samples_per_shard=2, params={"task": "scenes"}) as w:
+    with ShardWriter(out, samples_per_shard=2, params={"kind": "captions"}) as w:
         for i, (text, colour) in enumerate(zip(CAPTIONS, COLOURS)):
             buf = io.BytesIO()
             Image.new("RGB", (IMG_SIZE, IMG_SIZE), colour).save(buf, format="PNG")
@@ -95,7 +95,7 @@ def _vcgpt_dir(out, shards: str, data, steps: int):
     spec = {"model": "vcgpt_debug", "method": "vcgpt"}
     torch.manual_seed(0)
     model = build_from_spec(spec)
-    ev = load_eval_set(shards, data, task="captions")
+    ev = load_eval_set(shards, data, kind="captions")
     by_id = {sample_id(f"{i:06d}"): c for i, c in enumerate(CAPTIONS)}
     batch = {"pixel_values": ev["pixel_values"], **model.tokenize([by_id[int(i)] for i in ev["sample_id"]])}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)

@@ -61,7 +61,7 @@ def test_s3_into_two_train_workers_exactly_once(ray_local, s3_corpus, tmp_path):
 
 def test_bad_samples_counted_through_ray_data(ray_local, bad_shards):
     ds, counters = build_dataset(
-        DataConfig(shards=str(bad_shards["dir"]), image=ImageConfig(size=32)), train=False, task="captions"
+        DataConfig(shards=str(bad_shards["dir"]), image=ImageConfig(size=32)), train=False, kind="captions"
     )
     ids = []
     for batch in ds.iter_torch_batches(batch_size=8):
@@ -73,7 +73,7 @@ def test_bad_samples_counted_through_ray_data(ray_local, bad_shards):
     assert counts["read"] == bad_shards["total"]
 
 
-@pytest.mark.parametrize("task, extra", [("vqa", {"answer_id"}), ("nlvr", {"pixel_values_2", "label"})])
+@pytest.mark.parametrize("task, extra", [("vqa", {"answer_id"}), ("nlvr2", {"pixel_values_2", "label"})])
 def test_task_batches_from_s3(ray_local, s3_corpus, corpus, task, extra):
     ds, counters = build_dataset(DataConfig(shards=f"{s3_corpus}/{task}/val", image=ImageConfig(size=32)), train=False)
     batches = list(ds.iter_torch_batches(batch_size=50))

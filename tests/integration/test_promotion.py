@@ -46,7 +46,7 @@ def models(corpus, tmp_path_factory):
     from vlforge.tasks.distill import DistillationTask
 
     out = tmp_path_factory.mktemp("students")
-    train = load_eval_set(str(corpus / "concepts" / "train"), _data(), task="captions", max_samples=512)
+    train = load_eval_set(str(corpus / "concepts" / "train"), _data(), kind="captions", max_samples=512)
     torch.manual_seed(0)
     student = build_from_spec(SPEC)
     task = DistillationTask(student, None, "itm", {"itc": 1.0})
@@ -63,7 +63,7 @@ def models(corpus, tmp_path_factory):
         "weak1": _untrained(1, out / "weak1"),
         "trained": save_model_dir(student.state_dict(), SPEC, out / "trained"),
     }
-    test = load_eval_set(str(corpus / "concepts" / "test"), _data(), task="captions", max_samples=200)
+    test = load_eval_set(str(corpus / "concepts" / "test"), _data(), kind="captions", max_samples=200)
     from vlforge.models.io import load_model_dir
 
     scores = {k: evaluate_retrieval(load_model_dir(d), test, "student")["rmean"] for k, d in dirs.items()}
@@ -186,7 +186,7 @@ def test_the_champion_loaded_by_alias_scores_like_its_module(mlflow_s3_server, c
     images = [next(v for k, v in s.items() if k in ("jpg", "png", "webp")) for s in samples]
     texts = [s["txt"].decode() for s in samples]
     out = pyfunc.predict(pd.DataFrame({"image": images, "text": texts}))
-    ev = load_eval_set(str(corpus / "concepts" / "test"), _data(), task="captions", max_samples=6)
+    ev = load_eval_set(str(corpus / "concepts" / "test"), _data(), kind="captions", max_samples=6)
     direct = (
         student_scores(load_model_dir(models["trained"]), ev["pixel_values"], ev["input_ids"], ev["attention_mask"])
         .diagonal()

@@ -42,7 +42,7 @@ def s3_set(s3_server, tmp_path_factory):
     from vlforge.data.storage import upload_dir
 
     local = tmp_path_factory.mktemp("stream") / "set"
-    with ShardWriter(local, samples_per_shard=SAMPLES // SHARDS, params={"task": "captions"}) as w:
+    with ShardWriter(local, samples_per_shard=SAMPLES // SHARDS, params={"kind": "captions"}) as w:
         for i in range(SAMPLES):
             w.write(f"s{i:04d}", image=_png(i), image_ext="png", text=f"sample number {i}")
     uri = f"s3://{s3_server.new_bucket()}/set"

@@ -109,7 +109,7 @@ def test_coco_one_sample_per_image_with_every_caption(tmp_path, imgs):
     assert {m["split"] for m in meta} == {"val"}
     assert "jpg" in samples[1] and Image.open(io.BytesIO(samples[2]["png"])).mode == "RGBA"  # bytes kept as they are
     manifest = read_manifest(str(tmp_path / "out"))
-    assert manifest.total_samples == 3 and manifest.params["task"] == "captions"
+    assert manifest.total_samples == 3 and manifest.params["kind"] == "captions"
     assert manifest.params["skipped"] == rep.skipped
     ev = load_eval_set(str(tmp_path / "out"), DATA)  # task from the manifest
     assert ev["pixel_values"].shape == (3, 3, S, S)
@@ -181,7 +181,7 @@ def test_karpathy_keeps_splits_and_filters(tmp_path, imgs):
     assert ingest_karpathy(path, imgs, tmp_path / "lst", split=["val"]).written == 1
     with pytest.raises(IngestError, match="no usable samples .* for split nope"):
         ingest_karpathy(path, imgs, tmp_path / "none", split="nope")
-    ev = load_eval_set(str(tmp_path / "all"), DATA, task="captions")
+    ev = load_eval_set(str(tmp_path / "all"), DATA, kind="captions")
     assert ev["input_ids"].shape[0] == 4
 
 
@@ -189,7 +189,7 @@ def test_karpathy_sets_are_scored_with_the_coco_protocol(tmp_path, imgs):
     from vlforge.evaluation.retrieval import recall_at_k, retrieval_texts
 
     ingest_karpathy(_karpathy(tmp_path, imgs), imgs, tmp_path / "all")
-    ev = load_eval_set(str(tmp_path / "all"), DATA, task="captions")
+    ev = load_eval_set(str(tmp_path / "all"), DATA, kind="captions")
     assert ev["caption_image"].tolist() == [0, 0, 0, 1, 2, 3]  # "one", "two", "three"; then one caption each
     assert torch.equal(ev["caption_input_ids"][0], ev["input_ids"][0])
     assert not torch.equal(ev["caption_input_ids"][1], ev["input_ids"][0])
@@ -203,7 +203,7 @@ def test_karpathy_sets_are_scored_with_the_coco_protocol(tmp_path, imgs):
     scores[3, 1] = 0.95
     r = recall_at_k(scores, positives, ks=(1,))
     assert r["i2t_r1"] == 100.0 and r["t2i_r1"] == pytest.approx(100 * 5 / 6)
-    only = load_eval_set(str(tmp_path / "all"), DATA, task="captions", max_samples=2)
+    only = load_eval_set(str(tmp_path / "all"), DATA, kind="captions", max_samples=2)
     assert only["caption_image"].tolist() == [0, 0, 0, 1]
 
 
@@ -273,14 +273,14 @@ def test_vqav2_samples_scores_vocabulary_and_decoding(tmp_path, imgs):
     vocab = json.loads((out / "answers.json").read_text())
     assert vocab == ["no", "2", "yes"]  # by frequency, then alphabetical
     manifest = read_manifest(str(out))
-    assert manifest.params["task"] == "vqa" and manifest.params["answers"] == 3
-    ev = load_eval_set(str(out), DATA, task="vqa")
+    assert manifest.params["kind"] == "vqa" and manifest.params["answers"] == 3
+    ev = load_eval_set(str(out), DATA, kind="vqa")
     assert ev["answer_id"].tolist() == [vocab.index(m["answer"]) for m in meta]
 
     rep = ingest_vqav2(q, a, imgs, tmp_path / "min2", min_answer_count=2, split="val")
     assert json.loads((tmp_path / "min2" / "answers.json").read_text()) == ["no"]
     assert {m["split"] for m in _meta(tmp_path / "min2")} == {"val"}
-    ev = load_eval_set(str(tmp_path / "min2"), DATA, task="vqa")
+    ev = load_eval_set(str(tmp_path / "min2"), DATA, kind="vqa")
     assert ev["answer_id"].tolist() == [-100, 0, -100, 0]
     ingest_vqav2(q, a, imgs, tmp_path / "shared", vocabulary=out / "answers.json")
     assert json.loads((tmp_path / "shared" / "answers.json").read_text()) == vocab
@@ -306,7 +306,7 @@ def test_vqav2_soft_targets_feed_the_vqav2_metric_and_bce(tmp_path, imgs):
     out = tmp_path / "vqa"
     ingest_vqav2(q, a, imgs, out)
     vocab = json.loads((out / "answers.json").read_text())  # ["no", "2", "yes", "two", "3"]
-    ev = load_eval_set(str(out), DATA, task="vqa")
+    ev = load_eval_set(str(out), DATA, kind="vqa")
     t = ev["answer_targets"]
     assert t.shape == (4, len(vocab)) and t.dtype == torch.float32
     # question 102: "yes" once, "no" nine times
@@ -322,7 +322,7 @@ def test_vqav2_soft_targets_feed_the_vqav2_metric_and_bce(tmp_path, imgs):
 
     # min_answer_count=2 drops rare answers from the vocabulary, and from the targets with them.
     ingest_vqav2(q, a, imgs, tmp_path / "min2", min_answer_count=2)
-    small = load_eval_set(str(tmp_path / "min2"), DATA, task="vqa")["answer_targets"]
+    small = load_eval_set(str(tmp_path / "min2"), DATA, kind="vqa")["answer_targets"]
     assert small.shape == (4, 1) and small[:, 0].tolist() == pytest.approx([0.0, 1.0, 0.0, 1.0])
 
 
@@ -377,7 +377,7 @@ def test_vqav2_structure_errors(tmp_path, imgs):
 # ----------------------------------------------------------------------------- NLVR2
 
 
-def _nlvr(tmp_path, imgs):
+def _nlvr2(tmp_path, imgs):
     for name, color in (("dev-1-0-img0.png", RED), ("dev-1-0-img1.png", BLUE), ("x.png", BLUE)):
         (imgs / name).write_bytes(_img(color))
     (imgs / "7").mkdir()
@@ -421,8 +421,8 @@ def test_nlvr2_pairs_labels_and_decoding(tmp_path, imgs):
         None,
         None,
     ]
-    out = tmp_path / "nlvr"
-    rep = ingest_nlvr2(_nlvr(tmp_path, imgs), imgs, out)
+    out = tmp_path / "nlvr2"
+    rep = ingest_nlvr2(_nlvr2(tmp_path, imgs), imgs, out)
     assert rep.written == 5
     assert rep.skipped == {"bad_label": 1, "missing_image": 1, "outside_folder": 1, "missing_sentence": 1}
     samples = _samples(out)
@@ -437,8 +437,8 @@ def test_nlvr2_pairs_labels_and_decoding(tmp_path, imgs):
     assert (meta[0]["source"], meta[0]["source_right"]) == ("dev-1-0-img0.png", "dev-1-0-img1.png")
     assert (meta[4]["source"], meta[4]["source_right"]) == ("a.png", "x.png")
     assert samples[0]["txt"] == b"The left image is red."
-    assert read_manifest(str(out)).params["task"] == "nlvr"
-    ev = load_eval_set(str(out), DATA, task="nlvr")
+    assert read_manifest(str(out)).params["kind"] == "nlvr2"
+    ev = load_eval_set(str(out), DATA, kind="nlvr2")
     assert ev["label"].tolist() == [1, 0, 1, 0, 1]
     left, right = ev["pixel_values"][0], ev["pixel_values_2"][0]
     assert left[0].mean() > left[2].mean() and right[2].mean() > right[0].mean()  # red left, blue right
@@ -466,7 +466,7 @@ def test_cli_formats(tmp_path, imgs, capsys):
     )
     assert rc == 0 and "wrote 4 samples" in out and "answers.json: 1 answers" in out
     assert json.loads((tmp_path / "v" / "answers.json").read_text()) == ["no"]
-    rc, out, _ = _cli(capsys, imgs, _nlvr(tmp_path, imgs), "--format", "nlvr2", "--out", tmp_path / "n")
+    rc, out, _ = _cli(capsys, imgs, _nlvr2(tmp_path, imgs), "--format", "nlvr2", "--out", tmp_path / "n")
     assert rc == 0 and "wrote 5 samples" in out
     assert load_eval_set(str(tmp_path / "n"), DATA)["label"].tolist() == [1, 0, 1, 0, 1]
 

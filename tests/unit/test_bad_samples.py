@@ -52,7 +52,7 @@ def read_rows(path: Path) -> dict[str, list]:
     return {c: table[c].to_pylist() for c in RAW_COLUMNS}
 
 
-def decode_all(paths, task="captions"):
+def decode_all(paths, kind="captions"):
     counters = FakeCounters()
     ids = []
     for p in paths:
@@ -62,7 +62,7 @@ def decode_all(paths, task="captions"):
             batch,
             image=ImageConfig(size=32),
             tokenizer=TokenizerConfig(max_length=8),
-            task=task,
+            kind=kind,
             answers=["yes"],
             counters=counters.add,
         )
@@ -91,7 +91,7 @@ def test_vqa_without_answer_is_missing_field(tmp_path):
     with ShardWriter(tmp_path) as w:
         w.write("a", image=_jpeg(1), text="q?", meta={"answer": "yes"})
         w.write("b", image=_jpeg(2), text="q?", meta={"question": "q?"})
-    counts, _ = decode_all([tmp_path / "shard-00000.tar"], task="vqa")
+    counts, _ = decode_all([tmp_path / "shard-00000.tar"], kind="vqa")
     assert counts["ok"] == 1 and counts["skipped.missing_field"] == 1
 
 

@@ -9,7 +9,7 @@ from vlforge.data.corpus import COLORS, SPLITS, Obj, build_corpus, load_concepts
 from vlforge.data.shards import iter_samples, list_shards, read_manifest
 
 pytestmark = pytest.mark.unit
-SMALL = dict(n_concepts=120, n_scenes=200, n_vqa=200, n_nlvr=240, samples_per_shard=50, workers=1)
+SMALL = dict(n_concepts=120, n_scenes=200, n_vqa=200, n_nlvr2=240, samples_per_shard=50, workers=1)
 
 
 def _load(root: Path, task: str, split: str) -> list[dict]:
@@ -34,7 +34,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = build_corpus(CorpusConfig(out=str(tmp_path / "b"), **SMALL), progress=None)
     c = build_corpus(CorpusConfig(out=str(tmp_path / "c"), seed=1, **SMALL), progress=None)
     assert a["counts"] == b["counts"]
-    for task in ("concepts", "scenes", "vqa", "nlvr"):
+    for task in ("concepts", "scenes", "vqa", "nlvr2"):
         ma = read_manifest(str(tmp_path / "a" / task / "train"))
         mb = read_manifest(str(tmp_path / "b" / task / "train"))
         mc = read_manifest(str(tmp_path / "c" / task / "train"))
@@ -48,13 +48,13 @@ def test_splits_hold_out_concepts_and_combinations(corpus):
     assert "CC BY-SA 4.0" in meta["license"] and "OpenMoji" in meta["artwork"]
     heldout = set(meta["heldout_concepts"])
     pairs_seen = set()
-    for task in ("scenes", "vqa", "nlvr"):
+    for task in ("scenes", "vqa", "nlvr2"):
         for split in ("train", "val"):
             for s in _load(corpus, task, split):
                 names = s["meta"]["concepts"]
                 assert not heldout & set(names), (task, split, names)
                 pairs_seen |= {frozenset((a, b)) for a in names for b in names if a != b}
-    for task in ("scenes", "vqa", "nlvr"):
+    for task in ("scenes", "vqa", "nlvr2"):
         test = _load(corpus, task, "test")
         assert test
         for s in test:
@@ -101,9 +101,9 @@ def test_vqa_answers_are_right(corpus):
     assert {"yes", "no", "two", "three"} <= set(answers)
 
 
-def test_nlvr_balanced_and_needs_the_relation(corpus):
+def test_nlvr2_balanced_and_needs_the_relation(corpus):
     for split in SPLITS:
-        samples = _load(corpus, "nlvr", split)
+        samples = _load(corpus, "nlvr2", split)
         labels = Counter(s["meta"]["label"] for s in samples)
         assert abs(labels[True] - labels[False]) <= 1, (split, labels)
         by_objects = Counter()
@@ -142,7 +142,7 @@ def test_second_style_repeats_test_specs_in_other_art(corpus):
 def test_ensure_corpus_rebuilds_one_made_with_other_parameters(tmp_path):
     from vlforge.data.corpus import corpus_params, ensure_corpus
 
-    small = dict(n_concepts=20, n_scenes=20, n_vqa=20, n_nlvr=20, second_style=False, workers=1)
+    small = dict(n_concepts=20, n_scenes=20, n_vqa=20, n_nlvr2=20, second_style=False, workers=1)
     out = tmp_path / "c"
     said = []
     ensure_corpus(CorpusConfig(out=str(out), **small), progress=said.append)

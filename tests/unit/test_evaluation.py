@@ -217,16 +217,16 @@ def test_accuracy_vqa_counts_unknown_answers_wrong():
 
 
 @pytest.mark.parametrize(
-    "task_dir, kind, extra",
+    "set_dir, kind, extra",
     [
         ("scenes", "captions", set()),
         ("vqa", "vqa", {"answer_id"}),
-        ("nlvr", "nlvr", {"pixel_values_2", "label"}),
+        ("nlvr2", "nlvr2", {"pixel_values_2", "label"}),
     ],
 )
-def test_load_eval_set(corpus, task_dir, kind, extra):
+def test_load_eval_set(corpus, set_dir, kind, extra):
     data = DataConfig(image=ImageConfig(size=32), decode_batch_size=8)
-    uri = str(corpus / task_dir / "val")
+    uri = str(corpus / set_dir / "val")
     full = load_eval_set(uri, data)
     assert set(full) == {"pixel_values", "input_ids", "attention_mask", "sample_id"} | extra
     n = len(full["input_ids"])
@@ -234,13 +234,13 @@ def test_load_eval_set(corpus, task_dir, kind, extra):
     assert full["pixel_values"].shape == (n, 3, 32, 32) and full["pixel_values"].dtype == torch.float32
     assert full["input_ids"].shape == (n, data.tokenizer.max_length)
     assert len(set(full["sample_id"].tolist())) == n
-    again = load_eval_set(uri, data, task=kind)
+    again = load_eval_set(uri, data, kind=kind)
     assert all(torch.equal(full[k], again[k]) for k in full)
     head = load_eval_set(uri, data, max_samples=10)
     assert all(torch.equal(head[k], full[k][:10]) for k in full)
     if kind == "vqa":
         assert (full["answer_id"] >= 0).all()
-    if kind == "nlvr":
+    if kind == "nlvr2":
         assert set(full["label"].tolist()) <= {0, 1}
         assert full["pixel_values_2"].shape == full["pixel_values"].shape
         # uint8 decoding (normalize off) ends as the same normalised floats.
@@ -358,5 +358,5 @@ def test_vlforge_eval_scores_a_model_directory(corpus, tmp_path, capsys):
     assert row["task"] == "captions" and row["n_texts"] == 20 and 0.0 <= row["t2i_r1"] <= 100.0
     assert "±" in capsys.readouterr().out
     # a bare VLMo has no true/false head: a clear error, exit 2
-    assert main(["eval", str(d), str(corpus / "nlvr" / "test"), "--max-samples", "5"]) == 2
+    assert main(["eval", str(d), str(corpus / "nlvr2" / "test"), "--max-samples", "5"]) == 2
     assert "no nlvr2 head" in capsys.readouterr().err

@@ -185,7 +185,7 @@ def _vqa_sets(tmp_path):
 
     def write(split, rows):
         out = tmp_path / "vqa" / split
-        with ShardWriter(out, samples_per_shard=3, params={"task": "vqa"}) as w:
+        with ShardWriter(out, samples_per_shard=3, params={"kind": "vqa"}) as w:
             for i, (q, a) in enumerate(rows):
                 buf = io.BytesIO()
                 Image.new("RGB", (32, 32), (30 * i, 90, 160)).save(buf, format="PNG")

@@ -33,8 +33,8 @@ def test_preflight_returns_the_plan_when_everything_is_there(corpus, tmp_path):
 def test_a_missing_shard_set_names_the_run_and_stage(corpus, tmp_path):
     from vlforge.workflows.two_stage import preflight
 
-    with pytest.raises(ConfigError, match=r"run student-distilled, stage nlvr2: shard set not found: .*nlvr/nope"):
-        preflight(_cfg(corpus, tmp_path, "student.stages.2.data.shards=nlvr/nope"))
+    with pytest.raises(ConfigError, match=r"run student-distilled, stage nlvr2: shard set not found: .*nlvr2/nope"):
+        preflight(_cfg(corpus, tmp_path, "student.stages.2.data.shards=nlvr2/nope"))
 
 
 def test_a_missing_data_root_without_a_corpus_to_build(tmp_path):
@@ -42,6 +42,30 @@ def test_a_missing_data_root_without_a_corpus_to_build(tmp_path):
 
     with pytest.raises(ConfigError, match="no-corpus does not exist .corpus is null"):
         preflight(_cfg(tmp_path / "no-corpus", tmp_path))
+
+
+def test_a_corpus_built_with_other_parameters_is_left_to_the_rebuild(tmp_path):
+    """A corpus written with other parameters (e.g. before the pair set became ``nlvr2/`` and
+    ``n_nlvr`` became ``n_nlvr2``) is rebuilt by the job, so preflight does not look for its sets."""
+    import dataclasses
+    import json
+
+    from vlforge.data.corpus import _params, corpus_current
+    from vlforge.workflows.two_stage import _corpus_pending, preflight
+
+    root = tmp_path / "old-corpus"
+    (root / "nlvr" / "train").mkdir(parents=True)
+    cfg = load(TwoStageConfig, SMOKE, [f"data_root={root}", f"storage_path={tmp_path / 'out'}"])
+    old = _params(cfg.corpus)
+    old["n_nlvr"] = old.pop("n_nlvr2")
+    (root / "corpus.json").write_text(json.dumps({"params": old}))
+    assert not corpus_current(dataclasses.replace(cfg.corpus, out=str(root)))
+    assert _corpus_pending(cfg)
+    preflight(cfg)  # no "shard set not found: .../nlvr2/train"
+    (root / "corpus.json").write_text(json.dumps({"params": _params(cfg.corpus)}))
+    assert not _corpus_pending(cfg)  # built with these parameters: its sets are checked
+    with pytest.raises(ConfigError):  # the (empty) corpus's sets are checked now
+        preflight(cfg)
 
 
 def test_an_unreachable_s3_data_root_is_a_config_error(tmp_path, monkeypatch):
@@ -98,7 +122,7 @@ def test_eval_sets_take_a_users_shard_sets_and_are_checked(corpus, tmp_path):
     cfg = _cfg(corpus, tmp_path, f"eval.sets.itm/test={corpus / 'concepts' / 'test'}", "eval.sets.vqa/val=vqa/test")
     assert eval_set_uri(cfg, "itm", "test") == str(corpus / "concepts" / "test")
     assert eval_set_uri(cfg, "vqa", "val") == str(corpus / "vqa" / "test")  # relative: under data_root
-    assert eval_set_uri(cfg, "nlvr2", "test") == str(corpus / "nlvr" / "test")  # not named: the corpus's
+    assert eval_set_uri(cfg, "nlvr2", "test") == str(corpus / "nlvr2" / "test")  # not named: the corpus's
     preflight(cfg)
     with pytest.raises(ConfigError, match=r"eval.sets.itm/val: shard set not found: .*mine/val"):
         preflight(_cfg(corpus, tmp_path, f"eval.sets.itm/val={tmp_path / 'mine' / 'val'}"))

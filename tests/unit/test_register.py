@@ -54,7 +54,7 @@ def shards(tmp_path_factory):
     from vlforge.data.shards import ShardWriter
 
     out = tmp_path_factory.mktemp("sets") / "colors" / "test"
-    with ShardWriter(out, samples_per_shard=4, params={"task": "captions"}) as w:
+    with ShardWriter(out, samples_per_shard=4, params={"kind": "captions"}) as w:
         for i, (color, name) in enumerate(zip(COLORS, NAMES)):
             w.write(f"{i:06d}", image=png(color), image_ext="png", text=f"a {name} square", meta={})
     return out

@@ -154,7 +154,7 @@ def _jpeg() -> bytes:
 def test_img2dataset_shards_verify_and_manifest_without_rewriting(tmp_path, capsys):
     from vlforge.cli import main
     from vlforge.config import DataConfig, ImageConfig
-    from vlforge.data.pipeline import detect_task
+    from vlforge.data.pipeline import detect_kind
     from vlforge.data.shards import scan_shard, write_manifest
     from vlforge.evaluation.data import load_eval_set
 
@@ -182,20 +182,53 @@ def test_img2dataset_shards_verify_and_manifest_without_rewriting(tmp_path, caps
 
     assert main(["data", "manifest", str(d), "--quiet"]) == 1  # written, but the problems make it exit 1
     out = capsys.readouterr().out
-    assert "2 shard(s), 5 samples, task captions" in out and "missing_image 1" in out
+    assert "2 shard(s), 5 samples, kind captions" in out and "missing_image 1" in out
     manifest = read_manifest(str(d))
     assert [(s.name, s.samples) for s in manifest.shards] == [("00000.tar", 3), ("00001.tar", 2)]
     assert manifest.params["source"] == "img2dataset" and manifest.params["scan_problems"]["stats_mismatch"] == 1
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != MANIFEST} == before  # shards untouched
     assert verify(str(d)) == []
-    assert detect_task(str(d)) == "captions"
+    assert detect_kind(str(d)) == "captions"
     ev = load_eval_set(str(d), DataConfig(image=ImageConfig(size=8, augment=False)))
     assert ev["input_ids"].shape[0] == 4  # 3 + "ok"; the sample without a caption is dropped in decoding
 
     with pytest.raises(FileExistsError, match="--force"):
         write_manifest(str(d))
-    assert main(["data", "manifest", str(d), "--task", "vqa", "--force", "--quiet"]) == 1
-    assert read_manifest(str(d)).params["task"] == "vqa"
+    assert main(["data", "manifest", str(d), "--kind", "vqa", "--force", "--quiet"]) == 1
+    assert read_manifest(str(d)).params["kind"] == "vqa"
     (d / "00000.tar").write_bytes(before["00000.tar"][:700])  # cut inside the first image
     assert "corrupt_tar" in scan_shard(str(d / "00000.tar")).problems
     assert main(["data", "manifest", str(tmp_path / "nowhere")]) == 2
+
+
+def test_manifest_kind_reads_legacy_task_manifests(tmp_path):
+    """Shard sets written before ``params.kind`` recorded ``params.task`` (the corpus set's name,
+    ``nlvr`` for the pair kind); they still read, as the data kind they hold."""
+    from vlforge.config import DATA_KINDS, DataConfig, ImageConfig
+    from vlforge.data.pipeline import detect_kind
+    from vlforge.data.shards import Manifest, manifest_kind
+    from vlforge.evaluation.data import load_eval_set
+
+    legacy = {"nlvr": "nlvr2", "scenes": "captions", "concepts": "captions", "vqa": "vqa", "captions": "captions"}
+    for old, kind in legacy.items():
+        assert manifest_kind(Manifest([], {"task": old})) == kind
+    for kind in DATA_KINDS:
+        assert manifest_kind(Manifest([], {"kind": kind})) == kind
+        assert manifest_kind(Manifest([], {"kind": kind, "task": "scenes"})) == kind  # kind wins
+    assert manifest_kind(Manifest([], {})) == manifest_kind(None) == "captions"
+
+    # an old pair set, end to end: detected as nlvr2 and decoded with its second image and label
+    d = tmp_path / "old_nlvr"
+    with ShardWriter(d, samples_per_shard=2, params={"task": "nlvr"}) as w:
+        for i in range(3):
+            w.write(
+                f"nlvr-val-{i:06d}",
+                image=_png((200, 0, 0)),
+                image_ext="png",
+                text=f"statement {i}",
+                meta={"label": i % 2 == 0},
+                extra={"right.png": _png((0, 0, 200))},
+            )
+    assert detect_kind(str(d)) == "nlvr2"
+    ev = load_eval_set(str(d), DataConfig(image=ImageConfig(size=8, augment=False)))
+    assert ev["label"].tolist() == [1, 0, 1] and ev["pixel_values_2"].shape == ev["pixel_values"].shape

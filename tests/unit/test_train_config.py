@@ -203,10 +203,10 @@ def test_every_smoke_config_builds_the_same_corpus():
         raw = yaml.safe_load(path.read_text())
         if isinstance(raw.get("corpus"), dict) and "two_stage" not in path.name:
             got = load(CorpusConfig, None, [f"{k}={v}" for k, v in raw["corpus"].items() if k != "out"])
-            assert (got.n_scenes, got.n_vqa, got.n_nlvr, got.n_concepts, got.seed) == (
+            assert (got.n_scenes, got.n_vqa, got.n_nlvr2, got.n_concepts, got.seed) == (
                 want.n_scenes,
                 want.n_vqa,
-                want.n_nlvr,
+                want.n_nlvr2,
                 want.n_concepts,
                 want.seed,
             ), path.name

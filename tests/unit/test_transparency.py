@@ -91,7 +91,7 @@ def test_ingest_keeps_alpha_and_the_pipeline_composites_it(tmp_path):
     rep = ingest(img, tmp_path / "caps.csv", tmp_path / "out")
     assert rep.written == 3 and not rep.skipped
     data = DataConfig(image=ImageConfig(size=S, augment=False))
-    ev = load_eval_set(str(tmp_path / "out"), data, task="captions")
+    ev = load_eval_set(str(tmp_path / "out"), data, kind="captions")
     px = np.rint((ev["pixel_values"].numpy() * 0.5 + 0.5) * 255)  # [3, 3, S, S] back to 0-255, file order
     assert px.shape == (3, 3, S, S)
     assert (px[:, :, :, S // 2 + 1 :] == 255).all()

@@ -63,8 +63,8 @@ SCENES = [
 ]
 
 
-def _shard_set(out: Path, task: str = "scenes") -> Path:
-    return scene_set(out, SCENES, samples_per_shard=3, task=task, colour_step=60)
+def _shard_set(out: Path, kind: str = "captions") -> Path:
+    return scene_set(out, SCENES, samples_per_shard=3, kind=kind, colour_step=60)
 
 
 def test_caption_validator_scores_a_tiny_vlkd_and_pickles_without_its_state(tmp_path):
@@ -92,7 +92,7 @@ def test_caption_validator_refuses_a_set_without_captions_and_bad_sizes(tmp_path
     from vlforge.evaluation.validation import CaptionValidator
 
     data = DataConfig(image=ImageConfig(size=32, augment=False))
-    vqa = _shard_set(tmp_path / "vqa" / "val", task="vqa")
+    vqa = _shard_set(tmp_path / "vqa" / "val", kind="vqa")
     with pytest.raises(ValueError, match="is a vqa shard set"):
         CaptionValidator(str(vqa), data)(torch.nn.Identity())
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):

@@ -119,7 +119,7 @@ def cmd_verify(args) -> int:
 
 def cmd_manifest(args) -> int:
     manifest, scans = write_manifest(
-        args.uri, _storage(args), task=args.task, force=args.force, progress=None if args.quiet else print
+        args.uri, _storage(args), kind=args.kind, force=args.force, progress=None if args.quiet else print
     )
     for sc in scans:
         for line in sc.detail:
@@ -127,7 +127,7 @@ def cmd_manifest(args) -> int:
     problems = manifest.params["scan_problems"]
     print(
         f"wrote {args.uri.rstrip('/')}/manifest.json: {len(manifest.shards)} shard(s), "
-        f"{manifest.total_samples} samples, task {args.task}"
+        f"{manifest.total_samples} samples, kind {args.kind}"
         + (f"; problems: {', '.join(f'{k} {v}' for k, v in sorted(problems.items()))}" if problems else "")
     )
     return 1 if problems else 0
@@ -276,7 +276,7 @@ def _add_manifest(dsub) -> None:
         "manifest",
         help="write manifest.json for shards made elsewhere (img2dataset), as they are",
         description="Read every .tar under URI end to end (local or s3://) and write manifest.json "
-        "beside them: per shard its sample count, size and sha256, and the task. The "
+        "beside them: per shard its sample count, size and sha256, and the data kind. The "
         "shards are not rewritten. Problems (unreadable tars, keys without an image or "
         "caption, counts that disagree with img2dataset's *_stats.json) are printed and "
         "counted in the manifest; the exit code is then 1. After this, 'vlforge data "
@@ -284,10 +284,12 @@ def _add_manifest(dsub) -> None:
     )
     m.add_argument("uri", help="the directory holding the shards")
     m.add_argument(
-        "--task",
+        "--kind",
+        "--task",  # the flag's old name
+        dest="kind",
         default="captions",
-        choices=["captions", "vqa", "nlvr"],
-        help="what the samples hold (default: captions)",
+        choices=list(C.DATA_KINDS),
+        help="the data kind: what the samples hold (default: captions)",
     )
     m.add_argument("--force", action="store_true", help="rewrite an existing manifest.json")
     m.add_argument("--quiet", action="store_true", help="no line per shard")

@@ -75,26 +75,9 @@ def cmd_eval(args) -> int:
 
 def _eval_columns(row: dict) -> tuple[list[str], int]:
     """The columns ``vlforge eval`` shows for ``row``, and its sample count."""
-    cols = [
-        c
-        for c in (
-            "nlvr2_acc",
-            "vqa_acc",
-            "i2t_r1",
-            "i2t_r5",
-            "i2t_r10",
-            "t2i_r1",
-            "t2i_r5",
-            "t2i_r10",
-            "rmean",
-            "bleu4",
-            "rouge_l",
-            "cider",
-            "meteor",
-            "objects_named",
-        )
-        if c in row
-    ]
+    from vlforge.evaluation.report import CAPTION_METRIC_COLUMNS, METRIC_COLUMNS
+
+    cols = [c for c in (*METRIC_COLUMNS, *CAPTION_METRIC_COLUMNS) if c in row]
     n = next(row[k] for k in ("nlvr2_n", "vqa_n", "n_texts", "n") if k in row)
     if "shots" in row:
         cols = ["vqa_acc", "shots", "blind"]
@@ -193,8 +176,8 @@ def add_parser(sub) -> None:
         "eval",
         help="score a model directory on a shard set (retrieval, true/false or VQA)",
         description="Score a model directory (an export, a stage's model, a fine-tuned teacher) on "
-        "a shard set for the task the set's manifest names: captions -> retrieval "
-        "R@1/5/10 both ways, nlvr -> true/false accuracy, vqa -> VQA accuracy. Image "
+        "a shard set for the data kind the set's manifest names: captions -> retrieval "
+        "R@1/5/10 both ways, nlvr2 -> true/false accuracy, vqa -> VQA accuracy. Image "
         "size and text length come from the model. Prints the figures with binomial "
         "95 % intervals.",
     )

@@ -13,7 +13,7 @@ the same way; the value is parsed as YAML (``--set train.lr=3e-4``,
     flatten(cfg)          # {"n_scenes": 500, ...} for tracking params
 
 The package: ``loader`` (overrides, conversion, ``load``, ``from_dict``, output) apart from the
-dataclasses, one module per concern (``data``, ``tracking``, ``train``, ``two_stage``, ``sweep``,
+dataclasses, one module per concern (``tasks``, ``data``, ``tracking``, ``train``, ``two_stage``, ``sweep``,
 ``promote``); everything is re-exported here, so ``from vlforge.config import DataConfig`` works.
 """
 
@@ -55,11 +55,16 @@ from vlforge.config.sweep import (
     TrialResources,
     ValidationConfig,
 )
+from vlforge.config.tasks import (
+    DATA_KINDS,
+    FINETUNE_TASKS,
+    TASK_KIND,
+    TASKS,
+)
 from vlforge.config.tracking import (
     TrackingConfig,
 )
 from vlforge.config.train import (
-    PAIR_TASKS,
     DebugConfig,
     DeepSpeedConfig,
     OptimizerConfig,
@@ -81,14 +86,15 @@ __all__ = [
     "ABLATIONS",
     "ConfigError",
     "CorpusConfig",
+    "DATA_KINDS",
     "DataConfig",
     "DataDemoConfig",
     "DebugConfig",
     "DeepSpeedConfig",
     "EvalConfig",
+    "FINETUNE_TASKS",
     "ImageConfig",
     "OptimizerConfig",
-    "PAIR_TASKS",
     "PlacementStrategy",
     "PARAM_TYPES",
     "PROMOTION_METRICS",
@@ -107,6 +113,8 @@ __all__ = [
     "StudentConfig",
     "SweepConfig",
     "T",
+    "TASK_KIND",
+    "TASKS",
     "TeacherConfig",
     "TokenizerConfig",
     "TrackingConfig",

@@ -40,7 +40,7 @@ class CorpusConfig:
     n_concepts: int = 2000  # single-emoji image-caption pairs
     n_scenes: int = 3000  # 2-3 emoji scenes with relational captions
     n_vqa: int = 3000  # visual questions with short answers
-    n_nlvr: int = 3000  # true/false statements over a pair of scenes
+    n_nlvr2: int = 3000  # true/false statements over a pair of scenes
     heldout_concept_fraction: float = 0.1  # concepts that appear only in the held-out split
     test_pair_fraction: float = 0.15  # concept pairs that appear only in test (unseen combinations)
     val_fraction: float = 0.1

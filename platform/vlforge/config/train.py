@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlforge.config.data import CorpusConfig, DataConfig
+from vlforge.config.tasks import TASKS
 from vlforge.config.tracking import TrackingConfig
 
 # ---- training configs
 
-PAIR_TASKS = ("itm", "vqa", "nlvr2")
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
@@ -106,8 +106,8 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: trainable must list at least one pattern")
         if self.schedule.warmup_steps >= self.steps and self.schedule.warmup_steps:
             raise ValueError(f"stage {self.name}: warmup_steps ({self.schedule.warmup_steps}) must be < steps")
-        if self.task is not None and self.task not in PAIR_TASKS:
-            raise ValueError(f"stage {self.name}: task must be one of {list(PAIR_TASKS)}, got {self.task!r}")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"stage {self.name}: task must be one of {list(TASKS)}, got {self.task!r}")
         if self.temperature <= 0:
             raise ValueError(f"stage {self.name}: temperature must be > 0")
         if self.init.startswith("stage:") and not self.init_stage:
@@ -180,7 +180,7 @@ class TrainRunConfig:
         for i, s in enumerate(self.stages):
             pair = self.method in ("fusion", "distill")
             if pair and s.task is None:
-                raise ValueError(f"stage {s.name}: method {self.method!r} needs a task ({list(PAIR_TASKS)})")
+                raise ValueError(f"stage {s.name}: method {self.method!r} needs a task ({list(TASKS)})")
             if not pair and (s.task is not None or s.teacher is not None):
                 raise ValueError(f"stage {s.name}: task/teacher are for methods 'fusion' and 'distill' only")
             if self.method == "distill" and (s.objectives.get("soft") or s.objectives.get("attn")) and not s.teacher:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlforge.config.data import CorpusConfig
+from vlforge.config.tasks import FINETUNE_TASKS, TASKS
 from vlforge.config.tracking import TrackingConfig
-from vlforge.config.train import PAIR_TASKS, DeepSpeedConfig, PlacementStrategy, StageConfig
+from vlforge.config.train import DeepSpeedConfig, PlacementStrategy, StageConfig
 
 # ---- the two-stage distillation job (jobs/two_stage.py)
 
@@ -50,7 +51,7 @@ class EvalConfig:
 
     splits: list[str] = field(default_factory=lambda: ["val", "test"])
     # Your own evaluation sets: "<task>/<split>" (task itm, nlvr2 or vqa) -> a shard set (path relative
-    # to data_root, absolute, or s3://), in place of <data_root>/<scenes|nlvr|vqa>/<split>.
+    # to data_root, absolute, or s3://), in place of <data_root>/<scenes|nlvr2|vqa>/<split>.
     sets: dict[str, str] = field(default_factory=dict)
     max_samples: int = 300  # per set and split
     batch_size: int = 64
@@ -66,7 +67,7 @@ class EvalConfig:
             raise ValueError("eval.latency_ns must be positive")
         for key in self.sets:
             task, _, split = key.partition("/")
-            if task not in ("itm", "nlvr2", "vqa") or not split:
+            if task not in TASKS or not split:
                 raise ValueError(f"eval.sets: keys are '<task>/<split>' with task itm, nlvr2 or vqa, got {key!r}")
 
 
@@ -123,15 +124,15 @@ class TwoStageConfig:
             raise ValueError("teacher: give pretrain stages or a checkpoint to reuse")
         ft = [s.name for s in self.teacher.finetune]
         for s in self.teacher.finetune:
-            if s.task not in ("vqa", "nlvr2"):
+            if s.task not in FINETUNE_TASKS:
                 raise ValueError(f"teacher.finetune stage {s.name}: task must be vqa or nlvr2")
         for s in self.student.stages:
             if s.task is None:
-                raise ValueError(f"student stage {s.name}: needs a task ({list(PAIR_TASKS)})")
+                raise ValueError(f"student stage {s.name}: needs a task ({list(TASKS)})")
             if s.teacher is not None and s.teacher != "pretrain" and s.teacher not in ft:
                 raise ValueError(
                     f"student stage {s.name}: teacher {s.teacher!r} is neither 'pretrain' nor a "
                     f"teacher.finetune stage ({ft})"
                 )
-            if s.task in ("vqa", "nlvr2") and s.teacher == "pretrain":
+            if s.task in FINETUNE_TASKS and s.teacher == "pretrain":
                 raise ValueError(f"student stage {s.name}: task {s.task} needs a fine-tuned teacher")

@@ -12,7 +12,7 @@ or from Python: ``ingest_coco(annotations_json, images_dir, out)``, ``ingest_kar
 
 Each writes the layout of ``vlforge.data.shards`` through ``ShardWriter`` (``KEY.jpg|png|webp``,
 ``KEY.txt``, ``KEY.json``, ``KEY.right.*`` for the second NLVR2 image, ``manifest.json`` whose
-``params.task`` is ``captions``, ``vqa`` or ``nlvr``) and returns the ``IngestReport`` of
+``params.kind`` is the data kind, ``captions``, ``vqa`` or ``nlvr2``) and returns the ``IngestReport`` of
 ``vlforge.data.ingest``: samples written, skips counted by reason, the first examples. What lands in
 ``KEY.txt`` and ``KEY.json``:
 
@@ -196,7 +196,7 @@ def ingest_coco(
         out,
         samples_per_shard,
         images_dir,
-        {"source": path.name, "format": "coco", "task": "captions", "split": split},
+        {"source": path.name, "format": "coco", "kind": "captions", "split": split},
         progress,
     )
     captions: dict[Any, list[str]] = {}
@@ -278,7 +278,7 @@ def ingest_karpathy(
         {
             "source": path.name,
             "format": "karpathy",
-            "task": "captions",
+            "kind": "captions",
             "split": ",".join(sorted(wanted)) if wanted else "all",
         },
         progress,
@@ -434,7 +434,7 @@ def ingest_vqav2(
         out,
         samples_per_shard,
         images_dir,
-        {"source": qpath.name, "annotations": apath.name, "format": "vqav2", "task": "vqa", "split": split},
+        {"source": qpath.name, "annotations": apath.name, "format": "vqav2", "kind": "vqa", "split": split},
         progress,
     )
     by_question: dict[Any, dict] = {}
@@ -541,7 +541,7 @@ def parse_label(value: Any) -> bool | None:
     return None
 
 
-def _nlvr_names(row: dict, side: int, identifier: str) -> list[str]:
+def _nlvr2_names(row: dict, side: int, identifier: str) -> list[str]:
     """Candidate file names of one side: ``left``/``right``; the release's ``{id minus -N}-img{side}.png``
     (also under the train set's ``directory``); ``left_url``/``right_url`` as a path, or a URL's last part."""
     key = ("left", "right")[side]
@@ -583,7 +583,7 @@ def ingest_nlvr2(
         out,
         samples_per_shard,
         images_dir,
-        {"source": path.name, "format": "nlvr2", "task": "nlvr", "split": split or "from identifiers"},
+        {"source": path.name, "format": "nlvr2", "kind": "nlvr2", "split": split or "from identifiers"},
         progress,
     )
     for line, row in _jsonl(path):
@@ -606,7 +606,7 @@ def ingest_nlvr2(
             continue
         sides = []
         for side in (0, 1):
-            names = _nlvr_names(row, side, identifier)
+            names = _nlvr2_names(row, side, identifier)
             if not names:
                 sink.skip("missing_field", f"{where}: no identifier and no {('left', 'right')[side]} image field")
                 break

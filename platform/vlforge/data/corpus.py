@@ -11,7 +11,7 @@ are ours, below. Four shard sets, each split into train / val / test / heldout:
   spatial relations: "a taxi left of a llama on a beige background".
 - ``vqa``: a scene and a question with a short answer (what is left of X, what
   colour is the background, how many, is there an X); ``answers.json`` is the answer vocabulary.
-- ``nlvr``: two scenes (``KEY.jpg`` left, ``KEY.right.jpg`` right) and a true/false
+- ``nlvr2``: two scenes (``KEY.jpg`` left, ``KEY.right.jpg`` right) and a true/false
   statement in the style of NLVR2. Both images always hold the same two objects, so
   only the relation decides the label; labels are balanced.
 
@@ -48,7 +48,8 @@ NOTO_PATHS = (
     "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
     "/usr/share/fonts/noto/NotoColorEmoji.ttf",
 )
-TASKS = ("concepts", "scenes", "vqa", "nlvr")
+CORPUS_SETS = ("concepts", "scenes", "vqa", "nlvr2")  # the corpus's set folders
+SET_KIND = {"concepts": "captions", "scenes": "captions", "vqa": "vqa", "nlvr2": "nlvr2"}  # each set's data kind
 SPLITS = ("train", "val", "test", "heldout")
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -422,7 +423,7 @@ class SceneSpec:
 @dataclass
 class Sample:
     key: str
-    task: str
+    set_name: str  # the corpus set (CORPUS_SETS)
     split: str
     text: str
     scenes: list[SceneSpec]
@@ -459,7 +460,7 @@ def place(rng: random.Random, names: list[str], want: dict[tuple[int, int], str]
 
 
 class _Planner:
-    """Draws the sample specs of every task and split from one seeded RNG."""
+    """Draws the sample specs of every set and split from one seeded RNG."""
 
     def __init__(self, cfg: CorpusConfig, concepts: list[Concept]):
         self.cfg = cfg
@@ -594,7 +595,7 @@ class _Planner:
                     options.append((f"what is {r} the {b.name}?", hits[0].name))
         return self.rng.choice(options)
 
-    def nlvr(self, n: int) -> list[Sample]:
+    def nlvr2(self, n: int) -> list[Sample]:
         out = []
         templates = ("both", "exactly_one", "neither")
         for split, count in self.split_counts(n).items():
@@ -615,8 +616,8 @@ class _Planner:
                 }[template]
                 out.append(
                     Sample(
-                        f"nlvr-{split}-{i:06d}",
-                        "nlvr",
+                        f"nlvr2-{split}-{i:06d}",
+                        "nlvr2",
                         split,
                         text,
                         scenes,
@@ -643,13 +644,13 @@ class _Planner:
 
 
 def plan(cfg: CorpusConfig, concepts: list[Concept] | None = None) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
-    """Every sample spec, by task, and the split facts (which concepts are held out)."""
+    """Every sample spec, by corpus set, and the split facts (which concepts are held out)."""
     planner = _Planner(cfg, concepts or load_concepts())
     samples = {
         "concepts": planner.concepts(cfg.n_concepts),
         "scenes": planner.scenes(cfg.n_scenes),
         "vqa": planner.vqa(cfg.n_vqa),
-        "nlvr": planner.nlvr(cfg.n_nlvr),
+        "nlvr2": planner.nlvr2(cfg.n_nlvr2),
     }
     facts = {"heldout_concepts": planner.heldout, "seen_concepts": planner.seen}
     return samples, facts
@@ -724,7 +725,7 @@ def _render_sample(sample: Sample) -> list[bytes]:
 def _sample_meta(s: Sample, style: str) -> dict[str, Any]:
     meta = {
         "split": s.split,
-        "task": s.task,
+        "kind": SET_KIND[s.set_name],
         "style": style,
         "source": "vlforge-emoji-corpus",
         "license": LICENSE,
@@ -758,20 +759,21 @@ def build_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = pri
         initargs = (str(font), cfg.image_size, chars, native, cfg.image_format, cfg.jpeg_quality)
         ctx = get_context("fork") if os.name == "posix" else get_context()
         with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-            for task in TASKS:
+            for set_name in CORPUS_SETS:
                 for split in SPLITS:
                     if style != "openmoji" and split not in ("test", "heldout"):
                         continue
-                    todo = [s for s in samples[task] if s.split == split]
+                    todo = [s for s in samples[set_name] if s.split == split]
                     if not todo:
                         continue
                     name = split if style == "openmoji" else f"{split}_style2"
                     writer = ShardWriter(
-                        out / task / name,
+                        out / set_name / name,
                         cfg.samples_per_shard,
                         params={
                             **params,
-                            "task": task,
+                            "kind": SET_KIND[set_name],
+                            "set": set_name,
                             "split": name,
                             "style": style,
                             "license": LICENSE,
@@ -788,11 +790,11 @@ def build_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = pri
                             meta=_sample_meta(s, style),
                             extra=extra,
                         )
-                        if task == "vqa":
+                        if set_name == "vqa":
                             answers.add(s.meta["answer"])
                     writer.close()
-                    counts.setdefault(task, {})[name] = len(todo)
-                    say(f"  {task}/{name}: {len(todo)} samples")
+                    counts.setdefault(set_name, {})[name] = len(todo)
+                    say(f"  {set_name}/{name}: {len(todo)} samples")
     answer_list = sorted(answers)
     (out / "answers.json").write_text(json.dumps(answer_list, indent=1) + "\n")
     summary = {
@@ -826,6 +828,12 @@ def corpus_params(path: str | Path) -> dict[str, Any] | None:
     """The parameters a corpus on disk was built with (None when there is none)."""
     p = Path(path) / "corpus.json"
     return json.loads(p.read_text()).get("params") if p.exists() else None
+
+
+def corpus_current(cfg: CorpusConfig) -> bool:
+    """A corpus built with ``cfg``'s parameters is at ``cfg.out`` (``ensure_corpus`` would leave it as it is)."""
+    have = corpus_params(cfg.out)
+    return have is not None and have == json.loads(json.dumps(_params(cfg)))
 
 
 def ensure_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = print) -> Path:

@@ -6,7 +6,7 @@
 Each caption row names an image file (relative to the folder) and its caption;
 the columns are found by name (``image``/``file``/``filename``/``path`` and
 ``caption``/``text``), or given with ``--image-col`` / ``--caption-col``. Every
-other column goes into the sample's JSON metadata, so task fields such as
+other column goes into the sample's JSON metadata, so per-sample fields such as
 ``question``, ``answer``, ``label`` or ``split`` pass through. Image bytes are
 stored as they are (JPEG, PNG, WebP); files in other formats are re-encoded as PNG.
 Rows whose image is missing or unreadable are skipped and listed in the report;
@@ -119,7 +119,7 @@ def ingest(
     writer = ShardWriter(
         out,
         samples_per_shard,
-        params={"source": str(captions.name), "task": "captions", "ingested_from": str(images_dir.name)},
+        params={"source": str(captions.name), "kind": "captions", "ingested_from": str(images_dir.name)},
     )
     cols: tuple[str, str] | None = None
     for line, row in _rows(captions):

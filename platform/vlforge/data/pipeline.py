@@ -16,7 +16,7 @@ sample has; ``ShardDatasource`` keeps Ray's tar iteration and grouping but stops
 cleanly at a truncated member (marking that sample) and emits a fixed set of raw
 byte columns, so every block has one schema. Decoding happens in ``map_batches``
 (``decode_batch``): image decode + resize + normalise + light augmentation,
-tokenisation, task fields. Bad samples are dropped there and counted by reason
+tokenisation, the fields of the set's data kind. Bad samples are dropped there and counted by reason
 in a ``DataCounters`` actor whose totals reach the caller.
 
 Reasons: ``truncated_member`` (shard ends inside this sample's tar member),
@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
+from vlforge.config import DATA_KINDS, DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.images import WHITE, to_rgb
-from vlforge.data.shards import IMAGE_EXTS, list_shards, read_manifest, verify
+from vlforge.data.shards import IMAGE_EXTS, list_shards, manifest_kind, read_manifest, verify
 from vlforge.data.storage import arrow_filesystem, check_reachable, filesystem_for
 from vlforge.data.tokenizer import load_tokenizer
 from vlforge.runtime import tune_malloc
@@ -66,7 +66,6 @@ SKIP_REASONS = (
     "corrupt_image",
     "truncated_image",
 )
-TASK_KINDS = ("captions", "vqa", "nlvr")
 READ_CHUNK_ROWS = 128
 
 
@@ -313,7 +312,7 @@ def decode_batch(
     *,
     image: ImageConfig,
     tokenizer: TokenizerConfig,
-    task: str = "captions",
+    kind: str = "captions",
     answers: list[str] | None = None,
     train: bool = True,
     counters=None,
@@ -369,19 +368,19 @@ def decode_batch(
             except (ValueError, UnicodeDecodeError):
                 skip("bad_json")
                 continue
-        if train and task == "captions":
+        if train and kind == "captions":
             caps = caption_list(meta)
             if len(caps) > 1:  # one of the image's captions per epoch (COCO-style samples carry several)
                 text = caps[int(rng.integers(len(caps)))]
-        if task == "vqa" and "answer" not in meta:
+        if kind == "vqa" and "answer" not in meta:
             skip("missing_field")
             continue
-        if task == "nlvr" and ("label" not in meta or _as_bytes(batch["image_2"][i]) is None):
+        if kind == "nlvr2" and ("label" not in meta or _as_bytes(batch["image_2"][i]) is None):
             skip("missing_field")
             continue
         try:
             arr = decode_image(img_bytes, size, image.background)
-            arr2 = decode_image(_as_bytes(batch["image_2"][i]), size, image.background) if task == "nlvr" else None
+            arr2 = decode_image(_as_bytes(batch["image_2"][i]), size, image.background) if kind == "nlvr2" else None
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
             skip(_image_error(exc))
             continue
@@ -390,10 +389,10 @@ def decode_batch(
             imgs2.append(arr2)
         texts.append(text)
         keys.append(str(batch["key"][i]))
-        if task == "vqa":
+        if kind == "vqa":
             answer_ids.append(answer_index.get(str(meta["answer"]), -100))
             scores.append(meta.get("answer_scores") if isinstance(meta.get("answer_scores"), dict) else None)
-        if task == "nlvr":
+        if kind == "nlvr2":
             labels.append(int(bool(meta["label"])))
 
     if counters is not None:
@@ -413,13 +412,13 @@ def decode_batch(
         **tok(texts),
         "sample_id": np.array([sample_id(k) for k in keys], dtype=np.int64),
     }
-    if task == "nlvr":
+    if kind == "nlvr2":
         stack2 = np.stack(imgs2)
         if train and image.augment:
             stack2 = augment(stack2, image, rng)
         out["pixel_values_2"] = normalise(stack2, image)
         out["label"] = np.array(labels, dtype=np.int64)
-    if task == "vqa":
+    if kind == "vqa":
         out["answer_id"] = np.array(answer_ids, dtype=np.int64)
         if any(s is not None for s in scores):
             out["answer_targets"] = answer_targets(scores, answer_ids, answer_index)
@@ -512,11 +511,10 @@ class Counters:
 # ----------------------------------------------------------------------------- datasets
 
 
-def detect_task(uri: str, storage: StorageConfig | None = None) -> str:
-    """The batch kind of a shard set: from its manifest (``params.task``), else captions."""
+def detect_kind(uri: str, storage: StorageConfig | None = None) -> str:
+    """The data kind of a shard set: from its manifest (``manifest_kind``), else captions."""
     manifest = read_manifest(uri, storage) if not uri.endswith(".tar") and "*" not in uri else None
-    task = (manifest.params.get("task") if manifest else None) or "captions"
-    return {"concepts": "captions", "scenes": "captions"}.get(task, task)
+    return manifest_kind(manifest)
 
 
 def find_answers(uri: str, storage: StorageConfig | None = None) -> list[str] | None:
@@ -534,14 +532,14 @@ def find_answers(uri: str, storage: StorageConfig | None = None) -> list[str] | 
 
 
 def build_dataset(
-    cfg: DataConfig, *, train: bool = True, task: str | None = None, counters: Counters | None = None
+    cfg: DataConfig, *, train: bool = True, kind: str | None = None, counters: Counters | None = None
 ) -> tuple[ray.data.Dataset, Counters]:
     """A streaming ``ray.data.Dataset`` of decoded batches, and the counters it reports to. Unreachable
     storage fails here in seconds (``check_reachable``), not after a read's full retry budget."""
     check_reachable(cfg.shards, cfg.storage)
     if counters is None:
         counters = Counters.create()
-    task, answers = task_inputs(cfg, task)
+    kind, answers = kind_inputs(cfg, kind)
     raw = read_raw(
         cfg.shards,
         cfg.storage,
@@ -550,27 +548,27 @@ def build_dataset(
         chunk_rows=cfg.decode_batch_size,
         num_cpus=cfg.decode_cpus,
     )
-    return decode(raw, cfg, task=task, answers=answers, train=train, counters=counters.handle), counters
+    return decode(raw, cfg, kind=kind, answers=answers, train=train, counters=counters.handle), counters
 
 
-def task_inputs(cfg: DataConfig, task: str | None = None) -> tuple[str, list[str] | None]:
-    """The batch kind of ``cfg.shards`` (``task``, else its manifest's) and, for VQA, its answer vocabulary;
+def kind_inputs(cfg: DataConfig, kind: str | None = None) -> tuple[str, list[str] | None]:
+    """The data kind of ``cfg.shards`` (``kind``, else its manifest's) and, for VQA, its answer vocabulary;
     a bad kind, missing answers or an unknown tokenizer name fail here, before any reading."""
-    task = task or detect_task(cfg.shards, cfg.storage)
-    if task not in TASK_KINDS:
-        raise ValueError(f"unknown task kind {task!r}; expected one of {TASK_KINDS}")
-    answers = find_answers(cfg.shards, cfg.storage) if task == "vqa" else None
-    if task == "vqa" and not answers:
+    kind = kind or detect_kind(cfg.shards, cfg.storage)
+    if kind not in DATA_KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {DATA_KINDS}")
+    answers = find_answers(cfg.shards, cfg.storage) if kind == "vqa" else None
+    if kind == "vqa" and not answers:
         raise FileNotFoundError(f"{cfg.shards}: VQA shards need an answers.json beside them (or one level up)")
     _tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_length, cfg.tokenizer.lowercase)  # fail fast on a bad name
-    return task, answers
+    return kind, answers
 
 
 def decode(
     raw: ray.data.Dataset,
     cfg: DataConfig,
     *,
-    task: str,
+    kind: str,
     answers: list[str] | None,
     train: bool,
     counters=None,
@@ -588,7 +586,7 @@ def decode(
         fn_kwargs=dict(
             image=cfg.image,
             tokenizer=cfg.tokenizer,
-            task=task,
+            kind=kind,
             answers=answers,
             train=train,
             counters=counters,

@@ -1,18 +1,20 @@
 """Shard sets: WebDataset tar files in img2dataset's layout, plus ``manifest.json``.
 
 Each sample is a run of tar members sharing a key: ``KEY.jpg`` (or ``.png`` /
-``.webp``), ``KEY.txt`` (caption), ``KEY.json`` (metadata: split, task fields,
-source, licence), and for two-image tasks ``KEY.right.jpg``. Anything that reads
+``.webp``), ``KEY.txt`` (caption), ``KEY.json`` (metadata: split, the kind's fields,
+source, licence), and for two-image kinds (``nlvr2``) ``KEY.right.jpg``. Anything that reads
 the public WebDataset layout reads these shards.
 
 ``manifest.json`` beside the shards lists, per shard, its file name (relative to
 the manifest), sample count, byte size and sha256, plus the parameters that made
-the set. Writing is deterministic: members carry fixed mtimes and owners, so the
+the set; ``params.kind`` is the data kind the set holds (``captions``, ``vqa`` or ``nlvr2``,
+read with ``manifest_kind``). Writing is deterministic: members carry fixed mtimes and owners, so the
 same samples give byte-identical shards.
 
-    with ShardWriter("data/mine", params={"source": "ingest"}) as w:
+    with ShardWriter("data/mine", params={"source": "ingest", "kind": "captions"}) as w:
         w.write("000001", image=jpeg_bytes, image_ext="jpg", text="a cat", meta={...})
     manifest = read_manifest("data/mine")        # local dir or s3:// URI
+    manifest_kind(manifest)                      # "captions"
     list_shards("s3://bucket/mine")              # full shard URIs
 """
 
@@ -33,6 +35,9 @@ from vlforge.data.storage import filesystem_for, is_remote
 MANIFEST = "manifest.json"
 FORMAT = "vlforge-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Manifests written before ``params.kind`` recorded ``params.task``: the corpus set's name or the old
+# name of the pair kind. What each of those values is as a data kind.
+LEGACY_KINDS = {"nlvr": "nlvr2", "scenes": "captions", "concepts": "captions"}
 
 
 @dataclass
@@ -187,6 +192,15 @@ def read_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest | 
         return Manifest.from_json(f.read().decode("utf-8"), where=mpath)
 
 
+def manifest_kind(manifest: Manifest | None) -> str:
+    """The data kind a shard set holds (one of ``config.DATA_KINDS``, unless the manifest names another):
+    its manifest's ``params.kind``; a manifest written before that key, its ``params.task`` (legacy
+    ``nlvr`` -> ``nlvr2``, ``scenes`` / ``concepts`` -> ``captions``); no manifest or neither key: captions."""
+    params = manifest.params if manifest is not None else {}
+    kind = params.get("kind") or params.get("task") or "captions"
+    return LEGACY_KINDS.get(kind, kind)
+
+
 def list_shards(uri: str, storage: StorageConfig | None = None) -> list[str]:
     """Full URIs (or absolute local paths) of a shard set's tar files.
 
@@ -305,11 +319,12 @@ def scan_shard(shard_uri: str, storage: StorageConfig | None = None, name: str |
 
 
 def write_manifest(
-    uri: str, storage: StorageConfig | None = None, *, task: str = "captions", force: bool = False, progress=None
+    uri: str, storage: StorageConfig | None = None, *, kind: str = "captions", force: bool = False, progress=None
 ) -> tuple[Manifest, list[ShardScan]]:
     """Scan the shards of a set that has no manifest (img2dataset's output, say) and write
     ``manifest.json`` beside them, leaving the shards as they are. The scans' problems are
-    returned and counted in ``params.scan_problems``; an existing manifest is kept unless ``force``."""
+    returned and counted in ``params.scan_problems``; ``kind`` (``params.kind``) is the data kind the
+    shards hold; an existing manifest is kept unless ``force``."""
     fs, base = filesystem_for(uri, storage)
     base = base.rstrip("/")
     if base.endswith(".tar") or any(c in base for c in "*?["):
@@ -335,7 +350,7 @@ def write_manifest(
     source = "img2dataset" if any(fs.exists(f"{p[:-4]}_stats.json") for p in found[:3]) else "scanned"
     manifest = Manifest(
         [ShardInfo(sc.name, sc.samples, sc.bytes, sc.sha256) for sc in scans],
-        {"task": task, "source": source, "scan_problems": problems},
+        {"kind": kind, "source": source, "scan_problems": problems},
         created_by="vlforge data manifest",
     )
     with fs.open(mpath, "wb") as f:
@@ -413,6 +428,7 @@ __all__ = [
     "ShardWriter",
     "iter_samples",
     "list_shards",
+    "manifest_kind",
     "read_manifest",
     "scan_shard",
     "shard_set_summary",

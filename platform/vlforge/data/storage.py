@@ -26,13 +26,18 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 
+def is_uri(x: str) -> bool:
+    """True when ``x`` has a scheme (``s3://...``, ``file://...``, ``gs://...``); False for a plain path."""
+    return "://" in x
+
+
 def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+    return is_uri(uri) and not uri.startswith("file://")
 
 
 def absolute(uri: str) -> str:
     """A local path made absolute (driver side, before workers in other directories read it); URIs as they are."""
-    return uri if "://" in uri else os.path.abspath(uri)
+    return uri if is_uri(uri) else os.path.abspath(uri)
 
 
 def local_path(uri: str) -> str:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlforge.config import DataConfig
-from vlforge.data.pipeline import Counters, check_against_manifest, decode, read_raw, task_inputs
+from vlforge.data.pipeline import Counters, check_against_manifest, decode, kind_inputs, read_raw
 from vlforge.data.shards import list_shards, read_manifest
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class EpochStream:
     """One stage's training data as a deterministic function of (epoch, rank, world)."""
 
     data: DataConfig
-    task: str
+    kind: str
     answers: list[str] | None
     shards: list[str]  # paths as the datasource reads them (no ``s3://``), in the manifest's order
     counts: list[int] | None  # samples per shard from the manifest; None without one
@@ -70,8 +70,8 @@ class EpochStream:
 
     @classmethod
     def create(cls, data: DataConfig, counters=None, salt: int = 0) -> EpochStream:
-        """Resolve the shard list, sample counts, task and VQA answers once (on the driver)."""
-        task, answers = task_inputs(data)
+        """Resolve the shard list, sample counts, data kind and VQA answers once (on the driver)."""
+        kind, answers = kind_inputs(data)
         if data.verify_sha256:
             check_against_manifest(data.shards, data.storage)
         paths = list_shards(data.shards, data.storage)
@@ -80,7 +80,7 @@ class EpochStream:
         counts = [s.samples for s in manifest.shards] if manifest and len(manifest.shards) == len(paths) else None
         paths = [p.split("://", 1)[1] if "://" in p else p for p in paths]
         handle = (counters or Counters.create()).handle
-        return cls(data, task, answers, paths, counts, handle, salt)
+        return cls(data, kind, answers, paths, counts, handle, salt)
 
     # ------------------------------------------------------------------ the order (pure functions)
 
@@ -117,7 +117,7 @@ class EpochStream:
         ds = decode(
             raw,
             d,
-            task=self.task,
+            kind=self.kind,
             answers=self.answers,
             train=True,
             counters=self.counters,

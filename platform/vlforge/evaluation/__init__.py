@@ -5,7 +5,7 @@
     ev = load_eval_set("data/corpus/scenes/test", data_cfg)          # one batch of tensors, file order
     evaluate_retrieval(teacher, ev, "teacher")                        # R@1/5/10 both ways + rmean (percent)
     evaluate_retrieval(student, ev, "student")
-    accuracy(student, "nlvr2", load_eval_set("data/corpus/nlvr/test", data_cfg))    # {"acc", "n"}
+    accuracy(student, "nlvr2", load_eval_set("data/corpus/nlvr2/test", data_cfg))    # {"acc", "n"}
     rows = latency_table(teacher, student, ev["pixel_values"], ev["input_ids"], ev["attention_mask"])
     print(format_table(rows, ["n", "teacher_s", "student_s", "speedup"]))
 
@@ -30,8 +30,11 @@ from vlforge.evaluation.classification import accuracy
 from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.latency import growth, latency_table
 from vlforge.evaluation.report import (
+    CAPTION_METRIC_COLUMNS,
+    HEADLINE_METRICS,
     INTERVAL_COUNTS,
     INTERVAL_NOTE,
+    METRIC_COLUMNS,
     format_table,
     mean_std,
     plot_latency,
@@ -63,8 +66,11 @@ __all__ = [
     "recall_at_k",
     "student_scores",
     "teacher_scores",
+    "CAPTION_METRIC_COLUMNS",
+    "HEADLINE_METRICS",
     "INTERVAL_COUNTS",
     "INTERVAL_NOTE",
+    "METRIC_COLUMNS",
     "wilson_interval",
     "with_intervals",
 ]

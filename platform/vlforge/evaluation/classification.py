@@ -1,7 +1,7 @@
 """Classification accuracy of a pair model on VQA or true/false reasoning (NLVR2-style).
 
-    nlvr = load_eval_set("data/corpus/nlvr/test", data)
-    accuracy(student, "nlvr2", nlvr)    # {"acc": 71.5, "n": 400}
+    nlvr2 = load_eval_set("data/corpus/nlvr2/test", data)
+    accuracy(student, "nlvr2", nlvr2)   # {"acc": 71.5, "n": 400}
     accuracy(teacher, "vqa", load_eval_set("data/corpus/vqa/test", data))
 
 ``model`` is anything with the pair models' call signature
@@ -32,7 +32,6 @@ def accuracy(
 ) -> dict[str, float]:
     """``{"acc": percent correct (or mean VQAv2 score), "n": samples, "metric": "exact" | "vqav2"}`` of
     ``model``'s argmax predictions on ``eval_set``."""
-    task = "nlvr2" if task == "nlvr" else task
     if task not in TARGET_KEYS:
         raise ValueError(f"task must be one of {tuple(TARGET_KEYS)}, got {task!r}")
     target_key = TARGET_KEYS[task]

@@ -5,7 +5,7 @@
     vqa = load_eval_set("s3://bucket/corpus/vqa/test", data, max_samples=500)
     test["pixel_values"]   # [N, 3, H, W] float32, normalised
     test["input_ids"]      # [N, T] int64; "attention_mask" [N, T]; "sample_id" [N]
-    vqa["answer_id"]       # [N] (-100: answer not in answers.json); nlvr: "pixel_values_2", "label"
+    vqa["answer_id"]       # [N] (-100: answer not in answers.json); nlvr2: "pixel_values_2", "label"
     coco["caption_input_ids"]  # samples with several captions (COCO, Karpathy): every caption, [M, T],
     coco["caption_image"]      # and the image each belongs to, [M]; "caption_attention_mask" [M, T]
 
@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlforge.config import DataConfig
+from vlforge.config import DATA_KINDS, DataConfig
 from vlforge.data.pipeline import (
     RAW_COLUMNS,
-    TASK_KINDS,
     caption_list,
     decode_batch,
-    detect_task,
+    detect_kind,
     find_answers,
     finish_pixels,
     raw_row,
@@ -57,21 +56,21 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def load_eval_set(
-    shards: str, data: DataConfig, task: str | None = None, max_samples: int | None = None
+    shards: str, data: DataConfig, kind: str | None = None, max_samples: int | None = None
 ) -> dict[str, Tensor]:
     """Decode the shard set ``shards`` (local path, manifest, glob or ``s3://`` URI) into one batch.
 
     ``data`` supplies the image, tokenizer and storage settings (``data.shards`` is
-    not used). ``task`` is "captions", "vqa" or "nlvr"; None reads it from the
+    not used). ``kind`` is the data kind, "captions", "vqa" or "nlvr2"; None reads it from the
     manifest. Stops after ``max_samples`` usable samples.
     """
-    task = task or detect_task(shards, data.storage)
-    if task not in TASK_KINDS:
-        raise ValueError(f"unknown task kind {task!r}; expected one of {TASK_KINDS}")
+    kind = kind or detect_kind(shards, data.storage)
+    if kind not in DATA_KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {DATA_KINDS}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-    answers = find_answers(shards, data.storage) if task == "vqa" else None
-    if task == "vqa" and not answers:
+    answers = find_answers(shards, data.storage) if kind == "vqa" else None
+    if kind == "vqa" and not answers:
         raise FileNotFoundError(f"{shards}: VQA shards need an answers.json beside them (or one level up)")
 
     parts: list[dict[str, np.ndarray]] = []
@@ -83,7 +82,7 @@ def load_eval_set(
         nonlocal kept, rows
         if rows:
             out = decode_batch(
-                _columns(rows), image=data.image, tokenizer=data.tokenizer, task=task, answers=answers, train=False
+                _columns(rows), image=data.image, tokenizer=data.tokenizer, kind=kind, answers=answers, train=False
             )
             if out:
                 parts.append(out)
@@ -96,7 +95,7 @@ def load_eval_set(
     for url in list_shards(shards, data.storage):
         for sample in iter_samples(url, data.storage):
             rows.append(raw_row(sample, url))
-            if task == "captions":
+            if kind == "captions":
                 _note_captions(rows[-1], captions)
             # Near the limit, decode smaller chunks so that few rows are decoded only to be dropped.
             want = data.decode_batch_size
@@ -110,7 +109,7 @@ def load_eval_set(
             break
     flush()
     if not parts:
-        raise ValueError(f"{shards}: no usable {task} samples")
+        raise ValueError(f"{shards}: no usable {kind} samples")
 
     batch = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
     if max_samples is not None:

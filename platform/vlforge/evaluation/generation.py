@@ -233,7 +233,7 @@ def score_captioner(
     (the self-ensemble ablation)."""
     import torch
 
-    ev = load_eval_set(shards, data, task="captions", max_samples=max_samples)
+    ev = load_eval_set(shards, data, kind="captions", max_samples=max_samples)
     ids = ev["sample_id"].tolist()
     refs = _references(shards, data.storage, set(ids))
     captions: list[str] = []
@@ -296,7 +296,7 @@ def _vqa_samples(shards: str, data, max_samples: int | None):
     """(pixel values [N, 3, H, W], questions, human answers per question, keys) of a VQA shard set."""
     import json
 
-    ev = load_eval_set(shards, data, task="vqa", max_samples=max_samples)
+    ev = load_eval_set(shards, data, kind="vqa", max_samples=max_samples)
     wanted = {sid: i for i, sid in enumerate(ev["sample_id"].tolist())}
     questions: list[str | None] = [None] * len(wanted)
     answers: list[list[str]] = [[] for _ in wanted]

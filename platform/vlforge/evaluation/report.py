@@ -28,11 +28,28 @@ __all__ = [
     "plot_results",
     "wilson_interval",
     "with_intervals",
+    "CAPTION_METRIC_COLUMNS",
+    "HEADLINE_METRICS",
     "INTERVAL_COUNTS",
     "INTERVAL_NOTE",
+    "METRIC_COLUMNS",
 ]
 
 MISSING = "-"
+# The metric columns of a results table, in order: pair and VQA accuracy, then retrieval recalls.
+METRIC_COLUMNS = (
+    "nlvr2_acc",
+    "vqa_acc",
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "rmean",
+)
+CAPTION_METRIC_COLUMNS = ("bleu4", "rouge_l", "cider", "meteor", "objects_named")  # captioning models
+HEADLINE_METRICS = ("nlvr2_acc", "vqa_acc", "rmean")  # one figure per task, for the results bar chart
 LATENCY_SERIES = (
     ("teacher_s", "fusion teacher (ITM on all pairs)"),
     ("student_s", "dual-encoder student"),

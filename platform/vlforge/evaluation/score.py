@@ -1,11 +1,11 @@
-"""Score one model directory on one shard set for the task the set holds.
+"""Score one model directory on one shard set for the task its data kind serves.
 
     vlforge eval out/ray_results/my-run/export data/corpus/scenes/test --max-samples 1000
-    row = score_model_dir("out/ray_results/my-run/export", "data/corpus/nlvr/test")   # {"nlvr2_acc", "nlvr2_n", ...}
+    row = score_model_dir("out/ray_results/my-run/export", "data/corpus/nlvr2/test")   # {"nlvr2_acc", "nlvr2_n", ...}
 
-The set's task comes from its manifest: ``captions`` -> retrieval R@1/5/10 both ways, or for a
+The set's data kind comes from its manifest: ``captions`` -> retrieval R@1/5/10 both ways, or for a
 captioning model (``frozen``, ``vcgpt``, ``vlkd``) its captions' BLEU-4 / ROUGE-L / CIDEr / METEOR and
-the share naming the scene's objects (greedy, or a ``beams``-wide beam search); ``nlvr`` -> true/false
+the share naming the scene's objects (greedy, or a ``beams``-wide beam search); ``nlvr2`` -> true/false
 accuracy; ``vqa`` -> VQA accuracy. Image size and text length come from the model's own config, so no
 data settings are needed.
 Retrieval scores a bare VLMo or a student with ITC embeddings; a VLMo or a fine-tuned fusion model
@@ -18,7 +18,7 @@ import dataclasses
 from typing import Any
 
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
-from vlforge.data.pipeline import detect_task
+from vlforge.data.pipeline import detect_kind
 from vlforge.evaluation._common import encoder_of
 from vlforge.evaluation.classification import accuracy
 from vlforge.evaluation.data import load_eval_set
@@ -63,7 +63,7 @@ def score_model_dir(
     if method in ("frozen", "vcgpt", "vlkd"):
         if branch is not None and method != "vcgpt":
             raise ValueError(f"branch {branch!r} is VC-GPT's (its self-ensemble ablation); {model_dir} is {method!r}")
-        if detect_task(shards, storage) == "vqa":
+        if detect_kind(shards, storage) == "vqa":
             return _score_few_shot(model_dir, shards, max_samples, storage, data, shots, pool, blind)
         return _score_captioner(
             model_dir,
@@ -82,22 +82,22 @@ def score_model_dir(
             f"VQA) and frozen / vcgpt (captioning), not {method!r}"
         )
     model = load_model_dir(model_dir)
-    task = detect_task(shards, storage)
+    kind = detect_kind(shards, storage)
     data = dataclasses.replace(data or _data_for(model, storage), shards=shards)
-    ev = load_eval_set(shards, data, task=task, max_samples=max_samples)
-    row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": task}
-    if task == "captions":
-        kind = "teacher" if spec.get("method") in ("fusion", "vlmo") and rerank_k > 0 else "student"
-        row.update(evaluate_retrieval(model, ev, kind, rerank_k=rerank_k, batch_size=batch_size))
+    ev = load_eval_set(shards, data, kind=kind, max_samples=max_samples)
+    row: dict[str, Any] = {"model": str(model_dir), "shards": shards, "task": kind}
+    if kind == "captions":
+        side = "teacher" if spec.get("method") in ("fusion", "vlmo") and rerank_k > 0 else "student"
+        row.update(evaluate_retrieval(model, ev, side, rerank_k=rerank_k, batch_size=batch_size))
     else:
-        t = "nlvr2" if task == "nlvr" else task
+        task = kind  # vqa and nlvr2: the classification task has its data kind's name
         if spec.get("method") not in ("fusion", "distill"):
             raise ValueError(
-                f"{model_dir}: a {spec.get('method')!r} model has no {t} head; "
-                f"score a fine-tuned (fusion) or distilled model on {task} shards"
+                f"{model_dir}: a {spec.get('method')!r} model has no {task} head; "
+                f"score a fine-tuned (fusion) or distilled model on {kind} shards"
             )
-        scored = accuracy(model, t, ev, batch_size=batch_size)
-        row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
+        scored = accuracy(model, task, ev, batch_size=batch_size)
+        row[f"{task}_acc"], row[f"{task}_n"] = scored["acc"], scored["n"]
         if scored.get("metric") == "vqav2":
             row["vqa_metric"] = "vqav2"
     return row
@@ -150,9 +150,9 @@ def _score_captioner(
     max_new_tokens: int = 20,
     examples: int = 0,
 ) -> dict[str, Any]:
-    task = detect_task(shards, storage)
-    if task != "captions":
-        raise ValueError(f"{model_dir} is a captioning model; score it on a captions shard set, not {task}")
+    kind = detect_kind(shards, storage)
+    if kind != "captions":
+        raise ValueError(f"{model_dir} is a captioning model; score it on a captions shard set, not {kind}")
     model = load_model_dir(model_dir)
     data = data or DataConfig(
         image=ImageConfig(size=input_image_size(model), augment=False), storage=storage or StorageConfig()

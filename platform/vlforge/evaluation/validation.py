@@ -33,7 +33,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vlforge.config import DataConfig
-from vlforge.data.pipeline import detect_task
+from vlforge.data.pipeline import detect_kind
 from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.generation import score_captioner
 from vlforge.evaluation.retrieval import evaluate_retrieval
@@ -53,7 +53,7 @@ class RetrievalValidator:
 
     def eval_set(self) -> dict[str, Tensor]:
         if self._eval_set is None:
-            self._eval_set = load_eval_set(self.shards, self.data, task="captions", max_samples=self.max_samples)
+            self._eval_set = load_eval_set(self.shards, self.data, kind="captions", max_samples=self.max_samples)
         return self._eval_set
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -82,12 +82,12 @@ class CaptionValidator:
         return {**self.__dict__, "_checked": False}  # each process checks the set itself
 
     def check(self) -> None:
-        """Refuse a shard set that holds no captions (VQA, NLVR), naming it."""
+        """Refuse a shard set that holds no captions (VQA, NLVR2), naming it."""
         if self._checked:
             return
-        task = detect_task(self.shards, self.data.storage)
-        if task != "captions":
-            raise ValueError(f"CaptionValidator: {self.shards} is a {task} shard set; captioning needs captions")
+        kind = detect_kind(self.shards, self.data.storage)
+        if kind != "captions":
+            raise ValueError(f"CaptionValidator: {self.shards} is a {kind} shard set; captioning needs captions")
         self._checked = True
 
     def __call__(self, model: nn.Module) -> dict[str, float]:

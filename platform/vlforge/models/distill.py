@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vlforge.config import TASKS
 from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, VLModel
 from vlforge.models.vlmo import VLMo, VLMoOutput
 from vlforge.objectives.distillation import CrossModalQK
@@ -55,7 +56,6 @@ __all__ = [
     "TARGET_KEYS",
 ]
 
-TASKS = ("itm", "vqa", "nlvr2")
 TARGET_KEYS = {"nlvr2": "label", "vqa": "answer_id"}  # the batch field holding each task's class ids
 
 

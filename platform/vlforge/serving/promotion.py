@@ -48,7 +48,7 @@ from typing import Any
 
 from vlforge.config import DataConfig, PromoteConfig
 from vlforge.config.promote import CAPTION_PROMOTION_METRICS
-from vlforge.data.pipeline import detect_task
+from vlforge.data.pipeline import detect_kind
 from vlforge.evaluation import evaluate_retrieval, format_table, load_eval_set
 from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa, sibling_train
 from vlforge.models.io import load_model_dir
@@ -222,17 +222,17 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
 
     directory = download_serving_dir(name, "", client.tracking_uri, workdir / f"v{version}", version=version)
     kind = serving_kind(directory)
-    task = detect_task(cfg.eval.shards, cfg.eval.storage)
+    data_kind = detect_kind(cfg.eval.shards, cfg.eval.storage)
     model = load_model_dir(directory)
     if kind == DUAL_ENCODER:
-        if task != "captions":
+        if data_kind != "captions":
             raise PromotionError(
-                f"eval.shards {cfg.eval.shards} is a {task} set; a dual encoder is gated on "
+                f"eval.shards {cfg.eval.shards} is a {data_kind} set; a dual encoder is gated on "
                 "image-text retrieval over a captions set"
             )
         return _retrieval(model, directory, cfg)
     data = DataConfig(shards=cfg.eval.shards, image=serving_image(directory), storage=cfg.eval.storage)
-    if task == "captions":
+    if data_kind == "captions":
         out = score_captioner(
             model,
             cfg.eval.shards,
@@ -242,7 +242,7 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
             max_new_tokens=cfg.eval.max_new_tokens,
         )
         return {k: float(out[k]) for k in CAPTION_PROMOTION_METRICS if k in out}
-    if task == "vqa" and callable(getattr(model, "generate_from_prompt", None)):
+    if data_kind == "vqa" and callable(getattr(model, "generate_from_prompt", None)):
         pool = cfg.eval.pool or sibling_train(cfg.eval.shards)
         out = score_few_shot_vqa(
             model, cfg.eval.shards, pool, data, shots=cfg.eval.shots, max_samples=cfg.eval.max_samples
@@ -250,7 +250,7 @@ def evaluate_version(client, name: str, version: str, cfg: PromoteConfig, workdi
         return {"vqa_acc": float(out["acc"])}
     raise PromotionError(
         f"version {version} of {name} is a captioning model ({type(model).__name__}); it is "
-        f"gated on a captions set, or (Frozen) a VQA set, not a {task} set ({cfg.eval.shards})"
+        f"gated on a captions set, or (Frozen) a VQA set, not a {data_kind} set ({cfg.eval.shards})"
     )
 
 
@@ -260,7 +260,7 @@ def _retrieval(model, directory: Path, cfg: PromoteConfig) -> dict[str, float]:
 
     image, tokenizer = serving_preprocessing(directory)
     data = DataConfig(shards=cfg.eval.shards, image=image, tokenizer=tokenizer, storage=cfg.eval.storage)
-    eval_set = load_eval_set(cfg.eval.shards, data, task="captions", max_samples=cfg.eval.max_samples)
+    eval_set = load_eval_set(cfg.eval.shards, data, kind="captions", max_samples=cfg.eval.max_samples)
     out = evaluate_retrieval(model, eval_set, "student", batch_size=cfg.eval.batch_size)
     return {k: float(v) for k, v in out.items()}
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlforge.config import TASKS
 from vlforge.models.distill import (
-    TASKS,
     DualEncoderStudent,
     FusionTeacher,
     check_task,

@@ -28,11 +28,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from vlforge.config import ConfigError, DataConfig, TrainRunConfig, load, to_dict
+from vlforge.config import FINETUNE_TASKS, ConfigError, DataConfig, TrainRunConfig, load, to_dict
 from vlforge.data.corpus import ensure_corpus
 from vlforge.data.pipeline import Counters, build_dataset
 from vlforge.data.shards import list_shards
-from vlforge.data.storage import StorageUnreachable, absolute, check_reachable
+from vlforge.data.storage import StorageUnreachable, absolute, check_reachable, is_uri
 from vlforge.data.stream import EpochStream
 from vlforge.models.io import read_spec
 from vlforge.runtime import init_ray as start_ray
@@ -73,16 +73,16 @@ def validate(cfg: TrainRunConfig, check_paths: bool = True) -> None:
             check_paths
             and s.init not in ("previous", "fresh")
             and not s.init_stage
-            and "://" not in s.init
+            and not is_uri(s.init)
             and not Path(s.init).exists()
         ):
             raise ConfigError(f"stage {s.name}: init path {s.init} does not exist")
-        if check_paths and s.teacher and "://" not in s.teacher:
+        if check_paths and s.teacher and not is_uri(s.teacher):
             try:
                 spec = read_spec(s.teacher)
             except FileNotFoundError as exc:
                 raise ConfigError(f"stage {s.name}: teacher {exc}") from None
-            if s.task in ("vqa", "nlvr2") and spec.get("method") != "fusion":
+            if s.task in FINETUNE_TASKS and spec.get("method") != "fusion":
                 raise ConfigError(
                     f"stage {s.name}: task {s.task} needs a fine-tuned fusion teacher "
                     f"(method 'fusion'), {s.teacher} is a {spec.get('method')!r} model"
@@ -158,7 +158,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def check_existing_run(cfg: TrainRunConfig) -> None:
     """When ``cfg.name`` already has checkpoints (a resume), check they fit this config before starting."""
-    if "://" in cfg.storage_path:
+    if is_uri(cfg.storage_path):
         return
     last = latest_checkpoint(Path(cfg.storage_path) / cfg.name)
     if last is None:

@@ -29,8 +29,8 @@ from vlforge.config import (
     load,
     to_dict,
 )
-from vlforge.data.corpus import corpus_exists
-from vlforge.data.storage import absolute
+from vlforge.data.corpus import corpus_current
+from vlforge.data.storage import absolute, is_uri
 from vlforge.evaluation.validation import CaptionValidator, RetrievalValidator
 from vlforge.tasks import check_stages
 from vlforge.tracking import resolve_tracking_uri
@@ -268,13 +268,13 @@ def make_plan(sweep: SweepConfig) -> SweepPlan:
     sweep = dataclasses.replace(sweep, tracking=tracking, storage_path=absolute(sweep.storage_path))
     exp = _resolved_experiment(sweep)
     shards = sweep.validation.shards
-    if isinstance(exp, TwoStageConfig) and "://" not in shards and not os.path.isabs(shards):
+    if isinstance(exp, TwoStageConfig) and not is_uri(shards) and not os.path.isabs(shards):
         val = absolute(f"{exp.data_root.rstrip('/')}/{shards}")
     else:
         val = absolute(shards)
     p = SweepPlan(sweep, Path(sweep.storage_path) / sweep.name, to_dict(exp), [], val, 0)
     if isinstance(exp, TwoStageConfig) and exp.corpus is not None:
-        if "://" not in exp.data_root and not corpus_exists(exp.data_root):
+        if not is_uri(exp.data_root) and not corpus_current(dataclasses.replace(exp.corpus, out=exp.data_root)):
             return p  # the corpus is built first (run_sweep), then the plan is made again
     p.shared = _shared_runs(p, exp)
     p.max_reports = _reports(p.trial_run({}), sweep.report_every)

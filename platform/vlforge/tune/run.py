@@ -52,7 +52,8 @@ from vlforge.config import (
     TwoStageConfig,
     from_dict,
 )
-from vlforge.data.corpus import corpus_exists, ensure_corpus
+from vlforge.data.corpus import corpus_current, ensure_corpus
+from vlforge.data.storage import is_uri
 from vlforge.runtime import init_ray as start_ray
 from vlforge.runtime import local_cpus
 from vlforge.tracking import ConfigChangedError, make_tracker
@@ -154,9 +155,10 @@ def _prepare(sweep: SweepConfig, log: Callable[[str], None]) -> SweepPlan:
     """The plan, after building the experiment's corpus when it is missing; a resumed sweep must match."""
     plan = make_plan(sweep)
     exp = from_dict(TwoStageConfig if sweep.job == "two_stage" else TrainRunConfig, plan.experiment)
-    if isinstance(exp, TwoStageConfig) and exp.corpus is not None and "://" not in exp.data_root:
-        if not corpus_exists(exp.data_root):
-            ensure_corpus(dataclasses.replace(exp.corpus, out=exp.data_root), progress=log)
+    if isinstance(exp, TwoStageConfig) and exp.corpus is not None and not is_uri(exp.data_root):
+        corpus = dataclasses.replace(exp.corpus, out=exp.data_root)
+        if not corpus_current(corpus):  # absent, or built with other parameters
+            ensure_corpus(corpus, progress=log)
             plan = make_plan(sweep)
     elif isinstance(exp, TrainRunConfig) and exp.corpus is not None:
         ensure_corpus(exp.corpus)

@@ -15,7 +15,7 @@ version's serving directory once, decodes rows with the training pipeline's ``de
 under the model's own ``preprocess.json`` / ``tokenizer.json`` (no augmentation; bad samples are
 dropped and counted by reason) and computes the model's L2-normalised ``embed_image`` / ``embed_text``
 (``vlforge.models.interface``; a VLMo's ITC embeddings). Every sample is
-embedded as an image-caption pair: its first image and its ``.txt`` text (for VQA and NLVR sets,
+embedded as an image-caption pair: its first image and its ``.txt`` text (for VQA and NLVR2 sets,
 the question or statement).
 
 Output: Parquet files under ``out`` (which must not already hold files), one row per usable
@@ -143,7 +143,7 @@ class Embedder:
         import torch
 
         decoded = decode_batch(
-            batch, image=self.image, tokenizer=self.tokenizer, task="captions", train=False, counters=self.counters
+            batch, image=self.image, tokenizer=self.tokenizer, kind="captions", train=False, counters=self.counters
         )
         if not decoded:
             return _schema().empty_table()

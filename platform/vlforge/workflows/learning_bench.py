@@ -133,7 +133,7 @@ def torch_curve(
         train = load_eval_set(
             data.shards,
             dataclasses.replace(data, image=dataclasses.replace(data.image, augment=False)),
-            task="captions",
+            kind="captions",
         )
         task = build_task(cfg, stage, model, gather=False)
         set_trainable(model, stage.trainable)

@@ -47,12 +47,14 @@ from vlforge.config import (
     TwoStageConfig,
     dump_yaml,
 )
-from vlforge.data.corpus import corpus_exists, ensure_corpus
+from vlforge.data.corpus import corpus_current, ensure_corpus
 from vlforge.data.pipeline import find_answers
-from vlforge.data.storage import StorageUnreachable, absolute, check_reachable
+from vlforge.data.storage import StorageUnreachable, absolute, check_reachable, is_uri
 from vlforge.evaluation import (
+    HEADLINE_METRICS,
     INTERVAL_COUNTS,
     INTERVAL_NOTE,
+    METRIC_COLUMNS,
     accuracy,
     evaluate_retrieval,
     format_table,
@@ -70,7 +72,7 @@ from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_
 from vlforge.tracking.store import PARENT_TAG
 from vlforge.train.runner import check_data, is_finished, prepare_local_mlflow, run_training, validate
 
-TASK_SETS = {"itm": "scenes", "nlvr2": "nlvr", "vqa": "vqa"}  # the corpus set each task is evaluated on
+TASK_SETS = {"itm": "scenes", "nlvr2": "nlvr2", "vqa": "vqa"}  # the corpus set each task is evaluated on
 
 
 @dataclass
@@ -140,7 +142,7 @@ def variant_weights(objectives: dict[str, float], variant: str) -> dict[str, flo
 
 
 def _shards(cfg: TwoStageConfig, shards: str) -> str:
-    if "://" in shards or os.path.isabs(shards):
+    if is_uri(shards) or os.path.isabs(shards):
         return shards
     return absolute(f"{cfg.data_root.rstrip('/')}/{shards}")
 
@@ -179,7 +181,7 @@ def resolved(cfg: TwoStageConfig) -> TwoStageConfig:
 def _check_data_root(cfg: TwoStageConfig) -> None:
     """``data_root`` exists (or is the corpus the job builds) and its storage answers: ``ConfigError``
     in a few seconds instead of a long retry or a traceback later."""
-    if "://" in cfg.data_root:
+    if is_uri(cfg.data_root):
         try:
             check_reachable(cfg.data_root)
         except StorageUnreachable as exc:
@@ -191,8 +193,13 @@ def _check_data_root(cfg: TwoStageConfig) -> None:
 
 
 def _corpus_pending(cfg: TwoStageConfig) -> bool:
-    """The job will build the built-in corpus at ``data_root`` (local, absent)."""
-    return cfg.corpus is not None and "://" not in cfg.data_root and not corpus_exists(absolute(cfg.data_root))
+    """The job will build the built-in corpus at ``data_root`` (local, and absent or built with other
+    parameters: ``ensure_corpus`` rebuilds it, e.g. one written before a set folder was renamed)."""
+    return (
+        cfg.corpus is not None
+        and not is_uri(cfg.data_root)
+        and not corpus_current(dataclasses.replace(cfg.corpus, out=absolute(cfg.data_root)))
+    )
 
 
 def _num_answers(cfg: TwoStageConfig) -> int:
@@ -308,7 +315,7 @@ def _check_storage(cfg: TwoStageConfig, p: Plan) -> None:
         )
     for key in cfg.eval.sets:
         uri = eval_set_uri(cfg, *key.split("/", 1))
-        if "://" not in uri and not os.path.exists(uri):
+        if not is_uri(uri) and not os.path.exists(uri):
             raise ConfigError(f"eval.sets.{key}: shard set not found: {uri}")
     if cfg.storage_path.startswith("s3://"):
         try:
@@ -454,19 +461,7 @@ def measure_latency(cfg: TwoStageConfig, p: Plan) -> list[dict[str, Any]]:
     )
 
 
-RESULT_COLUMNS = [
-    "model",
-    "split",
-    "nlvr2_acc",
-    "vqa_acc",
-    "i2t_r1",
-    "i2t_r5",
-    "i2t_r10",
-    "t2i_r1",
-    "t2i_r5",
-    "t2i_r10",
-    "rmean",
-]
+RESULT_COLUMNS = ["model", "split", *METRIC_COLUMNS]
 LATENCY_COLUMNS = [
     "n",
     "teacher_s",
@@ -519,7 +514,7 @@ def _registration_tags(rows: list[dict[str, Any]], p: Plan, cfg: TwoStageConfig)
 def ensure_data(cfg: TwoStageConfig, log: Callable[[str], None] = print) -> bool:
     """Build the built-in corpus at a local ``data_root`` when the config asks for it and it is absent
     (or was built with other parameters); True when it was built (or rebuilt) now."""
-    if cfg.corpus is None or "://" in cfg.data_root:
+    if cfg.corpus is None or is_uri(cfg.data_root):
         return False
     pending = _corpus_pending(cfg)
     ensure_corpus(dataclasses.replace(cfg.corpus, out=absolute(cfg.data_root)), progress=log)
@@ -631,7 +626,7 @@ def _write_results(p: Plan, rows, latency, table: str) -> list[str]:
     (p.root / "results.json").write_text(json.dumps({"rows": rows, "latency": latency}, indent=1))
     (p.root / "results.txt").write_text(table + "\n")
     out = [str(p.root / "results.json"), str(p.root / "results.txt")]
-    metrics = [m for m in ("nlvr2_acc", "vqa_acc", "rmean") if any(m in r for r in rows)]
+    metrics = [m for m in HEADLINE_METRICS if any(m in r for r in rows)]
     labelled = [{**r, "label": f"{r['model']} ({r['split']})"} for r in rows]
     out.append(str(plot_results(labelled, metrics, p.root / "results.png", label_key="label")))
     if latency:
