@@ -97,8 +97,8 @@ def test_embed_job_writes_matching_parquet(registered, ray_local, corpus, tmp_pa
 
     from vlforge.data.pipeline import sample_id
     from vlforge.data.shards import read_manifest
-    from vlforge.evaluation._common import encoder_of, image_embeddings, text_embeddings
     from vlforge.evaluation.data import load_eval_set
+    from vlforge.evaluation.inference import encoder_of, image_embeddings, text_embeddings
     from vlforge.models.io import load_model_dir
 
     job = load_job("embed")

@@ -1,7 +1,7 @@
 """What the ``vlforge`` commands share: the S3 storage settings of ``--s3-endpoint``.
 
-from vlforge.cli.common import _storage
-list_shards(args.uri, _storage(args))
+from vlforge.cli.common import storage_config
+list_shards(args.uri, storage_config(args))
 """
 
 from __future__ import annotations
@@ -9,5 +9,5 @@ from __future__ import annotations
 from vlforge import config as C
 
 
-def _storage(args) -> C.StorageConfig:
+def storage_config(args) -> C.StorageConfig:
     return C.StorageConfig(s3_endpoint_url=getattr(args, "s3_endpoint", None))

@@ -16,7 +16,7 @@ import json
 import time
 
 from vlforge import config as C
-from vlforge.cli.common import _storage
+from vlforge.cli.common import storage_config
 from vlforge.data import adapters
 from vlforge.data.corpus import build_corpus
 from vlforge.data.ingest import IngestError, ingest
@@ -99,8 +99,8 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    summary = shard_set_summary(args.uri, _storage(args))
-    for uri in list_shards(args.uri, _storage(args)):
+    summary = shard_set_summary(args.uri, storage_config(args))
+    for uri in list_shards(args.uri, storage_config(args)):
         print(uri)
     print(
         f"{summary['shards']} shard(s), {summary['samples'] if summary['samples'] is not None else '?'} samples"
@@ -110,7 +110,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    problems = verify(args.uri, _storage(args))
+    problems = verify(args.uri, storage_config(args))
     for p in problems:
         print(p)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -119,7 +119,7 @@ def cmd_verify(args) -> int:
 
 def cmd_manifest(args) -> int:
     manifest, scans = write_manifest(
-        args.uri, _storage(args), kind=args.kind, force=args.force, progress=None if args.quiet else print
+        args.uri, storage_config(args), kind=args.kind, force=args.force, progress=None if args.quiet else print
     )
     for sc in scans:
         for line in sc.detail:
@@ -134,7 +134,7 @@ def cmd_manifest(args) -> int:
 
 
 def cmd_upload(args) -> int:
-    n = upload_dir(args.local, args.dest, _storage(args))
+    n = upload_dir(args.local, args.dest, storage_config(args))
     print(f"uploaded {n} files to {args.dest}")
     return 0
 

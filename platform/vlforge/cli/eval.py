@@ -10,7 +10,7 @@ import json
 import os
 
 from vlforge import config as C
-from vlforge.cli.common import _storage
+from vlforge.cli.common import storage_config
 from vlforge.tracking.store import experiment_id, resolve_tracking_uri
 
 
@@ -28,7 +28,7 @@ def cmd_eval(args) -> int:
             max_samples=args.max_samples,
             rerank_k=args.rerank_k,
             batch_size=args.batch_size,
-            storage=_storage(args),
+            storage=storage_config(args),
             data=data,
             branch=args.branch,
             shots=args.shots,

@@ -5,7 +5,7 @@ vlforge register MODEL_DIR --name NAME [--alias challenger] [--eval SHARDS]
 
 from __future__ import annotations
 
-from vlforge.cli.common import _storage
+from vlforge.cli.common import storage_config
 
 
 def cmd_register(args) -> int:
@@ -30,7 +30,7 @@ def cmd_register(args) -> int:
         tags=tags,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
-        storage=_storage(args),
+        storage=storage_config(args),
     )
     print(reg.summary())
     return 0

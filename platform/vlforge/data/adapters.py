@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlforge.data.ingest import IngestError, IngestReport, _image_bytes
+from vlforge.data.ingest import IngestError, IngestReport, image_bytes
 from vlforge.data.shards import ShardWriter
 
 FORMATS = ("coco", "karpathy", "vqav2", "nlvr2")
@@ -134,7 +134,7 @@ class _Sink:
         got = self._cache.get(path)
         if got is None:
             try:
-                got = _image_bytes(path)
+                got = image_bytes(path)
             except Exception as exc:  # noqa: BLE001 - any unreadable image is reported, not fatal
                 got = str(exc) or type(exc).__name__
             self._cache[path] = got

@@ -82,7 +82,7 @@ def _pick(row: dict[str, Any], given: str | None, candidates: tuple[str, ...], w
     raise IngestError(f"{where}: no {what} column; name one of {candidates} or pass --{what}-col")
 
 
-def _image_bytes(path: Path) -> tuple[bytes, str]:
+def image_bytes(path: Path) -> tuple[bytes, str]:
     from PIL import Image
 
     data = path.read_bytes()
@@ -145,7 +145,7 @@ def ingest(
             report.skip("missing_image", f"{where} ({name})")
             continue
         try:
-            data, ext = _image_bytes(path)
+            data, ext = image_bytes(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable image is reported, not fatal
             report.skip("unreadable_image", f"{where} ({name}: {exc})")
             continue

@@ -21,7 +21,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from vlforge.evaluation._common import chunks, device_of, eval_mode
+from vlforge.evaluation.inference import chunks, device_of, eval_mode
 from vlforge.models.distill import TARGET_KEYS
 
 __all__ = ["accuracy"]

@@ -35,7 +35,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from vlforge.evaluation._common import (
+from vlforge.evaluation.inference import (
     device_of,
     encoder_of,
     eval_mode,

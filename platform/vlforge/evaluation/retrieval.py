@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vlforge.evaluation._common import (
+from vlforge.evaluation.inference import (
     encoder_of,
     eval_mode,
     image_embeddings,

@@ -19,10 +19,10 @@ from typing import Any
 
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.pipeline import detect_kind
-from vlforge.evaluation._common import encoder_of
 from vlforge.evaluation.classification import accuracy
 from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa, sibling_train
+from vlforge.evaluation.inference import encoder_of
 from vlforge.evaluation.retrieval import evaluate_retrieval
 from vlforge.models.io import input_image_size, load_model_dir, read_spec
 

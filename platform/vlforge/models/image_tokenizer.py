@@ -22,7 +22,7 @@ The tokenizer is frozen (``requires_grad=False``; ``locked = True`` tells
 mode, so its BatchNorm statistics never move. Because it never changes, its features can be
 computed once and reused: a model takes either pixels [B, 3, H, W] or those features
 [B, C, h, w] in ``pixel_values`` (:meth:`LockedImageTokenizer.features` tells them apart by
-the channel count). Evaluation does this per eval set (``evaluation._common.image_tokens``);
+the channel count). Evaluation does this per eval set (``evaluation.inference.image_tokens``);
 training still tokenises every batch, as no on-disk feature cache exists yet.
 
     tok = create_image_tokenizer("efficientnet_lite0")

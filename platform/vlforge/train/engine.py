@@ -66,13 +66,35 @@ def clear_stale_locks(root: str, max_age_s: float = STALE_LOCK_S) -> list[str]:
     return removed
 
 
+def ninja_first_on_path() -> str | None:
+    """Put the interpreter's own ``bin`` first on ``PATH`` when it holds ``ninja`` (DeepSpeed installs the
+    ``ninja`` wheel); returns that directory, or None when there is no ninja beside the interpreter.
+
+    torch's extension builder runs whichever ``ninja`` ``PATH`` finds. A machine with a system ninja
+    (Debian's 1.11) next to the wheel's (1.13) then gets both: a driver started as ``.venv/bin/python``
+    finds the system one, a ``ray start`` from an activated venv the other. Their build logs hash
+    commands differently, so each switch recompiles ``shm_comm`` from scratch (about 35 s on 2 cores,
+    while every other worker waits on the build lock). One ninja for every process builds it once."""
+    import sys
+
+    bindir = os.path.dirname(sys.executable)
+    if not os.access(os.path.join(bindir, "ninja"), os.X_OK):
+        return None
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, *(p for p in path.split(os.pathsep) if p and p != bindir)])
+    return bindir
+
+
 def prepare_env(on_gpu: bool) -> None:
-    """Environment DeepSpeed reads at import: the CPU accelerator without a GPU, the op cache;
-    and the allocator setting every CPU training process wants (``vlforge.runtime.tune_malloc``)."""
+    """Environment DeepSpeed reads at import: the CPU accelerator without a GPU, the op cache and the
+    ninja that builds into it (``ninja_first_on_path``); and the allocator setting every CPU training
+    process wants (``vlforge.runtime.tune_malloc``)."""
     tune_malloc()
     if not on_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    ninja_first_on_path()
     os.environ.setdefault("DS_BUILD_OPS", "0")
     for lock in clear_stale_locks(os.environ["TORCH_EXTENSIONS_DIR"]):
         print(f"removed a stale op-build lock left by a killed process: {lock}", flush=True)

@@ -135,7 +135,7 @@ class SweepPlan:
             SWEEP_TAG: self.name,
             TRIAL_TAG: trial_id,
             ROLE_TAG: "trial",
-            **({_parent_tag(): self.parent_run_id} if self.parent_run_id else {}),
+            **({PARENT_TAG: self.parent_run_id} if self.parent_run_id else {}),
         }
         name = self.trial_name(trial_id)
         return dataclasses.replace(
@@ -171,10 +171,6 @@ class SweepPlan:
                 max_new_tokens=v.max_new_tokens,
             )
         return RetrievalValidator(self.validation_shards, data, max_samples=v.max_samples, batch_size=v.batch_size)
-
-
-def _parent_tag() -> str:
-    return PARENT_TAG
 
 
 def _split(run: TrainRunConfig, trial_stages: list[str]):

@@ -18,7 +18,7 @@ from vlforge.config import SweepConfig, dump_yaml
 from vlforge.evaluation import format_table
 from vlforge.tracking.redact import redact_text, secret_env_values
 from vlforge.tune.plan import SweepPlan, load_experiment, param_overrides
-from vlforge.tune.trainable import ERROR, FINISHED, PENDING, STOPPED, _ended
+from vlforge.tune.trainable import ERROR, FINISHED, PENDING, STOPPED, recorded_end
 
 
 @dataclass
@@ -65,12 +65,12 @@ class SweepResult:
         return "\n".join(lines)
 
 
-def _safe_yaml(cfg: Any) -> str:
+def safe_yaml(cfg: Any) -> str:
     """``dump_yaml`` with URL passwords and secret environment values masked (files outlive the run)."""
     return redact_text(dump_yaml(cfg), secret_env_values())
 
 
-def _results(plan: SweepPlan, grid, seconds: float, resumed: bool) -> SweepResult:
+def collect_results(plan: SweepPlan, grid, seconds: float, resumed: bool) -> SweepResult:
     sweep = plan.sweep
     keys = list(sweep.space)
     sign = 1 if sweep.mode == "max" else -1
@@ -86,7 +86,7 @@ def _results(plan: SweepPlan, grid, seconds: float, resumed: bool) -> SweepResul
         row["metric"] = values[-1] if values else None
         row["best_seen"] = max(values, key=lambda v: sign * v) if values else None
         row["reports"] = len(values)
-        ended = _ended(plan, trial_id)
+        ended = recorded_end(plan, trial_id)
         row["status"] = ended["status"] if ended else (ERROR if r.error is not None else PENDING)
         rows.append(row)
     rows.sort(key=lambda x: x["trial_id"])
@@ -161,7 +161,7 @@ def write_best_config(plan: SweepPlan, params: dict[str, Any], best: dict[str, A
         + "\n"
     )
     out = plan.root / "best_config.yaml"
-    out.write_text(header + _safe_yaml(cfg))
+    out.write_text(header + safe_yaml(cfg))
     return out
 
 

@@ -14,7 +14,7 @@ What happens (``SweepConfig`` in ``vlforge.config`` says what a file holds):
    into shared runs and the trial run. Shared runs are trained once per sweep, before any
    trial: the teacher of a ``two_stage`` experiment, and the stages before ``trial_stages``
    (one run named ``<sweep>.base``). A swept key that would change a shared run is refused.
-2. Ray Tune runs the trials: each trial is a driver function (``_trial``, a fraction of a CPU)
+2. Ray Tune runs the trials: each trial is a driver function (``trial_driver``, a fraction of a CPU)
    that applies its values to the experiment, builds the trial's ``TrainRunConfig`` and runs
    it with ``run_training`` (a ``TorchTrainer`` named ``<sweep>.<trial id>``), passing
    ``TuneReportCallback`` so every Train report reaches Tune. A report comes every
@@ -57,10 +57,11 @@ from vlforge.data.storage import is_uri
 from vlforge.runtime import init_ray as start_ray
 from vlforge.runtime import local_cpus
 from vlforge.tracking import ConfigChangedError, make_tracker
+from vlforge.tracking.store import PARENT_TAG
 from vlforge.train.runner import prepare_local_mlflow
-from vlforge.tune.plan import ROLE_TAG, SWEEP_TAG, SweepPlan, _parent_tag, make_plan
-from vlforge.tune.results import SweepResult, _results, _safe_yaml
-from vlforge.tune.trainable import _callback, _trial, scheduler, search_algorithm, search_space
+from vlforge.tune.plan import ROLE_TAG, SWEEP_TAG, SweepPlan, make_plan
+from vlforge.tune.results import SweepResult, collect_results, safe_yaml
+from vlforge.tune.trainable import scheduler, search_algorithm, search_space, trial_closer, trial_driver
 from vlforge.workflows.two_stage import fill_teacher_dir, train_or_reuse
 
 
@@ -100,7 +101,7 @@ def _train_shared(plan: SweepPlan, log: Callable[[str], None]) -> None:
             **run.tracking.tags,
             SWEEP_TAG: plan.name,
             ROLE_TAG: "shared",
-            **({_parent_tag(): plan.parent_run_id} if plan.parent_run_id else {}),
+            **({PARENT_TAG: plan.parent_run_id} if plan.parent_run_id else {}),
         }
         run = dataclasses.replace(run, tracking=dataclasses.replace(run.tracking, tags=tags))
         train_or_reuse(run, log)
@@ -109,7 +110,7 @@ def _train_shared(plan: SweepPlan, log: Callable[[str], None]) -> None:
 
 def _check_same_sweep(plan: SweepPlan) -> None:
     saved = plan.root / "sweep.yaml"
-    now = _safe_yaml(plan.sweep)
+    now = safe_yaml(plan.sweep)
     if saved.exists() and saved.read_text() != now:
         import difflib
 
@@ -141,7 +142,7 @@ def run_sweep(sweep: SweepConfig, *, init_ray: bool = True, log: Callable[[str],
         _train_shared(plan, log)
         tuner, resumed = _tuner(plan, log)
         grid = tuner.fit()
-        result = _results(plan, grid, time.perf_counter() - t0, resumed)
+        result = collect_results(plan, grid, time.perf_counter() - t0, resumed)
         _log_result(tracker, sweep, result)
         status = "KILLED" if result.interrupted else "FINISHED"
         result.parent_run_id = parent
@@ -205,7 +206,7 @@ def _tuner(plan: SweepPlan, log: Callable[[str], None]):
     from ray import tune
 
     sweep = plan.sweep
-    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": sweep.resources.trial_cpus})
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, plan=plan), {"CPU": sweep.resources.trial_cpus})
     resumed = tune.Tuner.can_restore(str(plan.tune_dir))
     if resumed:
         log(f"== resuming sweep {sweep.name} from {plan.tune_dir}")
@@ -227,7 +228,9 @@ def _tuner(plan: SweepPlan, log: Callable[[str], None]):
                 search_alg=search_algorithm(sweep, concurrency),
                 scheduler=scheduler(sweep, plan.max_reports),
             ),
-            run_config=tune.RunConfig(name="tune", storage_path=str(plan.root), callbacks=[_callback(plan)], verbose=1),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(plan.root), callbacks=[trial_closer(plan)], verbose=1
+            ),
         )
     return tuner, resumed
 

@@ -83,7 +83,7 @@ def scheduler(sweep: SweepConfig, max_reports: int):
     )
 
 
-def _trial(params: dict[str, Any], plan: SweepPlan) -> None:
+def trial_driver(params: dict[str, Any], plan: SweepPlan) -> None:
     """A Tune trial: the driver function that runs the trial's Ray Train run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -105,7 +105,7 @@ def _status_file(plan: SweepPlan, trial_id: str) -> Path:
     return plan.root / "trials" / f"{trial_id}.json"
 
 
-def _ended(plan: SweepPlan, trial_id: str) -> dict[str, Any] | None:
+def recorded_end(plan: SweepPlan, trial_id: str) -> dict[str, Any] | None:
     path = _status_file(plan, trial_id)
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -126,7 +126,7 @@ def _close_child_run(plan: SweepPlan, trial_id: str, status: str) -> None:
             client.set_terminated(r.info.run_id, status="FAILED" if status == ERROR else "KILLED")
 
 
-def _callback(plan: SweepPlan):
+def trial_closer(plan: SweepPlan):
     from ray.tune import Callback
 
     class TrialRunCloser(Callback):

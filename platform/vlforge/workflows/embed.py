@@ -43,7 +43,7 @@ from vlforge.config import StorageConfig, TrackingConfig
 from vlforge.data.pipeline import Counters, decode_batch, read_raw, sample_id
 from vlforge.data.shards import list_shards, read_manifest
 from vlforge.data.storage import absolute, arrow_filesystem, filesystem_for
-from vlforge.evaluation._common import image_embeddings, text_embeddings
+from vlforge.evaluation.inference import image_embeddings, text_embeddings
 from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, require
 from vlforge.models.io import load_model_dir
 from vlforge.tracking.store import resolve_tracking_uri

@@ -1,5 +1,6 @@
-"""Helpers shared by the evaluation modules: the VLMo inside a pair model, eval mode, batching, and
-batched embeddings of any model with ``embed_image`` / ``embed_text`` (``vlforge.models.interface``)."""
+"""Batched inference every evaluation module (and the embedding job) runs: the VLMo inside a pair model,
+eval mode, batching, and batched embeddings of any model with ``embed_image`` / ``embed_text``
+(``vlforge.models.interface``)."""
 
 from __future__ import annotations
 
