@@ -2,7 +2,9 @@
 # Make `import torchvision` (and so timm and transformers' vision code) work with
 # the torch already installed in the venv.
 #
-#   bash scripts/build_torchvision.sh          # venv: $VLFORGE_VENV, default .venv
+#   bash scripts/build_torchvision.sh               # venv: $VLFORGE_VENV, default .venv
+#   bash scripts/build_torchvision.sh --wheel-only  # build the CPU wheel into the cache, install nothing
+#                                                   # (scripts/install.sh runs this while pip fetches the rest)
 #
 # Idempotent: does nothing when a working torchvision is importable.
 #
@@ -25,6 +27,8 @@
 # that source instead of fetching one (e.g. a checkout of the matching tag).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WHEEL_ONLY=0
+[ "${1:-}" = --wheel-only ] && WHEEL_ONLY=1
 VENV=${VLFORGE_VENV:-.venv}
 PY="$VENV/bin/python"
 PIP="$PY -m pip --disable-pip-version-check"
@@ -47,6 +51,7 @@ print(torch.__version__.split("+")[0], "gpu" if gpu else "cpu", f"cp{sys.version
 if works; then report; exit 0; fi
 
 if [ "$ACCEL" = gpu ]; then
+  [ "$WHEEL_ONLY" = 1 ] && exit 0  # nothing to build: the index's wheel is installed by a plain run
   $PIP install -q -c constraints.txt torchvision
   works || { echo "torchvision from the index does not import with torch $TORCH" >&2; exit 1; }
   report; exit 0
@@ -123,6 +128,7 @@ EOF
     || { tail -40 "$WORK/build.log" >&2; exit 1; }
   echo "built $(basename "$(cached)") in $(( $(date +%s) - START )) s"
 fi
+[ "$WHEEL_ONLY" = 1 ] && exit 0
 
 $PIP install -q -c constraints.txt "$(cached)"
 works || { echo "the built torchvision does not import" >&2; exit 1; }

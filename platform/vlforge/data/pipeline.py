@@ -39,6 +39,7 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -330,99 +331,120 @@ def decode_batch(
     if keep is not None:
         batch = _rows_for_rank(batch, *keep)
     n = len(batch["key"])
-    size = image.size
     answer_index = {a: i for i, a in enumerate(answers or [])}
-    imgs, imgs2, texts, keys, labels, answer_ids, scores = [], [], [], [], [], [], []
+    rows = _Rows()
     skipped: dict[str, int] = {}
     block = sample_id(str(batch["key"][0])) & 0xFFFF_FFFF if n else 0
     rng = np.random.default_rng(None if seed is None else [seed, block])
-
-    def skip(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
-
     for i in range(n):
-        error = batch["error"][i]
-        if error is not None:
-            reason = str(error).split(":", 1)[0]
-            skip(reason if reason in SKIP_REASONS else "truncated_member")
+        got = _row_fields(batch, i, kind)
+        if isinstance(got, str):
+            skipped[got] = skipped.get(got, 0) + 1
             continue
-        img_bytes = _as_bytes(batch["image"][i])
-        if img_bytes is None:
-            skip("missing_image")
-            continue
-        text_bytes = _as_bytes(batch["text"][i])
-        try:
-            text = text_bytes.decode("utf-8").strip() if text_bytes is not None else ""
-        except UnicodeDecodeError:
-            text = ""
-        if not text:
-            skip("missing_caption")
-            continue
-        meta: dict[str, Any] = {}
-        json_bytes = _as_bytes(batch["json"][i])
-        if json_bytes is not None:
-            try:
-                meta = json.loads(json_bytes)
-                if not isinstance(meta, dict):
-                    raise ValueError("not an object")
-            except (ValueError, UnicodeDecodeError):
-                skip("bad_json")
-                continue
+        img_bytes, text, meta = got
         if train and kind == "captions":
             caps = caption_list(meta)
             if len(caps) > 1:  # one of the image's captions per epoch (COCO-style samples carry several)
                 text = caps[int(rng.integers(len(caps)))]
-        if kind == "vqa" and "answer" not in meta:
-            skip("missing_field")
-            continue
-        if kind == "nlvr2" and ("label" not in meta or _as_bytes(batch["image_2"][i]) is None):
-            skip("missing_field")
-            continue
+        size, bg = image.size, image.background
         try:
-            arr = decode_image(img_bytes, size, image.background)
-            arr2 = decode_image(_as_bytes(batch["image_2"][i]), size, image.background) if kind == "nlvr2" else None
+            arr = decode_image(img_bytes, size, bg)
+            arr2 = decode_image(_as_bytes(batch["image_2"][i]), size, bg) if kind == "nlvr2" else None
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
-            skip(_image_error(exc))
+            reason = _image_error(exc)
+            skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        imgs.append(arr)
-        if arr2 is not None:
-            imgs2.append(arr2)
-        texts.append(text)
-        keys.append(str(batch["key"][i]))
-        if kind == "vqa":
-            answer_ids.append(answer_index.get(str(meta["answer"]), -100))
-            scores.append(meta.get("answer_scores") if isinstance(meta.get("answer_scores"), dict) else None)
-        if kind == "nlvr2":
-            labels.append(int(bool(meta["label"])))
-
+        rows.add(str(batch["key"][i]), arr, arr2, text, kind, meta, answer_index)
     if counters is not None:
         import ray
 
-        ray.get(counters.add.remote({"read": n, "ok": len(keys), **{f"skipped.{k}": v for k, v in skipped.items()}}))
-    if not keys:
+        ok = len(rows.keys)
+        ray.get(counters.add.remote({"read": n, "ok": ok, **{f"skipped.{k}": v for k, v in skipped.items()}}))
+    if not rows.keys:
         # A block with no usable row: zero-length tensor columns would not convert to
         # Arrow tensors (Ray falls back to pickled objects and the schemas then differ).
         return {}
-    tok = _tokenizer(tokenizer.name, tokenizer.max_length, tokenizer.lowercase)
-    stack = np.stack(imgs)
-    if train and image.augment:
-        stack = augment(stack, image, rng)
-    out = {
-        "pixel_values": normalise(stack, image),
-        **tok(texts),
-        "sample_id": np.array([sample_id(k) for k in keys], dtype=np.int64),
-    }
-    if kind == "nlvr2":
-        stack2 = np.stack(imgs2)
+    return rows.collate(kind, image, tokenizer, train, rng, answer_index)
+
+
+def _row_fields(batch: dict[str, np.ndarray], i: int, kind: str) -> tuple[bytes, str, dict[str, Any]] | str:
+    """Row ``i``'s image bytes, caption and metadata; or, for a row that cannot be used, the
+    reason it is skipped (one of ``SKIP_REASONS``)."""
+    error = batch["error"][i]
+    if error is not None:
+        reason = str(error).split(":", 1)[0]
+        return reason if reason in SKIP_REASONS else "truncated_member"
+    img_bytes = _as_bytes(batch["image"][i])
+    if img_bytes is None:
+        return "missing_image"
+    text_bytes = _as_bytes(batch["text"][i])
+    try:
+        text = text_bytes.decode("utf-8").strip() if text_bytes is not None else ""
+    except UnicodeDecodeError:
+        text = ""
+    if not text:
+        return "missing_caption"
+    meta: dict[str, Any] = {}
+    json_bytes = _as_bytes(batch["json"][i])
+    if json_bytes is not None:
+        try:
+            meta = json.loads(json_bytes)
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+            return "bad_json"
+    if kind == "vqa" and "answer" not in meta:
+        return "missing_field"
+    if kind == "nlvr2" and ("label" not in meta or _as_bytes(batch["image_2"][i]) is None):
+        return "missing_field"
+    return img_bytes, text, meta
+
+
+@dataclass
+class _Rows:
+    """The usable rows of one block, column by column, until they are stacked into the batch."""
+
+    keys: list[str] = field(default_factory=list)
+    imgs: list[np.ndarray] = field(default_factory=list)
+    imgs2: list[np.ndarray] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    answer_ids: list[int] = field(default_factory=list)
+    scores: list[dict | None] = field(default_factory=list)
+
+    def add(self, key, arr, arr2, text, kind, meta, answer_index) -> None:
+        self.keys.append(key)
+        self.imgs.append(arr)
+        if arr2 is not None:
+            self.imgs2.append(arr2)
+        self.texts.append(text)
+        if kind == "vqa":
+            self.answer_ids.append(answer_index.get(str(meta["answer"]), -100))
+            self.scores.append(meta.get("answer_scores") if isinstance(meta.get("answer_scores"), dict) else None)
+        if kind == "nlvr2":
+            self.labels.append(int(bool(meta["label"])))
+
+    def collate(self, kind, image: ImageConfig, tokenizer: TokenizerConfig, train: bool, rng, answer_index):
+        tok = _tokenizer(tokenizer.name, tokenizer.max_length, tokenizer.lowercase)
+        stack = np.stack(self.imgs)  # [B, H, W, 3] uint8
         if train and image.augment:
-            stack2 = augment(stack2, image, rng)
-        out["pixel_values_2"] = normalise(stack2, image)
-        out["label"] = np.array(labels, dtype=np.int64)
-    if kind == "vqa":
-        out["answer_id"] = np.array(answer_ids, dtype=np.int64)
-        if any(s is not None for s in scores):
-            out["answer_targets"] = answer_targets(scores, answer_ids, answer_index)
-    return out
+            stack = augment(stack, image, rng)
+        out = {
+            "pixel_values": normalise(stack, image),
+            **tok(self.texts),
+            "sample_id": np.array([sample_id(k) for k in self.keys], dtype=np.int64),
+        }
+        if kind == "nlvr2":
+            stack2 = np.stack(self.imgs2)
+            if train and image.augment:
+                stack2 = augment(stack2, image, rng)
+            out["pixel_values_2"] = normalise(stack2, image)
+            out["label"] = np.array(self.labels, dtype=np.int64)
+        if kind == "vqa":
+            out["answer_id"] = np.array(self.answer_ids, dtype=np.int64)
+            if any(s is not None for s in self.scores):
+                out["answer_targets"] = answer_targets(self.scores, self.answer_ids, answer_index)
+        return out
 
 
 def _rows_for_rank(batch: dict[str, np.ndarray], rank: int, world: int, offsets: dict[str, int]) -> dict:
