@@ -75,6 +75,7 @@ def cmd_eval(args) -> int:
 
 def _eval_columns(row: dict) -> tuple[list[str], int]:
     """The columns ``vlforge eval`` shows for ``row``, and its sample count."""
+    # lazy: the vlforge.evaluation package pulls in torch (keeps vlforge --help fast)
     from vlforge.evaluation.report import CAPTION_METRIC_COLUMNS, METRIC_COLUMNS
 
     cols = [c for c in (*METRIC_COLUMNS, *CAPTION_METRIC_COLUMNS) if c in row]
