@@ -815,13 +815,14 @@ def build_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = pri
     return summary
 
 
-def corpus_exists(path: str | Path) -> bool:
-    return (Path(path) / "corpus.json").exists()
-
-
 def _params(cfg: CorpusConfig) -> dict[str, Any]:
     """What decides a corpus's content (where it is written and how many processes write it do not)."""
     return {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
+
+
+def _wanted(cfg: CorpusConfig) -> dict[str, Any]:
+    """``_params`` as ``corpus.json`` holds them (JSON types: tuples are lists), to compare with ``corpus_params``."""
+    return json.loads(json.dumps(_params(cfg)))
 
 
 def corpus_params(path: str | Path) -> dict[str, Any] | None:
@@ -832,16 +833,15 @@ def corpus_params(path: str | Path) -> dict[str, Any] | None:
 
 def corpus_current(cfg: CorpusConfig) -> bool:
     """A corpus built with ``cfg``'s parameters is at ``cfg.out`` (``ensure_corpus`` would leave it as it is)."""
-    have = corpus_params(cfg.out)
-    return have is not None and have == json.loads(json.dumps(_params(cfg)))
+    return corpus_params(cfg.out) == _wanted(cfg)
 
 
 def ensure_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = print) -> Path:
     """Build the corpus at ``cfg.out`` unless one built with the same parameters is already there
     (one built with other parameters, e.g. fewer samples, is rebuilt in place)."""
     have = corpus_params(cfg.out)
-    want = _params(cfg)
-    if have is not None and have != json.loads(json.dumps(want)):
+    want = _wanted(cfg)
+    if have is not None and have != want:
         changed = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         (progress or (lambda _m: None))(
             f"corpus at {cfg.out} was built with other parameters ({', '.join(changed)}); rebuilding it"

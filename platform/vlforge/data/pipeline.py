@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -333,33 +334,32 @@ def decode_batch(
     n = len(batch["key"])
     answer_index = {a: i for i, a in enumerate(answers or [])}
     rows = _Rows()
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
+    size, bg = image.size, image.background
     block = sample_id(str(batch["key"][0])) & 0xFFFF_FFFF if n else 0
     rng = np.random.default_rng(None if seed is None else [seed, block])
     for i in range(n):
         got = _row_fields(batch, i, kind)
         if isinstance(got, str):
-            skipped[got] = skipped.get(got, 0) + 1
+            skipped[got] += 1
             continue
         img_bytes, text, meta = got
         if train and kind == "captions":
             caps = caption_list(meta)
             if len(caps) > 1:  # one of the image's captions per epoch (COCO-style samples carry several)
                 text = caps[int(rng.integers(len(caps)))]
-        size, bg = image.size, image.background
         try:
             arr = decode_image(img_bytes, size, bg)
             arr2 = decode_image(_as_bytes(batch["image_2"][i]), size, bg) if kind == "nlvr2" else None
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
-            reason = _image_error(exc)
-            skipped[reason] = skipped.get(reason, 0) + 1
+            skipped[_image_error(exc)] += 1
             continue
         rows.add(str(batch["key"][i]), arr, arr2, text, kind, meta, answer_index)
     if counters is not None:
         import ray
 
-        ok = len(rows.keys)
-        ray.get(counters.add.remote({"read": n, "ok": ok, **{f"skipped.{k}": v for k, v in skipped.items()}}))
+        counts = {"read": n, "ok": len(rows.keys), **{f"skipped.{k}": v for k, v in skipped.items()}}
+        ray.get(counters.add.remote(counts))
     if not rows.keys:
         # A block with no usable row: zero-length tensor columns would not convert to
         # Arrow tensors (Ray falls back to pickled objects and the schemas then differ).
