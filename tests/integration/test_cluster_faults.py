@@ -91,9 +91,19 @@ def test_two_stage_job_across_nodes_survives_a_node_kill(ray_cluster, corpus, ml
         "eval.max_samples=24",
         "eval.latency=false",
         "eval.max_teacher_pairs=100",
-        # The node is killed in the teacher's pretraining (8 steps a stage); every run after it trains 2 steps a stage.
-        *(f"teacher.finetune.{i}.{k}={v}" for i in range(2) for k, v in (("steps", 2), ("schedule.warmup_steps", 1))),
-        *(f"student.stages.{i}.{k}={v}" for i in range(4) for k, v in (("steps", 2), ("schedule.warmup_steps", 1))),
+        # The node is killed in the teacher's first stage (8 steps a stage; batch 32 there, so that the kill
+        # lands well inside it); every stage after it trains batches of 8, and 2 steps after the teacher's.
+        *(f"teacher.pretrain.{i}.data.batch_size=8" for i in (1, 2)),
+        *(
+            f"teacher.finetune.{i}.{k}={v}"
+            for i in range(2)
+            for k, v in (("steps", 2), ("schedule.warmup_steps", 1), ("data.batch_size", 8))
+        ),
+        *(
+            f"student.stages.{i}.{k}={v}"
+            for i in range(4)
+            for k, v in (("steps", 2), ("schedule.warmup_steps", 1), ("data.batch_size", 8))
+        ),
     )
     log_path = tmp_path / "job.log"
     job = subprocess.Popen(

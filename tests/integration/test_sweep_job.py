@@ -1,9 +1,9 @@
 """Sweeps end to end on a real local Ray, real DeepSpeed and a real ``mlflow server``.
 
-1. A 4-trial distillation-loss-weight sweep (the two-stage experiment, steps capped) with ASHA.
-   The scheduling metric is the weighted training loss and the swept weight is the ITC term's
-   (about log(batch) = 2.8 at these steps), 0.1 or 10: the loss of a weight-10 trial is larger by
-   some 25, far beyond batch noise, so which trials trail is known before they run and the test
+1. A 4-trial distillation-loss-weight sweep (the two-stage experiment, steps and batch capped) with
+   ASHA. The scheduling metric is the weighted training loss and the swept weight is the ITC term's
+   (near log(batch) = 2.1 at batch 8 and these steps), 0.1 or 10: the loss of a weight-10 trial is
+   larger by some 20, far beyond batch noise, so which trials trail is known before they run and the test
    can demand that ASHA stops one. Whichever of the first two trials reports first, a weight-10
    trial meets a weight-0.1 trial's loss at the rung, so at least one of them is stopped.
    (An attention-KL weight would not do: that term is small here
@@ -58,6 +58,7 @@ def asha_sweep(ray_local, corpus, mlflow_server, tmp_path_factory):
                     f"data_root={corpus}",
                     "corpus=null",
                     "max_steps=6",
+                    "max_batch_size=8",
                     # the shared teacher the trials distil from trains 2 steps a stage
                     *(
                         f"teacher.pretrain.{i}.{k}={v}"

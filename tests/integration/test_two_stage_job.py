@@ -20,6 +20,7 @@ def _args(corpus: Path, out: Path, name: str, uri: str, model: str, *more: str) 
         f"data_root={corpus}",
         "corpus=null",
         "max_steps=2",
+        "max_batch_size=8",
         "eval.max_samples=24",
         "eval.latency_ns=[8,16]",
         "eval.max_teacher_pairs=100",

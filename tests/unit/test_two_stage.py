@@ -44,6 +44,7 @@ def test_smoke_config_loads_and_anchors_expand():
         ({"ablations": ["no_such"]}, "ablations: unknown"),
         ({"bogus": 1}, "unknown key bogus"),
         ({"max_steps": -1}, "max_steps"),
+        ({"max_batch_size": -2}, "max_batch_size"),
         ({"name": "has space"}, "may hold only"),
     ],
 )
@@ -111,6 +112,16 @@ def test_plan_builds_every_run(corpus, tmp_path):
     assert distilled.stages[1].init == "previous"
     assert p.student_model("distilled", "vqa") == tmp_path / "job1.student-distilled" / "stages" / "vqa"
     assert list(plan(cfg, ablations=False).runs)[-1] == "student-distilled"
+    assert {s.data.batch_size for r in p.runs.values() for s in r.stages} == {32}  # the smoke config's
+
+
+def test_max_batch_size_caps_every_stage(corpus, tmp_path):
+    from vlforge.workflows.two_stage import plan
+
+    p = plan(_cfg(corpus, f"storage_path={tmp_path}", "max_batch_size=8"))
+    assert {s.data.batch_size for r in p.runs.values() for s in r.stages} == {8}
+    p = plan(_cfg(corpus, f"storage_path={tmp_path}", "max_batch_size=64"))  # a cap, never an increase
+    assert {s.data.batch_size for r in p.runs.values() for s in r.stages} == {32}
 
 
 def test_plan_with_a_teacher_checkpoint_trains_only_students(corpus, tmp_path):

@@ -94,6 +94,7 @@ class TwoStageConfig:
     data_root: str = "data/corpus"  # a stage's relative data.shards is <data_root>/<shards>; local or s3://
     corpus: CorpusConfig | None = field(default_factory=CorpusConfig)  # built at a local data_root when absent
     max_steps: int = 0  # > 0: cap every stage at this many steps (tests, dry runs)
+    max_batch_size: int = 0  # > 0: cap every stage's per-worker batch size (tests, dry runs)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     ablations: list[str] = field(default_factory=lambda: ["soft_only"])
@@ -116,8 +117,8 @@ class TwoStageConfig:
             raise ValueError(f"ablations: unknown {bad}; known: {list(ABLATIONS)}")
         if self.name is not None and not re.match(r"^[A-Za-z0-9_-]+$", self.name):
             raise ValueError(f"name {self.name!r} may hold only letters, digits, '_', '-'")
-        if self.max_steps < 0:
-            raise ValueError("max_steps must be >= 0")
+        if self.max_steps < 0 or self.max_batch_size < 0:
+            raise ValueError("max_steps and max_batch_size must be >= 0")
         if not self.student.stages:
             raise ValueError("student.stages: at least one stage")
         if not self.teacher.checkpoint and not self.teacher.pretrain:

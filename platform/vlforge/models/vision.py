@@ -25,6 +25,7 @@ Named towers:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,6 +68,15 @@ def override(config, overrides: dict[str, Any]):
     return dataclasses.replace(config, **changes)
 
 
+def import_timm():
+    """``import timm``, quiet about torchvision's image codecs: scripts/build_torchvision.sh leaves them
+    out of the CPU build (vlforge decodes with PIL), and torchvision warns about it at import."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to load image Python extension", category=UserWarning)
+        import timm
+    return timm
+
+
 class VisionTower(VLModel):
     """A timm image model without its classifier, giving patch tokens and a pooled vector.
 
@@ -82,8 +92,7 @@ class VisionTower(VLModel):
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        import timm
-
+        timm = import_timm()
         self.timm_name = timm_name
         self.img_size = img_size
         self.body = timm.create_model(

@@ -153,12 +153,15 @@ def eval_set_uri(cfg: TwoStageConfig, task: str, split: str) -> str:
 
 
 def resolve_stages(cfg: TwoStageConfig, stages: list[StageConfig]) -> list[StageConfig]:
-    """Stages with data under ``data_root`` and ``max_steps`` applied."""
+    """Stages with data under ``data_root`` and ``max_steps`` and ``max_batch_size`` applied."""
     out = []
     for s in stages:
         if s.data is None:
             raise ConfigError(f"stage {s.name}: give its data (shards, image, tokenizer, batch size)")
-        s = dataclasses.replace(s, data=dataclasses.replace(s.data, shards=_shards(cfg, s.data.shards)))
+        batch = min(s.data.batch_size, cfg.max_batch_size) if cfg.max_batch_size else s.data.batch_size
+        s = dataclasses.replace(
+            s, data=dataclasses.replace(s.data, shards=_shards(cfg, s.data.shards), batch_size=batch)
+        )
         if cfg.max_steps and s.steps > cfg.max_steps:
             warm = min(s.schedule.warmup_steps, cfg.max_steps - 1)
             s = dataclasses.replace(s, steps=cfg.max_steps, schedule=dataclasses.replace(s.schedule, warmup_steps=warm))
