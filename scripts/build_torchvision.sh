@@ -34,12 +34,14 @@ PY="$VENV/bin/python"
 PIP="$PY -m pip --disable-pip-version-check"
 WHEELS=${VLFORGE_CACHE:-$HOME/.cache/vlforge}/wheels
 
+IO=${VLFORGE_TORCHVISION_IO:-0}
 QUIET=(-W "ignore:Failed to load image Python extension")  # no image.so unless VLFORGE_TORCHVISION_IO=1
 works() {
-  "$PY" - <<'EOF' >/dev/null 2>&1
-import torch, torchvision
+  "$PY" "${QUIET[@]}" - "$IO" <<'EOF' >/dev/null 2>&1
+import os, sys, torch, torchvision
 from torchvision.ops import nms
 assert nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.ones(1), 0.5).tolist() == [0]
+assert sys.argv[1] != "1" or os.path.exists(os.path.join(os.path.dirname(torchvision.__file__), "image.so"))
 EOF
 }
 report() { echo "torchvision $("$PY" "${QUIET[@]}" -c 'import torchvision; print(torchvision.__version__)') works with torch $TORCH"; }
@@ -59,6 +61,7 @@ if [ "$ACCEL" = gpu ]; then
 fi
 
 LOCAL="cpu.torch$TORCH"
+[ "$IO" = 1 ] && LOCAL="cpu.io.torch$TORCH"  # a cached wheel of its own: the default one lacks image.so
 cached() { ls "$WHEELS"/torchvision-*+"$LOCAL"-"$PYTAG"-*.whl 2>/dev/null | sort -V | tail -1; }
 
 if [ -z "$(cached)" ]; then
@@ -110,7 +113,7 @@ if [ -z "$(cached)" ]; then
   # setuptools >= 81 no longer ships pkg_resources, which older setup.py files import. Unless
   # VLFORGE_TORCHVISION_IO=1, torchvision.io's image codecs (image.so: half the compile time) are left
   # out: vlforge decodes images with PIL, and timm needs only torchvision's Python code and ops.
-  "$PY" - "$SRC/setup.py" "${VLFORGE_TORCHVISION_IO:-0}" <<'EOF'
+  "$PY" - "$SRC/setup.py" "$IO" <<'EOF'
 import sys
 p, with_io = sys.argv[1], sys.argv[2] == "1"
 s = open(p).read()
