@@ -13,15 +13,21 @@
 # * CPU torch: PyPI carries only CUDA builds of torchvision; their _C.so links
 #   libtorch_cuda, fails to load, and the import dies with "operator
 #   torchvision::nms does not exist" (which also breaks transformers). So we
-#   compile torchvision from source, CPU only, against the installed torch
-#   (--no-build-isolation). PyPI has no torchvision sdist; the source is the
+#   build torchvision from source against the installed torch
+#   (--no-build-isolation). vlforge uses only torchvision's Python code (timm
+#   imports FrozenBatchNorm2d and transforms; images are decoded with PIL), so by
+#   default the wheel has no compiled code: no C++ ops (torchvision.ops.nms,
+#   roi_align, ...: "Couldn't load custom C++ ops" if called) and no image codecs
+#   (torchvision.io), and the build takes seconds. VLFORGE_TORCHVISION_OPS=1
+#   compiles the CPU ops (about 3 minutes on 2 cores); VLFORGE_TORCHVISION_IO=1
+#   compiles the ops and torchvision.io's image codecs (about 6 minutes). PyPI has no torchvision sdist; the source is the
 #   upstream release tarball that Debian ships as pytorch-vision's .orig.tar.gz,
 #   fetched with apt's downloader and checked against the sha256 in Debian's
 #   signed Sources index. The release matching torch 2.x is 0.(x+15); if Debian
 #   does not serve that one, the newest older release is built (torchvision's C++
 #   ops only use long-stable torch APIs). The built wheel is kept in
 #   $VLFORGE_CACHE/wheels (default ~/.cache/vlforge/wheels): later installs take
-#   seconds. A first build takes about 3 minutes on 2 cores.
+#   seconds.
 #
 # Overrides: VLFORGE_TORCHVISION_SRC=/path/to/vision-checkout-or-tarball builds
 # that source instead of fetching one (e.g. a checkout of the matching tag).
@@ -35,13 +41,17 @@ PIP="$PY -m pip --disable-pip-version-check"
 WHEELS=${VLFORGE_CACHE:-$HOME/.cache/vlforge}/wheels
 
 IO=${VLFORGE_TORCHVISION_IO:-0}
+OPS=${VLFORGE_TORCHVISION_OPS:-$IO}  # the image codecs are built only with the ops
 QUIET=(-W "ignore:Failed to load image Python extension")  # no image.so unless VLFORGE_TORCHVISION_IO=1
 works() {
-  "$PY" "${QUIET[@]}" - "$IO" <<'EOF' >/dev/null 2>&1
+  "$PY" "${QUIET[@]}" - "$OPS" "$IO" <<'EOF' >/dev/null 2>&1
 import os, sys, torch, torchvision
-from torchvision.ops import nms
-assert nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.ones(1), 0.5).tolist() == [0]
-assert sys.argv[1] != "1" or os.path.exists(os.path.join(os.path.dirname(torchvision.__file__), "image.so"))
+from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.transforms import functional
+if sys.argv[1] == "1":
+    from torchvision.ops import nms
+    assert nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.ones(1), 0.5).tolist() == [0]
+assert sys.argv[2] != "1" or os.path.exists(os.path.join(os.path.dirname(torchvision.__file__), "image.so"))
 EOF
 }
 report() { echo "torchvision $("$PY" "${QUIET[@]}" -c 'import torchvision; print(torchvision.__version__)') works with torch $TORCH"; }
@@ -60,9 +70,11 @@ if [ "$ACCEL" = gpu ]; then
   report; exit 0
 fi
 
-LOCAL="cpu.torch$TORCH"
-[ "$IO" = 1 ] && LOCAL="cpu.io.torch$TORCH"  # a cached wheel of its own: the default one lacks image.so
-cached() { ls "$WHEELS"/torchvision-*+"$LOCAL"-"$PYTAG"-*.whl 2>/dev/null | sort -V | tail -1; }
+# Each kind of build is cached as its own wheel: a Python-only one (pure: none-any), ops, ops + codecs.
+LOCAL="cpu.py.torch$TORCH"
+[ "$OPS" = 1 ] && LOCAL="cpu.torch$TORCH"
+[ "$IO" = 1 ] && LOCAL="cpu.io.torch$TORCH"
+cached() { ls "$WHEELS"/torchvision-*+"$LOCAL"-{"$PYTAG"-*,py*-none-any}.whl 2>/dev/null | sort -V | tail -1; }
 
 if [ -z "$(cached)" ]; then
   WORK=$(mktemp -d)
@@ -110,27 +122,43 @@ if [ -z "$(cached)" ]; then
     cp -r "$SRC" "$WORK/src" && SRC="$WORK/src"
   fi
   TV=$(head -1 "$SRC/version.txt" | sed 's/[a-z].*//')
-  # setuptools >= 81 no longer ships pkg_resources, which older setup.py files import. Unless
-  # VLFORGE_TORCHVISION_IO=1, torchvision.io's image codecs (image.so: half the compile time) are left
-  # out: vlforge decodes images with PIL, and timm needs only torchvision's Python code and ops.
-  "$PY" - "$SRC/setup.py" "$IO" <<'EOF'
-import sys
-p, with_io = sys.argv[1], sys.argv[2] == "1"
-s = open(p).read()
-s = s.replace(
-    "from pkg_resources import DistributionNotFound, get_distribution, parse_version",
-    "from importlib.metadata import PackageNotFoundError as DistributionNotFound, distribution as get_distribution\n"
-    "from packaging.version import parse as parse_version",
-)
+  # setuptools >= 81 no longer ships pkg_resources, which older setup.py files import. The
+  # extensions not asked for (see the top) are taken out of setup.py's list. Without the ops,
+  # _meta_registrations' one unconditional fake-kernel registration (for torchvision::nms, an op
+  # only _C.so defines) is made conditional like the others, so `import torchvision` works.
+  "$PY" - "$SRC" "$OPS" "$IO" <<'EOF'
+import os, sys
+src, with_ops, with_io = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+def patch(rel, old, new):
+    p = os.path.join(src, rel)
+    s = open(p).read()
+    if s.count(old) != 1:
+        sys.exit(f"build_torchvision.sh: {rel} does not hold {old!r} once; set VLFORGE_TORCHVISION_IO=1 for a full build")
+    open(p, "w").write(s.replace(old, new))
+setup = open(os.path.join(src, "setup.py")).read()
+if "from pkg_resources import" in setup:
+    patch(
+        "setup.py",
+        "from pkg_resources import DistributionNotFound, get_distribution, parse_version",
+        "from importlib.metadata import PackageNotFoundError as DistributionNotFound, distribution as get_distribution\n"
+        "from packaging.version import parse as parse_version",
+    )
 if not with_io:
-    if s.count("make_image_extension(),") != 1:
-        sys.exit("build_torchvision.sh: this setup.py does not list make_image_extension() once; set VLFORGE_TORCHVISION_IO=1")
-    s = s.replace("make_image_extension(),", "")
-open(p, "w").write(s)
+    patch("setup.py", "make_image_extension(),", "")
+if not with_ops:
+    patch("setup.py", "make_C_extension(),", "")
+    patch(
+        "torchvision/_meta_registrations.py",
+        '@torch.library.register_fake("torchvision::nms")',
+        '@(torch.library.register_fake("torchvision::nms") if torchvision.extension._has_ops() else (lambda fn: fn))',
+    )
 EOF
   $PIP install -q -c constraints.txt setuptools wheel packaging ninja
   mkdir -p "$WHEELS"
-  echo "building torchvision $TV for CPU against torch $TORCH (about 3 minutes on 2 cores)"
+  WHAT="Python code only"
+  [ "$OPS" = 1 ] && WHAT="CPU ops, about 3 minutes on 2 cores"
+  [ "$IO" = 1 ] && WHAT="CPU ops and image codecs, about 6 minutes on 2 cores"
+  echo "building torchvision $TV for CPU against torch $TORCH ($WHAT)"
   START=$(date +%s)
   env PATH="$(cd "$VENV/bin" && pwd):$PATH" FORCE_CUDA=0 TORCHVISION_USE_NVJPEG=0 TORCHVISION_USE_VIDEO_CODEC=0 TORCHVISION_USE_FFMPEG=0 \
     BUILD_VERSION="$TV+$LOCAL" MAX_JOBS="$(nproc)" \

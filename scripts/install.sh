@@ -19,7 +19,8 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
-# On a CPU machine torchvision compiles for minutes (scripts/build_torchvision.sh). It builds in the
+# On a CPU machine torchvision is built from source (scripts/build_torchvision.sh; minutes when its
+# C++ ops are asked for with VLFORGE_TORCHVISION_OPS=1, seconds by default). It builds in the
 # background while pip installs every other dependency; timm, the one that needs torchvision, goes in
 # after it. (Without Python 3.11's tomllib to read the dependency list, the steps run one after another.)
 $PIP install -q -c constraints.txt setuptools wheel packaging ninja

@@ -70,7 +70,8 @@ def override(config, overrides: dict[str, Any]):
 
 def import_timm():
     """``import timm``, quiet about torchvision's image codecs: scripts/build_torchvision.sh leaves them
-    out of the CPU build (vlforge decodes with PIL), and torchvision warns about it at import."""
+    (and torchvision's C++ ops) out of the CPU build by default (vlforge decodes with PIL, and timm
+    needs only torchvision's Python code), and torchvision warns about the codecs at import."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Failed to load image Python extension", category=UserWarning)
         import timm
