@@ -20,10 +20,10 @@
 #   roi_align, ...: "Couldn't load custom C++ ops" if called) and no image codecs
 #   (torchvision.io), and the build takes seconds. VLFORGE_TORCHVISION_OPS=1
 #   compiles the CPU ops (about 3 minutes on 2 cores); VLFORGE_TORCHVISION_IO=1
-#   compiles the ops and torchvision.io's image codecs (about 6 minutes). PyPI has no torchvision sdist; the source is the
-#   upstream release tarball that Debian ships as pytorch-vision's .orig.tar.gz,
-#   fetched with apt's downloader and checked against the sha256 in Debian's
-#   signed Sources index. The release matching torch 2.x is 0.(x+15); if Debian
+#   compiles the ops and torchvision.io's image codecs (about 6 minutes). PyPI
+#   has no torchvision sdist; the source is the upstream release tarball that
+#   Debian ships as pytorch-vision's .orig.tar.gz, fetched with apt's downloader
+#   and checked against the sha256 in Debian's signed Sources index. The release matching torch 2.x is 0.(x+15); if Debian
 #   does not serve that one, the newest older release is built (torchvision's C++
 #   ops only use long-stable torch APIs). The built wheel is kept in
 #   $VLFORGE_CACHE/wheels (default ~/.cache/vlforge/wheels): later installs take
@@ -41,7 +41,8 @@ PIP="$PY -m pip --disable-pip-version-check"
 WHEELS=${VLFORGE_CACHE:-$HOME/.cache/vlforge}/wheels
 
 IO=${VLFORGE_TORCHVISION_IO:-0}
-OPS=${VLFORGE_TORCHVISION_OPS:-$IO}  # the image codecs are built only with the ops
+OPS=${VLFORGE_TORCHVISION_OPS:-0}
+[ "$IO" = 1 ] && OPS=1  # the image codecs are built only with the ops
 QUIET=(-W "ignore:Failed to load image Python extension")  # no image.so unless VLFORGE_TORCHVISION_IO=1
 works() {
   "$PY" "${QUIET[@]}" - "$OPS" "$IO" <<'EOF' >/dev/null 2>&1
@@ -71,9 +72,11 @@ if [ "$ACCEL" = gpu ]; then
 fi
 
 # Each kind of build is cached as its own wheel: a Python-only one (pure: none-any), ops, ops + codecs.
-LOCAL="cpu.py.torch$TORCH"
-[ "$OPS" = 1 ] && LOCAL="cpu.torch$TORCH"
-[ "$IO" = 1 ] && LOCAL="cpu.io.torch$TORCH"
+case "$OPS$IO" in
+  00) LOCAL="cpu.py.torch$TORCH" WHAT="Python code only" ;;
+  10) LOCAL="cpu.torch$TORCH" WHAT="CPU ops, about 3 minutes on 2 cores" ;;
+  *) LOCAL="cpu.io.torch$TORCH" WHAT="CPU ops and image codecs, about 6 minutes on 2 cores" ;;
+esac
 cached() { ls "$WHEELS"/torchvision-*+"$LOCAL"-{"$PYTAG"-*,py*-none-any}.whl 2>/dev/null | sort -V | tail -1; }
 
 if [ -z "$(cached)" ]; then
@@ -129,14 +132,14 @@ if [ -z "$(cached)" ]; then
   "$PY" - "$SRC" "$OPS" "$IO" <<'EOF'
 import os, sys
 src, with_ops, with_io = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
-def patch(rel, old, new):
+def patch(rel, old, new, hint=""):
     p = os.path.join(src, rel)
     s = open(p).read()
     if s.count(old) != 1:
-        sys.exit(f"build_torchvision.sh: {rel} does not hold {old!r} once; set VLFORGE_TORCHVISION_IO=1 for a full build")
+        sys.exit(f"build_torchvision.sh: {rel} of this torchvision release does not hold {old!r} once{hint}")
     open(p, "w").write(s.replace(old, new))
-setup = open(os.path.join(src, "setup.py")).read()
-if "from pkg_resources import" in setup:
+FULL = "; VLFORGE_TORCHVISION_IO=1 builds everything without this patch"
+if "from pkg_resources import" in open(os.path.join(src, "setup.py")).read():
     patch(
         "setup.py",
         "from pkg_resources import DistributionNotFound, get_distribution, parse_version",
@@ -144,20 +147,18 @@ if "from pkg_resources import" in setup:
         "from packaging.version import parse as parse_version",
     )
 if not with_io:
-    patch("setup.py", "make_image_extension(),", "")
+    patch("setup.py", "make_image_extension(),", "", FULL)
 if not with_ops:
-    patch("setup.py", "make_C_extension(),", "")
+    patch("setup.py", "make_C_extension(),", "", FULL)
     patch(
         "torchvision/_meta_registrations.py",
         '@torch.library.register_fake("torchvision::nms")',
         '@(torch.library.register_fake("torchvision::nms") if torchvision.extension._has_ops() else (lambda fn: fn))',
+        FULL,
     )
 EOF
   $PIP install -q -c constraints.txt setuptools wheel packaging ninja
   mkdir -p "$WHEELS"
-  WHAT="Python code only"
-  [ "$OPS" = 1 ] && WHAT="CPU ops, about 3 minutes on 2 cores"
-  [ "$IO" = 1 ] && WHAT="CPU ops and image codecs, about 6 minutes on 2 cores"
   echo "building torchvision $TV for CPU against torch $TORCH ($WHAT)"
   START=$(date +%s)
   env PATH="$(cd "$VENV/bin" && pwd):$PATH" FORCE_CUDA=0 TORCHVISION_USE_NVJPEG=0 TORCHVISION_USE_VIDEO_CODEC=0 TORCHVISION_USE_FFMPEG=0 \
