@@ -4,7 +4,7 @@
 #
 #   bash scripts/build_torchvision.sh               # venv: $VLFORGE_VENV, default .venv
 #   bash scripts/build_torchvision.sh --wheel-only  # build the CPU wheel into the cache, install nothing
-#                                                   # (scripts/install.sh runs this while pip fetches the rest)
+#                                                   # (scripts/install.sh runs this while uv fetches the rest)
 #
 # Idempotent: does nothing when a working torchvision is importable.
 #

