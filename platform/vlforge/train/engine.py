@@ -21,6 +21,8 @@ C++ ops compile once per machine into ``extensions_dir()``; to do it ahead of an
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -201,6 +203,56 @@ def fit_shapes(sd: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torc
     return out
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def defer_muon_compile() -> bool:
+    """Import DeepSpeed's Muon optimizer with its ``torch.compile`` applied on first call, not at import.
+
+    ``deepspeed.initialize`` with ZeRO imports that module to check the optimizer type, and the module
+    decorates three functions with ``torch.compile`` at import, which loads inductor: 3.2 s of every
+    training process measured here (2 cores), for an optimizer vlforge does not use. During this one
+    import DeepSpeed's ``compiler.compile`` returns a decorator that calls ``torch.compile`` on the
+    function's first call, when torch would compile it anyway, so Muon behaves the same. Returns
+    whether the module was imported this way (False: already imported, or another DeepSpeed layout).
+    Written by hand: neither DeepSpeed nor torch has a switch for it."""
+    import sys
+
+    if MUON_MODULE in sys.modules:
+        return False
+    try:
+        from deepspeed.runtime import compiler
+    except ImportError:
+        return False
+    eager = getattr(compiler, "compile", None)
+    if eager is None:
+        return False
+
+    def lazy_compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    compiler.compile = lazy_compile
+    try:
+        importlib.import_module(MUON_MODULE)
+    except ImportError:
+        return False
+    finally:
+        compiler.compile = eager
+    return True
+
+
 def build_engine(
     module: nn.Module,
     stage: StageConfig,
@@ -215,6 +267,7 @@ def build_engine(
     ``extra`` is merged into the DeepSpeed config after everything else (the loop's resume settings)."""
     import deepspeed
 
+    defer_muon_compile()
     lift_scalars(module)
     ds = merge(deepspeed_config(cfg, micro_batch=micro_batch, world_size=world_size, on_gpu=on_gpu), extra or {})
     optimizer = make_optimizer(
