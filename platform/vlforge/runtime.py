@@ -6,7 +6,9 @@ Inside ``ray job submit`` (``RAY_ADDRESS`` is set) this connects to the cluster 
 leaves its resources alone. Without ``RAY_ADDRESS`` it always starts a Ray of its own
 (``address="local"``), also when a ``ray start`` cluster runs on the machine (plain
 ``ray.init()`` would join that one and then refuse the CPU count); ``RAY_ADDRESS=auto``
-joins it. On a laptop the local Ray's logical CPU
+joins it. A local Ray runs Train without Ray Train's preemption watcher (one actor
+process per run, for clusters whose nodes get drained); set
+``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1`` to keep it. On a laptop the local Ray's logical CPU
 count leaves room for Ray Data next to the Train workers (see
 ``vlforge.data.pipeline`` for the plan): ``num_train_workers * worker_cpus``
 for Train plus ``max(2, cores)`` for data.
@@ -47,6 +49,7 @@ def tune_malloc() -> bool:
 
 
 HOME_ENV = "VLFORGE_HOME"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's own switch (default on)
 
 
 def in_ray_job_working_dir(cwd: str | os.PathLike | None = None) -> bool:
@@ -103,6 +106,10 @@ def init_ray(
     if address:
         return ray.init(address=address, logging_level=logging_level, **kwargs)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray Train starts a preemption watcher actor for every run, a process of its own (about 10 s of
+    # CPU each, seen here on 2 cores) that polls whether a node is being drained. A local Ray on one
+    # machine is never drained; the driver passes this setting to each run's controller.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     # The dashboard serves the state API, which Ray Train's placement-group cleaner asks whether a
     # run's controller is alive: without it, the workers' CPUs of a run whose controller was killed
     # (a trial that Tune stopped early) stay reserved until Ray shuts down. Bound to 127.0.0.1.

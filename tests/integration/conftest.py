@@ -183,6 +183,9 @@ class RayHead:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         self.env.pop("RAY_ADDRESS", None)
+        # The session's local Ray turned Ray Train's preemption watcher off (vlforge.runtime); a
+        # cluster's drivers run with Ray's default, as on a real cluster.
+        self.env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)
         self.system_env = system_env or {}
 
     def start(self, timeout: float = 120.0) -> RayHead:

@@ -306,6 +306,10 @@ def test_training_finishes_through_an_mlflow_outage(ray_local, corpus, own_mlflo
     assert history == list(range(1, steps + 1))
     assert run.info.status == "FINISHED"
     assert not list((tmp_path / "buf").glob("*.jsonl")), "records left undelivered in the buffer"
+    from ray.util.state import list_actors
+
+    # vlforge.runtime's local Ray runs Train without the preemption watcher's actor process.
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], raise_on_missing_output=False)
 
 
 # ---------------------------------------------------------------------------- 4. bad configs
