@@ -308,8 +308,13 @@ def test_training_finishes_through_an_mlflow_outage(ray_local, corpus, own_mlflo
     assert not list((tmp_path / "buf").glob("*.jsonl")), "records left undelivered in the buffer"
     from ray.util.state import list_actors
 
-    # vlforge.runtime's local Ray runs Train without the preemption watcher's actor process.
-    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], raise_on_missing_output=False)
+    # vlforge.runtime's local Ray runs Train without the preemption watcher's actor process. The state
+    # API is pointed at this session's local Ray: left to itself it finds the `ray start` cluster of
+    # this module's node-kill test, whose drivers keep Ray's default and so do start watchers.
+    gcs = ray_local.get_runtime_context().gcs_address
+    classes = {a.class_name for a in list_actors(address=gcs, limit=10_000, raise_on_missing_output=False)}
+    assert "TrainController" in classes, f"the state API did not see this run's controller: {sorted(classes)}"
+    assert "PreemptionWatcher" not in classes
 
 
 # ---------------------------------------------------------------------------- 4. bad configs
