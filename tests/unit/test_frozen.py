@@ -214,7 +214,7 @@ def test_real_sizes_with_smollm2(smollm2, size):
 def test_registered_sizes():
     from vlforge.models import list_models
 
-    assert {"frozen_debug", "frozen_small", "frozen_base"} <= set(list_models("frozen"))
+    assert {"frozen_debug", "frozen_small", "frozen_lite0", "frozen_base"} <= set(list_models("frozen"))
 
 
 def test_overrides_reach_nested_configs():

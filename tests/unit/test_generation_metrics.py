@@ -144,6 +144,10 @@ def test_score_captioner_scores_references_and_objects(tmp_path):
     wrong = ["a llama left of a cat", "a cat above a dog", "a taxi"]  # only the second names its objects
     out = score_captioner(_Captioner(wrong), str(shards), data, java=False)
     assert out["objects_named"] == pytest.approx(100 / 3) and out["rouge_l"] < 100
+    # 6 scene objects; named: llama (+ cat, not there), cat and dog, taxi: 4 of 6 found, 4 of 5 right
+    assert out["objects_total"] == 6
+    assert out["objects_recall"] == pytest.approx(400 / 6) and out["objects_precision"] == pytest.approx(80.0)
+    assert perfect["objects_recall"] == pytest.approx(100.0) and perfect["objects_precision"] == pytest.approx(100.0)
 
 
 def test_vlforge_eval_on_a_caption_model_directory(tmp_path, capsys):

@@ -129,7 +129,7 @@ def test_small_with_smollm2(smollm2_loads):
 def test_registered_sizes():
     from vlforge.models import list_models
 
-    assert {"vcgpt_debug", "vcgpt_small"} <= set(list_models("vcgpt"))
+    assert {"vcgpt_debug", "vcgpt_small", "vcgpt_lite0"} <= set(list_models("vcgpt"))
 
 
 def test_the_platform_task_trains_vcgpt_on_pipeline_batches():
@@ -189,3 +189,37 @@ def test_generate_from_one_branch(debug_model):
         assert len(debug_model.generate(pv, max_new_tokens=3, branch=branch)) == 2
     with pytest.raises(ValueError, match="branch"):
         debug_model.generate(pv, branch="both")
+
+
+def test_vcgpt_on_the_locked_tower_learns_and_round_trips(tmp_path):
+    """A VC-GPT whose vision is the locked EfficientNet-Lite0 tower (vcgpt_lite0's, at debug sizes): one
+    batch's loss falls with the tokenizer untouched, and its model directory generates the same captions."""
+    from vlforge.models.io import build_from_spec, load_model_dir, save_model_dir
+    from vlforge.models.trainable import set_trainable
+
+    lite = {"image_tokenizer": "efficientnet_lite0", "img_size": 64, "embed_dim": 32, "num_heads": 2}
+    spec = {"model": "vcgpt_debug", "method": "vcgpt", "overrides": {"vision": lite}}
+    torch.manual_seed(0)
+    model = build_from_spec(spec)
+    set_trainable(model, ["vision.*", "visual_proj.*", "fusion.*", "fusion_norm.*", "fusion_head.*"])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("vision.tokenizer.")}
+    assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    batch = {"pixel_values": torch.randn(2, 3, 64, 64), **model.tokenize(["a llama left of a taxi", "a cat"])}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} moved"
+    model.eval()
+    save_model_dir(model.state_dict(), spec, tmp_path / "m")
+    back = load_model_dir(tmp_path / "m")
+    assert back.generate(batch["pixel_values"], max_new_tokens=4) == model.generate(
+        batch["pixel_values"], max_new_tokens=4
+    )

@@ -16,6 +16,8 @@ EXPECTED = {
     "vision_small": (128, 64 + 1, 192),
     "vision_nf_resnet26": (128, 16, 2048),
     "vision_nf_resnet50": (224, 49, 2048),
+    "vision_lite0": (128, 16, 384),
+    "vision_lite0_debug": (64, 4, 32),
 }
 
 
@@ -87,3 +89,44 @@ def test_cnn_tokens_are_the_flattened_feature_map():
         out = tower(x)
     assert torch.equal(out.tokens, fmap.flatten(2).transpose(1, 2))
     assert torch.allclose(out.pooled, fmap.mean((2, 3)), atol=1e-5)
+
+
+def test_locked_tower_keeps_its_tokenizer_frozen_and_trains_its_head():
+    """vision_lite0*: the pretrained EfficientNet-Lite0 never trains, whatever the globs say; the
+    projection, position embedding and blocks above it do, and cached features give the pixels' output."""
+    from vlforge.models.trainable import set_trainable
+    from vlforge.models.vision import LockedVisionTower
+
+    torch.manual_seed(0)
+    tower = create_model("vision_lite0_debug")
+    assert isinstance(tower, LockedVisionTower)
+    set_trainable(tower, ["*"])
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert trainable and all(not n.startswith("tokenizer.") for n in trainable)
+    assert {"proj.weight", "pos_embed", "norm.weight"} <= trainable
+    before = {n: p.detach().clone() for n, p in tower.named_parameters()}
+    opt = torch.optim.SGD([p for p in tower.parameters() if p.requires_grad], lr=0.1)
+    tower.train()
+    pixels = torch.randn(2, 3, 64, 64)
+    tower(pixels).pooled.pow(2).sum().backward()
+    opt.step()
+    moved = {n for n, p in tower.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trainable
+    tower.eval()
+    assert not tower.tokenizer.training
+    with torch.no_grad():
+        grid = tower.tokenizer(pixels)  # [2, 1280, 2, 2]
+        torch.testing.assert_close(tower(grid).tokens, tower(pixels).tokens)
+
+
+def test_locked_tower_sees_where_things_are():
+    """Its position embedding makes a cell's token depend on where the cell is: the same grid with two
+    cells swapped gives other tokens at those positions (without it, they would swap with the cells)."""
+    torch.manual_seed(0)
+    tower = create_model("vision_lite0_debug", depth=0).eval()
+    grid = torch.randn(1, 1280, 2, 2)
+    swapped = grid.clone()
+    swapped[..., 0, 0], swapped[..., 1, 1] = grid[..., 1, 1], grid[..., 0, 0]
+    with torch.no_grad():
+        a, b = tower(grid).tokens, tower(swapped).tokens  # [1, 4, 32]
+    assert not torch.allclose(a[:, 0], b[:, 3], atol=1e-4)

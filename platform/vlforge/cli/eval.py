@@ -56,7 +56,10 @@ def cmd_eval(args) -> int:
         _write_eval(out_dir, row, table, pictures)
         print(f"wrote {out_dir}/eval.json, table.txt" + (", examples.png" if pictures else ""))
     if "tokenizer" in row:
-        print(f"captions tokenised with {row['tokenizer']}; objects_named: captions naming exactly the scene's objects")
+        print(
+            f"captions tokenised with {row['tokenizer']}; objects_named: captions naming exactly the scene's "
+            "objects; objects_recall: the scenes' objects named"
+        )
     for ex in row.get("examples", [])[:3]:
         print(f"  e.g. {ex.get('question', ex.get('references'))!r} -> {ex.get('prediction', ex.get('caption'))!r}")
     if row.get("vqa_metric") == "vqav2":

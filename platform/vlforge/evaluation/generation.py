@@ -175,17 +175,27 @@ def few_shot_episodes(eval_keys: Sequence[str], pool_keys: Sequence[str], shots:
     return [[pool[i] for i in rng.choice(len(pool), size=shots, replace=False)] if shots else [] for _ in eval_keys]
 
 
-def objects_named(caption: str, objects: Sequence[str], vocabulary: Sequence[str]) -> bool:
-    """Whether ``caption`` names exactly the scene's ``objects`` among the ``vocabulary`` of object
-    names the corpus uses (each name matched as whole words, longer names first so that "red car"
-    is not also counted as "car")."""
+def named_objects(caption: str, vocabulary: Sequence[str]) -> set[str]:
+    """The names of the ``vocabulary`` (the corpus's object names) that ``caption`` mentions, plainly
+    tokenised; each matched as whole words, longer names first so that "red car" is not also "car"."""
     text = f" {plain_tokenize(caption)} "
     found = set()
     for name in sorted({plain_tokenize(v) for v in vocabulary}, key=len, reverse=True):
         if name and f" {name} " in text:
             found.add(name)
             text = text.replace(f" {name} ", " | ")
-    return found == {plain_tokenize(o) for o in objects}
+    return found
+
+
+def objects_named(caption: str, objects: Sequence[str], vocabulary: Sequence[str]) -> bool:
+    """Whether ``caption`` names exactly the scene's ``objects`` among the ``vocabulary``."""
+    return named_objects(caption, vocabulary) == {plain_tokenize(o) for o in objects}
+
+
+def object_hits(caption: str, objects: Sequence[str], vocabulary: Sequence[str]) -> tuple[int, int]:
+    """(how many of the scene's distinct ``objects`` the caption names, how many objects it names)."""
+    found = named_objects(caption, vocabulary)
+    return len(found & {plain_tokenize(o) for o in objects}), len(found)
 
 
 def _references(shards: str, storage, wanted: set[int]) -> dict[int, tuple[list[str], list[str]]]:
@@ -226,7 +236,9 @@ def score_captioner(
     """Captions of ``model`` (anything with ``generate(pixel_values, max_new_tokens)``) for the
     images of a captions shard set, scored against the set's captions (all of them, for COCO-style
     samples): ``caption_metrics`` plus ``objects_named`` (percent of captions naming exactly the
-    scene's objects, where the samples' metadata lists them; corpus concept names as the vocabulary).
+    scene's objects, where the samples' metadata lists them; corpus concept names as the vocabulary),
+    ``objects_recall`` (percent of the scenes' objects named) and ``objects_precision`` (percent of the
+    objects named that are in the scene), over ``objects_total`` scene objects.
     ``examples``: also return that many (sample id, caption, references, image as [H, W, 3] uint8) for
     a picture or a table;
     ``generate_kwargs`` go to ``generate``: ``beams`` (beam search; greedy without it), VC-GPT's ``branch``
@@ -257,6 +269,10 @@ def score_captioner(
         named = sum(objects_named(keyed[str(i)], refs[i][1], vocab) for i in with_objects)
         out["objects_named"] = 100.0 * named / len(with_objects)
         out["objects_n"] = len(with_objects)
+        hits = [object_hits(keyed[str(i)], refs[i][1], vocab) for i in with_objects]
+        out["objects_total"] = sum(len({plain_tokenize(o) for o in refs[i][1]}) for i in with_objects)
+        out["objects_recall"] = 100.0 * sum(h for h, _ in hits) / out["objects_total"]
+        out["objects_precision"] = 100.0 * sum(h for h, _ in hits) / max(1, sum(n for _, n in hits))
     if examples:
         shown = display_images(ev["pixel_values"][:examples], data.image)
         out["examples"] = [

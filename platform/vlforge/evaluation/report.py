@@ -48,7 +48,7 @@ METRIC_COLUMNS = (
     "t2i_r10",
     "rmean",
 )
-CAPTION_METRIC_COLUMNS = ("bleu4", "rouge_l", "cider", "meteor", "objects_named")  # captioning models
+CAPTION_METRIC_COLUMNS = ("bleu4", "rouge_l", "cider", "meteor", "objects_named", "objects_recall")  # captioning models
 HEADLINE_METRICS = ("nlvr2_acc", "vqa_acc", "rmean")  # one figure per task, for the results bar chart
 LATENCY_SERIES = (
     ("teacher_s", "fusion teacher (ITM on all pairs)"),
@@ -209,6 +209,7 @@ INTERVAL_COUNTS = {
     "i2t_r1": "n_images",
     "t2i_r1": "n_texts",
     "objects_named": "objects_n",
+    "objects_recall": "objects_total",
 }
 
 INTERVAL_NOTE = (

@@ -221,6 +221,13 @@ def frozen_small(**overrides) -> Frozen:
 
 
 @register_model
+def frozen_lite0(**overrides) -> Frozen:
+    """The locked EfficientNet-Lite0 tower with a trainable head (``vision_lite0``, 128x128) + frozen
+    SmolLM2-135M: the CPU recipe, whose vision side starts from pretrained features."""
+    return _frozen(FrozenConfig(vision=vision_config("lite0"), lm=LMConfig(source="smollm2")), overrides)
+
+
+@register_model
 def frozen_base(**overrides) -> Frozen:
     """The paper's NF-ResNet-50 (224x224), n=2 prefix, frozen SmolLM2-135M (or any LM via lm=...)."""
     return _frozen(FrozenConfig(vision=vision_config("nf_resnet50"), lm=LMConfig(source="smollm2")), overrides)

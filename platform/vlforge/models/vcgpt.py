@@ -199,3 +199,13 @@ def vcgpt_small(**overrides) -> VCGPT:
         VCGPTConfig(vision=vision_config("small"), lm=LMConfig(source="smollm2"), fusion_layers=3, fusion_heads=9),
         overrides,
     )
+
+
+@register_model
+def vcgpt_lite0(**overrides) -> VCGPT:
+    """The locked EfficientNet-Lite0 tower with a trainable head (``vision_lite0``, 128x128) + SmolLM2-135M
+    + 3 fusion layers: the CPU recipe (VC-GPT's paper uses CLIP's pretrained ViT for the same reason)."""
+    return _vcgpt(
+        VCGPTConfig(vision=vision_config("lite0"), lm=LMConfig(source="smollm2"), fusion_layers=3, fusion_heads=9),
+        overrides,
+    )

@@ -16,6 +16,12 @@ Named towers:
 * ``vision_nf_resnet50``: NF-ResNet-50 on 224x224 (Brock et al. 2021, "Characterizing
   signal propagation to close the performance gap in unnormalized ResNets",
   arXiv 2101.08692), the vision encoder of Frozen.
+* ``vision_lite0``: a :class:`LockedVisionTower`: the locked pretrained EfficientNet-Lite0
+  image tokenizer (``models/image_tokenizer.py``, Apache-2.0 weights from a pip package) at
+  128x128, its 4x4 grid of 1280-d cells projected to 384, a learned position embedding and one
+  trainable transformer block. The pretrained tower the captioning models (VC-GPT uses CLIP's
+  pretrained ViT) use on CPU: trained from scratch for minutes, ViT-Tiny's captions named the
+  background colour but never the objects.
 
     from vlforge.models import create_model
     tower = create_model("vision_debug")
@@ -31,7 +37,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
+from vlforge.models.image_tokenizer import TOKENIZERS, create_image_tokenizer
 from vlforge.models.interface import VLModel
 from vlforge.models.registry import register_model
 
@@ -43,6 +51,10 @@ class VisionConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     drop_path_rate: float = 0.0
+    image_tokenizer: str | None = None  # a locked pretrained tokenizer (models/image_tokenizer.py): a LockedVisionTower
+    embed_dim: int = 384  # LockedVisionTower: width of the projected grid cells
+    depth: int = 1  # LockedVisionTower: trainable transformer blocks over the grid
+    num_heads: int = 6  # LockedVisionTower: heads of those blocks
 
 
 class VisionOutput(NamedTuple):
@@ -108,7 +120,10 @@ class VisionTower(VLModel):
             self.load_checkpoint(checkpoint)
 
     @classmethod
-    def from_config(cls, config: VisionConfig) -> VisionTower:
+    def from_config(cls, config: VisionConfig) -> VisionTower | LockedVisionTower:
+        """The tower ``config`` names: a timm model, or a locked tokenizer with a trainable head."""
+        if config.image_tokenizer is not None:
+            return LockedVisionTower(config)
         return cls(config.timm_name, config.img_size, config.timm_kwargs, config.checkpoint, config.drop_path_rate)
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -139,6 +154,40 @@ class VisionTower(VLModel):
         return VisionOutput(tokens, pooled)
 
 
+class LockedVisionTower(VLModel):
+    """A locked pretrained image tokenizer with a small trainable head: the same two views as
+    :class:`VisionTower`. The grid [B, C, h, w] (or those features, cached) is projected to
+    ``embed_dim``, given a learned position embedding so that captions can say where things are,
+    and passed through ``depth`` timm ViT blocks; ``pooled`` is the mean of the tokens. Only the
+    tokenizer is locked (``vlforge.models.trainable`` never unfreezes it); the head trains.
+    """
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        if config.image_tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown image tokenizer {config.image_tokenizer!r}; known: {sorted(TOKENIZERS)}")
+        import_timm()
+        from timm.layers import trunc_normal_
+        from timm.models.vision_transformer import Block
+
+        self.img_size = config.img_size
+        self.tokenizer = create_image_tokenizer(config.image_tokenizer, config.img_size)
+        n = self.tokenizer.grid**2
+        self.proj = nn.Linear(self.tokenizer.channels, config.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, config.embed_dim))
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.Sequential(*(Block(config.embed_dim, config.num_heads) for _ in range(config.depth)))
+        self.norm = nn.LayerNorm(config.embed_dim)
+        self.num_features = config.embed_dim
+        self.num_prefix_tokens = 0
+
+    def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
+        grid = self.tokenizer.features(pixel_values)  # [B, C, h, w]
+        x = self.proj(grid.flatten(2).transpose(1, 2)) + self.pos_embed  # [B, h*w, D]
+        tokens = self.norm(self.blocks(x))
+        return VisionOutput(tokens, tokens.mean(dim=1))
+
+
 def _debug_vit() -> VisionConfig:
     return VisionConfig(
         "vit_tiny_patch16_224",
@@ -152,6 +201,10 @@ VISION_SIZES: dict[str, VisionConfig] = {
     "small": VisionConfig("vit_tiny_patch16_224", img_size=128, timm_kwargs=dict(img_size=128)),
     "nf_resnet26": VisionConfig("nf_resnet26", img_size=128),
     "nf_resnet50": VisionConfig("nf_resnet50", img_size=224),
+    "lite0": VisionConfig("efficientnet_lite0", img_size=128, image_tokenizer="efficientnet_lite0"),
+    "lite0_debug": VisionConfig(
+        "efficientnet_lite0", img_size=64, image_tokenizer="efficientnet_lite0", embed_dim=32, num_heads=2
+    ),
 }
 
 
@@ -177,3 +230,14 @@ def vision_nf_resnet26(**overrides) -> VisionTower:
 @register_model
 def vision_nf_resnet50(**overrides) -> VisionTower:
     return VisionTower.from_config(override(vision_config("nf_resnet50"), overrides))
+
+
+@register_model
+def vision_lite0(**overrides) -> LockedVisionTower:
+    return LockedVisionTower(override(vision_config("lite0"), overrides))
+
+
+@register_model
+def vision_lite0_debug(**overrides) -> LockedVisionTower:
+    """``vision_lite0`` at 64x64 (a 2x2 grid) with a 32-wide head: the pretrained tokenizer, for tests."""
+    return LockedVisionTower(override(vision_config("lite0_debug"), overrides))
