@@ -19,9 +19,9 @@ Named towers:
 * ``vision_lite0``: a :class:`LockedVisionTower`: the locked pretrained EfficientNet-Lite0
   image tokenizer (``models/image_tokenizer.py``, Apache-2.0 weights from a pip package) at
   128x128, its 4x4 grid of 1280-d cells projected to 384, a learned position embedding and one
-  trainable transformer block. The pretrained tower the captioning models (VC-GPT uses CLIP's
-  pretrained ViT) use on CPU: trained from scratch for minutes, ViT-Tiny's captions named the
-  background colour but never the objects.
+  trainable transformer block. The captioning smoke recipes use it, as VC-GPT's paper uses CLIP's
+  pretrained ViT: ViT-Tiny trained from pixels for minutes named the background colour in its
+  captions but never the objects.
 
     from vlforge.models import create_model
     tower = create_model("vision_debug")
