@@ -192,12 +192,6 @@ def objects_named(caption: str, objects: Sequence[str], vocabulary: Sequence[str
     return named_objects(caption, vocabulary) == {plain_tokenize(o) for o in objects}
 
 
-def object_hits(caption: str, objects: Sequence[str], vocabulary: Sequence[str]) -> tuple[int, int]:
-    """(how many of the scene's distinct ``objects`` the caption names, how many objects it names)."""
-    found = named_objects(caption, vocabulary)
-    return len(found & {plain_tokenize(o) for o in objects}), len(found)
-
-
 def _references(shards: str, storage, wanted: set[int]) -> dict[int, tuple[list[str], list[str]]]:
     """sample id -> (reference captions, object names) for the wanted samples, read in file order."""
     import json
@@ -266,13 +260,14 @@ def score_captioner(
     with_objects = [i for i in ids if refs[i][1]]
     if with_objects:
         vocab = [c.name for c in load_concepts()]
-        named = sum(objects_named(keyed[str(i)], refs[i][1], vocab) for i in with_objects)
-        out["objects_named"] = 100.0 * named / len(with_objects)
+        found = [named_objects(keyed[str(i)], vocab) for i in with_objects]
+        scene = [{plain_tokenize(o) for o in refs[i][1]} for i in with_objects]
+        hits = sum(len(f & w) for f, w in zip(found, scene))
+        out["objects_named"] = 100.0 * sum(f == w for f, w in zip(found, scene)) / len(with_objects)
         out["objects_n"] = len(with_objects)
-        hits = [object_hits(keyed[str(i)], refs[i][1], vocab) for i in with_objects]
-        out["objects_total"] = sum(len({plain_tokenize(o) for o in refs[i][1]}) for i in with_objects)
-        out["objects_recall"] = 100.0 * sum(h for h, _ in hits) / out["objects_total"]
-        out["objects_precision"] = 100.0 * sum(h for h, _ in hits) / max(1, sum(n for _, n in hits))
+        out["objects_total"] = sum(len(w) for w in scene)
+        out["objects_recall"] = 100.0 * hits / out["objects_total"]
+        out["objects_precision"] = 100.0 * hits / max(1, sum(len(f) for f in found))
     if examples:
         shown = display_images(ev["pixel_values"][:examples], data.image)
         out["examples"] = [
