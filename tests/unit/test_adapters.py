@@ -317,6 +317,9 @@ def test_vqav2_soft_targets_feed_the_vqav2_metric_and_bce(tmp_path, imgs):
     scored = accuracy(_Answers(picks, len(vocab)), "vqa", ev)
     assert scored["metric"] == "vqav2" and scored["n"] == 4
     assert scored["acc"] == pytest.approx(100 * (1 + 1 / 3 + 0 + 1) / 4)
+    # every annotation names answer_type "other", so the breakdown has that one type, scored the same way
+    assert ev["vqa_type"] == ["other"] * 4
+    assert scored["by_type"] == {"other": {"acc": pytest.approx(scored["acc"]), "n": 4}}
     exact = accuracy(_Answers(picks, len(vocab)), "vqa", {k: v for k, v in ev.items() if k != "answer_targets"})
     assert exact["metric"] == "exact" and exact["acc"] == pytest.approx(100 * 2 / 4)  # 101 and 103 match answer_id
 

@@ -24,7 +24,10 @@ from vlforge.evaluation import (
     recall_at_k,
     student_scores,
     teacher_scores,
+    type_columns,
+    type_table,
 )
+from vlforge.evaluation.classification import by_group
 from vlforge.models.distill import PairOutput
 from vlforge.models.io import build_from_spec
 
@@ -213,14 +216,56 @@ def test_accuracy_vqa_counts_unknown_answers_wrong():
         accuracy(model, "itm", ev)
 
 
+def test_accuracy_vqa_by_question_type():
+    preds = torch.tensor([3, 1, 0, 2, 2, 1])
+    model = FakePairModel(nn.functional.one_hot(preds, 4).float())
+    ev = {
+        **_indexed_set(6),
+        "answer_id": torch.tensor([3, 1, 1, 2, 0, 1]),
+        "vqa_type": ["color", "count", "color", "color", "", "count"],
+    }
+    scored = accuracy(model, "vqa", ev, batch_size=4)
+    assert scored["acc"] == pytest.approx(100 * 4 / 6) and scored["n"] == 6
+    # color: samples 0 (right), 2 (wrong), 3 (right); count: 1 and 5 (both right); sample 4 names no type
+    assert scored["by_type"] == {"color": {"acc": pytest.approx(200 / 3), "n": 3}, "count": {"acc": 100.0, "n": 2}}
+    assert type_columns(scored) == {
+        "vqa_acc.color": pytest.approx(200 / 3),
+        "vqa_n.color": 3,
+        "vqa_acc.count": 100.0,
+        "vqa_n.count": 2,
+    }
+    assert "by_type" not in accuracy(model, "vqa", {k: v for k, v in ev.items() if k != "vqa_type"})
+    with pytest.raises(ValueError, match="6 scores but 5 groups"):
+        by_group([1.0] * 6, ev["vqa_type"][:5])
+
+
+def test_type_table_has_one_column_per_type_with_intervals():
+    rows = [
+        {"model": "teacher", "split": "test", "vqa_acc": 50.0, "vqa_acc.color": 90.0, "vqa_n.color": 100},
+        {"model": "teacher", "split": "val", "vqa_acc.count": 50.0, "vqa_n.count": 100},
+    ]
+    lines = type_table(rows).splitlines()
+    assert lines[0] == "VQA accuracy by question type (percent)"
+    assert lines[1].split() == ["model", "split", "vqa_acc.color", "vqa_acc.count"]
+    # Wilson at 90 % of 100: half = 1.96 sqrt(0.0009 + 0.000096) / 1.038416 = 0.0596
+    assert lines[3].split() == ["teacher", "test", "90.0", "±6.0", "-"]
+    assert lines[4].split() == ["teacher", "val", "-", "50.0", "±9.6"]
+    assert lines[-1] == "n per type: color 100, count 100"
+    assert type_table([{"model": "student", "vqa_acc": 40.0}]) == ""
+
+
 # ----------------------------------------------------------------------------- eval sets
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 @pytest.mark.parametrize(
     "set_dir, kind, extra",
     [
         ("scenes", "captions", set()),
-        ("vqa", "vqa", {"answer_id"}),
+        ("vqa", "vqa", {"answer_id", "vqa_type"}),
         ("nlvr2", "nlvr2", {"pixel_values_2", "label"}),
     ],
 )
@@ -235,11 +280,13 @@ def test_load_eval_set(corpus, set_dir, kind, extra):
     assert full["input_ids"].shape == (n, data.tokenizer.max_length)
     assert len(set(full["sample_id"].tolist())) == n
     again = load_eval_set(uri, data, kind=kind)
-    assert all(torch.equal(full[k], again[k]) for k in full)
+    assert all(_same(full[k], again[k]) for k in full)
     head = load_eval_set(uri, data, max_samples=10)
-    assert all(torch.equal(head[k], full[k][:10]) for k in full)
+    assert all(_same(head[k], full[k][:10]) for k in full)
     if kind == "vqa":
         assert (full["answer_id"] >= 0).all()
+        # each question's type from its metadata, in sample order
+        assert len(full["vqa_type"]) == n and set(full["vqa_type"]) == {"relation", "color", "count", "exists"}
     if kind == "nlvr2":
         assert set(full["label"].tolist()) <= {0, 1}
         assert full["pixel_values_2"].shape == full["pixel_values"].shape
@@ -360,3 +407,26 @@ def test_vlforge_eval_scores_a_model_directory(corpus, tmp_path, capsys):
     # a bare VLMo has no true/false head: a clear error, exit 2
     assert main(["eval", str(d), str(corpus / "nlvr2" / "test"), "--max-samples", "5"]) == 2
     assert "no nlvr2 head" in capsys.readouterr().err
+
+
+def test_vlforge_eval_breaks_vqa_down_by_question_type(corpus, tmp_path, capsys):
+    import json
+
+    from vlforge.cli import main
+    from vlforge.models.io import build_from_spec, save_model_dir
+
+    torch.manual_seed(0)
+    n_answers = len(json.loads((corpus / "answers.json").read_text()))
+    spec = {"model": "vlmo_debug", "overrides": {}, "method": "fusion", "num_answers": n_answers}
+    d = save_model_dir(build_from_spec(spec).state_dict(), spec, tmp_path / "m")
+    out = tmp_path / "row.json"
+    argv = ["eval", str(d), str(corpus / "vqa" / "test"), "--max-samples", "30", "--json", str(out), "--no-save"]
+    assert main(argv) == 0
+    row = json.loads(out.read_text())
+    kinds = {k.removeprefix("vqa_n.") for k in row if k.startswith("vqa_n.")}
+    assert kinds and kinds <= {"relation", "color", "count", "exists"}
+    assert sum(row[f"vqa_n.{k}"] for k in kinds) == row["vqa_n"] == 30
+    # the overall accuracy is the count-weighted mean of the per-type ones
+    assert row["vqa_acc"] == pytest.approx(sum(row[f"vqa_acc.{k}"] * row[f"vqa_n.{k}"] for k in kinds) / 30)
+    printed = capsys.readouterr().out
+    assert "VQA accuracy by question type" in printed and "n per type: " in printed

@@ -16,7 +16,7 @@ from vlforge.tracking.store import experiment_id, resolve_tracking_uri
 
 def cmd_eval(args) -> int:
     # lazy: pulls in torch (keeps vlforge --help fast)
-    from vlforge.evaluation import INTERVAL_COUNTS, INTERVAL_NOTE, format_table, with_intervals
+    from vlforge.evaluation import INTERVAL_COUNTS, INTERVAL_NOTE, format_table, type_table, with_intervals
     from vlforge.evaluation.score import score_model_dir
 
     if args.max_samples is not None and args.max_samples < 1:
@@ -49,6 +49,9 @@ def cmd_eval(args) -> int:
         decimals=1,
         title=f"{args.model_dir} on {args.shards} ({n} samples)",
     )
+    by_type = type_table([{k: v for k, v in row.items() if k.startswith("vqa_")}])
+    if by_type:
+        table += "\n\n" + by_type
     print(table)
     print(INTERVAL_NOTE)
     out_dir = _eval_out_dir(args)

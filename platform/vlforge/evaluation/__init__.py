@@ -16,7 +16,8 @@ Modules:
 - ``retrieval``: score matrices [Ni, Nt] for the dual-encoder student (ITC dot
   products) and the fusion teacher (ITC shortlist re-ranked by ITM), positives for
   repeated captions, Recall@K.
-- ``classification``: argmax accuracy on VQA (``answer_id``) and NLVR2 (``label``).
+- ``classification``: argmax accuracy on VQA (``answer_id``) and NLVR2 (``label``); VQA also by
+  question type when the samples name theirs.
 - ``latency``: time to score N texts against N images, teacher vs student (with and
   without cached image embeddings), and the growth exponent of time in N.
 - ``report``: text tables, bar charts, latency plots, mean and std over seeds.
@@ -26,7 +27,7 @@ Models run in eval mode under ``torch.no_grad``; their training flag is restored
 
 from __future__ import annotations
 
-from vlforge.evaluation.classification import accuracy
+from vlforge.evaluation.classification import accuracy, type_columns
 from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.latency import growth, latency_table
 from vlforge.evaluation.report import (
@@ -39,6 +40,7 @@ from vlforge.evaluation.report import (
     mean_std,
     plot_latency,
     plot_results,
+    type_table,
     wilson_interval,
     with_intervals,
 )
@@ -66,6 +68,8 @@ __all__ = [
     "recall_at_k",
     "student_scores",
     "teacher_scores",
+    "type_columns",
+    "type_table",
     "CAPTION_METRIC_COLUMNS",
     "HEADLINE_METRICS",
     "INTERVAL_COUNTS",

@@ -13,25 +13,33 @@ always counts as wrong. When the set carries ``answer_targets`` (VQAv2 shards wi
 answers per question) VQA uses the VQAv2 metric instead: a prediction scores
 ``min(1, humans who gave it / 3)``, averaged (the common form of the metric, without the
 official average over the ten 9-of-10 annotator subsets), and ``metric`` says which was used.
+When a VQA set carries ``vqa_type`` (see ``load_eval_set``), ``by_type`` also gives the accuracy and
+count of each question type, the breakdown VQAv2 reports (yes/no, number, other): on the built-in
+corpus it tells the questions a model answers (background colour, counting) from those it does not
+yet (which object is where).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections import defaultdict
+from typing import Any, Literal
 
-from torch import Tensor, nn
+from torch import nn
 
 from vlforge.evaluation.inference import chunks, device_of, eval_mode
 from vlforge.models.distill import TARGET_KEYS
 
-__all__ = ["accuracy"]
+__all__ = ["accuracy", "by_group", "type_columns", "TYPE_PREFIX"]
+
+TYPE_PREFIX = "vqa_acc."  # row keys vqa_acc.<type> / vqa_n.<type>: accuracy and count per question type
 
 
 def accuracy(
-    model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str, Tensor], batch_size: int = 64
-) -> dict[str, float]:
+    model: nn.Module, task: Literal["nlvr2", "vqa"], eval_set: dict[str, Any], batch_size: int = 64
+) -> dict[str, Any]:
     """``{"acc": percent correct (or mean VQAv2 score), "n": samples, "metric": "exact" | "vqav2"}`` of
-    ``model``'s argmax predictions on ``eval_set``."""
+    ``model``'s argmax predictions on ``eval_set``, plus ``by_type`` (``{type: {"acc", "n"}}``) for a
+    VQA set whose samples name their type."""
     if task not in TARGET_KEYS:
         raise ValueError(f"task must be one of {tuple(TARGET_KEYS)}, got {task!r}")
     target_key = TARGET_KEYS[task]
@@ -46,7 +54,7 @@ def accuracy(
     if n == 0:
         raise ValueError("empty eval set")
     dev = device_of(model)
-    correct = 0
+    scores: list[float] = []
     with eval_mode(model):
         for s in chunks(n, batch_size):
             pv2 = eval_set["pixel_values_2"][s].to(dev) if task == "nlvr2" else None
@@ -59,7 +67,32 @@ def accuracy(
             ).logits  # [B, C]
             pred = logits.argmax(dim=-1).cpu()  # [B]
             if soft is not None:
-                correct += float(soft[s].float().gather(1, pred[:, None]).sum())
+                scores += soft[s].float().gather(1, pred[:, None]).squeeze(1).tolist()
             else:
-                correct += int((pred == targets[s]).sum())
-    return {"acc": 100.0 * correct / n, "n": n, "metric": "vqav2" if soft is not None else "exact"}
+                scores += (pred == targets[s]).float().tolist()
+    out: dict[str, Any] = {"acc": 100.0 * sum(scores) / n, "n": n, "metric": "vqav2" if soft is not None else "exact"}
+    types = eval_set.get("vqa_type") if task == "vqa" else None
+    if types:
+        out["by_type"] = by_group(scores, types)
+    return out
+
+
+def by_group(scores: list[float], groups: list[str]) -> dict[str, dict[str, Any]]:
+    """``{group: {"acc": percent, "n": count}}`` of per-sample scores (1 right, 0 wrong, or a VQAv2
+    score) by each sample's group, in sorted group order; samples with an empty group are left out."""
+    if len(scores) != len(groups):
+        raise ValueError(f"{len(scores)} scores but {len(groups)} groups")
+    total: dict[str, list[float]] = defaultdict(list)
+    for score, group in zip(scores, groups, strict=True):
+        if group:
+            total[group].append(score)
+    return {g: {"acc": 100.0 * sum(v) / len(v), "n": len(v)} for g, v in sorted(total.items())}
+
+
+def type_columns(scored: dict[str, Any]) -> dict[str, Any]:
+    """``accuracy``'s ``by_type`` as flat row keys: ``vqa_acc.<type>`` (percent) and ``vqa_n.<type>``."""
+    out: dict[str, Any] = {}
+    for kind, v in scored.get("by_type", {}).items():
+        out[f"{TYPE_PREFIX}{kind}"] = v["acc"]
+        out[f"vqa_n.{kind}"] = v["n"]
+    return out

@@ -8,6 +8,7 @@
     vqa["answer_id"]       # [N] (-100: answer not in answers.json); nlvr2: "pixel_values_2", "label"
     coco["caption_input_ids"]  # samples with several captions (COCO, Karpathy): every caption, [M, T],
     coco["caption_image"]      # and the image each belongs to, [M]; "caption_attention_mask" [M, T]
+    vqa["vqa_type"]            # list[str], each question's type ("" when its metadata names none)
 
 Reading is single-process on the driver (``iter_samples`` over ``list_shards``, no
 Ray), so the order is the shards' order and then the samples' order inside each
@@ -17,11 +18,15 @@ the same way (they do not count towards ``max_samples``). ``input_ids`` is each
 sample's first caption; when any sample carries a ``captions`` list (the COCO and
 Karpathy adapters write one per image), every caption is also returned, so that
 retrieval can follow the COCO protocol (each caption a query; an image hits when
-any of its captions is retrieved).
+any of its captions is retrieved). VQA samples whose metadata names a type also give
+``vqa_type``, so that accuracy can be broken down by it: the ``answer_type`` VQAv2 annotates
+(yes/no, number, other) when present, else the ``question_type`` (the built-in corpus's
+relation, color, count, exists).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -57,7 +62,7 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def load_eval_set(
     shards: str, data: DataConfig, kind: str | None = None, max_samples: int | None = None
-) -> dict[str, Tensor]:
+) -> dict[str, Any]:
     """Decode the shard set ``shards`` (local path, manifest, glob or ``s3://`` URI) into one batch.
 
     ``data`` supplies the image, tokenizer and storage settings (``data.shards`` is
@@ -75,6 +80,7 @@ def load_eval_set(
 
     parts: list[dict[str, np.ndarray]] = []
     captions: dict[int, list[str]] = {}
+    types: dict[int, str] = {}
     kept = 0
     rows: list[dict[str, Any]] = []
 
@@ -95,8 +101,8 @@ def load_eval_set(
     for url in list_shards(shards, data.storage):
         for sample in iter_samples(url, data.storage):
             rows.append(raw_row(sample, url))
-            if kind == "captions":
-                _note_captions(rows[-1], captions)
+            if kind in ("captions", "vqa"):
+                _note_meta(rows[-1], captions if kind == "captions" else None, types if kind == "vqa" else None)
             # Near the limit, decode smaller chunks so that few rows are decoded only to be dropped.
             want = data.decode_batch_size
             if max_samples is not None:
@@ -116,21 +122,29 @@ def load_eval_set(
         batch = {k: v[:max_samples] for k, v in batch.items()}
     if captions:
         batch.update(_all_captions(batch, captions, data))
+    if types:
+        batch["vqa_type"] = [types.get(sid, "") for sid in batch["sample_id"].tolist()]
     return finish_pixels(batch, data.image)
 
 
-def _note_captions(row: dict[str, Any], out: dict[int, list[str]]) -> None:
-    import json
-
+def _note_meta(row: dict[str, Any], captions: dict[int, list[str]] | None, types: dict[int, str] | None) -> None:
+    """Note a raw row's caption list (into ``captions``) or VQA question type (into ``types``)."""
     if row["json"] is None:
         return
     try:
         meta = json.loads(row["json"])
     except (ValueError, UnicodeDecodeError):
         return
-    caps = caption_list(meta) if isinstance(meta, dict) else []
+    if not isinstance(meta, dict):
+        return
+    sid = sample_id(row["key"])
+    caps = caption_list(meta) if captions is not None else []
     if caps:
-        out[sample_id(row["key"])] = caps
+        captions[sid] = caps
+    if types is not None:
+        kind = meta.get("answer_type") or meta.get("question_type")
+        if isinstance(kind, str) and kind.strip():
+            types[sid] = kind.strip()
 
 
 def _all_captions(batch: dict[str, Tensor], captions: dict[int, list[str]], data: DataConfig) -> dict[str, Tensor]:

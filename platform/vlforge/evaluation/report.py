@@ -26,6 +26,7 @@ __all__ = [
     "mean_std",
     "plot_latency",
     "plot_results",
+    "type_table",
     "wilson_interval",
     "with_intervals",
     "CAPTION_METRIC_COLUMNS",
@@ -226,6 +227,24 @@ def wilson_interval(percent: float, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
+def type_table(rows: list[dict[str, Any]], prefix: str = "vqa_acc.", count_prefix: str = "vqa_n.") -> str:
+    """The per-question-type accuracies of ``rows`` (keys ``<prefix><type>``, counts ``<count_prefix><type>``)
+    as a table with Wilson intervals, one column per type; "" when no row has any."""
+    cols = sorted({k for r in rows for k in r if k.startswith(prefix)})
+    if not cols:
+        return ""
+    counts = {c: count_prefix + c.removeprefix(prefix) for c in cols}
+    lead = [c for c in ("model", "split", "shards") if any(c in r for r in rows)]
+    table = format_table(
+        with_intervals(rows, counts),
+        [*lead, *cols],
+        decimals=1,
+        title="VQA accuracy by question type (percent)",
+    )
+    n = {c.removeprefix(prefix): r[counts[c]] for r in rows for c in cols if isinstance(r.get(counts[c]), int)}
+    return table + "\nn per type: " + ", ".join(f"{k} {v}" for k, v in n.items())
 
 
 def with_intervals(rows: list[dict], counts: dict[str, str]) -> list[dict]:

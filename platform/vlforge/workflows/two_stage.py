@@ -63,6 +63,8 @@ from vlforge.evaluation import (
     load_eval_set,
     plot_latency,
     plot_results,
+    type_columns,
+    type_table,
     with_intervals,
 )
 from vlforge.models.io import load_model_dir
@@ -434,6 +436,7 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
                 else:
                     scored = accuracy(model, t, sets[t], batch_size=cfg.eval.batch_size)
                     row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
+                    row.update(type_columns(scored))
                     if scored.get("metric") == "vqav2":
                         row["vqa_metric"] = "vqav2"
             rows.append(row)
@@ -492,6 +495,9 @@ def report(rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> str:
     text += f"\n{INTERVAL_NOTE}; n: " + "; ".join(
         f"{split} " + ", ".join(f"{k.removesuffix('_acc')} {n}" for k, n in c.items()) for split, c in counts.items()
     )
+    by_type = type_table(rows)
+    if by_type:
+        text += "\n\n" + by_type
     if latency:
         text += "\n\n" + format_table(
             latency, LATENCY_COLUMNS, title="Latency: score N texts against N images (seconds)"
