@@ -290,3 +290,44 @@ def test_pretrain_task_returns_scalar_loss_and_detached_terms():
     torch.testing.assert_close(out["loss"].detach(), expected)
     with pytest.raises(ValueError):
         VLMoPretrainTask(create_model("vlmo_debug"), {"contrastive": 1.0})
+
+
+def test_itc_batch_norm_centres_pooled_states_and_is_fixed_at_eval(tmp_path):
+    from vlforge.models.io import load_model_dir, save_model_dir
+
+    assert not list(create_model("vlmo_debug").heads["itc"].buffers())  # off by default: no new state
+    with pytest.raises(ValueError, match="itc_norm"):
+        create_model("vlmo_debug", itc_norm="layer")
+    torch.manual_seed(0)
+    model = create_model("vlmo_debug", itc_norm="batch")
+    head = model.heads["itc"]
+    assert not list(head.image_norm.parameters()) and not list(head.text_norm.parameters())
+    batch = make_batch(8, 8)
+    # A shared offset on every pooled state (what stages 1-2 leave behind) is removed in training mode.
+    pooled = model.summary(model.encode_image(batch["pixel_values"])) + 50.0  # [B, D]
+    centred = head.image_norm(pooled)
+    torch.testing.assert_close(centred.mean(0), torch.zeros(pooled.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(centred.var(0, unbiased=False), torch.ones(pooled.shape[1]), atol=1e-2, rtol=0)
+    for _ in range(5):  # running statistics from training batches
+        model.embed_image(batch["pixel_values"])
+        model.embed_text(batch["input_ids"], batch["attention_mask"])
+    model.eval()
+    with torch.no_grad():
+        one = model.embed_image(batch["pixel_values"][:1])
+        all_ = model.embed_image(batch["pixel_values"])
+        texts = model.embed_text(batch["input_ids"], batch["attention_mask"])
+    # At eval an image's embedding does not depend on the rest of the batch, so it can be cached.
+    torch.testing.assert_close(one, all_[:1])
+    # The running statistics travel with the model directory.
+    spec = {"model": "vlmo_debug", "overrides": {"itc_norm": "batch"}, "method": "vlmo"}
+    loaded = load_model_dir(save_model_dir(model.state_dict(), spec, tmp_path / "m"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_image(batch["pixel_values"]), all_)
+        torch.testing.assert_close(loaded.embed_text(batch["input_ids"], batch["attention_mask"]), texts)
+
+
+def test_itc_with_batch_norm_overfits_one_batch():
+    torch.manual_seed(0)
+    task = VLMoPretrainTask(create_model("vlmo_debug", itc_norm="batch"), {"itc": 1.0})
+    first, last, steps = overfit(task, make_batch(8, 8), max_steps=300)
+    assert last < first / 5

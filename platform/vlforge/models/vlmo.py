@@ -29,7 +29,8 @@ the fusion sequence, so its [T_CLS] (position 0) is the pooled token.
 Heads (``heads.*``): ``itc`` (linear projections of the image and text [CLS]
 states, L2-normalised, and a learnable logit scale clamped at
 ``logit_scale_max``), ``itm`` (2-way linear on the pooler output of the
-fusion [T_CLS]), ``mlm`` (BERT transform + decoder; the decoder weight is the
+fusion [T_CLS]; with ``itc_norm="batch"`` each projection is preceded by a BatchNorm
+without affine parameters, see below), ``mlm`` (BERT transform + decoder; the decoder weight is the
 word-embedding matrix when ``tie_mlm_decoder`` is set, the default as in BERT
 and VLMo, else its own ``heads.mlm.decoder``; tying is done functionally, so
 no parameter is shared between two module paths), and ``mim`` (linear
@@ -42,6 +43,15 @@ showed pixel regression with a linear head matches BEiT's token targets;
 MAE, arXiv 2111.06377, showed per-patch normalisation helps). Masked patch
 embeddings are replaced by a learned ``image_embed.mask_token``; see
 ``vlforge.objectives.mim``.
+
+``itc_norm="batch"``: the pooled image and text states are centred and scaled per feature by a
+``BatchNorm1d(affine=False)`` before the ITC projections, as SimCLR's and MoCo v3's projection
+heads do (Chen et al. 2020, arXiv 2002.05709; Chen, Xie and He 2021, arXiv 2104.02057); at eval time
+it is a fixed per-feature map from its running statistics, so embeddings can still be cached. With
+mean pooling and templated captions, stages 1 and 2 leave the pooled states of all samples almost
+alike (measured on the built-in corpus after 40 MIM + 40 MLM steps: mean cosine between two captions'
+text embeddings 0.998, between two images' 0.77), and ITC then stays at chance for the whole of a
+short stage 3; centring removes the shared component. It has no parameters, only buffers.
 
 Parameter names are regular so that stage configs can select them with
 globs (``vlforge.models.trainable.set_trainable``)::
@@ -115,12 +125,15 @@ class VLMoConfig:
     image_tokenizer: str | None = None  # a locked pretrained tokenizer (image_tokenizer.TOKENIZERS) instead of patches
     pool: str = "cls"  # "cls": the [CLS] state (paper); "mean": the mean of the real tokens' states
     qk_norm: bool = False  # LayerNorm on each head's queries and keys (stable at higher learning rates)
+    itc_norm: str = "none"  # "batch": BatchNorm1d(affine=False) on the pooled states before the ITC projections
 
     def __post_init__(self) -> None:
         if self.image_tokenizer is not None:
             if self.image_tokenizer not in TOKENIZERS:
                 raise ValueError(f"unknown image_tokenizer {self.image_tokenizer!r}; known: {sorted(TOKENIZERS)}")
             self.patch_size = TOKENIZERS[self.image_tokenizer].stride
+        if self.itc_norm not in ("none", "batch"):
+            raise ValueError(f"itc_norm must be 'none' or 'batch', got {self.itc_norm!r}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.img_size % self.patch_size:
@@ -341,8 +354,11 @@ class TextEmbed(nn.Module):
 
 
 class ITCHead(nn.Module):
-    def __init__(self, dim: int, embed_dim: int, scale_init: float, scale_max: float) -> None:
+    def __init__(self, dim: int, embed_dim: int, scale_init: float, scale_max: float, norm: str = "none") -> None:
         super().__init__()
+        batch = norm == "batch"
+        self.image_norm = nn.BatchNorm1d(dim, affine=False) if batch else nn.Identity()
+        self.text_norm = nn.BatchNorm1d(dim, affine=False) if batch else nn.Identity()
         self.image_proj = nn.Linear(dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(dim, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale_init)))
@@ -415,7 +431,7 @@ class VLMo(VLModel):
         self.pooler = Pooler(d)
         self.heads = nn.ModuleDict(
             {
-                "itc": ITCHead(d, cfg.itc_embed_dim, cfg.logit_scale_init, cfg.logit_scale_max),
+                "itc": ITCHead(d, cfg.itc_embed_dim, cfg.logit_scale_init, cfg.logit_scale_max, cfg.itc_norm),
                 "itm": nn.Linear(d, 2),
                 "mlm": MLMHead(d, cfg.vocab_size, cfg.tie_mlm_decoder, cfg.layer_norm_eps),
                 "mim": nn.Linear(
@@ -524,11 +540,13 @@ class VLMo(VLModel):
 
     def image_embedding(self, out: VLMoOutput) -> Tensor:
         """L2-normalised ITC embedding [B, E] of an image-only output (see :meth:`summary`)."""
-        return F.normalize(self.heads["itc"].image_proj(self.summary(out)), dim=-1)
+        head = self.heads["itc"]
+        return F.normalize(head.image_proj(head.image_norm(self.summary(out))), dim=-1)
 
     def text_embedding(self, out: VLMoOutput) -> Tensor:
         """L2-normalised ITC embedding [B, E] of a text-only output (see :meth:`summary`)."""
-        return F.normalize(self.heads["itc"].text_proj(self.summary(out)), dim=-1)
+        head = self.heads["itc"]
+        return F.normalize(head.text_proj(head.text_norm(self.summary(out))), dim=-1)
 
     def embed_image(self, pixel_values: Tensor) -> Tensor:
         """L2-normalised ITC image embeddings [B, E] (pixels, or a locked tokenizer's cached features)."""
