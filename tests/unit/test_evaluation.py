@@ -250,7 +250,7 @@ def test_type_table_has_one_column_per_type_with_intervals():
     # Wilson at 90 % of 100: half = 1.96 sqrt(0.0009 + 0.000096) / 1.038416 = 0.0596
     assert lines[3].split() == ["teacher", "test", "90.0", "±6.0", "-"]
     assert lines[4].split() == ["teacher", "val", "-", "50.0", "±9.6"]
-    assert lines[-1] == "n per type: color 100, count 100"
+    assert lines[-1] == "n per type: test color 100; val count 100"
     assert type_table([{"model": "student", "vqa_acc": 40.0}]) == ""
 
 

@@ -243,8 +243,18 @@ def type_table(rows: list[dict[str, Any]], prefix: str = "vqa_acc.", count_prefi
         decimals=1,
         title="VQA accuracy by question type (percent)",
     )
-    n = {c.removeprefix(prefix): r[counts[c]] for r in rows for c in cols if isinstance(r.get(counts[c]), int)}
-    return table + "\nn per type: " + ", ".join(f"{k} {v}" for k, v in n.items())
+    n: dict[str, dict[str, int]] = {}  # split -> type -> count (the splits' sizes differ)
+    for r in rows:
+        for c in cols:
+            if isinstance(r.get(counts[c]), int):
+                n.setdefault(str(r.get("split", "")), {})[c.removeprefix(prefix)] = r[counts[c]]
+    return (
+        table
+        + "\nn per type: "
+        + "; ".join(
+            " ".join(filter(None, (split, ", ".join(f"{k} {v}" for k, v in c.items())))) for split, c in n.items()
+        )
+    )
 
 
 def with_intervals(rows: list[dict], counts: dict[str, str]) -> list[dict]:
