@@ -27,7 +27,7 @@ Models run in eval mode under ``torch.no_grad``; their training flag is restored
 
 from __future__ import annotations
 
-from vlforge.evaluation.classification import accuracy, type_columns
+from vlforge.evaluation.classification import accuracy, accuracy_columns, type_columns
 from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.latency import growth, latency_table
 from vlforge.evaluation.report import (
@@ -56,6 +56,7 @@ from vlforge.evaluation.retrieval import (
 __all__ = [
     "RERANK_OFFSET",
     "accuracy",
+    "accuracy_columns",
     "caption_positives",
     "evaluate_retrieval",
     "format_table",

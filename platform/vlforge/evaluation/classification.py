@@ -27,11 +27,10 @@ from typing import Any, Literal
 from torch import nn
 
 from vlforge.evaluation.inference import chunks, device_of, eval_mode
+from vlforge.evaluation.report import TYPE_ACC_PREFIX, TYPE_N_PREFIX
 from vlforge.models.distill import TARGET_KEYS
 
-__all__ = ["accuracy", "by_group", "type_columns", "TYPE_PREFIX"]
-
-TYPE_PREFIX = "vqa_acc."  # row keys vqa_acc.<type> / vqa_n.<type>: accuracy and count per question type
+__all__ = ["accuracy", "accuracy_columns", "by_group", "type_columns"]
 
 
 def accuracy(
@@ -93,6 +92,15 @@ def type_columns(scored: dict[str, Any]) -> dict[str, Any]:
     """``accuracy``'s ``by_type`` as flat row keys: ``vqa_acc.<type>`` (percent) and ``vqa_n.<type>``."""
     out: dict[str, Any] = {}
     for kind, v in scored.get("by_type", {}).items():
-        out[f"{TYPE_PREFIX}{kind}"] = v["acc"]
-        out[f"vqa_n.{kind}"] = v["n"]
+        out[f"{TYPE_ACC_PREFIX}{kind}"] = v["acc"]
+        out[f"{TYPE_N_PREFIX}{kind}"] = v["n"]
+    return out
+
+
+def accuracy_columns(task: str, scored: dict[str, Any]) -> dict[str, Any]:
+    """A results row's keys for ``accuracy``'s output on ``task``: ``<task>_acc``, ``<task>_n``, the
+    per-type keys, and ``vqa_metric: "vqav2"`` when the VQAv2 metric was used."""
+    out = {f"{task}_acc": scored["acc"], f"{task}_n": scored["n"], **type_columns(scored)}
+    if scored.get("metric") == "vqav2":
+        out["vqa_metric"] = "vqav2"
     return out

@@ -34,6 +34,8 @@ __all__ = [
     "INTERVAL_COUNTS",
     "INTERVAL_NOTE",
     "METRIC_COLUMNS",
+    "TYPE_ACC_PREFIX",
+    "TYPE_N_PREFIX",
 ]
 
 MISSING = "-"
@@ -50,6 +52,8 @@ METRIC_COLUMNS = (
     "rmean",
 )
 CAPTION_METRIC_COLUMNS = ("bleu4", "rouge_l", "cider", "meteor", "objects_named", "objects_recall")  # captioning models
+# Row keys of VQA accuracy by question type: vqa_acc.<type> (percent) and vqa_n.<type> (its sample count).
+TYPE_ACC_PREFIX, TYPE_N_PREFIX = "vqa_acc.", "vqa_n."
 HEADLINE_METRICS = ("nlvr2_acc", "vqa_acc", "rmean")  # one figure per task, for the results bar chart
 LATENCY_SERIES = (
     ("teacher_s", "fusion teacher (ITM on all pairs)"),
@@ -229,13 +233,14 @@ def wilson_interval(percent: float, n: int, z: float = 1.96) -> tuple[float, flo
     return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
 
 
-def type_table(rows: list[dict[str, Any]], prefix: str = "vqa_acc.", count_prefix: str = "vqa_n.") -> str:
-    """The per-question-type accuracies of ``rows`` (keys ``<prefix><type>``, counts ``<count_prefix><type>``)
+def type_table(rows: list[dict[str, Any]]) -> str:
+    """The per-question-type VQA accuracies of ``rows`` (keys ``vqa_acc.<type>``, counts ``vqa_n.<type>``)
     as a table with Wilson intervals, one column per type; "" when no row has any."""
+    prefix = TYPE_ACC_PREFIX
     cols = sorted({k for r in rows for k in r if k.startswith(prefix)})
     if not cols:
         return ""
-    counts = {c: count_prefix + c.removeprefix(prefix) for c in cols}
+    counts = {c: TYPE_N_PREFIX + c.removeprefix(prefix) for c in cols}
     lead = [c for c in ("model", "split", "shards") if any(c in r for r in rows)]
     table = format_table(
         with_intervals(rows, counts),

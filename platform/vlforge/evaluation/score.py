@@ -19,7 +19,7 @@ from typing import Any
 
 from vlforge.config import DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.pipeline import detect_kind
-from vlforge.evaluation.classification import accuracy, type_columns
+from vlforge.evaluation.classification import accuracy, accuracy_columns
 from vlforge.evaluation.data import load_eval_set
 from vlforge.evaluation.generation import score_captioner, score_few_shot_vqa, sibling_train
 from vlforge.evaluation.inference import encoder_of
@@ -97,10 +97,7 @@ def score_model_dir(
                 f"score a fine-tuned (fusion) or distilled model on {kind} shards"
             )
         scored = accuracy(model, task, ev, batch_size=batch_size)
-        row[f"{task}_acc"], row[f"{task}_n"] = scored["acc"], scored["n"]
-        row.update(type_columns(scored))
-        if scored.get("metric") == "vqav2":
-            row["vqa_metric"] = "vqav2"
+        row.update(accuracy_columns(task, scored))
     return row
 
 

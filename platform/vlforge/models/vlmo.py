@@ -28,9 +28,9 @@ the fusion sequence, so its [T_CLS] (position 0) is the pooled token.
 
 Heads (``heads.*``): ``itc`` (linear projections of the image and text [CLS]
 states, L2-normalised, and a learnable logit scale clamped at
-``logit_scale_max``), ``itm`` (2-way linear on the pooler output of the
-fusion [T_CLS]; with ``itc_norm="batch"`` each projection is preceded by a BatchNorm
-without affine parameters, see below), ``mlm`` (BERT transform + decoder; the decoder weight is the
+``logit_scale_max``; with ``itc_norm="batch"`` each projection is preceded by a BatchNorm
+without affine parameters, see below), ``itm`` (2-way linear on the pooler output of the
+fusion [T_CLS]), ``mlm`` (BERT transform + decoder; the decoder weight is the
 word-embedding matrix when ``tie_mlm_decoder`` is set, the default as in BERT
 and VLMo, else its own ``heads.mlm.decoder``; tying is done functionally, so
 no parameter is shared between two module paths), and ``mim`` (linear

@@ -56,6 +56,7 @@ from vlforge.evaluation import (
     INTERVAL_NOTE,
     METRIC_COLUMNS,
     accuracy,
+    accuracy_columns,
     evaluate_retrieval,
     format_table,
     growth,
@@ -63,7 +64,6 @@ from vlforge.evaluation import (
     load_eval_set,
     plot_latency,
     plot_results,
-    type_columns,
     type_table,
     with_intervals,
 )
@@ -435,10 +435,7 @@ def evaluate_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = prin
                     )
                 else:
                     scored = accuracy(model, t, sets[t], batch_size=cfg.eval.batch_size)
-                    row[f"{t}_acc"], row[f"{t}_n"] = scored["acc"], scored["n"]
-                    row.update(type_columns(scored))
-                    if scored.get("metric") == "vqav2":
-                        row["vqa_metric"] = "vqav2"
+                    row.update(accuracy_columns(t, scored))
             rows.append(row)
             log(
                 f"   eval {label} {split}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if isinstance(v, float))
