@@ -21,6 +21,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -230,15 +232,25 @@ class RayHead:
         self.stop()
         raise RuntimeError(f"Ray head's job server not up in {timeout}s:\n{self.log_tail()}")
 
-    def submit(self, entrypoint: list[str], working_dir: Path, timeout: float) -> subprocess.CompletedProcess:
-        """``ray job submit --working-dir ... -- <entrypoint>``; waits for the job and returns its output."""
+    def submit(self, entrypoint: list[str], working_dir: Path, timeout: float) -> SubmittedJob:
+        """``ray job submit --no-wait --working-dir ... -- <entrypoint>``, then waits for the job to end.
+
+        The job's status and logs are read through the job server's REST API, not by following the
+        log stream: ``ray job submit`` without ``--no-wait`` exits 1 when that WebSocket drops while the
+        job still runs (close code 1006; Ray issues #57002, #60665), which was seen here under load."""
+        from ray.job_submission import JobSubmissionClient
+
         ray_cli = Path(sys.executable).parent / "ray"
+        job_id = f"vlforge-test-{uuid.uuid4().hex[:8]}"
         cmd = [
             str(ray_cli),
             "job",
             "submit",
             "--address",
             self.address,
+            "--submission-id",
+            job_id,
+            "--no-wait",
             "--working-dir",
             str(working_dir),
             "--",
@@ -246,11 +258,23 @@ class RayHead:
         ]
         deadline = time.monotonic() + 60
         while True:
-            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
             # The job server answers before the node's job agent is up; the job was not accepted then.
             if "No available agent" not in done.stderr or time.monotonic() > deadline:
-                return done
+                break
             time.sleep(2)
+        submitted = done.stdout + done.stderr
+        if done.returncode != 0:
+            return SubmittedJob(job_id, "NOT_SUBMITTED", submitted, "")
+        client = JobSubmissionClient(self.address)
+        deadline = time.monotonic() + timeout
+        status = client.get_job_status(job_id)
+        while not status.is_terminal() and time.monotonic() < deadline:
+            time.sleep(2)
+            status = client.get_job_status(job_id)
+        if not status.is_terminal():
+            client.stop_job(job_id)
+        return SubmittedJob(job_id, str(status.value), submitted, client.get_job_logs(job_id))
 
     def stop(self) -> None:
         if self.proc is None:
@@ -283,6 +307,17 @@ class RayHead:
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@dataclass
+class SubmittedJob:
+    """A job submitted by ``RayHead.submit``: its final status (``SUCCEEDED``, ``FAILED``, ...), the
+    output of ``ray job submit`` and the job's own logs."""
+
+    job_id: str
+    status: str
+    submit_output: str
+    logs: str
 
 
 class RayNode:
