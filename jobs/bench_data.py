@@ -156,8 +156,17 @@ def main(argv=None) -> int:
     p.add_argument("--shards", default=None, help="shard set to read (default: scenes/train of --corpus)")
     p.add_argument("--corpus", default="data/bench", help="where the benchmark corpus lives / is built")
     p.add_argument("--scenes", type=int, default=40000, help="scenes in the benchmark corpus when built")
+    p.add_argument(
+        "--samples-per-shard", type=int, default=500, help="samples per shard of the benchmark corpus when built"
+    )
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per side, alternating (after one warm-up each)")
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument(
+        "--task-samples",
+        type=int,
+        default=None,
+        help="samples a Ray read task covers at least (data.task_samples; default the config's, 0 = a task per shard)",
+    )
     p.add_argument("--decode-batch-size", type=int, default=256)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="physical cores to divide Ray's rate by")
     p.add_argument("--data-cpus", type=int, default=None, help="logical CPUs Ray Data may use (default 2 x cores)")
@@ -186,7 +195,7 @@ def main(argv=None) -> int:
                 n_scenes=args.scenes,
                 n_vqa=0,
                 n_nlvr2=0,
-                samples_per_shard=500,
+                samples_per_shard=args.samples_per_shard,
                 second_style=False,
             )
         )
@@ -196,12 +205,14 @@ def main(argv=None) -> int:
         image=ImageConfig(size=args.image_size, normalize=not args.uint8),
         batch_size=256,
         decode_batch_size=args.decode_batch_size,
+        **({} if args.task_samples is None else {"task_samples": args.task_samples}),
     )
     shards = list_shards(shards_uri, cfg.storage)
     data_cpus = args.data_cpus or 2 * args.cores
     print(
         f"shards: {shards_uri} ({len(shards)} files), image size {args.image_size}, "
-        f"{args.epochs} timed epochs, {args.cores} cores, {data_cpus} logical CPUs for Ray Data"
+        f"{args.epochs} timed epochs, {args.cores} cores, {data_cpus} logical CPUs for Ray Data, "
+        f"read tasks of at least {cfg.task_samples} samples"
     )
 
     single_epoch = make_single_process(shards, cfg)

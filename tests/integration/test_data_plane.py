@@ -107,3 +107,28 @@ def test_cli_stream_from_s3(ray_local, s3_corpus, capsys):
     assert main(["data", "ls", f"{s3_corpus}/concepts/val"]) == 0
     assert "shard(s)" in capsys.readouterr().out
     assert main(["data", "verify", f"{s3_corpus}/concepts/val"]) == 0
+
+
+def test_grouped_read_tasks_keep_the_stream_order(ray_local, tmp_path):
+    """Adjacent shards read by one task (``data.task_samples``): the same ids in the same order, per rank."""
+    from helpers import png
+    from vlforge.data.pipeline import read_tasks
+    from vlforge.data.shards import ShardWriter
+    from vlforge.data.stream import EpochStream
+
+    with ShardWriter(tmp_path / "set", samples_per_shard=5, params={"kind": "captions"}) as w:
+        for i in range(60):
+            w.write(f"s{i:04d}", image=png((4 * i % 256, 0, 0)), image_ext="png", text=f"sample {i}")
+
+    def ids(task_samples: int) -> tuple[list[list[int]], int]:
+        cfg = DataConfig(shards=str(tmp_path / "set"), image=ImageConfig(size=16), seed=3, task_samples=task_samples)
+        stream = EpochStream.create(cfg)
+        out = [[int(i) for b in stream.batches(1, rank, 2, batch_size=5) for i in b["sample_id"]] for rank in (0, 1)]
+        stats = stream.dataset(1, 0, 2).materialize().stats()
+        return out, int(re.search(r"(\d+) tasks executed", stats).group(1))
+
+    one_each, tasks_one = ids(0)
+    grouped, tasks_grouped = ids(10)
+    assert tasks_one == 12 and tasks_grouped == read_tasks([5] * 12, 10) == 8
+    assert grouped == one_each
+    assert sorted(grouped[0] + grouped[1]) == sorted(sample_id(f"s{i:04d}") for i in range(60))

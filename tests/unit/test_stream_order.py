@@ -107,3 +107,36 @@ def test_seeded_decoding_is_repeatable():
     assert not np.array_equal(a["pixel_values"], c["pixel_values"])
     kept = decode_batch(dict(raw), image=image, tokenizer=tok, seed=5, keep=(1, 2, {"u": 0}))
     assert kept["sample_id"].tolist() == a["sample_id"][1::2].tolist()
+
+
+def test_read_tasks_group_small_shards_but_keep_enough_tasks():
+    from vlforge.data.pipeline import MIN_READ_TASKS, read_tasks
+
+    assert read_tasks(None, 1000) is None  # no manifest counts: one task per shard
+    assert read_tasks([500] * 52, 0) is None  # grouping off
+    assert read_tasks([500] * 52, 1000) == 26  # two 500-sample shards a task
+    assert read_tasks([60] * 100, 1000) == 8 == MIN_READ_TASKS  # 17 shards a task would leave 6
+    assert read_tasks([500] * 5, 1000) == 5  # fewer shards than the floor: one each
+    assert read_tasks([10_000] * 40, 1000) == 40  # big shards are never split
+    assert read_tasks([0, 0, 0], 1000) == 3
+
+
+def test_shard_counts_only_for_whole_sets_whose_manifest_matches(tmp_path):
+    from helpers import png
+    from vlforge.data.pipeline import shard_counts
+    from vlforge.data.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "set", samples_per_shard=3, params={"kind": "captions"}) as w:
+        for i in range(8):
+            w.write(f"s{i:03d}", image=png((i, 0, 0)), image_ext="png", text=f"sample {i}")
+    uri = str(tmp_path / "set")
+    assert shard_counts(uri, None, 3) == [3, 3, 2]
+    assert shard_counts(uri, None, 2) is None  # the listing and the manifest disagree
+    assert shard_counts(f"{uri}/shard-00000.tar", None, 1) is None
+    assert shard_counts(f"{uri}/*.tar", None, 3) is None
+    assert shard_counts(str(tmp_path / "nothing"), None, 0) is None
+
+
+def test_task_samples_must_not_be_negative():
+    with pytest.raises(ValueError, match="task_samples"):
+        DataConfig(task_samples=-1)

@@ -107,6 +107,10 @@ class DataConfig:
     seed: int = 0
     decode_concurrency: int | None = None  # max parallel decode tasks; None = Ray decides within data_cpus
     decode_cpus: float = 1.0  # CPUs each decode task reserves
+    # Samples one read task covers at least: adjacent shards of a set with a manifest are read by
+    # one task until they reach it (never fewer than 8 tasks an epoch); 0 = one task per shard.
+    # Ray Data pays some tens of milliseconds per task, which small shards do not amortise.
+    task_samples: int = 1000
     verify_sha256: bool = False  # check each shard against the manifest before reading
     # Training order. "deterministic": each rank's samples and their order in each epoch follow from
     # (seed, stage, epoch) alone, and a resume on the same worker count continues with exactly the
@@ -121,6 +125,8 @@ class DataConfig:
             raise ValueError(f"data.order must be 'deterministic' or 'streaming', got {self.order!r}")
         if self.shuffle_buffer < 0:
             raise ValueError("shuffle_buffer must be >= 0")
+        if self.task_samples < 0:
+            raise ValueError("task_samples must be >= 0")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -69,6 +70,7 @@ SKIP_REASONS = (
     "truncated_image",
 )
 READ_CHUNK_ROWS = 128
+MIN_READ_TASKS = 8  # task grouping (``read_tasks``) never leaves an epoch fewer tasks than this
 
 
 # ----------------------------------------------------------------------------- reading
@@ -192,6 +194,27 @@ def check_against_manifest(uri: str, storage: StorageConfig | None = None) -> No
         raise ValueError(f"{uri}: shards do not match the manifest: " + "; ".join(problems[:5]))
 
 
+def shard_counts(uri: str, storage: StorageConfig | None, n_paths: int) -> list[int] | None:
+    """Samples per shard from the set's manifest, in its order; None for a single tar, a glob, a set
+    without a manifest, or a manifest that lists another number of shards than ``n_paths``."""
+    whole_set = not uri.endswith(".tar") and not any(c in uri for c in "*?[")
+    manifest = read_manifest(uri, storage) if whole_set else None
+    if manifest is None or len(manifest.shards) != n_paths:
+        return None
+    return [s.samples for s in manifest.shards]
+
+
+def read_tasks(counts: list[int] | None, task_samples: int) -> int | None:
+    """How many read tasks a set of shards with ``counts`` samples gets: adjacent shards grouped until
+    a task covers ``task_samples``, but at least ``MIN_READ_TASKS`` (or one per shard, if fewer);
+    None (one task per shard) without counts or with ``task_samples`` 0."""
+    if not counts or task_samples <= 0:
+        return None
+    n = len(counts)
+    group = max(1, math.ceil(task_samples / max(1.0, sum(counts) / n)))
+    return min(n, max(MIN_READ_TASKS, math.ceil(n / group)))
+
+
 def read_raw(
     uri: str,
     storage: StorageConfig | None = None,
@@ -199,10 +222,12 @@ def read_raw(
     verify_sha256: bool = False,
     chunk_rows: int = 128,
     paths: list[str] | None = None,
+    num_tasks: int | None = None,
     **read_args,
 ) -> ray.data.Dataset:
     """One row per sample with raw byte columns (``RAW_COLUMNS``), from local or ``s3://`` shards;
-    ``paths``: these shards of the set, in this order (one read task each), instead of all of them."""
+    ``paths``: these shards of the set, in this order, instead of all of them; ``num_tasks``: read
+    tasks, each a run of adjacent shards in that order (default one per shard, see ``read_tasks``)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -215,9 +240,10 @@ def read_raw(
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
     source = _datasource_class()(paths, filesystem=fs, shuffle=shuffle, file_extensions=["tar"])
     source.chunk_rows = chunk_rows
-    # One read task per shard: Ray would otherwise split small shard sets into more
-    # blocks, and a split read cannot fuse with the decode step that follows it.
-    read_args.setdefault("override_num_blocks", len(paths))
+    # At most one read task per shard: Ray would otherwise split small shard sets into more
+    # blocks, and a split read cannot fuse with the decode step that follows it. Fewer tasks
+    # than shards read runs of adjacent shards (Ray splits the path list into contiguous parts).
+    read_args.setdefault("override_num_blocks", min(num_tasks or len(paths), len(paths)))
     return ray.data.read_datasource(source, **read_args)
 
 
@@ -562,12 +588,15 @@ def build_dataset(
     if counters is None:
         counters = Counters.create()
     kind, answers = kind_inputs(cfg, kind)
+    paths = list_shards(cfg.shards, cfg.storage)
     raw = read_raw(
         cfg.shards,
         cfg.storage,
         shuffle_seed=cfg.seed if (train and cfg.shuffle_files) else None,
         verify_sha256=cfg.verify_sha256,
         chunk_rows=cfg.decode_batch_size,
+        paths=paths,
+        num_tasks=read_tasks(shard_counts(cfg.shards, cfg.storage, len(paths)), cfg.task_samples),
         num_cpus=cfg.decode_cpus,
     )
     return decode(raw, cfg, kind=kind, answers=answers, train=train, counters=counters.handle), counters
@@ -601,7 +630,7 @@ def decode(
     # batch_size=None: decode whole read blocks, which lets Ray fuse read + decode
     # into one task per shard (Ray will not fuse a row-count-changing read with a
     # batch_size-bound map). Block size is set by the reader's chunking instead.
-    return raw.map_batches(
+    ds = raw.map_batches(
         decode_batch,
         batch_size=None,
         batch_format="numpy",
@@ -619,6 +648,10 @@ def decode(
         concurrency=cfg.decode_concurrency,
         zero_copy_batch=True,
     )
+    # Ray samples each map task's memory (USS) every second for its stats, which costs the
+    # decode tasks about 1 % of their CPU here; these tasks' memory is bounded by the block size.
+    ds.context.memory_usage_poll_interval_s = None
+    return ds
 
 
 def exact_split_config(**kwargs):

@@ -17,7 +17,8 @@ What is fixed by ``(data.seed, salt, epoch)`` (``salt``: the stage's index):
    buffer (``data.shuffle_buffer`` rows, 0 = off) seeded by ``(seed, salt, epoch, rank)``.
 4. **Augmentation and the caption drawn** for a sample with several: seeded per decoded block.
 
-Each epoch is its own Ray Data dataset (read + decode fused, one read task per shard) run with
+Each epoch is its own Ray Data dataset (read + decode fused; a read task per run of adjacent shards,
+``data.task_samples``) run with
 ``preserve_order``, so how many decode tasks run at once, and which finishes first, changes
 nothing. The Train loop records how many batches of the epoch each rank consumed; a resume on
 the same worker count skips exactly those batches, so it trains on exactly the samples it had
@@ -43,8 +44,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlforge.config import DataConfig
-from vlforge.data.pipeline import Counters, check_against_manifest, decode, kind_inputs, read_raw
-from vlforge.data.shards import list_shards, read_manifest
+from vlforge.data.pipeline import (
+    Counters,
+    check_against_manifest,
+    decode,
+    kind_inputs,
+    read_raw,
+    read_tasks,
+    shard_counts,
+)
+from vlforge.data.shards import list_shards
 
 if TYPE_CHECKING:
     import ray.data
@@ -75,9 +84,7 @@ class EpochStream:
         if data.verify_sha256:
             check_against_manifest(data.shards, data.storage)
         paths = list_shards(data.shards, data.storage)
-        whole_set = not data.shards.endswith(".tar") and not any(c in data.shards for c in "*?[")
-        manifest = read_manifest(data.shards, data.storage) if whole_set else None
-        counts = [s.samples for s in manifest.shards] if manifest and len(manifest.shards) == len(paths) else None
+        counts = shard_counts(data.shards, data.storage, len(paths))
         paths = [p.split("://", 1)[1] if "://" in p else p for p in paths]
         handle = (counters or Counters.create()).handle
         return cls(data, kind, answers, paths, counts, handle, salt)
@@ -113,7 +120,14 @@ class EpochStream:
         ordered = [self.shards[i] for i in self.order(epoch)]
         if d.shards.startswith("s3://"):
             ordered = [f"s3://{p}" for p in ordered]
-        raw = read_raw(d.shards, d.storage, paths=ordered, chunk_rows=d.decode_batch_size, num_cpus=d.decode_cpus)
+        raw = read_raw(
+            d.shards,
+            d.storage,
+            paths=ordered,
+            chunk_rows=d.decode_batch_size,
+            num_tasks=read_tasks(self.counts, d.task_samples),
+            num_cpus=d.decode_cpus,
+        )
         ds = decode(
             raw,
             d,
