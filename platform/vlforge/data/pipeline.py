@@ -628,7 +628,7 @@ def decode(
 ) -> ray.data.Dataset:
     """``decode_batch`` over raw rows (``read_raw``) with ``cfg``'s image, tokenizer and decode resources."""
     # batch_size=None: decode whole read blocks, which lets Ray fuse read + decode
-    # into one task per shard (Ray will not fuse a row-count-changing read with a
+    # into one task per read task (Ray will not fuse a row-count-changing read with a
     # batch_size-bound map). Block size is set by the reader's chunking instead.
     ds = raw.map_batches(
         decode_batch,

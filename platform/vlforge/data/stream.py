@@ -17,12 +17,11 @@ What is fixed by ``(data.seed, salt, epoch)`` (``salt``: the stage's index):
    buffer (``data.shuffle_buffer`` rows, 0 = off) seeded by ``(seed, salt, epoch, rank)``.
 4. **Augmentation and the caption drawn** for a sample with several: seeded per decoded block.
 
-Each epoch is its own Ray Data dataset (read + decode fused; a read task per run of adjacent shards,
-``data.task_samples``) run with
-``preserve_order``, so how many decode tasks run at once, and which finishes first, changes
-nothing. The Train loop records how many batches of the epoch each rank consumed; a resume on
-the same worker count skips exactly those batches, so it trains on exactly the samples it had
-not yet seen (``vlforge.train.loop``).
+Each epoch is its own Ray Data dataset (read + decode fused; a read task per run of adjacent
+shards, ``data.task_samples``) run with ``preserve_order``, so how many decode tasks run at once,
+and which finishes first, changes nothing. The Train loop records how many batches of the epoch
+each rank consumed; a resume on the same worker count skips exactly those batches, so it trains on
+exactly the samples it had not yet seen (``vlforge.train.loop``).
 
 What still varies: with another worker count the split is another one, so a resume from a
 checkpoint of W workers on W' skips as many samples as were consumed (count-exact), not those
