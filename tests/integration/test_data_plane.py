@@ -132,3 +132,19 @@ def test_grouped_read_tasks_keep_the_stream_order(ray_local, tmp_path):
     assert tasks_one == 12 and tasks_grouped == read_tasks([5] * 12, 10) == 8
     assert grouped == one_each
     assert sorted(grouped[0] + grouped[1]) == sorted(sample_id(f"s{i:04d}") for i in range(60))
+
+
+def test_decode_worker_warm_up_runs_once_per_cluster(ray_local, caplog):
+    """``warm_decode_workers`` (run by the driver as each Train run starts) finishes its tiny Ray Data job
+    on this cluster without a warning, and a second call on the same cluster starts nothing."""
+    from vlforge.data import pipeline
+
+    cluster = ray_local.get_runtime_context().gcs_address
+    pipeline._WARMED.discard(cluster)  # an earlier Train run of this session may have warmed it
+    cfg = DataConfig(shards="unused", tokenizer=TokenizerConfig(max_length=16))
+    thread = pipeline.warm_decode_workers(cfg, slots=2)
+    assert thread is not None
+    thread.join(180)
+    assert not thread.is_alive()
+    assert "warm-up failed" not in caplog.text
+    assert pipeline.warm_decode_workers(cfg, slots=2) is None

@@ -140,3 +140,37 @@ def test_shard_counts_only_for_whole_sets_whose_manifest_matches(tmp_path):
 def test_task_samples_must_not_be_negative():
     with pytest.raises(ValueError, match="task_samples"):
         DataConfig(task_samples=-1)
+
+
+# ----------------------------------------------------------------------------- Prefetched
+
+
+def test_prefetched_fetches_the_first_item_before_it_is_asked_for_and_keeps_the_order():
+    import threading
+
+    from vlforge.data.stream import Prefetched
+
+    started = threading.Event()
+    fetched_in: list[str] = []
+
+    def items():
+        fetched_in.append(threading.current_thread().name)
+        started.set()
+        yield from range(5)
+
+    it = Prefetched(items())
+    assert started.wait(10), "the first item was not fetched in the background"
+    assert fetched_in == ["vlforge-prefetch"]
+    assert list(it) == [0, 1, 2, 3, 4]
+
+
+def test_prefetched_reraises_the_first_fetch_error_and_ends_on_an_empty_iterator():
+    from vlforge.data.stream import Prefetched
+
+    def broken():
+        raise OSError("shard gone")
+        yield  # a generator
+
+    with pytest.raises(OSError, match="shard gone"):
+        next(Prefetched(broken()))
+    assert list(Prefetched(iter([]))) == []

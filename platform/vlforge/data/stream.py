@@ -28,6 +28,10 @@ checkpoint of W workers on W' skips as many samples as were consumed (count-exac
 samples. Another ``data.seed`` or ``shuffle_buffer`` gives another order, by design. A shard
 set changed on disk is another stream (``verify_sha256`` checks the bytes first).
 
+A stage's first batch takes a cold start (Ray Data plans the epoch, starts its tasks, decodes
+the first block). ``Prefetched`` fetches it in a background thread, so the Train loop starts an
+epoch's iterator before it builds the model and DeepSpeed engine and that start overlaps them.
+
 The stream is written here (not taken from Ray Data) because Ray Data's streaming split hands
 blocks to whichever worker asks first, so its order is not reproducible (Ray issues #37633,
 #48224); reading and decoding are still Ray Data's.
@@ -36,6 +40,7 @@ blocks to whichever worker asks first, so its order is not reproducible (Ray iss
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -153,3 +158,41 @@ class EpochStream:
                 local_shuffle_seed=_mix(self.data.seed, self.salt, epoch, rank) & 0xFFFF_FFFF if shuffle else None,
             )
         )
+
+
+_END = object()
+
+
+class Prefetched(Iterator):
+    """``iterator`` with its first item fetched in a background thread from construction on.
+
+    ``next`` joins that thread (re-raising what it raised), then reads ``iterator`` directly; the
+    items and their order are ``iterator``'s. Only the first item is fetched ahead, so at most one
+    batch is held in memory beyond what the iterator itself buffers."""
+
+    def __init__(self, iterator: Iterator):
+        self._it = iterator
+        self._first: Any = _END
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._fetch, name="vlforge-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it, _END)
+        except BaseException as exc:  # re-raised in the caller's thread by __next__
+            self._error = exc
+
+    def __next__(self):
+        if self._thread is None:
+            return next(self._it)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        first, self._first = self._first, _END
+        if first is _END:
+            raise StopIteration
+        return first

@@ -40,6 +40,7 @@ import torch
 
 from vlforge.config import StageConfig, TrainRunConfig, from_dict
 from vlforge.data.pipeline import Counters, finish_pixels
+from vlforge.data.stream import Prefetched
 from vlforge.models.io import save_model_dir
 from vlforge.models.trainable import set_trainable
 from vlforge.tasks import build_task, create, model_spec, task_prefix
@@ -331,6 +332,7 @@ class _Stage:
     resumed: bool = False  # the first epoch after a resume: record how many batches it skipped
     micro: int = 0
     sums: dict[str, float] = field(default_factory=dict)
+    early: Any = None  # epoch 0's batches, started before the engine was built (a fresh stage's stream)
 
 
 class Trainer:
@@ -441,6 +443,12 @@ class Trainer:
         import ray.train
 
         cfg, stage = self.cfg, self.cfg.stages[si]
+        stream = self.args.streams.get(stage.name)
+        # A fresh stage's first epoch starts now, so that its cold start overlaps building the engine.
+        early = None
+        if stream is not None and not resume:
+            micro_batch = (stage.data or cfg.data).batch_size
+            early = Prefetched(stream.batches(0, self.rank, self.world, micro_batch, self.device))
         torch.manual_seed(cfg.seed + si)  # same initial weights on every rank
         model = create(cfg)
         if not resume:
@@ -461,9 +469,8 @@ class Trainer:
             on_gpu=cfg.use_gpu,
             extra={"checkpoint": {"load_universal": True}} if from_universal else None,
         )
-        stream = self.args.streams.get(stage.name)
         shard = ray.train.get_dataset_shard(stage.name) if stream is None else None
-        st = _Stage(si, stage, engine, task, stream, shard)
+        st = _Stage(si, stage, engine, task, stream, shard, early=early)
         if resume:
             self._resume_stage(st, from_universal)
         engine.train()
@@ -523,7 +530,9 @@ class Trainer:
     def _epoch(self, st: _Stage):
         """The current epoch's batches, the ones a resume already consumed skipped."""
         micro_batch = (st.cfg.data or self.cfg.data).batch_size
-        if st.stream is not None:
+        if st.early is not None:
+            batches, st.early = st.early, None
+        elif st.stream is not None:
             batches = st.stream.batches(st.epoch, self.rank, self.world, micro_batch, self.device)
         else:
             batches = iter(st.shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=self.device))

@@ -30,7 +30,7 @@ from typing import Any
 
 from vlforge.config import FINETUNE_TASKS, ConfigError, DataConfig, TrainRunConfig, load, to_dict
 from vlforge.data.corpus import ensure_corpus
-from vlforge.data.pipeline import Counters, build_dataset
+from vlforge.data.pipeline import Counters, build_dataset, warm_decode_workers
 from vlforge.data.shards import list_shards
 from vlforge.data.storage import StorageUnreachable, absolute, check_reachable, is_uri
 from vlforge.data.stream import EpochStream
@@ -299,6 +299,9 @@ def run_training(
             callbacks=list(callbacks or []),
         ),
     )
+    first = cfg.stages[0].data or cfg.data
+    data_cpus = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * cfg.worker_cpus
+    warm_decode_workers(first, slots=max(1, min(4, int(data_cpus // max(first.decode_cpus, 0.01)))))
     t0 = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - t0
