@@ -232,3 +232,12 @@ def test_manifest_kind_reads_legacy_task_manifests(tmp_path):
     assert detect_kind(str(d)) == "nlvr2"
     ev = load_eval_set(str(d), DataConfig(image=ImageConfig(size=8, augment=False)))
     assert ev["label"].tolist() == [1, 0, 1] and ev["pixel_values_2"].shape == ev["pixel_values"].shape
+
+
+def test_is_shard_set_tells_a_set_from_one_tar_or_a_glob(tmp_path):
+    from vlforge.data.shards import is_shard_set, set_manifest
+
+    assert is_shard_set("s3://bucket/corpus/scenes/train") and is_shard_set(f"{tmp_path}/set/")
+    for uri in ("data/set/shard-000000.tar", "data/set/*.tar", "data/set/shard-00000?.tar", "data/set/[ab].tar"):
+        assert not is_shard_set(uri), uri
+    assert set_manifest(str(tmp_path)) is None  # a directory without a manifest

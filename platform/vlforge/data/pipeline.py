@@ -51,7 +51,7 @@ import numpy as np
 
 from vlforge.config import DATA_KINDS, DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.images import WHITE, to_rgb
-from vlforge.data.shards import IMAGE_EXTS, list_shards, manifest_kind, read_manifest, verify
+from vlforge.data.shards import IMAGE_EXTS, list_shards, manifest_kind, set_manifest, verify
 from vlforge.data.storage import arrow_filesystem, check_reachable, filesystem_for
 from vlforge.data.tokenizer import load_tokenizer
 from vlforge.runtime import tune_malloc
@@ -199,8 +199,7 @@ def check_against_manifest(uri: str, storage: StorageConfig | None = None) -> No
 def shard_counts(uri: str, storage: StorageConfig | None, n_paths: int) -> list[int] | None:
     """Samples per shard from the set's manifest, in its order; None for a single tar, a glob, a set
     without a manifest, or a manifest that lists another number of shards than ``n_paths``."""
-    whole_set = not uri.endswith(".tar") and not any(c in uri for c in "*?[")
-    manifest = read_manifest(uri, storage) if whole_set else None
+    manifest = set_manifest(uri, storage)
     if manifest is None or len(manifest.shards) != n_paths:
         return None
     return [s.samples for s in manifest.shards]
@@ -563,8 +562,7 @@ class Counters:
 
 def detect_kind(uri: str, storage: StorageConfig | None = None) -> str:
     """The data kind of a shard set: from its manifest (``manifest_kind``), else captions."""
-    manifest = read_manifest(uri, storage) if not uri.endswith(".tar") and "*" not in uri else None
-    return manifest_kind(manifest)
+    return manifest_kind(set_manifest(uri, storage))
 
 
 def find_answers(uri: str, storage: StorageConfig | None = None) -> list[str] | None:

@@ -192,6 +192,17 @@ def read_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest | 
         return Manifest.from_json(f.read().decode("utf-8"), where=mpath)
 
 
+def is_shard_set(uri: str) -> bool:
+    """Whether ``uri`` names a whole shard set (a directory or prefix), not one ``.tar`` or a glob."""
+    path = uri.rstrip("/")
+    return not path.endswith(".tar") and not any(c in path for c in "*?[")
+
+
+def set_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest | None:
+    """``read_manifest`` for a whole shard set; None for one ``.tar``, a glob, or a set without a manifest."""
+    return read_manifest(uri, storage) if is_shard_set(uri) else None
+
+
 def manifest_kind(manifest: Manifest | None) -> str:
     """The data kind a shard set holds (one of ``config.DATA_KINDS``, unless the manifest names another):
     its manifest's ``params.kind``; a manifest written before that key, its ``params.task`` (legacy
@@ -327,7 +338,7 @@ def write_manifest(
     shards hold; an existing manifest is kept unless ``force``."""
     fs, base = filesystem_for(uri, storage)
     base = base.rstrip("/")
-    if base.endswith(".tar") or any(c in base for c in "*?["):
+    if not is_shard_set(base):
         raise ValueError(f"{uri}: give the directory that holds the shards")
     if not fs.isdir(base):
         raise FileNotFoundError(f"shard set not found: {uri}")
@@ -409,7 +420,7 @@ def iter_samples(shard_uri: str, storage: StorageConfig | None = None) -> Iterat
 
 def shard_set_summary(uri: str, storage: StorageConfig | None = None) -> dict[str, Any]:
     shards = list_shards(uri, storage)
-    manifest = read_manifest(uri, storage) if not uri.endswith(".tar") else None
+    manifest = set_manifest(uri, storage)
     return {
         "uri": uri,
         "remote": is_remote(uri),
@@ -426,11 +437,13 @@ __all__ = [
     "ShardInfo",
     "ShardScan",
     "ShardWriter",
+    "is_shard_set",
     "iter_samples",
     "list_shards",
     "manifest_kind",
     "read_manifest",
     "scan_shard",
+    "set_manifest",
     "shard_set_summary",
     "verify",
     "write_manifest",

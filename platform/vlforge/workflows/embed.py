@@ -41,7 +41,7 @@ import numpy as np
 
 from vlforge.config import StorageConfig, TrackingConfig
 from vlforge.data.pipeline import Counters, decode_batch, read_raw, sample_id
-from vlforge.data.shards import list_shards, read_manifest
+from vlforge.data.shards import list_shards, set_manifest
 from vlforge.data.storage import absolute, arrow_filesystem, filesystem_for
 from vlforge.evaluation.inference import image_embeddings, text_embeddings
 from vlforge.models.interface import EMBED_IMAGE, EMBED_TEXT, require
@@ -240,7 +240,7 @@ def embed_shards(
         raise RuntimeError("embed_shards needs Ray: call vlforge.runtime.init_ray(num_train_workers=0) first")
     shards, out = absolute(shards), absolute(out)
     paths = list_shards(shards, storage)
-    manifest = read_manifest(shards, storage) if not shards.endswith(".tar") and "*" not in shards else None
+    manifest = set_manifest(shards, storage)
     if not paths or (manifest is not None and manifest.total_samples == 0):
         raise ValueError(f"{shards}: the shard set is empty (no shards or no samples)")
     _check_out(out, storage)
