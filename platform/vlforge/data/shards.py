@@ -192,10 +192,14 @@ def read_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest | 
         return Manifest.from_json(f.read().decode("utf-8"), where=mpath)
 
 
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
 def is_shard_set(uri: str) -> bool:
     """Whether ``uri`` names a whole shard set (a directory or prefix), not one ``.tar`` or a glob."""
     path = uri.rstrip("/")
-    return not path.endswith(".tar") and not any(c in path for c in "*?[")
+    return not path.endswith(".tar") and not _is_glob(path)
 
 
 def set_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest | None:
@@ -224,7 +228,7 @@ def list_shards(uri: str, storage: StorageConfig | None = None) -> list[str]:
     def full(p: str) -> str:
         return f"{scheme}{p}" if scheme else p
 
-    if any(c in path for c in "*?["):
+    if _is_glob(path):
         found = sorted(p for p in fs.glob(path) if p.endswith(".tar"))
         if not found:
             raise FileNotFoundError(f"no shards match {uri}")
