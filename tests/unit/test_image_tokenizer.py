@@ -152,3 +152,47 @@ def test_tune_malloc_applies_on_glibc():
 
     assert tune_malloc() is True
     assert tune_malloc() is True  # idempotent
+
+
+def _effnet(**kw) -> torch.nn.Module:
+    return create_model("vlmo_small_effnet", img_size=64, depth=2, embed_dim=64, num_heads=2, itc_embed_dim=64, **kw)
+
+
+def test_tasks_tokenise_each_image_once_with_the_same_losses(small):
+    """The VLMo task and the distillation task run the locked tokenizer once per image and hand its
+    features to every term (and to the teacher); the losses equal those of tokenising in each term."""
+    from vlforge.models.distill import DualEncoderStudent, FusionTeacher
+    from vlforge.tasks.distill import DistillationTask
+
+    calls = []
+    handle = small.image_embed.tokenizer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    task = VLMoPretrainTask(small, {"itc": 1.0, "itm": 1.0, "mlm": 0.25}, gather=False)
+    b = _batch(b=6)
+    torch.manual_seed(0)
+    shared = task(b)
+    handle.remove()
+    assert calls == [6]
+    task._image_input = lambda pv: pv  # each term tokenises the pixels itself
+    torch.manual_seed(0)
+    each = task(b)
+    assert all(torch.allclose(shared[k], each[k], atol=1e-6) for k in shared), (shared, each)
+
+    torch.manual_seed(0)
+    teacher, student = FusionTeacher(_effnet()), DualEncoderStudent(_effnet(vl_layers=0))
+    b2 = {
+        **_batch(b=6, seed=1),
+        "pixel_values_2": _batch(b=6, seed=2)["pixel_values"],
+        "label": torch.tensor([0, 1] * 3),
+    }
+    for kind, batch in (("itm", _batch(b=6)), ("nlvr2", b2)):
+        dist = DistillationTask(student, teacher, kind, {"soft": 1.0, "attn": 1.0, "hard": 1.0}, gather=False)
+        assert dist._tokenizer is student.encoder.image_embed.tokenizer
+        torch.manual_seed(0)
+        once = dist(batch)
+        dist._tokenizer = None
+        torch.manual_seed(0)
+        twice = dist(batch)
+        assert all(torch.allclose(once[k], twice[k], atol=1e-6) for k in once), (kind, once, twice)
+    other = FusionTeacher(_effnet())
+    next(other.encoder.image_embed.tokenizer.parameters()).data.add_(1.0)  # a different network: no sharing
+    assert DistillationTask(student, other, "itm", {"soft": 1.0}, gather=False)._tokenizer is None

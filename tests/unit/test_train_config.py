@@ -98,7 +98,7 @@ def test_unknown_objectives_name_the_method_and_the_known_ones():
     from vlforge.tasks import check_stages
 
     cfg = from_dict(TrainRunConfig, _raw(stages=[{"name": "a", "objectives": {"nope": 1.0, "mim": 1.0}}]))
-    known = r"\['mim', 'mlm_text', 'itc', 'itm', 'mlm'\]"
+    known = r"\['mim', 'mlm_text', 'itc', 'itm', 'itm_swap', 'mlm'\]"
     with pytest.raises(ConfigError, match=rf"stage a: unknown objectives \['nope'\] for method 'vlmo'; known: {known}"):
         check_stages(cfg)
     check_stages(from_dict(TrainRunConfig, _raw()))

@@ -117,8 +117,13 @@ class DataConfig:
     # samples not yet consumed (vlforge.data.stream). "streaming": Ray Train's streaming split,
     # whose order varies from run to run (a resume is then count-exact only).
     order: Literal["deterministic", "streaming"] = "deterministic"
+    # Captions only: phrases swapped for one another to give each sample a hard-negative caption
+    # (e.g. [left of, right of, above, below]), which the ``itm_swap`` objective matches against.
+    swap_negatives: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if self.swap_negatives and len({p.strip().lower() for p in self.swap_negatives if p.strip()}) < 2:
+            raise ValueError("data.swap_negatives needs at least two different phrases")
         if self.batch_size < 1 or self.decode_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
         if self.order not in ("deterministic", "streaming"):

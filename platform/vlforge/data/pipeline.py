@@ -51,6 +51,7 @@ import numpy as np
 
 from vlforge.config import DATA_KINDS, DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.images import WHITE, to_rgb
+from vlforge.data.negatives import swap_phrase
 from vlforge.data.shards import IMAGE_EXTS, list_shards, manifest_kind, set_manifest, verify
 from vlforge.data.storage import arrow_filesystem, check_reachable, filesystem_for
 from vlforge.data.tokenizer import load_tokenizer
@@ -347,6 +348,7 @@ def decode_batch(
     counters=None,
     keep: tuple[int, int, dict[str, int]] | None = None,
     seed: int | None = None,
+    swap: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """Raw rows -> the batch contract; bad rows are dropped and counted by reason.
 
@@ -354,6 +356,9 @@ def decode_batch(
     index`` is ``rank`` modulo ``world`` (the deterministic stream's split; the others are
     another rank's and are neither decoded nor counted). ``seed``: augmentation and caption
     choice are drawn from it and the block's first key, so a block decodes the same every time.
+    ``swap`` (captions only): phrases of which one is swapped for another to make each row's
+    hard-negative caption (``neg_input_ids`` / ``neg_attention_mask``; ``neg_valid`` 0 where the
+    caption holds none of them), see ``vlforge.data.negatives``.
     """
     tune_malloc()
     if keep is not None:
@@ -391,7 +396,7 @@ def decode_batch(
         # A block with no usable row: zero-length tensor columns would not convert to
         # Arrow tensors (Ray falls back to pickled objects and the schemas then differ).
         return {}
-    return rows.collate(kind, image, tokenizer, train, rng, answer_index)
+    return rows.collate(kind, image, tokenizer, train, rng, answer_index, swap)
 
 
 def _row_fields(batch: dict[str, np.ndarray], i: int, kind: str) -> tuple[bytes, str, dict[str, Any]] | str:
@@ -451,7 +456,7 @@ class _Rows:
         if kind == "nlvr2":
             self.labels.append(int(bool(meta["label"])))
 
-    def collate(self, kind, image: ImageConfig, tokenizer: TokenizerConfig, train: bool, rng, answer_index):
+    def collate(self, kind, image: ImageConfig, tokenizer: TokenizerConfig, train: bool, rng, answer_index, swap=()):
         tok = _tokenizer(tokenizer.name, tokenizer.max_length, tokenizer.lowercase)
         stack = np.stack(self.imgs)  # [B, H, W, 3] uint8
         if train and image.augment:
@@ -471,6 +476,11 @@ class _Rows:
             out["answer_id"] = np.array(self.answer_ids, dtype=np.int64)
             if any(s is not None for s in self.scores):
                 out["answer_targets"] = answer_targets(self.scores, self.answer_ids, answer_index)
+        if swap and kind == "captions":
+            negs = [swap_phrase(t, swap, rng) for t in self.texts]
+            neg = tok([n if n is not None else t for n, t in zip(negs, self.texts)])
+            out["neg_input_ids"], out["neg_attention_mask"] = neg["input_ids"], neg["attention_mask"]
+            out["neg_valid"] = np.array([n is not None for n in negs], dtype=np.int64)
         return out
 
 
@@ -643,6 +653,7 @@ def decode(
             counters=counters,
             keep=keep,
             seed=seed,
+            swap=tuple(cfg.swap_negatives),
         ),
         num_cpus=cfg.decode_cpus,
         concurrency=cfg.decode_concurrency,

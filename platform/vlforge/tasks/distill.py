@@ -102,6 +102,7 @@ class DistillationTask(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        self._tokenizer = _common_tokenizer(student, teacher)
 
     def train(self, mode: bool = True) -> DistillationTask:
         super().train(mode)
@@ -110,12 +111,21 @@ class DistillationTask(nn.Module):
         return self
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        batch = self._features(batch)
         if self.task == "itm":
             terms = self._itm_terms(batch)
         else:
             terms = self._task_terms(batch)
         loss = sum(self.weights[name] * value for name, value in terms.items())
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
+
+    def _features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch with its images as the shared locked tokenizer's feature grids [B, C, h, w], computed
+        once here for the student and the teacher (the teacher alone would tokenise 3B images an ITM step)."""
+        if self._tokenizer is None:
+            return batch
+        keys = [k for k in ("pixel_values", "pixel_values_2") if k in batch]
+        return {**batch, **{k: self._tokenizer.features(batch[k]) for k in keys}}
 
     def _attn(self, student: list[CrossModalQK], teacher: list[CrossModalQK]) -> Tensor:
         return sum(cross_modal_attention_kl(s, t) for s, t in zip(student, teacher)) / len(student)
@@ -182,6 +192,21 @@ class DistillationTask(nn.Module):
         if "hard" in w:
             terms["hard"] = F.cross_entropy(s_logits, itm_labels)
         return terms
+
+
+def _common_tokenizer(student: DualEncoderStudent, teacher: FusionTeacher | None) -> nn.Module | None:
+    """The locked image tokenizer of the student when the teacher's is the same network with the same
+    weights (or there is no teacher), else ``None``: then each model tokenises the pixels itself."""
+    mine = student.encoder.image_embed.tokenizer
+    if mine is None or teacher is None:
+        return mine
+    theirs = teacher.encoder.image_embed.tokenizer
+    if theirs is None or (theirs.name, theirs.grid) != (mine.name, mine.grid):
+        return None
+    a, b = mine.state_dict(), theirs.state_dict()
+    if a.keys() != b.keys() or any(v.is_meta or b[k].is_meta or not torch.equal(v, b[k]) for k, v in a.items()):
+        return None
+    return mine
 
 
 def as_teacher(model: nn.Module) -> FusionTeacher:

@@ -80,6 +80,11 @@ def check_stages(cfg: TrainRunConfig) -> None:
             raise ConfigError(
                 f"stage {s.name}: unknown objectives {unknown} for method {cfg.method!r}; known: {list(known)}"
             )
+        if s.objectives.get("itm_swap") and not (s.data or cfg.data).swap_negatives:
+            raise ConfigError(
+                f"stage {s.name}: objective itm_swap matches against swapped captions; "
+                "set the stage's data.swap_negatives (e.g. [left of, right of, above, below])"
+            )
 
 
 def task_prefix(method: str) -> str:

@@ -10,6 +10,7 @@ module whose ``forward(batch)`` returns ``{"loss": ..., <term>: ...}``::
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from vlforge.models.vlmo import VLMo
@@ -31,12 +32,15 @@ class VLMoPretrainTask(nn.Module):
     * ``itc``: contrastive loss between the image-only and text-only paths;
     * ``itm``: matching on the fusion path, positives plus hard negatives sampled from
       the ITC similarities over the global batch;
+    * ``itm_swap``: matching on the fusion path, each pair against its own caption with one
+      phrase swapped (``data.swap_negatives``, ``vlforge.data.negatives``): the same objects in
+      another relation, which negatives from other captions seldom are;
     * ``mlm``: masked LM on the fusion path, conditioned on the image (stage 3, 0.25).
 
     The returned terms other than ``loss`` are detached, for logging.
     """
 
-    OBJECTIVES = ("mim", "mlm_text", "itc", "itm", "mlm")
+    OBJECTIVES = ("mim", "mlm_text", "itc", "itm", "itm_swap", "mlm")
 
     def __init__(
         self,
@@ -81,8 +85,11 @@ class VLMoPretrainTask(nn.Module):
             ids, labels = self._mask(batch["input_ids"], batch["attention_mask"])
             out = m.encode_text(ids, batch["attention_mask"])
             terms["mlm_text"] = self._mlm_term(out.hidden, labels)
+        # A locked image tokenizer's features are computed once and shared by every term below
+        # (ITM alone would run it on three times the batch).
+        pv = self._image_input(batch["pixel_values"]) if set(w) - {"mim", "mlm_text"} else None
         if "itc" in w or "itm" in w:
-            pv, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+            ids, am = batch["input_ids"], batch["attention_mask"]
             img, txt = m.encode_image(pv), m.encode_text(ids, am)
             logits = contrastive_logits(m.image_embedding(img), m.text_embedding(txt), m.itc_scale(), self.gather)
             if "itc" in w:
@@ -91,9 +98,32 @@ class VLMoPretrainTask(nn.Module):
                 itm = build_itm_batch(*logits, pv, ids, am, sample_id=batch.get("sample_id"))
                 out = m.forward_fusion(itm["pixel_values"], itm["input_ids"], itm["attention_mask"])
                 terms["itm"] = itm_loss(m.itm_logits(out), itm["itm_labels"])
+        if "itm_swap" in w:
+            terms["itm_swap"] = self._itm_swap(batch, pv)
         if "mlm" in w:
             ids, labels = self._mask(batch["input_ids"], batch["attention_mask"])
-            out = m.forward_fusion(batch["pixel_values"], ids, batch["attention_mask"])
+            out = m.forward_fusion(pv, ids, batch["attention_mask"])
             terms["mlm"] = self._mlm_term(out.text_hidden, labels)
         loss = sum(w[name] * value for name, value in terms.items())
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
+
+    def _image_input(self, pixel_values: Tensor) -> Tensor:
+        """The locked tokenizer's feature grid [B, C, h, w] where the model has one, else the pixels."""
+        tokenizer = self.model.image_embed.tokenizer
+        return tokenizer.features(pixel_values) if tokenizer is not None else pixel_values
+
+    def _itm_swap(self, batch: dict[str, Tensor], pv: Tensor) -> Tensor:
+        if "neg_input_ids" not in batch:
+            raise ValueError("objective itm_swap needs swapped captions: set the stage's data.swap_negatives")
+        valid = batch["neg_valid"].bool()  # [B]
+        pixels = torch.cat([pv, pv[valid]])  # [B + V, C, H, W]
+        ids = torch.cat([batch["input_ids"], batch["neg_input_ids"][valid]])  # [B + V, T]
+        mask = torch.cat([batch["attention_mask"], batch["neg_attention_mask"][valid]])  # [B + V, T]
+        labels = torch.cat(
+            [
+                torch.ones_like(valid, dtype=torch.long),
+                torch.zeros(int(valid.sum()), dtype=torch.long, device=pv.device),
+            ]
+        )
+        out = self.model.forward_fusion(pixels, ids, mask)
+        return itm_loss(self.model.itm_logits(out), labels)
