@@ -184,15 +184,29 @@ def test_tasks_tokenise_each_image_once_with_the_same_losses(small):
         "pixel_values_2": _batch(b=6, seed=2)["pixel_values"],
         "label": torch.tensor([0, 1] * 3),
     }
+    tok = student.encoder.image_embed.tokenizer
     for kind, batch in (("itm", _batch(b=6)), ("nlvr2", b2)):
         dist = DistillationTask(student, teacher, kind, {"soft": 1.0, "attn": 1.0, "hard": 1.0}, gather=False)
-        assert dist._tokenizer is student.encoder.image_embed.tokenizer
+        assert dist._share_features
+        keys = set(dist.state_dict())
+        assert keys == {f"student.{k}" for k in student.state_dict()} | {f"teacher.{k}" for k in teacher.state_dict()}
+        calls = []
+        hooks = [
+            m.image_embed.tokenizer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+            for m in (student.encoder, teacher.encoder)
+        ]
         torch.manual_seed(0)
         once = dist(batch)
-        dist._tokenizer = None
+        assert calls == [6] * (1 if kind == "itm" else 2), calls  # the teacher's 3B / pairs reuse the features
+        calls.clear()
+        dist._share_features = False
         torch.manual_seed(0)
         twice = dist(batch)
+        assert len(calls) == (2 if kind == "itm" else 4), calls
+        for h in hooks:
+            h.remove()
         assert all(torch.allclose(once[k], twice[k], atol=1e-6) for k in once), (kind, once, twice)
+    assert tok is student.encoder.image_embed.tokenizer
     other = FusionTeacher(_effnet())
     next(other.encoder.image_embed.tokenizer.parameters()).data.add_(1.0)  # a different network: no sharing
-    assert DistillationTask(student, other, "itm", {"soft": 1.0}, gather=False)._tokenizer is None
+    assert not DistillationTask(student, other, "itm", {"soft": 1.0}, gather=False)._share_features

@@ -54,7 +54,12 @@ def test_decoded_batch_carries_a_swapped_caption_per_row_and_flags_rows_without_
     from vlforge.config import ImageConfig, TokenizerConfig
     from vlforge.data.pipeline import decode_batch, tokenize
 
-    texts = ["a cat left of a dog", "a bee below a car", "just a cat"]
+    texts = [
+        "a cat left of a dog",
+        "a bee below a car",
+        "just a cat",
+        "one two three four five six seven eight nine ten eleven twelve above x",
+    ]
     image = dataclasses.replace(ImageConfig(size=16), augment=True, max_shift=0.2)
     tok = TokenizerConfig(max_length=12)
     plain = decode_batch(_raw(texts), image=image, tokenizer=tok, seed=5)
@@ -62,7 +67,7 @@ def test_decoded_batch_carries_a_swapped_caption_per_row_and_flags_rows_without_
     assert "neg_input_ids" not in plain
     assert np.array_equal(out["pixel_values"], plain["pixel_values"])  # the swap draws after augmentation
     assert np.array_equal(out["input_ids"], plain["input_ids"])
-    assert out["neg_valid"].tolist() == [1, 1, 0]
+    assert out["neg_valid"].tolist() == [1, 1, 0, 0]  # the last swap lies past max_length: no negative
     assert out["neg_input_ids"].shape == out["input_ids"].shape == out["neg_attention_mask"].shape
     assert np.array_equal(out["neg_input_ids"][2], out["input_ids"][2])
     for i in (0, 1):
@@ -104,6 +109,10 @@ def test_itm_swap_learns_one_batch_and_needs_swapped_captions():
     assert set(out) == {"loss", "itm_swap"} and out["loss"].requires_grad
     first, last, steps = overfit(task, batch, max_steps=300)
     assert last < first / 5, (first, last, steps)
+    none = {**batch, "neg_valid": torch.zeros(4, dtype=torch.long)}
+    zero = task(none)
+    assert zero["itm_swap"].item() == 0.0
+    zero["loss"].backward()  # no twin in the batch: a zero loss that still backpropagates
     with pytest.raises(ValueError, match="data.swap_negatives"):
         task({k: v for k, v in batch.items() if not k.startswith("neg_")})
 

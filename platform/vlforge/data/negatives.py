@@ -5,7 +5,9 @@ objects, so only a model that looks at where they are can tell them apart. Match
 against such negatives (``itm_swap`` in ``vlforge.tasks.vlmo``) is what teaches the fusion
 path relations; negatives drawn from other captions (``itm``) differ mostly in the objects.
 Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"
-(arXiv 2210.01936), build NegCLIP's negatives by reordering words the same way.
+(arXiv 2210.01936), train NegCLIP against negatives made by reordering a caption's words; this
+module substitutes listed phrases instead. The replacement is drawn from the whole list, so with
+real captions a swap can still be true of the image ("left of" -> "above").
 
 ``swap_phrase("a cat left of a dog", ["left of", "right of", "above", "below"], rng)``
 returns the caption with one listed phrase (whole words, any case) replaced by another

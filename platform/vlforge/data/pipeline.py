@@ -480,7 +480,8 @@ class _Rows:
             negs = [swap_phrase(t, swap, rng) for t in self.texts]
             neg = tok([n if n is not None else t for n, t in zip(negs, self.texts)])
             out["neg_input_ids"], out["neg_attention_mask"] = neg["input_ids"], neg["attention_mask"]
-            out["neg_valid"] = np.array([n is not None for n in negs], dtype=np.int64)
+            differs = (neg["input_ids"] != out["input_ids"]).any(axis=1)  # a swap past max_length is no negative
+            out["neg_valid"] = (np.array([n is not None for n in negs]) & differs).astype(np.int64)
         return out
 
 

@@ -102,7 +102,8 @@ class DistillationTask(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
-        self._tokenizer = _common_tokenizer(student, teacher)
+        # a flag, not the module: a submodule attribute would add the tokenizer's weights to the state dict twice
+        self._share_features = _common_tokenizer(student, teacher) is not None
 
     def train(self, mode: bool = True) -> DistillationTask:
         super().train(mode)
@@ -122,10 +123,11 @@ class DistillationTask(nn.Module):
     def _features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch with its images as the shared locked tokenizer's feature grids [B, C, h, w], computed
         once here for the student and the teacher (the teacher alone would tokenise 3B images an ITM step)."""
-        if self._tokenizer is None:
+        if not self._share_features:
             return batch
+        tokenizer = self.student.encoder.image_embed.tokenizer
         keys = [k for k in ("pixel_values", "pixel_values_2") if k in batch]
-        return {**batch, **{k: self._tokenizer.features(batch[k]) for k in keys}}
+        return {**batch, **{k: tokenizer.features(batch[k]) for k in keys}}
 
     def _attn(self, student: list[CrossModalQK], teacher: list[CrossModalQK]) -> Tensor:
         return sum(cross_modal_attention_kl(s, t) for s, t in zip(student, teacher)) / len(student)

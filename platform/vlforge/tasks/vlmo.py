@@ -32,8 +32,8 @@ class VLMoPretrainTask(nn.Module):
     * ``itc``: contrastive loss between the image-only and text-only paths;
     * ``itm``: matching on the fusion path, positives plus hard negatives sampled from
       the ITC similarities over the global batch;
-    * ``itm_swap``: matching on the fusion path, each pair against its own caption with one
-      phrase swapped (``data.swap_negatives``, ``vlforge.data.negatives``): the same objects in
+    * ``itm_swap``: matching on the fusion path, each pair that has one against its own caption
+      with one phrase swapped (``data.swap_negatives``, ``vlforge.data.negatives``): the same objects in
       another relation, which negatives from other captions seldom are;
     * ``mlm``: masked LM on the fusion path, conditioned on the image (stage 3, 0.25).
 
@@ -116,14 +116,12 @@ class VLMoPretrainTask(nn.Module):
         if "neg_input_ids" not in batch:
             raise ValueError("objective itm_swap needs swapped captions: set the stage's data.swap_negatives")
         valid = batch["neg_valid"].bool()  # [B]
-        pixels = torch.cat([pv, pv[valid]])  # [B + V, C, H, W]
-        ids = torch.cat([batch["input_ids"], batch["neg_input_ids"][valid]])  # [B + V, T]
-        mask = torch.cat([batch["attention_mask"], batch["neg_attention_mask"][valid]])  # [B + V, T]
-        labels = torch.cat(
-            [
-                torch.ones_like(valid, dtype=torch.long),
-                torch.zeros(int(valid.sum()), dtype=torch.long, device=pv.device),
-            ]
-        )
+        if not valid.any():  # no caption holds a listed phrase: a zero that keeps the graph
+            return 0.0 * self.model.itm_logits(self.model.forward_fusion(pv[:1], batch["input_ids"][:1])).sum()
+        v = int(valid.sum())
+        pixels = torch.cat([pv[valid], pv[valid]])  # [2V, C, H, W]: each image with its caption, then its twin
+        ids = torch.cat([batch["input_ids"][valid], batch["neg_input_ids"][valid]])  # [2V, T]
+        mask = torch.cat([batch["attention_mask"][valid], batch["neg_attention_mask"][valid]])  # [2V, T]
+        labels = (torch.arange(2 * v, device=pv.device) < v).long()  # [2V]: 1 then 0, balanced
         out = self.model.forward_fusion(pixels, ids, mask)
         return itm_loss(self.model.itm_logits(out), labels)
