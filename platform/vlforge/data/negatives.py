@@ -26,18 +26,22 @@ __all__ = ["swap_phrase"]
 
 
 @lru_cache(maxsize=32)
-def _pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
-    longest_first = sorted(phrases, key=len, reverse=True)  # "right of" before a bare "right"
-    return re.compile(r"\b(" + "|".join(re.escape(p) for p in longest_first) + r")\b", re.IGNORECASE)
+def _group(phrases: tuple[str, ...]) -> tuple[tuple[str, ...], re.Pattern[str]]:
+    """The distinct phrases (stripped, lower case) and one pattern that finds any of them; built once
+    per group, not per caption."""
+    options = tuple(dict.fromkeys(p.strip().lower() for p in phrases if p.strip()))
+    longest_first = sorted(options, key=len, reverse=True)  # "right of" before a bare "right"
+    pattern = re.compile(r"\b(" + "|".join(re.escape(p) for p in longest_first) + r")\b", re.IGNORECASE)
+    return options, pattern
 
 
 def swap_phrase(text: str, phrases: Sequence[str], rng: np.random.Generator) -> str | None:
     """``text`` with one occurrence of a phrase of ``phrases`` replaced by a different one, both
     drawn from ``rng``; ``None`` when no phrase occurs (or fewer than two phrases are given)."""
-    options = tuple(dict.fromkeys(p.strip().lower() for p in phrases if p.strip()))
+    options, pattern = _group(tuple(phrases))
     if len(options) < 2:
         return None
-    hits = list(_pattern(options).finditer(text))
+    hits = list(pattern.finditer(text))
     if not hits:
         return None
     hit = hits[int(rng.integers(len(hits)))]

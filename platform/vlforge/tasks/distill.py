@@ -103,7 +103,7 @@ class DistillationTask(nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
         # a flag, not the module: a submodule attribute would add the tokenizer's weights to the state dict twice
-        self._share_features = _common_tokenizer(student, teacher) is not None
+        self._share_features = _shares_tokenizer(student, teacher)
 
     def train(self, mode: bool = True) -> DistillationTask:
         super().train(mode)
@@ -196,19 +196,17 @@ class DistillationTask(nn.Module):
         return terms
 
 
-def _common_tokenizer(student: DualEncoderStudent, teacher: FusionTeacher | None) -> nn.Module | None:
-    """The locked image tokenizer of the student when the teacher's is the same network with the same
-    weights (or there is no teacher), else ``None``: then each model tokenises the pixels itself."""
+def _shares_tokenizer(student: DualEncoderStudent, teacher: FusionTeacher | None) -> bool:
+    """Whether the student has a locked image tokenizer and the teacher (if any) has the same network
+    with the same weights; otherwise each model tokenises the pixels itself."""
     mine = student.encoder.image_embed.tokenizer
     if mine is None or teacher is None:
-        return mine
+        return mine is not None
     theirs = teacher.encoder.image_embed.tokenizer
     if theirs is None or (theirs.name, theirs.grid) != (mine.name, mine.grid):
-        return None
+        return False
     a, b = mine.state_dict(), theirs.state_dict()
-    if a.keys() != b.keys() or any(v.is_meta or b[k].is_meta or not torch.equal(v, b[k]) for k, v in a.items()):
-        return None
-    return mine
+    return a.keys() == b.keys() and not any(v.is_meta or b[k].is_meta or not torch.equal(v, b[k]) for k, v in a.items())
 
 
 def as_teacher(model: nn.Module) -> FusionTeacher:
