@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -84,3 +87,96 @@ def test_gathered_weights_load_with_tied_parameters_named_once():
         load_gathered(dst, short)
     with pytest.raises(RuntimeError, match="unexpected.*bogus"):
         load_gathered(dst, {**once, "bogus": torch.zeros(1)})
+
+
+class _Stop(Exception):
+    """Ends a run where its first engine would be built."""
+
+
+class _Stream:
+    """Records when an epoch's batches are opened (an EpochStream's ``batches``)."""
+
+    def __init__(self, name: str, events: list[str]):
+        self.name, self.events = name, events
+
+    def batches(self, epoch, rank, world, batch_size, device):
+        self.events.append(f"open {self.name} epoch {epoch}")
+        return iter([{"sample_id": [0]}])
+
+
+class _StubLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        pass
+
+
+@pytest.fixture
+def events(monkeypatch) -> list[str]:
+    """The run's events; importing deepspeed is one of them (a stub module, for this test only)."""
+    out: list[str] = []
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "deepspeed":
+                return None
+            out.append("import deepspeed")
+            return importlib.util.spec_from_loader(name, _StubLoader())
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # restored (or removed) after the test
+    del sys.modules["deepspeed"]
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    return out
+
+
+def _trainer(events: list[str], restore: tuple[int, bool], streams=("a", "b")):
+    from vlforge.config import TrainRunConfig, from_dict
+    from vlforge.train.loop import Trainer
+
+    t = Trainer.__new__(Trainer)  # no Ray Train session: only the run order is exercised
+    t.cfg = from_dict(
+        TrainRunConfig,
+        {"method": "vlmo", "stages": [{"name": n, "steps": 1, "objectives": {"itc": 1.0}} for n in "ab"]},
+    )
+    t.args = WorkerArgs({}, "run", streams={n: _Stream(n, events) for n in streams})
+    t.rank, t.world, t.device, t.early = 0, 1, "cpu", {}
+    t._restore = lambda: restore
+    t._start_tracking = lambda: events.append("tracking")
+
+    def start_stage(si, resume):
+        events.append(f"build {si} resume={resume} early={si in t.early}")
+        raise _Stop
+
+    t._start_stage = start_stage
+    return t
+
+
+def test_a_fresh_run_opens_its_first_epoch_before_deepspeed_tracking_and_the_engine(events):
+    """The first stage's data cold start overlaps DeepSpeed's import, tracking and the engine build."""
+    with pytest.raises(_Stop):
+        _trainer(events, restore=(0, False)).train()
+    assert events == ["open a epoch 0", "import deepspeed", "tracking", "build 0 resume=False early=True"]
+
+
+def test_a_mid_stage_resume_opens_nothing_ahead(events):
+    """A resume skips the batches it consumed, from its saved epoch: no epoch 0 is opened ahead of it."""
+    with pytest.raises(_Stop):
+        _trainer(events, restore=(1, True)).train()
+    assert events == ["import deepspeed", "tracking", "build 1 resume=True early=False"]
+
+
+def test_a_run_resumed_at_a_stage_boundary_opens_the_next_stage_ahead(events):
+    with pytest.raises(_Stop):
+        _trainer(events, restore=(1, False)).train()
+    assert events == ["open b epoch 0", "import deepspeed", "tracking", "build 1 resume=False early=True"]
+
+
+def test_the_first_epoch_opens_once_and_only_for_a_stage_with_a_stream(events):
+    t = _trainer(events, restore=(0, False), streams=("a",))
+    t._open_first_epoch(0)
+    t._open_first_epoch(0)
+    t._open_first_epoch(1)  # stage b reads Ray Train's dataset shard: nothing to open
+    t._open_first_epoch(2)  # past the last stage (a checkpoint taken at the run's end)
+    assert events == ["open a epoch 0"] and list(t.early) == [0]
+    assert next(t.early.pop(0))["sample_id"] == [0]

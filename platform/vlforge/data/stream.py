@@ -30,7 +30,9 @@ set changed on disk is another stream (``verify_sha256`` checks the bytes first)
 
 A stage's first batch takes a cold start (Ray Data plans the epoch, starts its tasks, decodes
 the first block). ``Prefetched`` fetches it in a background thread, so the Train loop starts an
-epoch's iterator before it builds the model and DeepSpeed engine and that start overlaps them.
+epoch's iterator before it builds the model and DeepSpeed engine and that start overlaps them
+(the first stage a worker runs, unless it resumes mid-stage: before it imports DeepSpeed and starts
+tracking, too).
 
 The stream is written here (not taken from Ray Data) because Ray Data's streaming split hands
 blocks to whichever worker asks first, so its order is not reproducible (Ray issues #37633,

@@ -351,8 +351,6 @@ class Trainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK=str(ctx.get_local_rank()))
-        import deepspeed  # noqa: F401  (after DS_ACCELERATOR is set)
-
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
         self.bf16 = resolve_precision(cfg.deepspeed, cfg.use_gpu) == "bf16"
         self.sample_log = SampleLog(cfg.debug.sample_log, self.rank)
@@ -361,12 +359,19 @@ class Trainer:
         self.restored_dir: str | None = None
         self.universal = False
         self.handoff: dict[str, torch.Tensor] | None = None
+        self.early: dict[int, Prefetched] = {}  # stage index -> its epoch 0, opened ahead of time
 
     # ------------------------------------------------------------------ run
 
     def train(self) -> None:
-        self._start_tracking()
         start, mid_stage = self._restore()
+        if not mid_stage:
+            # Opened first, so that the data's cold start (README, "Cold starts") overlaps
+            # DeepSpeed's import, tracking and the first engine build.
+            self._open_first_epoch(start)
+        import deepspeed  # noqa: F401  (after prepare_env set DS_ACCELERATOR; its cost overlaps the data's start)
+
+        self._start_tracking()
         for si in range(start, len(self.cfg.stages)):
             st = self._start_stage(si, resume=mid_stage and si == start)
             self._train_stage(st)
@@ -439,16 +444,26 @@ class Trainer:
             return ckpt_io.module_weights(stage.init)
         return None
 
+    def _open_first_epoch(self, si: int) -> None:
+        """Start fetching stage ``si``'s first batch of epoch 0 in the background (``Prefetched``), once,
+        so that the stream's cold start overlaps whatever runs before the stage's first step."""
+        if si >= len(self.cfg.stages) or si in self.early:
+            return
+        stage = self.cfg.stages[si]
+        stream = self.args.streams.get(stage.name)
+        if stream is None:
+            return
+        micro_batch = (stage.data or self.cfg.data).batch_size
+        self.early[si] = Prefetched(stream.batches(0, self.rank, self.world, micro_batch, self.device))
+
     def _start_stage(self, si: int, resume: bool) -> _Stage:
         import ray.train
 
         cfg, stage = self.cfg, self.cfg.stages[si]
         stream = self.args.streams.get(stage.name)
-        # A fresh stage's first epoch starts now, so that its cold start overlaps building the engine.
-        early = None
-        if stream is not None and not resume:
-            micro_batch = (stage.data or cfg.data).batch_size
-            early = Prefetched(stream.batches(0, self.rank, self.world, micro_batch, self.device))
+        if not resume:
+            self._open_first_epoch(si)
+        early = self.early.pop(si, None)
         torch.manual_seed(cfg.seed + si)  # same initial weights on every rank
         model = create(cfg)
         if not resume:
