@@ -65,6 +65,9 @@ def test_smoke_job_trains_evaluates_and_registers(smoke_job, corpus, mlflow_serv
     for split in ("val", "test"):
         assert f"student-distilled  {split}" in table
     assert {"pretrain", "nlvr2", "vqa"} <= {p.name for p in (root / "teacher").iterdir()}
+    # every training set's locked-tower features were cached beside it and the runs trained on them
+    for kind in ("concepts", "scenes", "nlvr2", "vqa"):
+        assert (corpus / kind / "train.features" / "efficientnet_lite0-128" / "manifest.json").is_file(), kind
     assert (root / "results.png").stat().st_size > 1000 and (root / "latency.png").stat().st_size > 1000
 
     client = MlflowClient(mlflow_server.uri)

@@ -351,7 +351,7 @@ def test_fusion_finetune_uses_bce_and_the_vqa_score_on_soft_targets():
 
     task = FusionFinetuneTask.__new__(FusionFinetuneTask)
     torch.nn.Module.__init__(task)
-    task.model, task.task, task.weight = Head(), "vqa", 1.0
+    task.model, task.task, task.weights = Head(), "vqa", {"hard": 1.0}
     targets = torch.tensor([[1 / 3, 1.0, 0.0], [0.0, 0.0, 1.0]])
     batch = {
         "pixel_values": None,

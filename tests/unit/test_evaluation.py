@@ -266,7 +266,7 @@ def _same(a, b) -> bool:
     [
         ("scenes", "captions", set()),
         ("vqa", "vqa", {"answer_id", "vqa_type"}),
-        ("nlvr2", "nlvr2", {"pixel_values_2", "label"}),
+        ("nlvr2", "nlvr2", {"pixel_values_2", "label", "image_truth"}),
     ],
 )
 def test_load_eval_set(corpus, set_dir, kind, extra):

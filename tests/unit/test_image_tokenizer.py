@@ -44,6 +44,10 @@ def test_pretrained_weights_load_and_grid_shape():
     # ImageNet weights, not a fresh init: BatchNorm statistics differ from the defaults (0 / 1).
     assert tok.net._bn0.running_mean.abs().sum() > 0
     assert not any(p.requires_grad for p in tok.parameters())
+    # weights stay contiguous NCHW (DeepSpeed's parameter broadcast cannot view channels-last ones as
+    # bytes); the input goes channels-last, the output comes back contiguous
+    assert all(p.is_contiguous() for p in tok.parameters())
+    assert feats.is_contiguous()
 
 
 def test_tokenizer_stays_frozen_and_in_eval_mode(small):

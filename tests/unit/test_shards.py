@@ -226,12 +226,14 @@ def test_manifest_kind_reads_legacy_task_manifests(tmp_path):
                 image=_png((200, 0, 0)),
                 image_ext="png",
                 text=f"statement {i}",
-                meta={"label": i % 2 == 0},
+                meta={"label": i % 2 == 0, **({"relation_holds": [True, False]} if i == 0 else {})},
                 extra={"right.png": _png((0, 0, 200))},
             )
     assert detect_kind(str(d)) == "nlvr2"
     ev = load_eval_set(str(d), DataConfig(image=ImageConfig(size=8, augment=False)))
     assert ev["label"].tolist() == [1, 0, 1] and ev["pixel_values_2"].shape == ev["pixel_values"].shape
+    # per-image truths where the json has them (the built-in corpus), -100 (unknown) elsewhere
+    assert ev["image_truth"].tolist() == [[1, 0], [-100, -100], [-100, -100]]
 
 
 def test_is_shard_set_tells_a_set_from_one_tar_or_a_glob(tmp_path):

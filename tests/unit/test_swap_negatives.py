@@ -132,3 +132,20 @@ def test_config_refuses_itm_swap_without_swap_negatives_and_a_one_phrase_group()
     check_stages(from_dict(TrainRunConfig, raw))
     with pytest.raises(ValueError, match="at least two different phrases"):
         DataConfig(swap_negatives=["above", "Above "])
+
+
+def test_config_refuses_image_truth_outside_nlvr2():
+    from vlforge.config import ConfigError, TrainRunConfig, from_dict
+    from vlforge.tasks import check_stages
+
+    raw = {
+        "model": "vlmo_debug",
+        "method": "fusion",
+        "num_answers": 5,
+        "data": {"image": {"size": 32}, "tokenizer": {"max_length": 16}},
+        "stages": [{"name": "ft", "task": "vqa", "objectives": {"hard": 1.0, "image_truth": 1.0}, "steps": 4}],
+    }
+    with pytest.raises(ConfigError, match="stage ft: objective image_truth is for task nlvr2"):
+        check_stages(from_dict(TrainRunConfig, raw))
+    raw["stages"][0]["task"] = "nlvr2"
+    check_stages(from_dict(TrainRunConfig, raw))

@@ -123,7 +123,8 @@ def test_every_method_has_a_task_that_declares_its_objectives():
         "fusion": FusionFinetuneTask.OBJECTIVES,
         "distill": DistillationTask.OBJECTIVES,
     }
-    assert OBJECTIVES_BY_METHOD["vlkd"] == ("ttd", "itc", "icti") and OBJECTIVES_BY_METHOD["fusion"] == ("hard",)
+    assert OBJECTIVES_BY_METHOD["vlkd"] == ("ttd", "itc", "icti")
+    assert OBJECTIVES_BY_METHOD["fusion"] == ("hard", "image_truth")
 
 
 def test_deepspeed_config_overrides_merged_last():

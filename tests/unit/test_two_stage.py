@@ -271,6 +271,69 @@ def test_fusion_finetune_task_trains_the_head_and_ignores_unknown_answers():
         FusionFinetuneTask(model, "itm")
 
 
+def test_image_truth_term_trains_the_per_image_head_and_skips_unknown_truths():
+    from vlforge.models.io import build_from_spec
+    from vlforge.tasks.distill import FusionFinetuneTask
+
+    torch.manual_seed(0)
+    model = build_from_spec({"model": "vlmo_debug", "method": "fusion", "num_answers": 7})
+    batch = {**_pair_batch(), "image_truth": torch.tensor([[1, 0], [0, 0], [1, 1], [-100, -100]])}
+    t = FusionFinetuneTask(model, "nlvr2", {"hard": 1.0, "image_truth": 2.0})
+    out = t(batch)
+    assert torch.allclose(out["loss"], out["hard"] + 2.0 * out["image_truth"])
+    head = model.heads["nlvr2_image"][-1].weight
+    out["loss"].backward()
+    assert head.grad is not None and head.grad.abs().sum() > 0
+    # the term is the cross-entropy of the known truths only
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["pixel_values_2"])
+    per_image = model("nlvr2", *args).image_logits[:3]  # [3, 2, 2]; row 4 knows no truth
+    known = torch.nn.functional.cross_entropy(per_image.reshape(-1, 2), batch["image_truth"][:3].reshape(-1))
+    assert torch.allclose(t(batch)["image_truth"], known, atol=1e-6)
+
+    model.zero_grad()
+    unknown = t({**batch, "image_truth": torch.full((4, 2), -100)})
+    assert float(unknown["image_truth"]) == 0.0 and unknown["loss"].requires_grad
+    unknown["loss"].backward()  # a batch that knows no truth still runs backward, as every rank must
+    with pytest.raises(ValueError, match="needs the batch's 'image_truth'"):
+        t({k: v for k, v in batch.items() if k != "image_truth"})
+    with pytest.raises(ValueError, match="is for nlvr2"):
+        FusionFinetuneTask(model, "vqa", {"hard": 1.0, "image_truth": 1.0})
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        FusionFinetuneTask(model, "nlvr2", {"soft": 1.0})
+
+
+def test_student_per_image_terms_follow_the_teacher_and_the_truths():
+    """DistillationTask's nlvr2 per-image terms: ``soft_image`` is the KL of the student's per-image head
+    to the teacher's, ``image_truth`` the cross-entropy on the shards' truths; both train the student's
+    ``nlvr2_image`` head and neither reaches the frozen teacher."""
+    from vlforge.models.io import build_from_spec
+    from vlforge.objectives.distillation import soft_label_kl
+    from vlforge.tasks.distill import DistillationTask
+
+    torch.manual_seed(0)
+    teacher = build_from_spec({"model": "vlmo_debug", "method": "fusion", "num_answers": 7})
+    student = build_from_spec({"model": "vlmo_debug", "method": "distill", "overrides": {"vl_layers": 0}})
+    batch = {**_pair_batch(), "image_truth": torch.tensor([[1, 0], [0, 0], [1, 1], [-100, -100]])}
+    task = DistillationTask(student, teacher, "nlvr2", {"soft": 1.0, "soft_image": 0.5, "image_truth": 2.0})
+    out = task(batch)
+    assert set(out) == {"loss", "soft", "soft_image", "image_truth"}
+    assert torch.allclose(out["loss"], out["soft"] + 0.5 * out["soft_image"] + 2.0 * out["image_truth"])
+    args = ("nlvr2", batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["pixel_values_2"])
+    s, t = student(*args), teacher(*args)
+    assert s.image_logits.shape == t.image_logits.shape == (4, 2, 2)
+    want = soft_label_kl(s.image_logits.reshape(-1, 2), t.image_logits.reshape(-1, 2))
+    assert torch.allclose(out["soft_image"], want, atol=1e-6)
+    known = torch.nn.functional.cross_entropy(s.image_logits[:3].reshape(-1, 2), batch["image_truth"][:3].reshape(-1))
+    assert torch.allclose(out["image_truth"], known, atol=1e-6)
+    out["loss"].backward()
+    assert student.heads["nlvr2_image"][-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="only for task 'nlvr2'"):
+        DistillationTask(student, teacher, "vqa", {"soft_image": 1.0})
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillationTask(student, None, "nlvr2", {"soft_image": 1.0})
+
+
 def test_hard_label_distillation_needs_no_teacher():
     from vlforge.models.io import build_from_spec
     from vlforge.tasks.distill import DistillationTask
@@ -378,3 +441,50 @@ def test_finished_runs_are_reused_and_the_teacher_directory_refilled(corpus, tmp
     assert train_all(cfg, p, logged.append) == {}  # nothing trained
     assert sum("finished earlier" in line for line in logged) == len(p.runs)
     assert {d.name for d in p.teacher_dir.iterdir()} == {"pretrain", "nlvr2", "vqa"}
+
+
+def test_cache_features_points_runs_at_caches_and_keeps_pixels_where_it_must(corpus, tmp_path, monkeypatch):
+    """Which runs and stages the job moves to feature caches (the builder itself is faked here; see
+    tests/integration/test_feature_cache.py for the real one)."""
+    from vlforge.workflows import two_stage as ts
+    from vlforge.workflows.features import FeatureCache
+
+    built: list[str] = []
+
+    def fake_cache(shards, tokenizer, image, **kw):
+        if shards.endswith("vqa/train"):
+            raise ValueError("cannot cache this one")
+        built.append(shards)
+        return FeatureCache(f"{shards}.features/{tokenizer}-{image.size}", 10, 1.5, True, {})
+
+    monkeypatch.setattr(ts, "ensure_feature_cache", fake_cache)
+    cfg = _cfg(corpus, "name=job1", f"storage_path={tmp_path}", "ablations=[soft_only,hard_only]")
+    p = ts.plan(cfg)
+    lines: list[str] = []
+    assert ts.cache_features(cfg, p, lines.append) == 1.5 * len(built)
+    assert len(built) == len(set(built)) == 3  # concepts, scenes, nlvr2: each set once for all runs
+    for key, run in p.runs.items():
+        for s in run.stages:
+            if s.data.shards.endswith("vqa/train"):  # its build failed: pixels, augmented as configured
+                assert s.data.image.augment
+            else:
+                assert s.data.shards.endswith(".features/efficientnet_lite0-128"), (key, s.name)
+                assert not s.data.image.augment
+        assert run.data == run.stages[0].data
+    assert any("vqa/train stays on pixels: cannot cache this one" in line for line in lines)
+
+    # a teacher with another image tokenizer: no student variant is cached (the ablations stay alike)
+    real = ts.model_tokenizer
+    monkeypatch.setattr(
+        ts, "model_tokenizer", lambda m, o=None: ("other", 128) if "itc_norm" in (o or {}) else real(m, o)
+    )
+    other = _cfg(corpus, "name=job2", f"storage_path={tmp_path}", "ablations=[hard_only]")
+    p = ts.plan(other)
+    ts.cache_features(other, p, lines.append)
+    assert all(s.data.shards.endswith("other-128") for s in p.runs["teacher-pretrain"].stages)
+    assert not any(".features/" in s.data.shards for k in p.runs if k.startswith("student-") for s in p.runs[k].stages)
+    # switched off: nothing moves
+    off = _cfg(corpus, "name=job3", f"storage_path={tmp_path}", "features.enabled=false")
+    p = ts.plan(off)
+    assert ts.cache_features(off, p, lines.append) is None
+    assert not any(".features/" in s.data.shards for r in p.runs.values() for s in r.stages)

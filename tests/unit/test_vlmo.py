@@ -116,6 +116,14 @@ def test_overrides_and_config_validation():
         create_model("vlmo_debug", img_size=30)
 
 
+def test_word_init_std_sets_only_the_word_embeddings():
+    torch.manual_seed(0)
+    default, wide = create_model("vlmo_debug"), create_model("vlmo_debug", word_init_std=1.0)
+    assert abs(default.text_embed.word.weight.std().item() - 0.02) < 0.002  # BERT's init_std
+    assert abs(wide.text_embed.word.weight.std().item() - 1.0) < 0.02
+    assert abs(wide.text_embed.pos.weight.std().item() - 0.02) < 0.002  # positions keep init_std
+
+
 def test_parameter_names_are_regular():
     names = set(dict(create_model("vlmo_debug").named_parameters()))
     for expected in [

@@ -76,6 +76,7 @@ from vlforge.config.train import (
 from vlforge.config.two_stage import (
     ABLATIONS,
     EvalConfig,
+    FeatureCacheConfig,
     RegisterConfig,
     StudentConfig,
     TeacherConfig,
@@ -93,6 +94,7 @@ __all__ = [
     "DeepSpeedConfig",
     "EvalConfig",
     "FINETUNE_TASKS",
+    "FeatureCacheConfig",
     "ImageConfig",
     "OptimizerConfig",
     "PlacementStrategy",

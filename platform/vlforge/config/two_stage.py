@@ -82,6 +82,21 @@ class RegisterConfig:
 
 
 @dataclass
+class FeatureCacheConfig:
+    """Features of a locked image tokenizer computed once per training shard set and trained on
+    (``vlforge.workflows.features``): for runs whose models (and teachers) share one locked
+    tokenizer; other runs read pixels. Cached runs train without pixel augmentation."""
+
+    enabled: bool = True
+    actors: int = 2  # tokenizer actors, 1 CPU and 1 torch thread each
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.actors < 1 or self.batch_size < 1:
+            raise ValueError("features: actors and batch_size must be >= 1")
+
+
+@dataclass
 class TwoStageConfig:
     """``jobs/two_stage.py``: teacher (pretrain + fine-tune), student distillation in two stages
     (pretraining distillation, then fine-tuning distillation per task), the ablations, evaluation,
@@ -99,6 +114,7 @@ class TwoStageConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     ablations: list[str] = field(default_factory=lambda: ["soft_only"])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    features: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="two_stage"))

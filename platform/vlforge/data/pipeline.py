@@ -4,7 +4,7 @@
     trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=ExactSplit(), ...)
     # in the worker loop:
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=64):
-        batch["pixel_values"]    # [B, 3, H, W] float32, normalised
+        batch["pixel_values"]    # [B, 3, H, W] float32, normalised (a feature-cache set: [B, C, h, w])
         batch["input_ids"]       # [B, T] int64; batch["attention_mask"] [B, T]
         batch["answer_targets"]  # VQAv2-style shards only: [B, A] float32, min(1, count / 3) per answer
     counters.snapshot()          # {"read": ..., "ok": ..., "skipped.corrupt_image": ...}
@@ -16,8 +16,10 @@ sample has; ``ShardDatasource`` keeps Ray's tar iteration and grouping but stops
 cleanly at a truncated member (marking that sample) and emits a fixed set of raw
 byte columns, so every block has one schema. Decoding happens in ``map_batches``
 (``decode_batch``): image decode + resize + normalise + light augmentation,
-tokenisation, the fields of the set's data kind. Bad samples are dropped there and counted by reason
-in a ``DataCounters`` actor whose totals reach the caller.
+tokenisation, the fields of the set's data kind. A feature-cache set (``vlforge.workflows.features``)
+holds a locked image tower's float16 feature grids as ``.npy`` members in place of images; they
+pass through as ``pixel_values`` [B, C, h, w] float32, never augmented. Bad samples are dropped
+there and counted by reason in a ``DataCounters`` actor whose totals reach the caller.
 
 Reasons: ``truncated_member`` (shard ends inside this sample's tar member),
 ``corrupt_tar`` (an unparseable tar header; the rest of that shard is lost),
@@ -52,7 +54,7 @@ import numpy as np
 from vlforge.config import DATA_KINDS, DataConfig, ImageConfig, StorageConfig, TokenizerConfig
 from vlforge.data.images import WHITE, to_rgb
 from vlforge.data.negatives import swap_phrase
-from vlforge.data.shards import IMAGE_EXTS, list_shards, manifest_kind, set_manifest, verify
+from vlforge.data.shards import FEATURE_EXT, IMAGE_EXTS, list_shards, manifest_kind, set_manifest, verify
 from vlforge.data.storage import arrow_filesystem, check_reachable, filesystem_for
 from vlforge.data.tokenizer import load_tokenizer
 from vlforge.runtime import tune_malloc
@@ -119,16 +121,20 @@ def raw_row(sample: dict[str, Any], url: str, index: int | None = None) -> dict[
     """A grouped sample (``{"__key__", suffix: bytes}``) as one row of ``RAW_COLUMNS``; ``index``: its
     position in its shard (what the deterministic stream splits ranks by)."""
     image = image_2 = text = meta = error = None
+    feats: list[bytes | None] = [None, None]  # a feature cache's grids; an image member wins over them
     for suffix, value in sample.items():
         if suffix.startswith("__"):
             if suffix == "__error__":
                 error = value.decode("utf-8", "replace")
             continue
         parts = suffix.lower().split(".")
-        if parts[-1] in IMAGE_EXTS:
-            if len(parts) == 1:
+        if parts[-1] in IMAGE_EXTS or parts[-1] == FEATURE_EXT:
+            slot = 0 if len(parts) == 1 else 1 if parts[0] in ("right", "2", "image2", "img2") else None
+            if slot is not None and parts[-1] == FEATURE_EXT:
+                feats[slot] = value
+            elif slot == 0:
                 image = value
-            elif parts[0] in ("right", "2", "image2", "img2"):
+            elif slot == 1:
                 image_2 = value
         elif parts == ["txt"] or parts == ["text"] or parts == ["caption"]:
             text = value
@@ -138,8 +144,8 @@ def raw_row(sample: dict[str, Any], url: str, index: int | None = None) -> dict[
         "key": sample["__key__"],
         "url": url,
         "index": index,
-        "image": image,
-        "image_2": image_2,
+        "image": image if image is not None else feats[0],
+        "image_2": image_2 if image_2 is not None else feats[1],
         "text": text,
         "json": meta,
         "error": error,
@@ -265,7 +271,23 @@ def decode_image(data: bytes, size: int, background: tuple[int, int, int] = WHIT
         return np.asarray(im, dtype=np.uint8)
 
 
-def _image_error(exc: Exception) -> str:
+def decode_features(data: bytes) -> np.ndarray:
+    """A feature cache's ``.npy`` member -> its float16 feature grid ``[C, h, w]`` (ValueError if it is none)."""
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.ndim != 3 or arr.dtype != np.float16:
+        raise ValueError(f"not a cached feature grid: {arr.dtype} {arr.shape}")
+    return arr
+
+
+def decode_pixels_or_features(data: bytes, size: int, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """Image bytes -> ``[size, size, 3]`` uint8 (``decode_image``); cached features (``.npy``) ->
+    float16 ``[C, h, w]`` (``decode_features``)."""
+    if data[:6] == b"\x93NUMPY":
+        return decode_features(data)
+    return decode_image(data, size, background)
+
+
+def image_error(exc: Exception) -> str:
     msg = str(exc).lower()
     return "truncated_image" if "truncat" in msg or isinstance(exc, EOFError) else "corrupt_image"
 
@@ -331,7 +353,7 @@ def caption_list(meta: dict[str, Any]) -> list[str]:
     return [c.strip() for c in caps if isinstance(c, str) and c.strip()]
 
 
-def _as_bytes(v: Any) -> bytes | None:
+def as_bytes(v: Any) -> bytes | None:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return None
     return bytes(v)
@@ -371,7 +393,7 @@ def decode_batch(
     block = sample_id(str(batch["key"][0])) & 0xFFFF_FFFF if n else 0
     rng = np.random.default_rng(None if seed is None else [seed, block])
     for i in range(n):
-        got = _row_fields(batch, i, kind)
+        got = row_fields(batch, i, kind)
         if isinstance(got, str):
             skipped[got] += 1
             continue
@@ -380,13 +402,11 @@ def decode_batch(
             caps = caption_list(meta)
             if len(caps) > 1:  # one of the image's captions per epoch (COCO-style samples carry several)
                 text = caps[int(rng.integers(len(caps)))]
-        try:
-            arr = decode_image(img_bytes, size, bg)
-            arr2 = decode_image(_as_bytes(batch["image_2"][i]), size, bg) if kind == "nlvr2" else None
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
-            skipped[_image_error(exc)] += 1
+        images = row_images(batch, i, kind, img_bytes, size, bg)
+        if isinstance(images, str):
+            skipped[images] += 1
             continue
-        rows.add(str(batch["key"][i]), arr, arr2, text, kind, meta, answer_index)
+        rows.add(str(batch["key"][i]), *images, text, kind, meta, answer_index)
     if counters is not None:
         import ray
 
@@ -399,17 +419,17 @@ def decode_batch(
     return rows.collate(kind, image, tokenizer, train, rng, answer_index, swap)
 
 
-def _row_fields(batch: dict[str, np.ndarray], i: int, kind: str) -> tuple[bytes, str, dict[str, Any]] | str:
+def row_fields(batch: dict[str, np.ndarray], i: int, kind: str) -> tuple[bytes, str, dict[str, Any]] | str:
     """Row ``i``'s image bytes, caption and metadata; or, for a row that cannot be used, the
     reason it is skipped (one of ``SKIP_REASONS``)."""
     error = batch["error"][i]
     if error is not None:
         reason = str(error).split(":", 1)[0]
         return reason if reason in SKIP_REASONS else "truncated_member"
-    img_bytes = _as_bytes(batch["image"][i])
+    img_bytes = as_bytes(batch["image"][i])
     if img_bytes is None:
         return "missing_image"
-    text_bytes = _as_bytes(batch["text"][i])
+    text_bytes = as_bytes(batch["text"][i])
     try:
         text = text_bytes.decode("utf-8").strip() if text_bytes is not None else ""
     except UnicodeDecodeError:
@@ -417,7 +437,7 @@ def _row_fields(batch: dict[str, np.ndarray], i: int, kind: str) -> tuple[bytes,
     if not text:
         return "missing_caption"
     meta: dict[str, Any] = {}
-    json_bytes = _as_bytes(batch["json"][i])
+    json_bytes = as_bytes(batch["json"][i])
     if json_bytes is not None:
         try:
             meta = json.loads(json_bytes)
@@ -427,9 +447,32 @@ def _row_fields(batch: dict[str, np.ndarray], i: int, kind: str) -> tuple[bytes,
             return "bad_json"
     if kind == "vqa" and "answer" not in meta:
         return "missing_field"
-    if kind == "nlvr2" and ("label" not in meta or _as_bytes(batch["image_2"][i]) is None):
+    if kind == "nlvr2" and ("label" not in meta or as_bytes(batch["image_2"][i]) is None):
         return "missing_field"
     return img_bytes, text, meta
+
+
+def row_images(
+    batch: dict[str, np.ndarray], i: int, kind: str, img_bytes: bytes, size: int, background, decoder=None
+) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """Row ``i``'s image (and an nlvr2 row's second image) through ``decoder`` (default
+    ``decode_pixels_or_features``); or, when one does not decode, the reason the row is skipped."""
+    decoder = decoder or decode_pixels_or_features
+    try:
+        arr = decoder(img_bytes, size, background)
+        arr2 = decoder(as_bytes(batch["image_2"][i]), size, background) if kind == "nlvr2" else None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
+        return image_error(exc)
+    return arr, arr2
+
+
+def image_truth(meta: dict[str, Any]) -> list[int]:
+    """An nlvr2 row's per-image truths [left, right] from its json ``relation_holds`` (the built-in
+    corpus writes it; public NLVR2 has none): 1 / 0, or -100 (unknown) for each."""
+    holds = meta.get("relation_holds")
+    if isinstance(holds, list) and len(holds) == 2 and all(isinstance(h, bool) for h in holds):
+        return [int(h) for h in holds]
+    return [-100, -100]
 
 
 @dataclass
@@ -441,6 +484,7 @@ class _Rows:
     imgs2: list[np.ndarray] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    truths: list[list[int]] = field(default_factory=list)
     answer_ids: list[int] = field(default_factory=list)
     scores: list[dict | None] = field(default_factory=list)
 
@@ -455,23 +499,19 @@ class _Rows:
             self.scores.append(meta.get("answer_scores") if isinstance(meta.get("answer_scores"), dict) else None)
         if kind == "nlvr2":
             self.labels.append(int(bool(meta["label"])))
+            self.truths.append(image_truth(meta))
 
     def collate(self, kind, image: ImageConfig, tokenizer: TokenizerConfig, train: bool, rng, answer_index, swap=()):
         tok = _tokenizer(tokenizer.name, tokenizer.max_length, tokenizer.lowercase)
-        stack = np.stack(self.imgs)  # [B, H, W, 3] uint8
-        if train and image.augment:
-            stack = augment(stack, image, rng)
         out = {
-            "pixel_values": normalise(stack, image),
+            "pixel_values": self._images(self.imgs, image, train, rng),
             **tok(self.texts),
             "sample_id": np.array([sample_id(k) for k in self.keys], dtype=np.int64),
         }
         if kind == "nlvr2":
-            stack2 = np.stack(self.imgs2)
-            if train and image.augment:
-                stack2 = augment(stack2, image, rng)
-            out["pixel_values_2"] = normalise(stack2, image)
+            out["pixel_values_2"] = self._images(self.imgs2, image, train, rng)
             out["label"] = np.array(self.labels, dtype=np.int64)
+            out["image_truth"] = np.array(self.truths, dtype=np.int64)  # [B, 2]
         if kind == "vqa":
             out["answer_id"] = np.array(self.answer_ids, dtype=np.int64)
             if any(s is not None for s in self.scores):
@@ -483,6 +523,19 @@ class _Rows:
             differs = (neg["input_ids"] != out["input_ids"]).any(axis=1)  # a swap past max_length is no negative
             out["neg_valid"] = (np.array([n is not None for n in negs]) & differs).astype(np.int64)
         return out
+
+    @staticmethod
+    def _images(imgs: list[np.ndarray], image: ImageConfig, train: bool, rng) -> np.ndarray:
+        """Pixels -> ``[B, 3, H, W]`` (augmented when training, normalised); cached features
+        ``[B, C, h, w]`` float32 as they are (a locked tower's features of the un-augmented image)."""
+        if imgs[0].dtype == np.float16:
+            if any(a.shape != imgs[0].shape or a.dtype != np.float16 for a in imgs):
+                raise ValueError("a block mixes cached features of different shapes with pixels")
+            return np.stack(imgs).astype(np.float32)  # [B, C, h, w]
+        stack = np.stack(imgs)  # [B, H, W, 3] uint8
+        if train and image.augment:
+            stack = augment(stack, image, rng)
+        return normalise(stack, image)
 
 
 def _rows_for_rank(batch: dict[str, np.ndarray], rank: int, world: int, offsets: dict[str, int]) -> dict:

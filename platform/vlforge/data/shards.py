@@ -35,6 +35,9 @@ from vlforge.data.storage import filesystem_for, is_remote
 MANIFEST = "manifest.json"
 FORMAT = "vlforge-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# A feature cache's "image": a locked image tower's feature grid, float16 [C, h, w] in ``.npy`` format
+# (``vlforge.workflows.features`` writes them; the pipeline passes them through as ``pixel_values``).
+FEATURE_EXT = "npy"
 # Manifests written before ``params.kind`` recorded ``params.task``: the corpus set's name or the old
 # name of the pair kind. What each of those values is as a data kind.
 LEGACY_KINDS = {"nlvr": "nlvr2", "scenes": "captions", "concepts": "captions"}
@@ -136,8 +139,8 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
         image_ext = image_ext.lower().lstrip(".")
-        if image_ext not in IMAGE_EXTS:
-            raise ValueError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r}")
+        if image_ext not in (*IMAGE_EXTS, FEATURE_EXT):
+            raise ValueError(f"image_ext must be one of {(*IMAGE_EXTS, FEATURE_EXT)}, got {image_ext!r}")
         self._keys.add(key)
         if self._tar is None:
             self._open()
@@ -158,6 +161,10 @@ class ShardWriter:
         self._count += 1
         if self._count >= self.samples_per_shard:
             self._flush()
+
+    def end_shard(self) -> None:
+        """Close the shard being written (if any): the next sample starts a new one."""
+        self._flush()
 
     def _open(self) -> None:
         self._buf = io.BytesIO()
@@ -311,7 +318,7 @@ def scan_shard(shard_uri: str, storage: StorageConfig | None = None, name: str |
             scan.note("corrupt_tar", f"unreadable after {len(samples)} keys ({exc})")
         reader.drain()
     for key, suffixes in samples.items():
-        if not suffixes & set(IMAGE_EXTS):
+        if not suffixes & {*IMAGE_EXTS, FEATURE_EXT}:
             scan.note("missing_image", f"{key.rsplit('/', 1)[-1]} has no image member ({sorted(suffixes)})")
             continue
         scan.samples += 1

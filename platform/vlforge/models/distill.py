@@ -13,7 +13,9 @@ can be precomputed and cached) plus a shallow fusion head:
   [CLS] states gives a pair representation; ``itm`` and ``vqa`` classify it,
   ``nlvr2`` (two images, one statement) concatenates the representations of
   (image 1, text) and (image 2, text) and classifies that, as VLMo's NLVR2
-  head does with its two fusion outputs.
+  head does with its two fusion outputs; ``nlvr2_image`` classifies each of the
+  two pair representations alone (does the statement hold in this image), the
+  student's side of the teacher's per-image head.
 
 Both models expose the last layer's per-head queries and keys split by
 modality (:class:`~vlforge.objectives.distillation.CrossModalQK`): the student
@@ -92,14 +94,20 @@ def dual_qk(image: VLMoOutput, text: VLMoOutput) -> CrossModalQK:
 
 @dataclass
 class PairOutput:
-    """logits: [B, C]; qk: one CrossModalQK per image stream (two for nlvr2)."""
+    """logits: [B, C]; qk: one CrossModalQK per image stream (two for nlvr2); image_logits: the
+    per-image nlvr2 head, [B, 2 images, 2] (does the statement hold in image 1, in image 2)."""
 
     logits: Tensor
     qk: list[CrossModalQK]
+    image_logits: Tensor | None = None
 
 
 class FusionTeacher(VLModel):
     """VLMo fusion encoder with task heads: ``itm`` (the encoder's own ``heads.itm``), ``vqa``, ``nlvr2``.
+
+    ``nlvr2`` classifies the two fusion outputs together, as VLMo's head does; ``nlvr2_image`` also
+    reads each fusion output alone (does the statement hold in this image?), which the fine-tuning
+    objective ``image_truth`` trains where the shards carry per-image truths (ours, not NLVR2's).
 
     ``embed_image`` / ``embed_text`` (``vlforge.models.interface``) are the encoder's unimodal ITC
     embeddings, the shortlist that fusion retrieval re-ranks.
@@ -111,7 +119,7 @@ class FusionTeacher(VLModel):
         super().__init__()
         self.encoder = encoder
         d = encoder.embed_dim
-        heads = {"nlvr2": _classifier(2 * d, 2 * d, 2)}
+        heads = {"nlvr2": _classifier(2 * d, 2 * d, 2), "nlvr2_image": _classifier(d, d, 2)}
         if num_answers:
             heads["vqa"] = _classifier(d, 2 * d, num_answers)
         self.heads = nn.ModuleDict(heads)
@@ -140,8 +148,9 @@ class FusionTeacher(VLModel):
         if pixel_values_2 is None:
             raise ValueError("nlvr2 needs pixel_values_2")
         out2 = enc.forward_fusion(pixel_values_2, input_ids, attention_mask)
-        logits = self.heads["nlvr2"](torch.cat([enc.pooled(out), enc.pooled(out2)], dim=-1))  # [B, 2]
-        return PairOutput(logits, [fusion_qk(out), fusion_qk(out2)])
+        pooled = torch.stack([enc.pooled(out), enc.pooled(out2)], dim=1)  # [B, 2, D]
+        logits = self.heads["nlvr2"](pooled.flatten(1))  # [B, 2]
+        return PairOutput(logits, [fusion_qk(out), fusion_qk(out2)], self.heads["nlvr2_image"](pooled))
 
 
 class DualEncoderStudent(VLModel):
@@ -158,7 +167,7 @@ class DualEncoderStudent(VLModel):
         self.encoder = encoder
         d = encoder.embed_dim
         self.fusion = nn.Sequential(nn.Linear(4 * d, d), nn.LayerNorm(d), nn.GELU())
-        heads = {"itm": nn.Linear(d, 2), "nlvr2": _classifier(2 * d, 2 * d, 2)}
+        heads = {"itm": nn.Linear(d, 2), "nlvr2": _classifier(2 * d, 2 * d, 2), "nlvr2_image": _classifier(d, d, 2)}
         if num_answers:
             heads["vqa"] = _classifier(d, 2 * d, num_answers)
         self.heads = nn.ModuleDict(heads)
@@ -200,15 +209,22 @@ class DualEncoderStudent(VLModel):
     ) -> PairOutput:
         img, txt = self.encode(pixel_values, input_ids, attention_mask)
         qk = [dual_qk(img, txt)]
-        img2_cls = None
-        if task == "nlvr2":
-            if pixel_values_2 is None:
-                raise ValueError("nlvr2 needs pixel_values_2")
-            img2 = self.encoder.encode_image(pixel_values_2)
-            img2_cls = self.encoder.summary(img2)
-            qk.append(dual_qk(img2, txt))
-        logits = self.classify(task, self.encoder.summary(img), self.encoder.summary(txt), img2_cls)
-        return PairOutput(logits, qk)
+        if task != "nlvr2":
+            return PairOutput(self.classify(task, self.encoder.summary(img), self.encoder.summary(txt)), qk)
+        check_task(task, self.heads)
+        if pixel_values_2 is None:
+            raise ValueError("nlvr2 needs pixel_values_2")
+        img2 = self.encoder.encode_image(pixel_values_2)
+        qk.append(dual_qk(img2, txt))
+        text_cls = self.encoder.summary(txt)
+        pairs = torch.stack(
+            [
+                self.pair_features(self.encoder.summary(img), text_cls),
+                self.pair_features(self.encoder.summary(img2), text_cls),
+            ],
+            dim=1,
+        )  # [B, 2, D]
+        return PairOutput(self.heads["nlvr2"](pairs.flatten(1)), qk, self.heads["nlvr2_image"](pairs))
 
 
 def task_targets(task: str, batch: dict[str, Tensor]) -> Tensor:

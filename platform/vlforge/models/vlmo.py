@@ -116,6 +116,10 @@ class VLMoConfig:
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     init_std: float = 0.02
+    # std of the word embeddings' init; None: init_std (BERT's). With BERT's, word, position and type
+    # embeddings start at one scale and are LayerNormed together; a fusion encoder trained from
+    # scratch on the built-in corpus's true/false task then stayed at chance, with std 1 it learned.
+    word_init_std: float | None = None
     itc_embed_dim: int = 768
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
@@ -468,6 +472,8 @@ class VLMo(VLModel):
             self.text_embed.type_embed,
         ):
             nn.init.trunc_normal_(p, std=std)
+        if self.config.word_init_std is not None:
+            nn.init.normal_(self.text_embed.word.weight, std=self.config.word_init_std)
         nn.init.zeros_(self.heads["mlm"].bias)
         with torch.no_grad():
             self.heads["itc"].logit_scale.fill_(math.log(self.config.logit_scale_init))

@@ -6,14 +6,17 @@ Dual-Encoder Model for Vision-Language Understanding" (DiDE), arXiv 2112.08723.
 ``DistillationTask`` holds student, teacher and loss weights; its
 ``forward(batch)`` returns ``{"loss": ..., <term>: ...}`` and is what the
 trainer wraps. Loss weights: ``soft`` (teacher soft labels), ``attn``
-(cross-modal attention KL), ``hard`` (ground-truth labels) and, for ``itm``,
-``itc`` (the student's contrastive loss). Pretraining distillation uses
+(cross-modal attention KL), ``hard`` (ground-truth labels), for ``itm``
+``itc`` (the student's contrastive loss), and for ``nlvr2`` the per-image terms:
+``soft_image`` (the teacher's per-image soft labels) and ``image_truth`` (the
+shards' per-image truths, as the teacher is fine-tuned). Pretraining distillation uses
 ``task="itm"``: for each image a hard-negative text and for each text a
 hard-negative image are sampled from the student's in-batch ITC similarities,
 and teacher and student score the same 3B pairs. Fine-tuning distillation uses
 ``task="vqa"`` or ``task="nlvr2"``.
 
-``FusionFinetuneTask`` fine-tunes the teacher on ``vqa`` or ``nlvr2`` (objective ``hard``);
+``FusionFinetuneTask`` fine-tunes the teacher on ``vqa`` or ``nlvr2`` (objective ``hard``, and for
+``nlvr2`` ``image_truth``: the statement's truth in each image, where the shards carry it);
 ``as_teacher`` turns a loaded model (a pretrained VLMo or a fine-tuned ``FusionTeacher``)
 into the teacher a ``DistillationTask`` takes.
 
@@ -68,7 +71,7 @@ class DistillationTask(nn.Module):
     it stays in eval mode whatever ``train()`` is called on the task.
     """
 
-    OBJECTIVES = ("soft", "attn", "hard", "itc")  # loss weights
+    OBJECTIVES = ("soft", "attn", "hard", "itc", "soft_image", "image_truth")  # loss weights
 
     def __init__(
         self,
@@ -88,11 +91,13 @@ class DistillationTask(nn.Module):
             raise ValueError(f"unknown loss weights {sorted(unknown)}; known: {self.OBJECTIVES}")
         if weights.get("itc") and task != "itm":
             raise ValueError("the itc term exists only for task 'itm'")
+        if (weights.get("soft_image") or weights.get("image_truth")) and task != "nlvr2":
+            raise ValueError("the soft_image and image_truth terms exist only for task 'nlvr2'")
         self.weights = {k: float(v) for k, v in weights.items() if v}
         if not self.weights:
             raise ValueError("no loss term has a non-zero weight")
-        if teacher is None and {"soft", "attn"} & set(self.weights):
-            raise ValueError("soft/attn distillation needs a teacher")
+        if teacher is None and {"soft", "attn", "soft_image"} & set(self.weights):
+            raise ValueError("soft/attn/soft_image distillation needs a teacher")
         self.student = student
         self.teacher = teacher
         self.task = task
@@ -137,9 +142,13 @@ class DistillationTask(nn.Module):
         args = (task, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("pixel_values_2"))
         s = self.student(*args)
         terms: dict[str, Tensor] = {}
-        if "soft" in w or "attn" in w:
+        if {"soft", "attn", "soft_image"} & set(w):
             with torch.no_grad():
                 t = self.teacher(*args)
+            if "soft_image" in w:
+                terms["soft_image"] = soft_label_kl(
+                    s.image_logits.reshape(-1, 2), t.image_logits.reshape(-1, 2), self.temperature
+                )
             if "soft" in w:
                 terms["soft"] = (
                     soft_label_bce(s.logits, t.logits)
@@ -157,6 +166,8 @@ class DistillationTask(nn.Module):
                 )
             else:
                 terms["hard"] = F.cross_entropy(s.logits, batch["label"])
+        if "image_truth" in w:
+            terms["image_truth"] = _image_truth_loss(s.image_logits, batch.get("image_truth"))
         return terms
 
     def _itm_terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -221,16 +232,28 @@ def as_teacher(model: nn.Module) -> FusionTeacher:
 class FusionFinetuneTask(nn.Module):
     """Fine-tunes a ``FusionTeacher`` on ``vqa`` or ``nlvr2`` on the ground truth: cross-entropy on the class
     id, or for VQA batches with ``answer_targets`` (VQAv2 soft scores) multi-label BCE; ``acc`` is then the
-    VQA score of the argmax answer."""
+    VQA score of the argmax answer.
 
-    OBJECTIVES = ("hard",)  # fine-tuning the fusion teacher on a downstream task
+    ``image_truth`` (nlvr2 only) adds cross-entropy of the teacher's per-image head on the batch's
+    ``image_truth`` [B, 2] (does the statement hold in each image; -100 where unknown). Trained on the
+    pair label alone, the teacher stayed at chance on the built-in corpus; with this term it learns to
+    check the statement in each image, and the pair label follows from the two answers.
+    """
 
-    def __init__(self, model: FusionTeacher, task: str, weight: float = 1.0) -> None:
+    OBJECTIVES = ("hard", "image_truth")  # fine-tuning the fusion teacher on a downstream task
+
+    def __init__(self, model: FusionTeacher, task: str, weights: dict[str, float] | None = None) -> None:
         super().__init__()
         if task not in ("vqa", "nlvr2"):
             raise ValueError(f"fusion fine-tuning is for vqa or nlvr2, got {task!r}")
         check_task(task, model.heads)
-        self.model, self.task, self.weight = model, task, weight
+        weights = {"hard": 1.0} if weights is None else dict(weights)
+        unknown = set(weights) - set(self.OBJECTIVES)
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; known: {self.OBJECTIVES}")
+        if "image_truth" in weights and task != "nlvr2":
+            raise ValueError("objective 'image_truth' is for nlvr2 (two images per statement)")
+        self.model, self.task, self.weights = model, task, weights
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.model(
@@ -244,4 +267,19 @@ class FusionFinetuneTask(nn.Module):
             target = task_targets(self.task, batch)
             hard = F.cross_entropy(out.logits, target, ignore_index=-100)
             acc = (out.logits.argmax(-1) == target).float().mean()
-        return {"loss": self.weight * hard, "hard": hard.detach(), "acc": acc.detach()}
+        terms = {"hard": hard}
+        if "image_truth" in self.weights:
+            terms["image_truth"] = _image_truth_loss(out.image_logits, batch.get("image_truth"))
+        loss = sum(self.weights.get(k, 0.0) * v for k, v in terms.items())
+        return {"loss": loss, **{k: v.detach() for k, v in terms.items()}, "acc": acc.detach()}
+
+
+def _image_truth_loss(logits: Tensor, truth: Tensor | None) -> Tensor:
+    """Cross-entropy of per-image logits [B, 2, 2] on truths [B, 2] (-100: unknown); a graph-keeping
+    zero when the batch knows none, so every rank still runs the same backward."""
+    if truth is None:
+        raise ValueError("objective 'image_truth' needs the batch's 'image_truth' (nlvr2 shards with relation_holds)")
+    flat = truth.reshape(-1)  # [2B]
+    if not bool((flat != -100).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, 2), flat, ignore_index=-100)

@@ -16,10 +16,11 @@ Methods:
 
 * ``vlmo``: ``VLMoPretrainTask`` with the stage's objective weights.
 * ``fusion``: a ``FusionTeacher`` fine-tuned on the stage's ``task`` (``vqa`` / ``nlvr2``) with
-  cross-entropy (objective ``hard``).
+  cross-entropy (objective ``hard``; for nlvr2 also ``image_truth``, the per-image truth).
 * ``distill``: a ``DualEncoderStudent`` taught by the frozen teacher in ``stage.teacher`` (a model
   directory: a pretrained VLMo for ``itm``, a fine-tuned fusion model for ``vqa`` / ``nlvr2``) with
-  the stage's loss weights (``soft``, ``attn``, ``hard``, ``itc``; ``DistillationTask``).
+  the stage's loss weights (``soft``, ``attn``, ``hard``, ``itc``; for nlvr2 also the per-image
+  ``soft_image`` and ``image_truth``; ``DistillationTask``).
 * ``frozen`` and ``vcgpt``: a captioning model, Frozen or VC-GPT (objective ``caption``). The data
   pipeline gives BERT WordPiece ids; ``CaptionTask`` decodes them back to text with the
   pipeline's tokenizer (lower-cased, as the BERT uncased vocabulary is) and re-tokenises with
@@ -85,6 +86,9 @@ def check_stages(cfg: TrainRunConfig) -> None:
                 f"stage {s.name}: objective itm_swap matches against swapped captions; "
                 "set the stage's data.swap_negatives (e.g. [left of, right of, above, below])"
             )
+        for per_image in ("image_truth", "soft_image"):
+            if per_image in s.objectives and s.task != "nlvr2":
+                raise ConfigError(f"stage {s.name}: objective {per_image} is for task nlvr2, not {s.task!r}")
 
 
 def task_prefix(method: str) -> str:
@@ -123,7 +127,7 @@ def build_task(
     if cfg.method == "vlkd":
         return TrainTask(VLKDTask(model, stage.data or cfg.data, dict(stage.objectives)), model, prefix)
     if cfg.method == "fusion":
-        return TrainTask(FusionFinetuneTask(model, stage.task, stage.objectives.get("hard", 1.0)), model, prefix)
+        return TrainTask(FusionFinetuneTask(model, stage.task, dict(stage.objectives) or None), model, prefix)
     if cfg.method == "distill":
         teacher = load_teacher(stage.teacher) if stage.teacher else None
         task = DistillationTask(model, teacher, stage.task, dict(stage.objectives), stage.temperature, gather=gather)

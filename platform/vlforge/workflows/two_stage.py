@@ -73,6 +73,7 @@ from vlforge.tasks.distill import as_teacher
 from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
 from vlforge.tracking.store import PARENT_TAG
 from vlforge.train.runner import check_data, is_finished, prepare_local_mlflow, run_training, validate
+from vlforge.workflows.features import ensure_feature_cache, model_tokenizer
 
 TASK_SETS = {"itm": "scenes", "nlvr2": "nlvr2", "vqa": "vqa"}  # the corpus set each task is evaluated on
 
@@ -139,6 +140,7 @@ def variant_weights(objectives: dict[str, float], variant: str) -> dict[str, flo
     elif variant == "hard_only":
         w.pop("attn", None)
         w.pop("soft", None)
+        w.pop("soft_image", None)
         w["hard"] = w.get("hard") or 1.0
     return {k: v for k, v in w.items() if v}
 
@@ -396,6 +398,53 @@ def train_all(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = print) 
     return seconds
 
 
+def cache_features(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = print) -> float | None:
+    """Point the runs whose model has a locked image tokenizer at feature caches of their stages'
+    shard sets (``vlforge.workflows.features``), building those that are absent or stale; seconds
+    spent building, or None when nothing was built. Student runs are cached only when the teacher
+    has the same tokenizer (all variants alike, so the ablations compare like with like); runs that
+    finished earlier are left as they are. A set that cannot be cached (no manifest, keys the cache
+    cannot hold, storage that refuses the write) stays on pixels, with the reason logged."""
+    if not cfg.features.enabled:
+        return None
+    teacher_tok = model_tokenizer(cfg.teacher.model, cfg.teacher.model_overrides)
+    caches: dict[tuple, str | None] = {}
+    built = 0.0
+    for key, run in p.runs.items():
+        tok = model_tokenizer(run.model, run.model_overrides)
+        if tok is None or _finished(p.run_dir(key)) or (key.startswith("student-") and teacher_tok != tok):
+            continue
+        stages = []
+        for s in run.stages:
+            d = s.data
+            k = (d.shards, *tok, d.image.background, tuple(d.image.mean), tuple(d.image.std))
+            if d.image.size != tok[1]:
+                caches[k] = None
+            if k not in caches:
+                try:
+                    c = ensure_feature_cache(
+                        d.shards,
+                        tok[0],
+                        d.image,
+                        storage=d.storage,
+                        actors=cfg.features.actors,
+                        batch_size=cfg.features.batch_size,
+                        verify_sha256=d.verify_sha256,
+                        log=log,
+                    )
+                    caches[k], built = c.uri, built + c.seconds
+                except (ValueError, OSError) as exc:
+                    log(f"features: {d.shards} stays on pixels: {exc}")
+                    caches[k] = None
+            if caches[k] is None:
+                stages.append(s)
+            else:  # features of the unaugmented image: the stage trains without augmentation
+                image = dataclasses.replace(d.image, augment=False)
+                stages.append(dataclasses.replace(s, data=dataclasses.replace(d, shards=caches[k], image=image)))
+        p.runs[key] = dataclasses.replace(run, stages=stages, data=stages[0].data)
+    return built or None
+
+
 def eval_data(cfg: TwoStageConfig) -> DataConfig:
     """The student's first stage's data settings without augmentation: how every model is scored."""
     first = cfg.student.stages[0].data
@@ -567,8 +616,13 @@ def run_two_stage(
     try:
         if init_ray:
             start_ray(num_train_workers=cfg.num_workers, worker_cpus=cfg.worker_cpus)
+        seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        seconds = {f"train {k}": v for k, v in train_all(cfg, p, log).items()}
+        built = cache_features(cfg, p, log)
+        if built is not None:
+            seconds["features"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        seconds.update({f"train {k}": v for k, v in train_all(cfg, p, log).items()})
         seconds["train"] = time.perf_counter() - t0
 
         log("== evaluation")
