@@ -73,7 +73,7 @@ def test_bad_samples_counted_through_ray_data(ray_local, bad_shards):
     assert counts["read"] == bad_shards["total"]
 
 
-@pytest.mark.parametrize("task, extra", [("vqa", {"answer_id"}), ("nlvr2", {"pixel_values_2", "label"})])
+@pytest.mark.parametrize("task, extra", [("vqa", {"answer_id"}), ("nlvr2", {"pixel_values_2", "label", "image_truth"})])
 def test_task_batches_from_s3(ray_local, s3_corpus, corpus, task, extra):
     ds, counters = build_dataset(DataConfig(shards=f"{s3_corpus}/{task}/val", image=ImageConfig(size=32)), train=False)
     batches = list(ds.iter_torch_batches(batch_size=50))
