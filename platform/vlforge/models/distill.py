@@ -191,9 +191,13 @@ class DualEncoderStudent(VLModel):
         pair = self.pair_features(image_cls, text_cls)  # [B, D]
         if task != "nlvr2":
             return self.heads[task](pair)
+        return self.heads["nlvr2"](self.nlvr2_pairs(pair, image2_cls, text_cls).flatten(1))  # [B, 2]
+
+    def nlvr2_pairs(self, pair: Tensor, image2_cls: Tensor | None, text_cls: Tensor) -> Tensor:
+        """[B, 2, D]: (image 1, text)'s pair representation ``pair`` beside (image 2, text)'s."""
         if image2_cls is None:
             raise ValueError("nlvr2 needs a second image")
-        return self.heads["nlvr2"](torch.cat([pair, self.pair_features(image2_cls, text_cls)], dim=-1))  # [B, 2]
+        return torch.stack([pair, self.pair_features(image2_cls, text_cls)], dim=1)
 
     def retrieval_scores(self, image: VLMoOutput, text: VLMoOutput) -> Tensor:
         """Dot products of normalised ITC embeddings: [Bi, Bt]."""
@@ -211,19 +215,13 @@ class DualEncoderStudent(VLModel):
         qk = [dual_qk(img, txt)]
         if task != "nlvr2":
             return PairOutput(self.classify(task, self.encoder.summary(img), self.encoder.summary(txt)), qk)
-        check_task(task, self.heads)
         if pixel_values_2 is None:
             raise ValueError("nlvr2 needs pixel_values_2")
         img2 = self.encoder.encode_image(pixel_values_2)
         qk.append(dual_qk(img2, txt))
         text_cls = self.encoder.summary(txt)
-        pairs = torch.stack(
-            [
-                self.pair_features(self.encoder.summary(img), text_cls),
-                self.pair_features(self.encoder.summary(img2), text_cls),
-            ],
-            dim=1,
-        )  # [B, 2, D]
+        pair = self.pair_features(self.encoder.summary(img), text_cls)  # [B, D]
+        pairs = self.nlvr2_pairs(pair, self.encoder.summary(img2), text_cls)  # [B, 2, D]
         return PairOutput(self.heads["nlvr2"](pairs.flatten(1)), qk, self.heads["nlvr2_image"](pairs))
 
 
