@@ -488,3 +488,31 @@ def test_cache_features_points_runs_at_caches_and_keeps_pixels_where_it_must(cor
     p = ts.plan(off)
     assert ts.cache_features(off, p, lines.append) is None
     assert not any(".features/" in s.data.shards for r in p.runs.values() for s in r.stages)
+
+
+def test_cache_features_reads_a_reused_teachers_tokenizer_from_its_directory(corpus, tmp_path, monkeypatch):
+    """With ``teacher.checkpoint`` the students are cached only when the checkpoint's own model
+    (its ``pretrain/model.json``) has their tokenizer, whatever ``teacher.model`` says."""
+    import json
+
+    from vlforge.workflows import two_stage as ts
+    from vlforge.workflows.features import FeatureCache
+
+    monkeypatch.setattr(
+        ts,
+        "ensure_feature_cache",
+        lambda shards, tokenizer, image, **kw: FeatureCache(
+            f"{shards}.features/{tokenizer}-{image.size}", 1, 0.5, True, {}
+        ),
+    )
+    for model, cached in (("vlmo_debug", False), ("vlmo_small_effnet", True)):
+        teacher = tmp_path / model / "teacher"
+        (teacher / "pretrain").mkdir(parents=True)
+        (teacher / "pretrain" / "model.json").write_text(
+            json.dumps({"method": "vlmo", "model": model, "overrides": {}})
+        )
+        cfg = _cfg(corpus, f"name={model}", f"storage_path={tmp_path}", f"teacher.checkpoint={teacher}")
+        p = ts.plan(cfg, ablations=False)
+        ts.cache_features(cfg, p, lambda line: None)
+        stages = p.runs["student-distilled"].stages
+        assert all((".features/" in s.data.shards) == cached for s in stages), model

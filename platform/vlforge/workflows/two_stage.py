@@ -67,7 +67,7 @@ from vlforge.evaluation import (
     type_table,
     with_intervals,
 )
-from vlforge.models.io import load_model_dir
+from vlforge.models.io import load_model_dir, read_spec
 from vlforge.runtime import init_ray as start_ray
 from vlforge.tasks.distill import as_teacher
 from vlforge.tracking import ConfigChangedError, make_tracker, resolve_tracking_uri
@@ -407,7 +407,7 @@ def cache_features(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = pr
     cannot hold, storage that refuses the write) stays on pixels, with the reason logged."""
     if not cfg.features.enabled:
         return None
-    teacher_tok = model_tokenizer(cfg.teacher.model, cfg.teacher.model_overrides)
+    teacher_tok = _teacher_tokenizer(cfg, p)
     caches: dict[tuple, str | None] = {}
     built = 0.0
     for key, run in p.runs.items():
@@ -443,6 +443,15 @@ def cache_features(cfg: TwoStageConfig, p: Plan, log: Callable[[str], None] = pr
                 stages.append(dataclasses.replace(s, data=dataclasses.replace(d, shards=caches[k], image=image)))
         p.runs[key] = dataclasses.replace(run, stages=stages, data=stages[0].data)
     return built or None
+
+
+def _teacher_tokenizer(cfg: TwoStageConfig, p: Plan) -> tuple[str, int] | None:
+    """The teacher's locked image tokenizer: a reused teacher's (``teacher.checkpoint``) is read from
+    its own ``pretrain/model.json``, which ``teacher.model`` need not describe."""
+    if cfg.teacher.checkpoint:
+        spec = read_spec(p.teacher_dir / "pretrain")
+        return model_tokenizer(spec["model"], spec.get("overrides"))
+    return model_tokenizer(cfg.teacher.model, cfg.teacher.model_overrides)
 
 
 def eval_data(cfg: TwoStageConfig) -> DataConfig:
