@@ -1,6 +1,6 @@
 """The main job: two-stage distillation of a fusion-encoder teacher into a dual-encoder student.
 
-    python jobs/two_stage.py                         # laptop: built-in corpus, vlmo_small, 2 CPU workers, ~15 min
+    python jobs/two_stage.py                         # laptop: built-in corpus, 2 CPU workers, ~25 min
     python jobs/two_stage.py --no-ablation           # skip the student trained without attention distillation
     python jobs/two_stage.py --set name=my-job       # the same name again reuses finished runs, resumes the rest
     python jobs/two_stage.py --set teacher.checkpoint=out/two_stage/my-job/teacher   # reuse a trained teacher

@@ -153,3 +153,30 @@ def test_ensure_corpus_rebuilds_one_made_with_other_parameters(tmp_path):
     assert corpus_params(out)["n_scenes"] == 40
     assert any("built with other parameters (n_scenes)" in m for m in said)
     assert sum(1 for _ in iter_samples(list_shards(str(out / "scenes" / "train"))[0])) == 26
+
+
+def test_extra_train_adds_training_samples_and_leaves_every_other_draw_as_it_was():
+    base = CorpusConfig(**SMALL)
+    more = CorpusConfig(**SMALL, extra_train={"vqa": 50, "nlvr2": 30})
+    (a, _), (b, _) = plan(base), plan(more)
+    for name in a:
+        extra = b[name][len(a[name]) :]
+        assert b[name][: len(a[name])] == a[name], name  # every earlier draw, in every split, unchanged
+        assert len(extra) == more.extra_train.get(name, 0)
+        assert {s.split for s in extra} <= {"train"}
+    keys = [s.key for s in b["vqa"] if s.split == "train"]
+    assert len(keys) == len(set(keys)) and keys[-1] == f"vqa-train-{len(keys) - 1:06d}"
+    kinds = Counter(s.meta["question_type"] for s in b["vqa"][len(a["vqa"]) :])
+    assert kinds == {"relation": 20, "color": 10, "count": 10, "exists": 10}
+    assert Counter(s.meta["label"] for s in b["nlvr2"][len(a["nlvr2"]) :]) == {True: 15, False: 15}
+
+
+def test_extra_train_is_checked_and_absent_from_the_parameters_when_empty(tmp_path):
+    from vlforge.data.corpus import _params
+
+    assert "extra_train" not in _params(CorpusConfig(**SMALL))  # corpora built before it stay current
+    assert _params(CorpusConfig(**SMALL, extra_train={"vqa": 5}))["extra_train"] == {"vqa": 5}
+    with pytest.raises(ValueError, match="unknown corpus set 'vqav2'"):
+        CorpusConfig(extra_train={"vqav2": 5})
+    with pytest.raises(ValueError, match="extra_train.vqa must be an integer >= 0"):
+        CorpusConfig(extra_train={"vqa": -1})

@@ -44,6 +44,9 @@ class CorpusConfig:
     heldout_concept_fraction: float = 0.1  # concepts that appear only in the held-out split
     test_pair_fraction: float = 0.15  # concept pairs that appear only in test (unseen combinations)
     val_fraction: float = 0.1
+    # more training samples for a set, e.g. {vqa: 20000}: drawn after everything else from an RNG of
+    # their own, so val, test, heldout and the first train samples are the same as without them
+    extra_train: dict[str, int] = field(default_factory=dict)
     samples_per_shard: int = 500
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = 90
@@ -59,6 +62,12 @@ class CorpusConfig:
                 raise ValueError(f"{name} must be in [0, 0.5), got {v}")
         if self.samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
+        sets = ("concepts", "scenes", "vqa", "nlvr2")
+        for name, n in self.extra_train.items():
+            if name not in sets:
+                raise ValueError(f"extra_train: unknown corpus set {name!r}; one of {', '.join(sets)}")
+            if not isinstance(n, int) or n < 0:
+                raise ValueError(f"extra_train.{name} must be an integer >= 0, got {n!r}")
 
 
 @dataclass

@@ -504,11 +504,11 @@ class _Planner:
     def background(self) -> str:
         return self.rng.choice(self.colors)
 
-    def concepts(self, n: int) -> list[Sample]:
+    def concepts(self, counts: dict[str, int], start: int = 0) -> list[Sample]:
         out = []
-        for split, count in self.split_counts(n).items():
+        for split, count in counts.items():
             pool = self.heldout if split == "heldout" else self.seen
-            for i in range(count):
+            for i in range(start, start + count):
                 name = self.rng.choice(pool)
                 s = self.rng.uniform(0.45, 0.7)
                 obj = Obj(
@@ -535,10 +535,10 @@ class _Planner:
         names = self.pick(split, self.rng.choice((2, 3)))
         return names, place(self.rng, names), self.background()
 
-    def scenes(self, n: int) -> list[Sample]:
+    def scenes(self, counts: dict[str, int], start: int = 0) -> list[Sample]:
         out = []
-        for split, count in self.split_counts(n).items():
-            for i in range(count):
+        for split, count in counts.items():
+            for i in range(start, start + count):
                 names, objs, bg = self.random_scene(split)
                 k = len(names)
                 parts = [f"{with_article(objs[0].name)} {relation(objs[0], objs[1])} {with_article(objs[1].name)}"]
@@ -553,11 +553,11 @@ class _Planner:
                 )
         return out
 
-    def vqa(self, n: int) -> list[Sample]:
+    def vqa(self, counts: dict[str, int], start: int = 0) -> list[Sample]:
         out = []
         kinds = ("relation", "relation", "color", "count", "exists")
-        for split, count in self.split_counts(n).items():
-            for i in range(count):
+        for split, count in counts.items():
+            for i in range(start, start + count):
                 names, objs, bg = self.random_scene(split)
                 k = len(names)
                 kind = kinds[i % len(kinds)]
@@ -595,11 +595,11 @@ class _Planner:
                     options.append((f"what is {r} the {b.name}?", hits[0].name))
         return self.rng.choice(options)
 
-    def nlvr2(self, n: int) -> list[Sample]:
+    def nlvr2(self, counts: dict[str, int], start: int = 0) -> list[Sample]:
         out = []
         templates = ("both", "exactly_one", "neither")
-        for split, count in self.split_counts(n).items():
-            for i in range(count):
+        for split, count in counts.items():
+            for i in range(start, start + count):
                 a, b = self.pick(split, 2)
                 rel = self.rng.choice(RELATIONS)
                 label = i % 2 == 0
@@ -646,12 +646,15 @@ class _Planner:
 def plan(cfg: CorpusConfig, concepts: list[Concept] | None = None) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
     """Every sample spec, by corpus set, and the split facts (which concepts are held out)."""
     planner = _Planner(cfg, concepts or load_concepts())
-    samples = {
-        "concepts": planner.concepts(cfg.n_concepts),
-        "scenes": planner.scenes(cfg.n_scenes),
-        "vqa": planner.vqa(cfg.n_vqa),
-        "nlvr2": planner.nlvr2(cfg.n_nlvr2),
-    }
+    draw = {"concepts": planner.concepts, "scenes": planner.scenes, "vqa": planner.vqa, "nlvr2": planner.nlvr2}
+    sizes = {"concepts": cfg.n_concepts, "scenes": cfg.n_scenes, "vqa": cfg.n_vqa, "nlvr2": cfg.n_nlvr2}
+    samples = {name: draw[name](planner.split_counts(sizes[name])) for name in CORPUS_SETS}
+    # Extra training samples come last, each set from an RNG of its own, so that every other draw
+    # (val, test, heldout and the first train samples) is the one a corpus without them has.
+    for name, extra in sorted(cfg.extra_train.items()):
+        planner.rng = random.Random(f"{cfg.seed}|extra_train|{name}")
+        have = sum(1 for s in samples[name] if s.split == "train")
+        samples[name] += draw[name]({"train": extra}, start=have)
     facts = {"heldout_concepts": planner.heldout, "seen_concepts": planner.seen}
     return samples, facts
 
@@ -817,7 +820,10 @@ def build_corpus(cfg: CorpusConfig, progress: Callable[[str], None] | None = pri
 
 def _params(cfg: CorpusConfig) -> dict[str, Any]:
     """What decides a corpus's content (where it is written and how many processes write it do not)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
+    if not params["extra_train"]:
+        del params["extra_train"]  # a corpus built before the field existed stays current
+    return params
 
 
 def _wanted(cfg: CorpusConfig) -> dict[str, Any]:
