@@ -30,6 +30,9 @@ class StorageConfig:
             raise ValueError("storage: max_attempts must be >= 1 and the timeouts > 0")
 
 
+CORPUS_SETS = ("concepts", "scenes", "vqa", "nlvr2")  # the built-in corpus's set folders
+
+
 @dataclass
 class CorpusConfig:
     """The built-in emoji-scene corpus (``vlforge data build-corpus``)."""
@@ -62,10 +65,9 @@ class CorpusConfig:
                 raise ValueError(f"{name} must be in [0, 0.5), got {v}")
         if self.samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
-        sets = ("concepts", "scenes", "vqa", "nlvr2")
         for name, n in self.extra_train.items():
-            if name not in sets:
-                raise ValueError(f"extra_train: unknown corpus set {name!r}; one of {', '.join(sets)}")
+            if name not in CORPUS_SETS:
+                raise ValueError(f"extra_train: unknown corpus set {name!r}; one of {', '.join(CORPUS_SETS)}")
             if not isinstance(n, int) or n < 0:
                 raise ValueError(f"extra_train.{name} must be an integer >= 0, got {n!r}")
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from vlforge.config import CorpusConfig
+from vlforge.config.data import CORPUS_SETS
 from vlforge.data.shards import ShardWriter
 
 LICENSE = "CC BY-SA 4.0"
@@ -48,7 +49,6 @@ NOTO_PATHS = (
     "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
     "/usr/share/fonts/noto/NotoColorEmoji.ttf",
 )
-CORPUS_SETS = ("concepts", "scenes", "vqa", "nlvr2")  # the corpus's set folders
 SET_KIND = {"concepts": "captions", "scenes": "captions", "vqa": "vqa", "nlvr2": "nlvr2"}  # each set's data kind
 SPLITS = ("train", "val", "test", "heldout")
 
